@@ -1,0 +1,8 @@
+//! `fkr-qemu list`.
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub async fn run(_args: Args) -> Result<(), crate::Error> {
+    Err(crate::Error::Usage("`list` is not built yet".into()))
+}

@@ -1,0 +1,8 @@
+//! `fkr-qemu status`.
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub async fn run(_args: Args) -> Result<(), crate::Error> {
+    Err(crate::Error::Usage("`status` is not built yet".into()))
+}
