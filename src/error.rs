@@ -43,7 +43,7 @@ impl Error {
             Error::Forgejo(_) => exit::FORGEJO,
             Error::Net(_) => exit::NETWORK,
             Error::Controller(_) => exit::RUNTIME,
-            Error::Ops(_) => exit::RUNTIME,
+            Error::Ops(e) => e.exit_code(),
             Error::Usage(_) => exit::CONFIG,
         }
     }

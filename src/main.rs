@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fkr_qemu::cli;
 
 #[derive(Debug, Parser)]
-#[command(name = "fkr-qemu", version, about = "Runs every Forgejo Actions job in a fresh QEMU VM")]
+#[command(
+    name = "fkr-qemu",
+    version,
+    about = "Runs every Forgejo Actions job in a fresh QEMU VM"
+)]
 struct Cli {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]

@@ -1,0 +1,552 @@
+//! The daemon's Prometheus metrics.
+//!
+//! [`Metrics`] is a cheap-to-clone handle (everything behind `Arc`s); the controller keeps one and
+//! calls its typed methods at each step of a job's life, the Forgejo client reports every API call
+//! through [`Metrics::observe_forgejo_call`], and [`super::http::MetricsServer`] encodes the registry
+//! for scrapes. All names carry the `fkr_qemu_` prefix; durations are in seconds.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `fkr_qemu_jobs_seen_total` | counter | |
+//! | `fkr_qemu_jobs_dropped_total` | counter | (no longer waiting when their turn came) |
+//! | `fkr_qemu_jobs_dispatched_total` | counter | |
+//! | `fkr_qemu_jobs_finished_total` | counter | `outcome` ([`JobOutcome`]) |
+//! | `fkr_qemu_jobs_queued` | gauge | |
+//! | `fkr_qemu_vms_running` | gauge | |
+//! | `fkr_qemu_queue_wait_seconds` | histogram | seen → dispatched |
+//! | `fkr_qemu_vm_prepare_seconds` | histogram | dispatched → QMP ready |
+//! | `fkr_qemu_vm_boot_seconds` | histogram | QMP ready → runner started |
+//! | `fkr_qemu_job_duration_seconds` | histogram | dispatched → VM gone |
+//! | `fkr_qemu_vm_teardown_seconds` | histogram | VM stopped → everything released |
+//! | `fkr_qemu_vm_removals_total` | counter | `reason` ([`RemovalReason`]) |
+//! | `fkr_qemu_forgejo_requests_total` | counter | `route`, `status` (0 = no HTTP answer) |
+//! | `fkr_qemu_forgejo_request_duration_seconds` | histogram | `route` |
+//! | `fkr_qemu_sweep_findings_total` | counter | `kind` ([`SweepKind`]) |
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// How a dispatched job ended, as far as the host can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobOutcome {
+    /// The guest powered itself off (the runner finished, whatever the job's own result).
+    Completed,
+    /// QEMU exited without a guest power-off (crash, guest reset/panic).
+    Crashed,
+    /// The job deadline hit and the VM was stopped.
+    Deadline,
+    /// The VM never got as far as starting the runner.
+    BootFailure,
+    /// A host-side step before boot failed (CI user, token, runner registration, overlay, tap, …).
+    PrepareFailed,
+    /// The daemon stopped the VM because it was shutting down.
+    Shutdown,
+}
+
+impl JobOutcome {
+    pub const ALL: [JobOutcome; 6] = [
+        JobOutcome::Completed,
+        JobOutcome::Crashed,
+        JobOutcome::Deadline,
+        JobOutcome::BootFailure,
+        JobOutcome::PrepareFailed,
+        JobOutcome::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobOutcome::Completed => "completed",
+            JobOutcome::Crashed => "crashed",
+            JobOutcome::Deadline => "deadline",
+            JobOutcome::BootFailure => "boot_failure",
+            JobOutcome::PrepareFailed => "prepare_failed",
+            JobOutcome::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a VM was removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RemovalReason {
+    /// Its job is done (the guest powered off or QEMU exited).
+    JobDone,
+    /// The job deadline hit.
+    Deadline,
+    /// It failed to boot.
+    BootFailure,
+    /// The daemon was shutting down.
+    Shutdown,
+    /// The startup sweep found it left over from an earlier run.
+    Sweep,
+}
+
+impl RemovalReason {
+    pub const ALL: [RemovalReason; 5] = [
+        RemovalReason::JobDone,
+        RemovalReason::Deadline,
+        RemovalReason::BootFailure,
+        RemovalReason::Shutdown,
+        RemovalReason::Sweep,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemovalReason::JobDone => "job_done",
+            RemovalReason::Deadline => "deadline",
+            RemovalReason::BootFailure => "boot_failure",
+            RemovalReason::Shutdown => "shutdown",
+            RemovalReason::Sweep => "sweep",
+        }
+    }
+}
+
+/// What the startup sweep found left over (each is then removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SweepKind {
+    /// A qemu process of ours, found through a pid file.
+    Process,
+    /// A per-VM runtime directory.
+    VmDir,
+    /// An `fr-*` tap device.
+    Tap,
+    /// An `orch-*` token of a CI user.
+    Token,
+    /// A runner named with our prefix.
+    Runner,
+}
+
+impl SweepKind {
+    pub const ALL: [SweepKind; 5] = [
+        SweepKind::Process,
+        SweepKind::VmDir,
+        SweepKind::Tap,
+        SweepKind::Token,
+        SweepKind::Runner,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepKind::Process => "process",
+            SweepKind::VmDir => "vm_dir",
+            SweepKind::Tap => "tap",
+            SweepKind::Token => "token",
+            SweepKind::Runner => "runner",
+        }
+    }
+}
+
+macro_rules! label_value_via_as_str {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+label_value_via_as_str!(JobOutcome, RemovalReason, SweepKind);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: JobOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: RemovalReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: SweepKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteStatusLabels {
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+/// Builds the per-route latency histograms (a `Family` needs a constructor for non-default metrics).
+#[derive(Clone)]
+struct ForgejoLatencyBuckets;
+
+impl MetricConstructor<Histogram> for ForgejoLatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        // 5 ms … ~41 s
+        Histogram::new(exponential_buckets(0.005, 2.0, 14))
+    }
+}
+
+struct Inner {
+    registry: Registry,
+    jobs_seen: Counter,
+    jobs_dropped: Counter,
+    jobs_dispatched: Counter,
+    jobs_finished: Family<OutcomeLabels, Counter>,
+    jobs_queued: Gauge,
+    vms_running: Gauge,
+    queue_wait: Histogram,
+    prepare: Histogram,
+    boot: Histogram,
+    job_duration: Histogram,
+    teardown: Histogram,
+    removals: Family<ReasonLabels, Counter>,
+    forgejo_requests: Family<RouteStatusLabels, Counter>,
+    forgejo_latency: Family<RouteLabels, Histogram, ForgejoLatencyBuckets>,
+    sweep_findings: Family<KindLabels, Counter>,
+}
+
+/// The daemon's metrics. Clone it freely: clones share the same counters.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("fkr_qemu");
+        let jobs_seen = Counter::default();
+        let jobs_dropped = Counter::default();
+        let jobs_dispatched = Counter::default();
+        let jobs_finished = Family::<OutcomeLabels, Counter>::default();
+        let jobs_queued = Gauge::default();
+        let vms_running = Gauge::default();
+        // 0.5 s … ~68 min: jobs wait for a free slot behind others.
+        let queue_wait = Histogram::new(exponential_buckets(0.5, 2.0, 14));
+        // 50 ms … ~100 s: overlay, seed, tap, qemu spawn, QMP handshake.
+        let prepare = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        // 1 s … ~17 min: firmware + kernel + cloud-init (TCG is slow).
+        let boot = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        // 5 s … ~5.7 h: whole jobs.
+        let job_duration = Histogram::new(exponential_buckets(5.0, 2.0, 13));
+        // 50 ms … ~100 s: powerdown ladder, token revocation, runner deletion, file removal.
+        let teardown = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        let removals = Family::<ReasonLabels, Counter>::default();
+        let forgejo_requests = Family::<RouteStatusLabels, Counter>::default();
+        let forgejo_latency = Family::new_with_constructor(ForgejoLatencyBuckets);
+        let sweep_findings = Family::<KindLabels, Counter>::default();
+
+        registry.register(
+            "jobs_seen",
+            "Waiting jobs with our label seen for the first time",
+            jobs_seen.clone(),
+        );
+        registry.register(
+            "jobs_dropped",
+            "Queued jobs dropped because they were no longer waiting when their turn came",
+            jobs_dropped.clone(),
+        );
+        registry.register(
+            "jobs_dispatched",
+            "Jobs given a VM",
+            jobs_dispatched.clone(),
+        );
+        registry.register(
+            "jobs_finished",
+            "Dispatched jobs whose VM is gone, by outcome",
+            jobs_finished.clone(),
+        );
+        registry.register(
+            "jobs_queued",
+            "Jobs waiting for a free VM slot",
+            jobs_queued.clone(),
+        );
+        registry.register(
+            "vms_running",
+            "VMs that exist right now",
+            vms_running.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time from a job being seen to its dispatch",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "vm_prepare_seconds",
+            "Host-side preparation: dispatch to QMP ready",
+            prepare.clone(),
+        );
+        registry.register(
+            "vm_boot_seconds",
+            "Guest boot: QMP ready to the runner starting (when the guest reports it)",
+            boot.clone(),
+        );
+        registry.register(
+            "job_duration_seconds",
+            "Dispatch to the VM being gone",
+            job_duration.clone(),
+        );
+        registry.register(
+            "vm_teardown_seconds",
+            "VM stopped to all of its resources released",
+            teardown.clone(),
+        );
+        registry.register("vm_removals", "VMs removed, by reason", removals.clone());
+        registry.register(
+            "forgejo_requests",
+            "Forgejo API calls by route template and HTTP status (0: no answer)",
+            forgejo_requests.clone(),
+        );
+        registry.register(
+            "forgejo_request_duration_seconds",
+            "Forgejo API call latency by route template",
+            forgejo_latency.clone(),
+        );
+        registry.register(
+            "sweep_findings",
+            "Leftovers found (and removed) by the startup sweep, by kind",
+            sweep_findings.clone(),
+        );
+
+        // Create every labelled series up front so scrapes show zeros instead of missing series
+        // (rate() and alerts behave better on series that exist from the start).
+        for outcome in JobOutcome::ALL {
+            drop(jobs_finished.get_or_create(&OutcomeLabels { outcome }));
+        }
+        for reason in RemovalReason::ALL {
+            drop(removals.get_or_create(&ReasonLabels { reason }));
+        }
+        for kind in SweepKind::ALL {
+            drop(sweep_findings.get_or_create(&KindLabels { kind }));
+        }
+
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                jobs_seen,
+                jobs_dropped,
+                jobs_dispatched,
+                jobs_finished,
+                jobs_queued,
+                vms_running,
+                queue_wait,
+                prepare,
+                boot,
+                job_duration,
+                teardown,
+                removals,
+                forgejo_requests,
+                forgejo_latency,
+                sweep_findings,
+            }),
+        }
+    }
+
+    /// A waiting job entered the queue.
+    pub fn job_seen(&self) {
+        self.inner.jobs_seen.inc();
+    }
+
+    /// A queued job was dropped because it was no longer waiting.
+    pub fn job_dropped(&self) {
+        self.inner.jobs_dropped.inc();
+    }
+
+    /// A job was dispatched to a VM; `queue_wait` is the time since it was seen.
+    pub fn job_dispatched(&self, queue_wait: Duration) {
+        self.inner.jobs_dispatched.inc();
+        self.inner.queue_wait.observe(queue_wait.as_secs_f64());
+    }
+
+    /// A dispatched job ended; `duration` runs from dispatch to the VM being gone.
+    pub fn job_finished(&self, outcome: JobOutcome, duration: Duration) {
+        self.inner
+            .jobs_finished
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.inner.job_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Host-side preparation (dispatch → QMP ready) took `d`.
+    pub fn observe_prepare(&self, d: Duration) {
+        self.inner.prepare.observe(d.as_secs_f64());
+    }
+
+    /// The guest took `d` from QMP ready to starting the runner.
+    pub fn observe_boot(&self, d: Duration) {
+        self.inner.boot.observe(d.as_secs_f64());
+    }
+
+    /// Tearing a VM down (stop → all resources released) took `d`.
+    pub fn observe_teardown(&self, d: Duration) {
+        self.inner.teardown.observe(d.as_secs_f64());
+    }
+
+    /// A VM was removed.
+    pub fn vm_removed(&self, reason: RemovalReason) {
+        self.inner
+            .removals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// The number of VMs that exist now. [`super::status::StatusBoard`] keeps it current.
+    pub fn set_vms_running(&self, n: usize) {
+        self.inner
+            .vms_running
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The number of queued jobs now. [`super::status::StatusBoard`] keeps it current.
+    pub fn set_jobs_queued(&self, n: usize) {
+        self.inner
+            .jobs_queued
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The startup sweep found `count` leftovers of `kind`.
+    pub fn sweep_found(&self, kind: SweepKind, count: u64) {
+        self.inner
+            .sweep_findings
+            .get_or_create(&KindLabels { kind })
+            .inc_by(count);
+    }
+
+    /// One Forgejo API call: `route` is the route template (`/api/v1/admin/users/{username}`,
+    /// never a path with names filled in, so the label set stays small), `status` the HTTP status
+    /// or 0 when no answer came (connect error, timeout).
+    pub fn observe_forgejo_call(&self, route: &str, status: u16, latency: Duration) {
+        self.inner
+            .forgejo_requests
+            .get_or_create(&RouteStatusLabels {
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+        self.inner
+            .forgejo_latency
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// A closure for the Forgejo client's observer hook.
+    pub fn forgejo_observer(&self) -> impl Fn(&str, u16, Duration) + Send + Sync + 'static {
+        let metrics = self.clone();
+        move |route, status, latency| metrics.observe_forgejo_call(route, status, latency)
+    }
+
+    /// The registry in the OpenMetrics text format (which Prometheus scrapes natively).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
+            .expect("encoding metrics into a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("series {series} not in:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn counters_and_histograms_move() {
+        let m = Metrics::new();
+        let before = m.encode();
+        assert_eq!(sample(&before, "fkr_qemu_jobs_seen_total"), 0.0);
+        assert_eq!(
+            sample(
+                &before,
+                "fkr_qemu_jobs_finished_total{outcome=\"deadline\"}"
+            ),
+            0.0
+        );
+
+        m.job_seen();
+        m.job_seen();
+        m.job_dispatched(Duration::from_millis(700));
+        m.job_finished(JobOutcome::Completed, Duration::from_secs(42));
+        m.vm_removed(RemovalReason::JobDone);
+        m.sweep_found(SweepKind::Token, 3);
+        m.set_vms_running(2);
+        m.observe_forgejo_call("/api/v1/version", 200, Duration::from_millis(12));
+        m.observe_forgejo_call("/api/v1/version", 0, Duration::from_secs(30));
+
+        let t = m.encode();
+        assert_eq!(sample(&t, "fkr_qemu_jobs_seen_total"), 2.0);
+        assert_eq!(sample(&t, "fkr_qemu_jobs_dispatched_total"), 1.0);
+        assert_eq!(
+            sample(&t, "fkr_qemu_jobs_finished_total{outcome=\"completed\"}"),
+            1.0
+        );
+        assert_eq!(
+            sample(&t, "fkr_qemu_vm_removals_total{reason=\"job_done\"}"),
+            1.0
+        );
+        assert_eq!(
+            sample(&t, "fkr_qemu_sweep_findings_total{kind=\"token\"}"),
+            3.0
+        );
+        assert_eq!(sample(&t, "fkr_qemu_vms_running"), 2.0);
+        assert_eq!(sample(&t, "fkr_qemu_queue_wait_seconds_count"), 1.0);
+        assert_eq!(sample(&t, "fkr_qemu_queue_wait_seconds_sum"), 0.7);
+        assert_eq!(
+            sample(
+                &t,
+                "fkr_qemu_forgejo_requests_total{route=\"/api/v1/version\",status=\"200\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "fkr_qemu_forgejo_requests_total{route=\"/api/v1/version\",status=\"0\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "fkr_qemu_forgejo_request_duration_seconds_count{route=\"/api/v1/version\"}"
+            ),
+            2.0
+        );
+        assert!(t.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn observer_closure_feeds_the_same_registry() {
+        let m = Metrics::new();
+        let observe = m.forgejo_observer();
+        observe("/api/v1/admin/runners", 404, Duration::from_millis(3));
+        assert!(m.encode().contains(
+            "fkr_qemu_forgejo_requests_total{route=\"/api/v1/admin/runners\",status=\"404\"} 1"
+        ));
+    }
+}

@@ -1,0 +1,183 @@
+//! Reading the per-VM runtime dirs (`<runtime_dir>/vms/<name>/`) directly, for `list` and
+//! `console` when no daemon answers.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use super::paths::{check_vm_name, Dirs};
+use super::status::{VmInfo, VmState};
+use super::Error;
+
+/// The fields of `vm.json` that `list` shows. Read leniently: a missing or unreadable field only
+/// leaves a blank in the table, since this is a fallback view for when the daemon is down.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct VmJson {
+    job_id: Option<u64>,
+    owner: Option<String>,
+    repo: Option<String>,
+    address: Option<String>,
+    accel: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option", alias = "started_at")]
+    created_at: Option<OffsetDateTime>,
+}
+
+/// The pid in `<vm_dir>/qemu.pid`, if the file exists and holds a number.
+pub fn read_pid(vm_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(vm_dir.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is alive and really is this VM's qemu: its command line mentions the VM's dir
+/// (a recycled pid belonging to something else does not).
+pub fn is_vm_process(pid: u32, vm_dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let needle = vm_dir.as_os_str().as_bytes();
+    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether the VM still exists: its dir is there and either its qemu has not been spawned yet
+/// (no pid file) or that qemu is alive.
+pub fn vm_alive(dirs: &Dirs, name: &str) -> bool {
+    let vm_dir = dirs.vm_dir(name);
+    if !vm_dir.is_dir() {
+        return false;
+    }
+    if !vm_dir.join("qemu.pid").exists() {
+        return true;
+    }
+    read_pid(&vm_dir).is_some_and(|pid| is_vm_process(pid, &vm_dir))
+}
+
+/// The VMs found on disk, sorted by name. Those with a live qemu are `orphaned` (no daemon owns
+/// them), the others `stale`; the next daemon start sweeps both.
+pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
+    let vms_dir = dirs.vms_dir();
+    let entries = match std::fs::read_dir(&vms_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::Io {
+                what: "reading the VM dirs",
+                path: vms_dir,
+                source: e,
+            })
+        }
+    };
+    let mut vms = Vec::new();
+    for entry in entries.flatten() {
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        // Only our names: anything else in the dir is not a VM of ours.
+        if check_vm_name(&name).is_err() || !entry.path().is_dir() {
+            continue;
+        }
+        let vm_dir = entry.path();
+        let meta: VmJson = std::fs::read(vm_dir.join("vm.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let pid = read_pid(&vm_dir);
+        let alive = pid.is_some_and(|p| is_vm_process(p, &vm_dir));
+        let started_at = meta.created_at.unwrap_or_else(|| {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(OffsetDateTime::from)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        });
+        let serial_log = dirs.serial_log(&name);
+        vms.push(VmInfo {
+            job_id: meta.job_id.unwrap_or(0),
+            owner: meta.owner.unwrap_or_default(),
+            repo: meta.repo.unwrap_or_default(),
+            state: if alive {
+                VmState::Orphaned
+            } else {
+                VmState::Stale
+            },
+            address: meta.address,
+            started_at,
+            accel: meta.accel,
+            pid,
+            serial_log: serial_log.exists().then_some(serial_log),
+            name,
+        });
+    }
+    vms.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(vms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    fn dirs(root: &Path) -> Dirs {
+        Dirs {
+            runtime_dir: root.join("run"),
+            state_dir: root.join("state"),
+            log_dir: root.join("logs"),
+        }
+    }
+
+    #[test]
+    fn scan_reads_vm_json_and_tells_orphans_from_stale() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = dirs(tmp.path());
+        assert!(scan(&d).unwrap().is_empty(), "no vms dir yet");
+
+        let live = d.vm_dir("fr-0000000a");
+        std::fs::create_dir_all(&live).unwrap();
+        std::fs::write(
+            live.join("vm.json"),
+            r#"{"name":"fr-0000000a","job_id":12,"owner":"o","repo":"r","address":"10.88.0.9",
+                "accel":"tcg","created_at":"2026-01-02T03:04:05Z","extra":true}"#,
+        )
+        .unwrap();
+        // A process whose command line mentions the VM dir stands in for its qemu.
+        let mut child = std::process::Command::new("sleep")
+            .arg0(&live)
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::fs::write(live.join("qemu.pid"), child.id().to_string()).unwrap();
+
+        let stale = d.vm_dir("fr-0000000b");
+        std::fs::create_dir_all(&stale).unwrap();
+        // pid 1 is alive but is not this VM's qemu.
+        std::fs::write(stale.join("qemu.pid"), "1\n").unwrap();
+        std::fs::create_dir_all(d.vm_dir("not-a-vm")).unwrap();
+
+        let vms = scan(&d).unwrap();
+        assert_eq!(vms.len(), 2);
+        assert_eq!(vms[0].name, "fr-0000000a");
+        assert_eq!(vms[0].state, VmState::Orphaned);
+        assert_eq!(vms[0].job_id, 12);
+        assert_eq!(vms[0].address.as_deref(), Some("10.88.0.9"));
+        assert_eq!(vms[0].started_at.unix_timestamp(), 1_767_323_045);
+        assert_eq!(vms[1].state, VmState::Stale);
+        assert_eq!(vms[1].pid, Some(1));
+        assert!(vm_alive(&d, "fr-0000000a"));
+        assert!(!vm_alive(&d, "fr-0000000b"));
+        assert!(!vm_alive(&d, "fr-0000000c"));
+
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!vm_alive(&d, "fr-0000000a"));
+        std::fs::remove_file(live.join("qemu.pid")).unwrap();
+        assert!(
+            vm_alive(&d, "fr-0000000a"),
+            "not spawned yet counts as alive"
+        );
+    }
+}
