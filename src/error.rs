@@ -40,7 +40,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Vm(_) => exit::RUNTIME,
-            Error::Forgejo(_) => exit::FORGEJO,
+            Error::Forgejo(e) => e.exit_code(),
             Error::Net(_) => exit::NETWORK,
             Error::Controller(_) => exit::RUNTIME,
             Error::Ops(e) => e.exit_code(),

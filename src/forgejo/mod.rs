@@ -1,8 +1,25 @@
-//! See ARCHITECTURE.md for this module's role. Owned by the forgejo work item; replace freely.
+//! The Forgejo API client: exactly the calls the orchestrator needs, against Forgejo ≥ 15.
+//!
+//! - [`Client`] speaks to `…/api/v1` with the admin token (jobs, repositories, users, runners) or with
+//!   HTTP Basic auth and a CI user's password (that user's tokens; released Forgejo accepts nothing else
+//!   there). [`Client::probe`] checks the version and detects the admin token routes of newer servers.
+//! - Every non-2xx answer becomes [`Error::Api`] with the status and Forgejo's message; transport
+//!   failures and timeouts have their own variants. Only idempotent calls are retried.
+//! - Secrets (admin token, passwords, minted tokens) are [`Secret`](crate::secret::Secret)s.
+//!
+//! See ARCHITECTURE.md, "Forgejo client and emulator".
 
-/// Errors of the `forgejo` module.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    Other(String),
-}
+mod client;
+mod config;
+mod error;
+mod names;
+mod types;
+
+pub use client::{Client, RequestObserver, ServerInfo, MIN_MAJOR_VERSION};
+pub use config::{ClientConfig, Level, Visibility};
+pub use error::Error;
+pub use names::{ci_email, ci_username, generate_password, token_name, TOKEN_PREFIX};
+pub use types::{
+    AccessToken, Job, JobStatus, MintedToken, NewUser, RegisteredRunner, Repository, Runner, User,
+    UserCreation, TOKEN_SCOPES,
+};
