@@ -42,7 +42,7 @@ impl Error {
             Error::Vm(_) => exit::RUNTIME,
             Error::Forgejo(e) => e.exit_code(),
             Error::Net(_) => exit::NETWORK,
-            Error::Controller(_) => exit::RUNTIME,
+            Error::Controller(e) => e.exit_code(),
             Error::Ops(e) => e.exit_code(),
             Error::Usage(_) => exit::CONFIG,
         }

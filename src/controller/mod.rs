@@ -1,8 +1,65 @@
-//! See ARCHITECTURE.md for this module's role. Owned by the controller work item; replace freely.
+//! The controller behind `fkr-qemu serve`: configuration, discovery, dispatch, CI users, the startup
+//! sweep, and the per-job state machine. See ARCHITECTURE.md, section "Controller".
+
+use std::path::{Path, PathBuf};
+
+pub mod check;
+pub mod ciuser;
+pub mod config;
+pub mod duration;
+pub mod state;
+pub mod status;
+pub mod userdata;
+
+pub use config::Config;
+pub use state::JobState;
 
 /// Errors of the `controller` module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("config file {path}: {message}", path = .path.display())]
+    ConfigFile { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{what} {path}: {source}", path = .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt ({message}); fix or move it away", path = .path.display())]
+    StateCorrupt { path: PathBuf, message: String },
     #[error("{0}")]
-    Other(String),
+    InvalidInput(String),
+    #[error("a job cannot go from {from} to {to}")]
+    InvalidTransition { from: JobState, to: JobState },
+    #[error("missing: {0}")]
+    Missing(String),
+    #[error("Forgejo check failed: {0}")]
+    ForgejoCheck(String),
+}
+
+impl Error {
+    pub(crate) fn io(what: &'static str, path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            what,
+            path: path.as_ref().to_owned(),
+            source,
+        }
+    }
+
+    /// The exit code (README.md's table).
+    pub fn exit_code(&self) -> u8 {
+        use crate::error::exit;
+        match self {
+            Error::ConfigFile { .. } | Error::Config(_) => exit::CONFIG,
+            Error::Missing(_) => exit::MISSING_DEPENDENCY,
+            Error::ForgejoCheck(_) => exit::FORGEJO,
+            Error::Io { .. }
+            | Error::StateCorrupt { .. }
+            | Error::InvalidInput(_)
+            | Error::InvalidTransition { .. } => exit::RUNTIME,
+        }
+    }
 }
