@@ -41,7 +41,7 @@ impl Error {
         match self {
             Error::Vm(_) => exit::RUNTIME,
             Error::Forgejo(e) => e.exit_code(),
-            Error::Net(_) => exit::NETWORK,
+            Error::Net(e) => e.exit_code(),
             Error::Controller(e) => e.exit_code(),
             Error::Ops(e) => e.exit_code(),
             Error::Usage(_) => exit::CONFIG,

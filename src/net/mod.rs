@@ -1,8 +1,118 @@
-//! See ARCHITECTURE.md for this module's role. Owned by the net work item; replace freely.
+//! Host networking without libvirt: a bridge with the VMs' gateway address, one isolated tap per VM,
+//! static addressing written into the NoCloud seed, and an nftables table for NAT and isolation.
+//! See ARCHITECTURE.md ("Networking") for the packet path and the choices.
+//!
+//! Everything here acts on the network namespace of the calling thread at the time of the call
+//! (the daemon's whole process lives in one); objects that must later act on the same namespace
+//! (a [`Tap`] deleting itself, [`HostNetwork`]'s neighbour lookups) keep a netlink socket opened
+//! in it. The calls are synchronous and short (a few syscalls, one `nft` run at setup/teardown).
+
+mod addr;
+mod config;
+mod host;
+mod ioctl;
+mod netlink;
+pub mod nft;
+mod tap;
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+pub use addr::{mac_for, render_network_config, AddressPool, Lease};
+pub use config::{resolvers_from_file, AllowedDestination, Ipv4Cidr, MacAddr, NetConfig};
+pub use host::{sweep, HostNetwork, SweepReport};
+pub use tap::{is_tap_name, Tap};
+
+use crate::error::exit;
+
+/// Every VM tap (and VM) name starts with this; the sweep removes only taps named so.
+pub const TAP_PREFIX: &str = "fr-";
 
 /// Errors of the `net` module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Other(String),
+    #[error("invalid network configuration: {0}")]
+    Config(String),
+    #[error(
+        "no DNS servers for the VMs: {path}: {reason}; set net.dns_servers in the configuration"
+    )]
+    NoResolvers { path: PathBuf, reason: String },
+    #[error(
+        "cannot find the uplink: there is no IPv4 default route; set net.uplink in the \
+         configuration"
+    )]
+    NoUplink,
+    #[error("the uplink interface {0:?} does not exist")]
+    UplinkMissing(String),
+    #[error("{0:?} exists but is not a bridge: choose another net.bridge")]
+    NotABridge(String),
+    #[error("the bridge {0:?} does not exist (it is created when the daemon sets up networking)")]
+    BridgeMissing(String),
+    #[error("the kernel has no bridge support: load the bridge module (modprobe bridge)")]
+    BridgeModuleMissing,
+    #[error("/dev/net/tun is missing: load the tun module (modprobe tun)")]
+    TunMissing,
+    #[error("the nft tool is missing: install the nftables package (apt-get install nftables)")]
+    NftMissing,
+    #[error(
+        "{action}: the kernel lacks nftables support: load the nf_tables, nft_chain_nat, nft_ct \
+         and nft_masq modules (or install the kernel's modules package): {stderr}"
+    )]
+    NftKernel {
+        action: &'static str,
+        stderr: String,
+    },
+    #[error("{action}: nft failed: {stderr}")]
+    Nft {
+        action: &'static str,
+        stderr: String,
+    },
+    #[error(
+        "{0:?} is not a VM tap name (\"fr-\" and lowercase letters or digits, at most 15 bytes)"
+    )]
+    InvalidTapName(String),
+    #[error("no free VM address left in {subnet}")]
+    PoolExhausted { subnet: Ipv4Cidr },
+    #[error("the VM address {0} is already leased")]
+    AddressInUse(Ipv4Addr),
+    #[error("the host network was set up in another network namespace than the caller's")]
+    WrongNamespace,
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// The exit code (README.md): configuration, missing dependency, or a network failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_)
+            | Error::NoResolvers { .. }
+            | Error::NoUplink
+            | Error::UplinkMissing(_)
+            | Error::NotABridge(_)
+            | Error::InvalidTapName(_) => exit::CONFIG,
+            Error::BridgeModuleMissing
+            | Error::TunMissing
+            | Error::NftMissing
+            | Error::NftKernel { .. } => exit::MISSING_DEPENDENCY,
+            Error::BridgeMissing(_)
+            | Error::Nft { .. }
+            | Error::PoolExhausted { .. }
+            | Error::AddressInUse(_)
+            | Error::WrongNamespace
+            | Error::Io { .. } => exit::NETWORK,
+        }
+    }
+
+    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
 }

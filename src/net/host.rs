@@ -1,0 +1,265 @@
+//! The host side shared by all VMs: bridge, forwarding, nftables table; and the startup sweep.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use netlink_packet_route::link::InfoKind;
+
+use super::addr::{render_network_config, AddressPool, Lease};
+use super::config::{MacAddr, NetConfig};
+use super::netlink::Netlink;
+use super::{ioctl, is_tap_name, nft, Error, Tap};
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// The host network while the daemon runs. [`HostNetwork::teardown`] removes the nftables table on
+/// a clean exit. Dropping it without teardown (a panic) leaves the table in place on purpose: the
+/// rules fail closed, and the next start replaces them (or `sweep` removes them). The bridge and
+/// IPv4 forwarding stay as they are (see README.md, "Host networking").
+#[derive(Debug)]
+pub struct HostNetwork {
+    config: NetConfig,
+    uplink: String,
+    dns_servers: Vec<Ipv4Addr>,
+    bridge_index: u32,
+    pool: AddressPool,
+    netlink: Mutex<Netlink>,
+    netns: (u64, u64),
+    torn_down: bool,
+}
+
+impl HostNetwork {
+    /// Creates (or adopts) the bridge, gives it its MAC and address, brings it up, enables IPv4
+    /// forwarding and installs (atomically replaces) the `inet fkr_qemu` table.
+    pub fn setup(config: &NetConfig) -> Result<HostNetwork, Error> {
+        config.validate()?;
+        let dns_servers = config.resolved_dns_servers()?;
+        if !Path::new("/dev/net/tun").exists() {
+            return Err(Error::TunMissing);
+        }
+        let mut netlink = Netlink::open().map_err(|e| Error::io("opening a netlink socket", e))?;
+        let uplink = uplink_name(&mut netlink, config)?;
+
+        let bridge = &config.bridge;
+        let nl_err = |e| Error::io(format!("looking up {bridge}"), e);
+        let link = match netlink.link_by_name(bridge).map_err(nl_err)? {
+            Some(link) => link,
+            None => {
+                ioctl::add_bridge(bridge).map_err(|e| match e.raw_os_error() {
+                    Some(libc::ENOPKG) => Error::BridgeModuleMissing,
+                    _ => Error::io(format!("creating the bridge {bridge}"), e),
+                })?;
+                tracing::info!(bridge = %bridge, "created the bridge");
+                netlink
+                    .link_by_name(bridge)
+                    .map_err(nl_err)?
+                    .ok_or_else(|| Error::BridgeMissing(bridge.clone()))?
+            }
+        };
+        if link.kind != Some(InfoKind::Bridge) {
+            return Err(Error::NotABridge(bridge.clone()));
+        }
+        let mac = config.bridge_mac();
+        ioctl::set_mac(bridge, mac)
+            .map_err(|e| Error::io(format!("setting the MAC of {bridge} to {mac}"), e))?;
+        netlink
+            .add_address(link.index, config.subnet)
+            .map_err(|e| Error::io(format!("adding {} to {bridge}", config.subnet), e))?;
+        ioctl::set_up(bridge).map_err(|e| Error::io(format!("bringing up {bridge}"), e))?;
+        enable_ip_forwarding()?;
+
+        let rules = nft::RuleSet {
+            bridge,
+            subnet: config.subnet,
+            uplink: &uplink,
+            dns_servers: &dns_servers,
+            allow: &config.allow,
+            host_ports: &config.host_ports,
+        };
+        nft::install(&rules)?;
+        tracing::info!(
+            bridge = %bridge,
+            subnet = %config.subnet,
+            uplink = %uplink,
+            dns = ?dns_servers,
+            table = nft::TABLE,
+            "host network ready"
+        );
+        Ok(HostNetwork {
+            config: config.clone(),
+            uplink,
+            dns_servers,
+            bridge_index: link.index,
+            pool: AddressPool::new(config.subnet),
+            netlink: Mutex::new(netlink),
+            netns: current_netns()?,
+            torn_down: false,
+        })
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.config
+    }
+
+    pub fn bridge(&self) -> &str {
+        &self.config.bridge
+    }
+
+    /// The VMs' gateway: the bridge address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.config.subnet.address
+    }
+
+    pub fn uplink(&self) -> &str {
+        &self.uplink
+    }
+
+    pub fn dns_servers(&self) -> &[Ipv4Addr] {
+        &self.dns_servers
+    }
+
+    pub fn bridge_mac(&self) -> MacAddr {
+        self.config.bridge_mac()
+    }
+
+    fn netlink(&self) -> MutexGuard<'_, Netlink> {
+        self.netlink.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates the VM's tap on our bridge.
+    pub fn create_tap(&self, vm_name: &str) -> Result<Tap, Error> {
+        Tap::create(vm_name, &self.config.bridge)
+    }
+
+    /// Leases a VM address that is neither leased nor seen alive on the bridge (its neighbour
+    /// table catches addresses still used by VMs this process does not know about).
+    pub fn allocate_address(&self) -> Result<Lease, Error> {
+        let mut netlink = self.netlink();
+        let mut busy = netlink
+            .live_neighbours(self.bridge_index)
+            .map_err(|e| Error::io("reading the bridge's neighbour table", e))?;
+        // Any other address someone put on the bridge is not ours to hand out either.
+        let own = netlink
+            .addresses(self.bridge_index)
+            .map_err(|e| Error::io("reading the bridge's addresses", e))?;
+        drop(netlink);
+        busy.extend(own.iter().map(|a| a.address));
+        self.pool.allocate(&busy)
+    }
+
+    /// The pool behind [`HostNetwork::allocate_address`] (e.g. to `reserve` an address recorded
+    /// for a VM that survived a restart).
+    pub fn pool(&self) -> &AddressPool {
+        &self.pool
+    }
+
+    /// The VM's NoCloud network-config: its lease and MAC, our gateway and DNS servers.
+    pub fn network_config(&self, lease: &Lease, mac: MacAddr) -> String {
+        render_network_config(mac, lease.cidr(), self.gateway(), &self.dns_servers)
+    }
+
+    /// Clean exit: removes the nftables table. Call it after every VM is gone.
+    pub fn teardown(mut self) -> Result<(), Error> {
+        if current_netns()? != self.netns {
+            return Err(Error::WrongNamespace);
+        }
+        nft::remove()?;
+        self.torn_down = true;
+        tracing::info!(table = nft::TABLE, "removed the firewall table");
+        Ok(())
+    }
+}
+
+impl Drop for HostNetwork {
+    fn drop(&mut self) {
+        if !self.torn_down {
+            tracing::warn!(
+                table = nft::TABLE,
+                "host network dropped without teardown: the firewall table stays until the next \
+                 start or sweep"
+            );
+        }
+    }
+}
+
+fn uplink_name(netlink: &mut Netlink, config: &NetConfig) -> Result<String, Error> {
+    let err = |e| Error::io("reading the routing table", e);
+    match &config.uplink {
+        Some(name) => match netlink.link_by_name(name).map_err(err)? {
+            Some(_) => Ok(name.clone()),
+            None => Err(Error::UplinkMissing(name.clone())),
+        },
+        None => {
+            let index = netlink
+                .default_route_interface()
+                .map_err(err)?
+                .ok_or(Error::NoUplink)?;
+            let link = netlink
+                .link_by_index(index)
+                .map_err(err)?
+                .ok_or(Error::NoUplink)?;
+            Ok(link.name)
+        }
+    }
+}
+
+fn enable_ip_forwarding() -> Result<(), Error> {
+    let current = std::fs::read_to_string(IP_FORWARD)
+        .map_err(|e| Error::io(format!("reading {IP_FORWARD}"), e))?;
+    if current.trim() == "1" {
+        tracing::debug!("IPv4 forwarding already enabled");
+        return Ok(());
+    }
+    std::fs::write(IP_FORWARD, "1").map_err(|e| Error::io(format!("writing {IP_FORWARD}"), e))?;
+    tracing::info!(
+        "enabled IPv4 forwarding (net.ipv4.ip_forward=1) so VMs reach the internet; it stays \
+         enabled after fkr-qemu exits"
+    );
+    Ok(())
+}
+
+/// The calling thread's network namespace (device and inode of its nsfs file).
+fn current_netns() -> Result<(u64, u64), Error> {
+    let meta = std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|e| Error::io("reading /proc/thread-self/ns/net", e))?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// What [`sweep`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    pub taps_removed: Vec<String>,
+    pub table_removed: bool,
+}
+
+/// Startup sweep: removes leftover VM taps (named `fr-…` AND really taps; nothing else) and our
+/// nftables table. The bridge stays: it holds no per-VM state.
+pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
+    let mut netlink = Netlink::open().map_err(|e| Error::io("opening a netlink socket", e))?;
+    let links = netlink
+        .links()
+        .map_err(|e| Error::io("listing interfaces", e))?;
+    let mut report = SweepReport::default();
+    for link in links.iter().filter(|l| is_tap_name(&l.name) && l.is_tap()) {
+        match netlink.delete_link(link.index) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("removing the leftover tap {}", link.name),
+                    e,
+                ))
+            }
+        }
+        tracing::info!(tap = %link.name, bridge = %config.bridge, "removed a leftover tap");
+        report.taps_removed.push(link.name.clone());
+    }
+    if nft::table_exists()? {
+        nft::remove()?;
+        tracing::info!(table = nft::TABLE, "removed a leftover firewall table");
+        report.table_removed = true;
+    }
+    Ok(report)
+}
