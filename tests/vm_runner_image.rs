@@ -2,7 +2,7 @@
 //! the reduced variant built from Debian Trixie's packages boots under TCG where real cloud-init applies
 //! the seed that `serve` writes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn repo() -> PathBuf {
