@@ -1,8 +1,98 @@
-//! `fkr-qemu status`.
+//! `fkr-qemu status`: asks the running daemon whether it is healthy.
+//!
+//! Exit code 0 when the daemon answers and is ready, 1 when it answers but is not ready yet (the
+//! startup sweep still runs), 6 when no daemon answers.
+
+use std::io::Write;
+
+use time::OffsetDateTime;
+
+use crate::ops::paths::DirArgs;
+use crate::ops::{Client, DaemonStatus};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Print the daemon's status as JSON (the `DaemonStatus` object, see ARCHITECTURE.md).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub dirs: DirArgs,
+}
 
-pub async fn run(_args: Args) -> Result<(), crate::Error> {
-    Err(crate::Error::Usage("`status` is not built yet".into()))
+pub async fn run(args: Args) -> Result<(), crate::Error> {
+    let dirs = args.dirs.resolve()?;
+    let status = Client::connect(&dirs.runtime_dir).await?.status().await?;
+    let text = if args.json {
+        let mut s = serde_json::to_string_pretty(&status).expect("serializing the status");
+        s.push('\n');
+        s
+    } else {
+        render(&status, OffsetDateTime::now_utc())
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(crate::ops::Error::Output)?;
+    if status.ready {
+        Ok(())
+    } else {
+        Err(crate::ops::Error::NotReady.into())
+    }
+}
+
+fn render(s: &DaemonStatus, now: OffsetDateTime) -> String {
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    let up = (now - s.started_at).whole_seconds().max(0);
+    let last_error = match &s.last_forgejo_error {
+        Some(e) => format!(
+            "{} ({}s ago)",
+            e.message,
+            (now - e.at).whole_seconds().max(0)
+        ),
+        None => "none".to_owned(),
+    };
+    format!(
+        "daemon:              pid {}, version {}, up {}s\n\
+         ready:               {}\n\
+         draining:            {}\n\
+         queued jobs:         {}\n\
+         running VMs:         {}\n\
+         last Forgejo error:  {}\n",
+        s.pid,
+        s.version,
+        up,
+        yes_no(s.ready),
+        yes_no(s.draining),
+        s.queued,
+        s.running,
+        last_error
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::LastError;
+
+    #[test]
+    fn renders_every_field() {
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::hours(1);
+        let mut s = DaemonStatus::new();
+        s.pid = 99;
+        s.started_at = OffsetDateTime::UNIX_EPOCH;
+        s.ready = true;
+        s.queued = 3;
+        s.running = 2;
+        s.last_forgejo_error = Some(LastError {
+            at: now - time::Duration::seconds(30),
+            message: "GET /api/v1/version: HTTP 502".into(),
+        });
+        let t = render(&s, now);
+        assert!(t.contains("pid 99"), "{t}");
+        assert!(t.contains("up 3600s"), "{t}");
+        assert!(t.contains("ready:               yes"), "{t}");
+        assert!(t.contains("queued jobs:         3"), "{t}");
+        assert!(t.contains("running VMs:         2"), "{t}");
+        assert!(t.contains("HTTP 502 (30s ago)"), "{t}");
+    }
 }

@@ -22,9 +22,10 @@
 //! | `fkr_qemu_forgejo_requests_total` | counter | `route`, `status` (0 = no HTTP answer) |
 //! | `fkr_qemu_forgejo_request_duration_seconds` | histogram | `route` |
 //! | `fkr_qemu_sweep_findings_total` | counter | `kind` ([`SweepKind`]) |
+//! | `fkr_qemu_poll_failures_total` | counter | (discovery polls that failed) |
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -43,21 +44,19 @@ pub enum JobOutcome {
     Crashed,
     /// The job deadline hit and the VM was stopped.
     Deadline,
-    /// The VM never got as far as starting the runner.
+    /// The VM never got as far as running the job (preparation or launch failed, boot deadline,
+    /// crash before the runner picked the job up).
     BootFailure,
-    /// A host-side step before boot failed (CI user, token, runner registration, overlay, tap, …).
-    PrepareFailed,
     /// The daemon stopped the VM because it was shutting down.
     Shutdown,
 }
 
 impl JobOutcome {
-    pub const ALL: [JobOutcome; 6] = [
+    pub const ALL: [JobOutcome; 5] = [
         JobOutcome::Completed,
         JobOutcome::Crashed,
         JobOutcome::Deadline,
         JobOutcome::BootFailure,
-        JobOutcome::PrepareFailed,
         JobOutcome::Shutdown,
     ];
 
@@ -67,7 +66,6 @@ impl JobOutcome {
             JobOutcome::Crashed => "crashed",
             JobOutcome::Deadline => "deadline",
             JobOutcome::BootFailure => "boot_failure",
-            JobOutcome::PrepareFailed => "prepare_failed",
             JobOutcome::Shutdown => "shutdown",
         }
     }
@@ -80,8 +78,10 @@ pub enum RemovalReason {
     JobDone,
     /// The job deadline hit.
     Deadline,
-    /// It failed to boot.
+    /// It failed to boot (or to launch).
     BootFailure,
+    /// The guest crashed or QEMU died after the job was picked up.
+    Crash,
     /// The daemon was shutting down.
     Shutdown,
     /// The startup sweep found it left over from an earlier run.
@@ -89,10 +89,11 @@ pub enum RemovalReason {
 }
 
 impl RemovalReason {
-    pub const ALL: [RemovalReason; 5] = [
+    pub const ALL: [RemovalReason; 6] = [
         RemovalReason::JobDone,
         RemovalReason::Deadline,
         RemovalReason::BootFailure,
+        RemovalReason::Crash,
         RemovalReason::Shutdown,
         RemovalReason::Sweep,
     ];
@@ -102,6 +103,7 @@ impl RemovalReason {
             RemovalReason::JobDone => "job_done",
             RemovalReason::Deadline => "deadline",
             RemovalReason::BootFailure => "boot_failure",
+            RemovalReason::Crash => "crash",
             RemovalReason::Shutdown => "shutdown",
             RemovalReason::Sweep => "sweep",
         }
@@ -111,10 +113,8 @@ impl RemovalReason {
 /// What the startup sweep found left over (each is then removed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SweepKind {
-    /// A qemu process of ours, found through a pid file.
-    Process,
-    /// A per-VM runtime directory.
-    VmDir,
+    /// A VM of ours (its qemu process, found through its pid file, and its runtime dir).
+    Vm,
     /// An `fr-*` tap device.
     Tap,
     /// An `orch-*` token of a CI user.
@@ -124,9 +124,8 @@ pub enum SweepKind {
 }
 
 impl SweepKind {
-    pub const ALL: [SweepKind; 5] = [
-        SweepKind::Process,
-        SweepKind::VmDir,
+    pub const ALL: [SweepKind; 4] = [
+        SweepKind::Vm,
         SweepKind::Tap,
         SweepKind::Token,
         SweepKind::Runner,
@@ -134,12 +133,16 @@ impl SweepKind {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            SweepKind::Process => "process",
-            SweepKind::VmDir => "vm_dir",
+            SweepKind::Vm => "vm",
             SweepKind::Tap => "tap",
             SweepKind::Token => "token",
             SweepKind::Runner => "runner",
         }
+    }
+
+    /// The kind named by its label value (`vm`, `tap`, `token`, `runner`).
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == label)
     }
 }
 
@@ -208,7 +211,12 @@ struct Inner {
     forgejo_requests: Family<RouteStatusLabels, Counter>,
     forgejo_latency: Family<RouteLabels, Histogram, ForgejoLatencyBuckets>,
     sweep_findings: Family<KindLabels, Counter>,
+    poll_failures: Counter,
+    gauge_source: Mutex<Option<GaugeSource>>,
 }
+
+/// Returns `(queued jobs, existing VMs)`; read at every scrape.
+type GaugeSource = Box<dyn Fn() -> (usize, usize) + Send + Sync>;
 
 /// The daemon's metrics. Clone it freely: clones share the same counters.
 #[derive(Clone)]
@@ -251,6 +259,7 @@ impl Metrics {
         let forgejo_requests = Family::<RouteStatusLabels, Counter>::default();
         let forgejo_latency = Family::new_with_constructor(ForgejoLatencyBuckets);
         let sweep_findings = Family::<KindLabels, Counter>::default();
+        let poll_failures = Counter::default();
 
         registry.register(
             "jobs_seen",
@@ -323,6 +332,11 @@ impl Metrics {
             "Leftovers found (and removed) by the startup sweep, by kind",
             sweep_findings.clone(),
         );
+        registry.register(
+            "poll_failures",
+            "Discovery polls that failed (the error is in `fkr-qemu status`)",
+            poll_failures.clone(),
+        );
 
         // Create every labelled series up front so scrapes show zeros instead of missing series
         // (rate() and alerts behave better on series that exist from the start).
@@ -354,6 +368,8 @@ impl Metrics {
                 forgejo_requests,
                 forgejo_latency,
                 sweep_findings,
+                poll_failures,
+                gauge_source: Mutex::new(None),
             }),
         }
     }
@@ -428,6 +444,21 @@ impl Metrics {
             .inc_by(count);
     }
 
+    /// A discovery poll failed.
+    pub fn poll_failed(&self) {
+        self.inner.poll_failures.inc();
+    }
+
+    /// Makes every scrape read the `jobs_queued` and `vms_running` gauges from `source`
+    /// (returning `(queued, vms)`), so they always agree with the daemon's status.
+    pub fn set_gauge_source(&self, source: impl Fn() -> (usize, usize) + Send + Sync + 'static) {
+        *self
+            .inner
+            .gauge_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
+    }
+
     /// One Forgejo API call: `route` is the route template (`/api/v1/admin/users/{username}`,
     /// never a path with names filled in, so the label set stays small), `status` the HTTP status
     /// or 0 when no answer came (connect error, timeout).
@@ -455,6 +486,17 @@ impl Metrics {
 
     /// The registry in the OpenMetrics text format (which Prometheus scrapes natively).
     pub fn encode(&self) -> String {
+        let source = self
+            .inner
+            .gauge_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(source) = source.as_ref() {
+            let (queued, vms) = source();
+            self.set_jobs_queued(queued);
+            self.set_vms_running(vms);
+        }
+        drop(source);
         let mut out = String::new();
         // Writing into a String cannot fail.
         prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
@@ -495,6 +537,7 @@ mod tests {
         m.vm_removed(RemovalReason::JobDone);
         m.sweep_found(SweepKind::Token, 3);
         m.set_vms_running(2);
+        m.poll_failed();
         m.observe_forgejo_call("/api/v1/version", 200, Duration::from_millis(12));
         m.observe_forgejo_call("/api/v1/version", 0, Duration::from_secs(30));
 
@@ -514,6 +557,7 @@ mod tests {
             3.0
         );
         assert_eq!(sample(&t, "fkr_qemu_vms_running"), 2.0);
+        assert_eq!(sample(&t, "fkr_qemu_poll_failures_total"), 1.0);
         assert_eq!(sample(&t, "fkr_qemu_queue_wait_seconds_count"), 1.0);
         assert_eq!(sample(&t, "fkr_qemu_queue_wait_seconds_sum"), 0.7);
         assert_eq!(
@@ -538,6 +582,20 @@ mod tests {
             2.0
         );
         assert!(t.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn gauges_follow_their_source_at_each_scrape() {
+        let m = Metrics::new();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+        let n2 = Arc::clone(&n);
+        m.set_gauge_source(move || (5, n2.load(std::sync::atomic::Ordering::SeqCst)));
+        assert_eq!(sample(&m.encode(), "fkr_qemu_vms_running"), 1.0);
+        assert_eq!(sample(&m.encode(), "fkr_qemu_jobs_queued"), 5.0);
+        n.store(3, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(sample(&m.encode(), "fkr_qemu_vms_running"), 3.0);
+        assert_eq!(SweepKind::from_label("tap"), Some(SweepKind::Tap));
+        assert_eq!(SweepKind::from_label("process"), None);
     }
 
     #[test]

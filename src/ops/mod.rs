@@ -61,12 +61,18 @@ pub enum Error {
     ControlSocket { path: PathBuf, message: String },
     #[error("{0:?} is not a VM name (expected fr- and 8 lowercase hex digits, e.g. fr-0123abcd)")]
     InvalidVmName(String),
-    #[error("no VM {name}: not known to the daemon, no runtime dir and no serial log at {}", log.display())]
+    #[error(
+        "no serial log for {name} at {}: no such VM, or it ended and its log was removed \
+         (set keep_serial_log to keep logs)",
+        log.display()
+    )]
     UnknownVm { name: String, log: PathBuf },
     #[error("config {}: {message}", path.display())]
     Config { path: PathBuf, message: String },
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),
+    #[error("the daemon is not ready yet (its startup sweep is still running)")]
+    NotReady,
 }
 
 impl Error {
@@ -85,6 +91,7 @@ impl Error {
             | Error::DaemonNotRunning(_)
             | Error::ControlSocket { .. }
             | Error::Output(_) => exit::RUNTIME,
+            Error::NotReady => exit::CHECK_FAILED,
         }
     }
 }

@@ -16,9 +16,11 @@ use super::Error;
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct VmJson {
-    job_id: Option<u64>,
+    job_id: Option<i64>,
     owner: Option<String>,
     repo: Option<String>,
+    /// `owner/repo` (the controller's `vm.json` writes this instead of `owner` and `repo`).
+    repository: Option<String>,
     address: Option<String>,
     accel: Option<String>,
     #[serde(with = "time::serde::rfc3339::option", alias = "started_at")]
@@ -95,11 +97,19 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
                 .map(OffsetDateTime::from)
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH)
         });
+        let (owner, repo) = match (meta.owner, meta.repo, meta.repository) {
+            (Some(o), Some(r), _) => (o, r),
+            (_, _, Some(full)) => match full.split_once('/') {
+                Some((o, r)) => (o.to_owned(), r.to_owned()),
+                None => (full, String::new()),
+            },
+            (o, r, None) => (o.unwrap_or_default(), r.unwrap_or_default()),
+        };
         let serial_log = dirs.serial_log(&name);
         vms.push(VmInfo {
             job_id: meta.job_id.unwrap_or(0),
-            owner: meta.owner.unwrap_or_default(),
-            repo: meta.repo.unwrap_or_default(),
+            owner,
+            repo,
             state: if alive {
                 VmState::Orphaned
             } else {
@@ -140,7 +150,7 @@ mod tests {
         std::fs::create_dir_all(&live).unwrap();
         std::fs::write(
             live.join("vm.json"),
-            r#"{"name":"fr-0000000a","job_id":12,"owner":"o","repo":"r","address":"10.88.0.9",
+            r#"{"name":"fr-0000000a","job_id":12,"repository":"o/r","address":"10.88.0.9",
                 "accel":"tcg","created_at":"2026-01-02T03:04:05Z","extra":true}"#,
         )
         .unwrap();
@@ -163,6 +173,7 @@ mod tests {
         assert_eq!(vms[0].name, "fr-0000000a");
         assert_eq!(vms[0].state, VmState::Orphaned);
         assert_eq!(vms[0].job_id, 12);
+        assert_eq!((vms[0].owner.as_str(), vms[0].repo.as_str()), ("o", "r"));
         assert_eq!(vms[0].address.as_deref(), Some("10.88.0.9"));
         assert_eq!(vms[0].started_at.unix_timestamp(), 1_767_323_045);
         assert_eq!(vms[1].state, VmState::Stale);
