@@ -39,7 +39,7 @@ impl Error {
     /// where they can tell a missing dependency from a runtime failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Vm(_) => exit::RUNTIME,
+            Error::Vm(e) => e.exit_code(),
             Error::Forgejo(e) => e.exit_code(),
             Error::Net(e) => e.exit_code(),
             Error::Controller(e) => e.exit_code(),

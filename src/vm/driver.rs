@@ -1,0 +1,848 @@
+//! Launching one VM and supervising it until it is gone.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::accel::{resolve_accel, AccelChoice};
+use super::argv::{build_argv, QemuPlan};
+use super::disk::{check_base_image, create_overlay};
+use super::firmware::discover_firmware;
+use super::qmp::{QmpClient, QmpEvent};
+use super::serial::{contains, SerialWatch, PANIC_MARKER};
+use super::sweep::kill_and_wait;
+use super::{files, Error, NetDevice, Seed, VmConfig, VmName, VmState};
+
+/// What to run: one VM of one job.
+#[derive(Debug)]
+pub struct VmSpec {
+    pub name: VmName,
+    /// The read-only qcow2 base image.
+    pub base_image: PathBuf,
+    pub seed: Seed,
+    pub net: Option<NetDevice>,
+    /// The whole VM's time budget, from spawn; past it the stop ladder runs.
+    pub deadline: Duration,
+    /// Extra fields for `vm.json` (job id, repository, address, …) read by `fkr-qemu list`.
+    pub meta: BTreeMap<String, serde_json::Value>,
+}
+
+impl VmSpec {
+    pub fn new(
+        name: VmName,
+        base_image: impl Into<PathBuf>,
+        seed: Seed,
+        deadline: Duration,
+    ) -> Self {
+        Self {
+            name,
+            base_image: base_image.into(),
+            seed,
+            net: None,
+            deadline,
+            meta: BTreeMap::new(),
+        }
+    }
+}
+
+/// Which rung of the stop ladder ended the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopStep {
+    /// The guest answered the ACPI power button.
+    Powerdown,
+    /// QEMU obeyed QMP `quit`.
+    Quit,
+    /// QEMU had to be killed.
+    Kill,
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The guest powered itself off (`SHUTDOWN` reason `guest-shutdown`).
+    GuestPoweredOff,
+    /// The guest crashed: a reset or panic (`guest-reset`/`guest-panic`, `GUEST_PANICKED`, or
+    /// "Kernel panic" on the serial console).
+    GuestCrashed { reason: String },
+    /// The VM's deadline passed; the ladder stopped it.
+    DeadlineExceeded { stopped_by: StopStep },
+    /// The host asked it to stop (stop token, handle dropped).
+    HostStopped { stopped_by: StopStep },
+    /// QEMU exited without the guest shutting down (crash, start-up error, killed from outside).
+    QemuExited { status: String, detail: String },
+}
+
+/// Milliseconds since spawn at which each milestone was reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Timings {
+    pub qmp_ready_ms: Option<u64>,
+    pub first_serial_ms: Option<u64>,
+    pub shutdown_ms: Option<u64>,
+    pub exited_ms: u64,
+    pub torn_down_ms: u64,
+}
+
+/// The end of a VM: outcome, final state, timings; returned after teardown.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmExit {
+    pub name: VmName,
+    pub outcome: Outcome,
+    pub state: VmState,
+    pub accel: String,
+    /// QEMU's version from the QMP greeting, if QMP came up.
+    pub qemu_version: Option<String>,
+    pub timings: Timings,
+    /// Set if removing the per-VM directory failed.
+    pub teardown_error: Option<String>,
+}
+
+/// The per-VM directory and serial log; removes them (and kills the process, if one is recorded and
+/// still ours) when dropped — whatever path dropped it.
+#[derive(Debug)]
+struct VmDir {
+    dir: PathBuf,
+    serial_log: PathBuf,
+    keep_serial_log: bool,
+    pid: Option<u32>,
+    done: bool,
+}
+
+impl VmDir {
+    fn teardown(&mut self) -> Result<(), String> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        if let Some(pid) = self.pid {
+            kill_and_wait(pid, &self.dir, Duration::from_secs(10));
+        }
+        if !self.keep_serial_log {
+            let _ = std::fs::remove_file(&self.serial_log);
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("removing {}: {e}", self.dir.display())),
+        }
+    }
+}
+
+impl Drop for VmDir {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::error!(error = %e, "VM teardown failed");
+        }
+    }
+}
+
+/// A VM whose files exist (state `created`) but whose QEMU has not been started. Dropping it removes
+/// the files.
+#[derive(Debug)]
+pub struct PreparedVm {
+    name: VmName,
+    dir: VmDir,
+    plan: QemuPlan,
+    qemu: PathBuf,
+    accel: AccelChoice,
+    net: Option<NetDevice>,
+    deadline: Duration,
+    meta: BTreeMap<String, serde_json::Value>,
+    powerdown_grace: Duration,
+    quit_grace: Duration,
+}
+
+/// Resolves `qemu` like `execvp` would (a name without `/` is looked up in `PATH`).
+fn find_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.is_file().then(|| program.to_owned());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+fn mkdir_0700(path: &Path, all: bool) -> Result<(), Error> {
+    let mut b = std::fs::DirBuilder::new();
+    b.mode(0o700).recursive(all);
+    b.create(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))
+}
+
+fn write_private(path: &Path, content: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(content))
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// Everything before QEMU runs: checks (qemu, firmware, accelerator, base image), then the per-VM
+/// directory (0700) with overlay, seed (0600) and VARS copy. On error nothing is left behind.
+pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Error> {
+    let qemu = find_program(&config.qemu).ok_or_else(|| Error::QemuNotFound {
+        path: config.qemu.clone(),
+    })?;
+    let firmware = discover_firmware(config)?;
+    let accel = resolve_accel(&qemu, config.accel).await?;
+    let base = check_base_image(&config.qemu_img, &spec.base_image).await?;
+
+    let vms = config.vms_dir();
+    mkdir_0700(&vms, true)?;
+    let dir_path = vms.join(spec.name.as_str());
+    mkdir_0700(&dir_path, false)?;
+    let serial_log = config.log_dir.join(format!("{}.serial.log", spec.name));
+    // From here on, the guard removes whatever was created if a later step fails.
+    let dir = VmDir {
+        dir: dir_path.clone(),
+        serial_log: serial_log.clone(),
+        keep_serial_log: config.keep_serial_log,
+        pid: None,
+        done: false,
+    };
+    let overlay = dir_path.join(files::OVERLAY);
+    create_overlay(&config.qemu_img, &base, &overlay).await?;
+    let seed = dir_path.join(files::SEED);
+    super::write_seed(&spec.seed, &seed)?;
+    let vars = dir_path.join(files::VARS);
+    let template = std::fs::read(&firmware.vars_template).map_err(|e| {
+        Error::io(
+            format!("reading VARS template {}", firmware.vars_template.display()),
+            e,
+        )
+    })?;
+    write_private(&vars, &template)?;
+    mkdir_0700(&config.log_dir, true)?;
+    // Created here (0600, truncated) so that QEMU appends to a private file, and an old log of a
+    // reused name never mixes in.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&serial_log)
+        .map_err(|e| Error::io(format!("creating serial log {}", serial_log.display()), e))?;
+
+    let plan = QemuPlan {
+        name: spec.name.clone(),
+        accel: accel.accel,
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        firmware,
+        vars,
+        overlay,
+        seed,
+        serial_log,
+        qmp_socket: dir_path.join(files::QMP),
+        net: spec
+            .net
+            .as_ref()
+            .map(|n| (n.tap.as_raw_fd(), n.mac.clone())),
+    };
+    Ok(PreparedVm {
+        name: spec.name,
+        dir,
+        plan,
+        qemu,
+        accel,
+        net: spec.net,
+        deadline: spec.deadline,
+        meta: spec.meta,
+        powerdown_grace: config.powerdown_grace(),
+        quit_grace: config.quit_grace(),
+    })
+}
+
+/// Prepares and starts a VM.
+pub async fn launch(config: &VmConfig, spec: VmSpec) -> Result<VmHandle, Error> {
+    prepare(config, spec).await?.start()
+}
+
+impl PreparedVm {
+    pub fn name(&self) -> &VmName {
+        &self.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir.dir
+    }
+
+    pub fn accel(&self) -> &AccelChoice {
+        &self.accel
+    }
+
+    /// QEMU's arguments (without the program name).
+    pub fn argv(&self) -> Vec<String> {
+        build_argv(&self.plan)
+    }
+
+    /// Removes the VM's files now (also what dropping it does), reporting failure.
+    pub fn teardown(mut self) -> Result<(), Error> {
+        self.dir.teardown().map_err(|e| Error::Tool {
+            command: "teardown".into(),
+            detail: e,
+        })
+    }
+
+    /// Spawns QEMU and the supervisor task that owns it from now on. Must run inside a tokio runtime.
+    pub fn start(mut self) -> Result<VmHandle, Error> {
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(self.argv())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            // Its own process group: a terminal's Ctrl+C reaches the daemon, which stops VMs in order,
+            // instead of killing every QEMU at once.
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(net) = &self.net {
+            let fd = net.tap.as_raw_fd();
+            // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2), which
+            // is async-signal-safe; it allocates nothing and touches no shared state. It clears
+            // FD_CLOEXEC on exactly the tap fd so QEMU inherits it and no other descriptor.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::fcntl::fcntl(
+                        fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut state = VmState::Created;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = state.transition(VmState::Failed);
+                return Err(if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::QemuNotFound {
+                        path: self.qemu.clone(),
+                    }
+                } else {
+                    Error::io(format!("starting {}", self.qemu.display()), e)
+                });
+            }
+        };
+        let spawned = Instant::now();
+        state.transition(VmState::Starting)?;
+        // QEMU holds its own copy of the tap fd now.
+        drop(self.net.take());
+        let pid = child.id().unwrap_or(0);
+        self.dir.pid = Some(pid);
+        write_private(
+            &self.dir.dir.join(files::PID),
+            format!("{pid}\n").as_bytes(),
+        )?;
+        let mut meta = serde_json::Map::new();
+        for (k, v) in std::mem::take(&mut self.meta) {
+            meta.insert(k, v);
+        }
+        meta.insert("name".into(), self.name.as_str().into());
+        meta.insert("pid".into(), pid.into());
+        meta.insert("accel".into(), self.accel.accel.to_string().into());
+        meta.insert(
+            "serial_log".into(),
+            self.plan.serial_log.to_string_lossy().into_owned().into(),
+        );
+        meta.insert(
+            "created_at".into(),
+            time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+                .into(),
+        );
+        write_private(
+            &self.dir.dir.join(files::META),
+            serde_json::to_string_pretty(&meta)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+        tracing::info!(vm = %self.name, pid, accel = %self.accel.accel, "QEMU started");
+
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        if let Some(mut err) = child.stderr.take() {
+            let buf = stderr.clone();
+            tokio::spawn(async move {
+                let mut chunk = [0u8; 1024];
+                while let Ok(n) = err.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
+                    b.extend_from_slice(&chunk[..n]);
+                    let excess = b.len().saturating_sub(8192);
+                    b.drain(..excess);
+                }
+            });
+        }
+        let (state_tx, state_rx) = watch::channel(state);
+        let stop = CancellationToken::new();
+        let mut handle = VmHandle {
+            name: self.name.clone(),
+            pid,
+            serial_log: self.plan.serial_log.clone(),
+            dir: self.dir.dir.clone(),
+            accel: self.accel.clone(),
+            state: state_rx,
+            stop: stop.clone(),
+            task: None,
+        };
+        let sup = Supervisor {
+            name: self.name,
+            state,
+            state_tx,
+            child,
+            dir: self.dir,
+            qmp_socket: self.plan.qmp_socket,
+            serial_log: self.plan.serial_log,
+            stderr,
+            spawned,
+            deadline: spawned + self.deadline,
+            powerdown_grace: self.powerdown_grace,
+            quit_grace: self.quit_grace,
+            accel: self.accel.accel.to_string(),
+            stop,
+            timings: Timings::default(),
+            shutdown_reason: None,
+            crashed: None,
+            qemu_version: None,
+        };
+        handle.task = Some(tokio::spawn(sup.run()));
+        Ok(handle)
+    }
+}
+
+/// A running VM. Dropping the handle asks the VM to stop (the supervisor keeps running until QEMU is
+/// gone and the files are removed); if the runtime itself goes away, the supervisor's own `Drop`
+/// kills QEMU and removes the files.
+#[derive(Debug)]
+pub struct VmHandle {
+    name: VmName,
+    pid: u32,
+    serial_log: PathBuf,
+    dir: PathBuf,
+    accel: AccelChoice,
+    state: watch::Receiver<VmState>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<VmExit>>,
+}
+
+impl VmHandle {
+    pub fn name(&self) -> &VmName {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn serial_log(&self) -> &Path {
+        &self.serial_log
+    }
+
+    /// The per-VM directory (`<runtime_root>/vms/<name>`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn accel(&self) -> &AccelChoice {
+        &self.accel
+    }
+
+    pub fn state(&self) -> VmState {
+        *self.state.borrow()
+    }
+
+    /// Follows state changes.
+    pub fn watch_state(&self) -> watch::Receiver<VmState> {
+        self.state.clone()
+    }
+
+    /// A token that stops the VM (powerdown → grace → quit → kill) when cancelled, e.g. on Ctrl+C.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Asks the VM to stop; `wait` then returns `HostStopped`.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits until QEMU is gone and the VM's files are removed.
+    pub async fn wait(mut self) -> Result<VmExit, Error> {
+        let task = self
+            .task
+            .take()
+            .expect("the supervisor task is set at start");
+        task.await
+            .map_err(|e| Error::Qmp(format!("the supervisor of {} failed: {e}", self.name)))
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if self.task.as_ref().is_some_and(|t| !t.is_finished()) {
+            tracing::info!(vm = %self.name, "VM handle dropped: stopping the VM");
+            self.stop.cancel();
+        }
+    }
+}
+
+/// Why the supervisor is stopping the VM.
+#[derive(Debug, Clone, Copy)]
+enum StopCause {
+    Deadline,
+    Host,
+    GuestPanic,
+}
+
+struct Supervisor {
+    name: VmName,
+    state: VmState,
+    state_tx: watch::Sender<VmState>,
+    /// Declared before `dir`: dropped first, so `kill_on_drop` has signalled QEMU by the time the
+    /// directory guard waits for it.
+    child: Child,
+    dir: VmDir,
+    qmp_socket: PathBuf,
+    serial_log: PathBuf,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    spawned: Instant,
+    deadline: Instant,
+    powerdown_grace: Duration,
+    quit_grace: Duration,
+    accel: String,
+    stop: CancellationToken,
+    timings: Timings,
+    shutdown_reason: Option<(bool, String)>,
+    crashed: Option<String>,
+    qemu_version: Option<String>,
+}
+
+/// How long QEMU may take to answer on QMP (generous: a loaded 2-core host).
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const SERIAL_POLL: Duration = Duration::from_millis(50);
+
+impl Supervisor {
+    fn ms(&self) -> u64 {
+        self.spawned.elapsed().as_millis() as u64
+    }
+
+    fn set_state(&mut self, to: VmState) {
+        match self.state.transition(to) {
+            Ok(()) => {
+                tracing::debug!(vm = %self.name, state = %to, "VM state");
+                let _ = self.state_tx.send(to);
+            }
+            Err(e) => tracing::error!(vm = %self.name, error = %e, "bug: refused VM state change"),
+        }
+    }
+
+    fn stderr_tail(&self) -> String {
+        let b = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&b).trim().to_owned()
+    }
+
+    fn on_event(&mut self, e: &QmpEvent) {
+        match e {
+            QmpEvent::Shutdown { guest, reason } => {
+                tracing::info!(vm = %self.name, guest, reason, "guest shutdown");
+                self.timings.shutdown_ms.get_or_insert(self.ms());
+                self.shutdown_reason.get_or_insert((*guest, reason.clone()));
+                if reason == "guest-reset" || reason == "guest-panic" {
+                    self.crashed
+                        .get_or_insert(format!("SHUTDOWN reason {reason}"));
+                }
+            }
+            QmpEvent::GuestPanicked { action } => {
+                self.crashed
+                    .get_or_insert(format!("GUEST_PANICKED (action {action})"));
+            }
+            _ => {}
+        }
+    }
+
+    async fn run(mut self) -> VmExit {
+        let (serial_tx, mut serial_rx) = mpsc::unbounded_channel();
+        let serial_task = tokio::spawn(watch_serial(self.serial_log.clone(), serial_tx));
+        let result = self.supervise(&mut serial_rx).await;
+        serial_task.abort();
+        let exited_ms = self.ms();
+        let (outcome, final_state) = result;
+        if !self.state.is_final() {
+            self.set_state(final_state);
+        }
+        self.timings.exited_ms = exited_ms;
+        // QEMU has exited and was reaped: nothing to kill any more.
+        self.dir.pid = None;
+        let teardown_error = self.dir.teardown().err();
+        self.timings.torn_down_ms = self.ms();
+        tracing::info!(vm = %self.name, outcome = ?outcome, state = %self.state, "VM gone");
+        VmExit {
+            name: self.name.clone(),
+            outcome,
+            state: self.state,
+            accel: self.accel.clone(),
+            qemu_version: self.qemu_version.clone(),
+            timings: self.timings.clone(),
+            teardown_error,
+        }
+    }
+
+    /// Runs until QEMU has exited (and was reaped); returns the outcome and the final state.
+    async fn supervise(
+        &mut self,
+        serial: &mut mpsc::UnboundedReceiver<SerialNote>,
+    ) -> (Outcome, VmState) {
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let stop = self.stop.clone();
+        let socket = self.qmp_socket.clone();
+        let connect = QmpClient::connect(&socket, QMP_CONNECT_TIMEOUT);
+        tokio::pin!(connect);
+        // Phase 1: QEMU spawned, QMP not up yet.
+        let (qmp, mut events) = loop {
+            tokio::select! {
+                r = &mut connect => match r {
+                    Ok(pair) => break pair,
+                    Err(e) => {
+                        tracing::warn!(vm = %self.name, error = %e, "QMP did not come up");
+                        return self.stop_ladder(None, None, StopCause::Host, Some(e.to_string())).await;
+                    }
+                },
+                status = self.child.wait() => return self.exited_early(status),
+                Some(note) = serial.recv() => {
+                    if self.on_serial(note) {
+                        return self.stop_ladder(None, None, StopCause::GuestPanic, None).await;
+                    }
+                }
+                _ = stop.cancelled() => return self.stop_ladder(None, None, StopCause::Host, None).await,
+                _ = tokio::time::sleep_until(deadline) => {
+                    return self.stop_ladder(None, None, StopCause::Deadline, None).await
+                }
+            }
+        };
+        self.timings.qmp_ready_ms = Some(self.ms());
+        self.qemu_version = Some(qmp.greeting().to_string());
+        match qmp.query_status().await {
+            Ok(s) => {
+                tracing::debug!(vm = %self.name, status = %s, qemu = %qmp.greeting(), "QMP ready")
+            }
+            Err(e) => tracing::debug!(vm = %self.name, error = %e, "query-status failed"),
+        }
+        self.set_state(VmState::Running);
+        // Phase 2: running until QEMU exits or we stop it.
+        let mut events_open = true;
+        loop {
+            tokio::select! {
+                ev = events.recv(), if events_open => match ev {
+                    Some(e) => self.on_event(&e),
+                    None => events_open = false,
+                },
+                status = self.child.wait() => return self.exited(status),
+                Some(note) = serial.recv() => {
+                    if self.on_serial(note) {
+                        return self.stop_ladder(Some(&qmp), Some(&mut events), StopCause::GuestPanic, None).await;
+                    }
+                }
+                _ = stop.cancelled() => {
+                    return self.stop_ladder(Some(&qmp), Some(&mut events), StopCause::Host, None).await
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return self.stop_ladder(Some(&qmp), Some(&mut events), StopCause::Deadline, None).await
+                }
+            }
+        }
+    }
+
+    /// Returns true if the guest panicked.
+    fn on_serial(&mut self, note: SerialNote) -> bool {
+        match note {
+            SerialNote::FirstOutput(at) => {
+                self.timings.first_serial_ms =
+                    Some(at.saturating_duration_since(self.spawned).as_millis() as u64);
+                false
+            }
+            SerialNote::Panic => {
+                tracing::warn!(vm = %self.name, "kernel panic on the serial console");
+                self.crashed
+                    .get_or_insert("Kernel panic on the serial console".into());
+                true
+            }
+        }
+    }
+
+    fn exited_early(
+        &mut self,
+        status: std::io::Result<std::process::ExitStatus>,
+    ) -> (Outcome, VmState) {
+        let status = status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|e| e.to_string());
+        let detail = self.stderr_tail();
+        tracing::warn!(vm = %self.name, %status, %detail, "QEMU exited during start-up");
+        (Outcome::QemuExited { status, detail }, VmState::Failed)
+    }
+
+    /// QEMU exited on its own while running: classify by the SHUTDOWN reason, not the exit code.
+    fn exited(&mut self, status: std::io::Result<std::process::ExitStatus>) -> (Outcome, VmState) {
+        if let Some(reason) = self.crashed.clone() {
+            return (Outcome::GuestCrashed { reason }, VmState::Failed);
+        }
+        match &self.shutdown_reason {
+            Some((true, r)) if r == "guest-shutdown" => {
+                (Outcome::GuestPoweredOff, VmState::Stopped)
+            }
+            other => {
+                let status = status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string());
+                let mut detail = self.stderr_tail();
+                if let Some((guest, r)) = other {
+                    detail = format!("SHUTDOWN guest={guest} reason={r}; {detail}");
+                }
+                (Outcome::QemuExited { status, detail }, VmState::Failed)
+            }
+        }
+    }
+
+    /// Waits up to `d` for QEMU to exit, recording events meanwhile. True if it exited.
+    async fn wait_exit(
+        &mut self,
+        d: Duration,
+        events: &mut Option<&mut mpsc::UnboundedReceiver<QmpEvent>>,
+    ) -> bool {
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            let ev = async {
+                match events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = self.child.wait() => return r.is_ok(),
+                e = ev => match e {
+                    Some(e) => self.on_event(&e),
+                    None => *events = None,
+                },
+                _ = tokio::time::sleep_until(until) => return false,
+            }
+        }
+    }
+
+    /// powerdown → grace → quit → grace → SIGKILL. A panicked guest skips the power button (nobody
+    /// listens), and without QMP only the kill is left.
+    async fn stop_ladder(
+        &mut self,
+        qmp: Option<&QmpClient>,
+        mut events: Option<&mut mpsc::UnboundedReceiver<QmpEvent>>,
+        cause: StopCause,
+        detail: Option<String>,
+    ) -> (Outcome, VmState) {
+        tracing::info!(vm = %self.name, ?cause, "stopping the VM");
+        self.set_state(VmState::Stopping);
+        let mut step = StopStep::Kill;
+        let mut done = false;
+        if let Some(qmp) = qmp {
+            if !matches!(cause, StopCause::GuestPanic) {
+                match qmp.system_powerdown().await {
+                    Ok(()) => {
+                        if self.wait_exit(self.powerdown_grace, &mut events).await {
+                            step = StopStep::Powerdown;
+                            done = true;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(vm = %self.name, error = %e, "system_powerdown failed")
+                    }
+                }
+            }
+            if !done {
+                match qmp.quit().await {
+                    Ok(()) => {
+                        if self.wait_exit(self.quit_grace, &mut events).await {
+                            step = StopStep::Quit;
+                            done = true;
+                        }
+                    }
+                    Err(e) => tracing::debug!(vm = %self.name, error = %e, "quit failed"),
+                }
+            }
+        }
+        if !done {
+            tracing::warn!(vm = %self.name, "killing QEMU");
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+        tracing::info!(vm = %self.name, ?step, "VM stopped");
+        match cause {
+            StopCause::Deadline => (
+                Outcome::DeadlineExceeded { stopped_by: step },
+                VmState::Stopped,
+            ),
+            StopCause::Host => match detail {
+                // QMP never came up: that is a failed start, not an orderly stop.
+                Some(d) => (
+                    Outcome::QemuExited {
+                        status: "killed".into(),
+                        detail: format!("{d}; {}", self.stderr_tail()),
+                    },
+                    VmState::Failed,
+                ),
+                None => (Outcome::HostStopped { stopped_by: step }, VmState::Stopped),
+            },
+            StopCause::GuestPanic => (
+                Outcome::GuestCrashed {
+                    reason: self.crashed.clone().unwrap_or_else(|| "panic".into()),
+                },
+                VmState::Failed,
+            ),
+        }
+    }
+}
+
+enum SerialNote {
+    FirstOutput(Instant),
+    Panic,
+}
+
+/// Polls the serial log: reports the first byte once, and a kernel panic once.
+async fn watch_serial(path: PathBuf, tx: mpsc::UnboundedSender<SerialNote>) {
+    let mut w = SerialWatch::new(path);
+    let mut seen_output = false;
+    loop {
+        let chunk = w.poll();
+        if !chunk.is_empty() {
+            if !seen_output {
+                seen_output = true;
+                if tx.send(SerialNote::FirstOutput(Instant::now())).is_err() {
+                    return;
+                }
+            }
+            if contains(&chunk, PANIC_MARKER) {
+                let _ = tx.send(SerialNote::Panic);
+                return;
+            }
+        }
+        tokio::time::sleep(SERIAL_POLL).await;
+    }
+}

@@ -1,0 +1,81 @@
+use std::path::PathBuf;
+
+use crate::error::exit;
+
+/// What to install when QEMU itself is missing.
+const INSTALL_QEMU: &str = "install QEMU (Debian/Ubuntu: `apt-get install qemu-system-x86`; \
+     Fedora: `dnf install qemu-system-x86-core`; Arch: `pacman -S qemu-base`) or set the qemu path";
+const INSTALL_QEMU_IMG: &str = "install qemu-img (Debian/Ubuntu: `apt-get install qemu-utils`; \
+     Fedora: `dnf install qemu-img`; Arch: `pacman -S qemu-img`)";
+const INSTALL_OVMF: &str =
+    "install OVMF (Debian/Ubuntu: `apt-get install ovmf`; Fedora: `dnf install \
+     edk2-ovmf`; Arch: `pacman -S edk2-ovmf`) or set firmware_code and firmware_vars";
+
+/// Errors of the VM driver. Messages name the cause and, for missing things, what to install.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("QEMU binary `{}` not found: {INSTALL_QEMU}", path.display())]
+    QemuNotFound { path: PathBuf },
+    #[error("`{}` not found: {INSTALL_QEMU_IMG}", path.display())]
+    QemuImgNotFound { path: PathBuf },
+    #[error("no UEFI firmware (OVMF) for x86_64 q35 without secure boot found (looked in {searched}): {INSTALL_OVMF}")]
+    FirmwareNotFound { searched: String },
+    #[error("firmware file `{}` does not exist: {INSTALL_OVMF}", path.display())]
+    FirmwareFileMissing { path: PathBuf },
+    #[error("base image `{}` does not exist: build it (image-builder/) or pass another image", path.display())]
+    BaseImageMissing { path: PathBuf },
+    #[error("base image `{}` is not a usable qcow2 image: {reason}", path.display())]
+    BaseImageInvalid { path: PathBuf, reason: String },
+    #[error("KVM was requested but cannot run guests on this host: {reason}")]
+    KvmUnavailable { reason: String },
+    #[error("invalid VM name `{0}`: expected `fr-` followed by 8 lowercase hex digits")]
+    InvalidName(String),
+    #[error("VM configuration: {0}")]
+    Config(String),
+    #[error("VM state cannot go from {from} to {to}")]
+    InvalidTransition {
+        from: crate::vm::VmState,
+        to: crate::vm::VmState,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {detail}")]
+    Tool { command: String, detail: String },
+    #[error("QEMU exited during start-up ({status}): {stderr}")]
+    EarlyExit { status: String, stderr: String },
+    #[error("QMP: {0}")]
+    Qmp(String),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Exit code of the binary for this error (README.md's table): missing tools, firmware or image
+    /// are 3, a corrupt image fails the check (1), configuration mistakes are 2, the rest 6.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::QemuNotFound { .. }
+            | Error::QemuImgNotFound { .. }
+            | Error::FirmwareNotFound { .. }
+            | Error::FirmwareFileMissing { .. }
+            | Error::BaseImageMissing { .. }
+            | Error::KvmUnavailable { .. } => exit::MISSING_DEPENDENCY,
+            Error::BaseImageInvalid { .. } => exit::CHECK_FAILED,
+            Error::InvalidName(_) | Error::Config(_) => exit::CONFIG,
+            Error::InvalidTransition { .. }
+            | Error::Io { .. }
+            | Error::Tool { .. }
+            | Error::EarlyExit { .. }
+            | Error::Qmp(_) => exit::RUNTIME,
+        }
+    }
+}

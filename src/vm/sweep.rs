@@ -1,0 +1,109 @@
+//! Finding what a crashed daemon left: per-VM directories under `<runtime_root>/vms/` named like our VMs,
+//! and the QEMU processes their pid files name — killed only if `/proc/<pid>` really is a QEMU whose
+//! command line contains that VM's directory (a recycled pid is left alone).
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::{files, Error, VmName};
+
+/// What [`sweep`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    /// VMs whose QEMU was still running and was killed.
+    pub killed: Vec<(VmName, u32)>,
+    /// Per-VM directories removed.
+    pub removed: Vec<VmName>,
+    /// Entries that could not be cleaned, with the reason.
+    pub failed: Vec<(PathBuf, String)>,
+}
+
+/// Whether `pid` is a QEMU started for `vm_dir` (argv[0] names qemu and an argument mentions the dir).
+pub(crate) fn is_our_qemu(pid: u32, vm_dir: &Path) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = raw.split(|b| *b == 0).filter(|a| !a.is_empty());
+    let Some(argv0) = args.next() else {
+        return false;
+    };
+    let is_qemu = Path::new(std::ffi::OsStr::from_bytes(argv0))
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("qemu-system"));
+    let dir = vm_dir.as_os_str().as_encoded_bytes();
+    is_qemu && args.any(|a| a.windows(dir.len()).any(|w| w == dir))
+}
+
+/// Kills a stray QEMU of ours and waits (bounded) until it is gone.
+pub(crate) fn kill_and_wait(pid: u32, vm_dir: &Path, timeout: Duration) -> bool {
+    if !is_our_qemu(pid, vm_dir) {
+        return false;
+    }
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        // Reap it if it is our child (the daemon restarted in-process); otherwise init reaps it.
+        let _ = nix::sys::wait::waitpid(
+            Pid::from_raw(raw),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        if !is_our_qemu(pid, vm_dir) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Cleans `<runtime_root>/vms/`: kills our QEMUs, removes every `fr-…` directory. Entries whose name
+/// is not a VM name are never touched.
+pub fn sweep(runtime_root: &Path) -> Result<SweepReport, Error> {
+    let vms = runtime_root.join("vms");
+    let mut report = SweepReport::default();
+    let entries = match std::fs::read_dir(&vms) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(report),
+        Err(e) => return Err(Error::io(format!("reading {}", vms.display()), e)),
+    };
+    for entry in entries.flatten() {
+        let Ok(name) = VmName::parse(&entry.file_name().to_string_lossy()) else {
+            continue;
+        };
+        let dir = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let pid = std::fs::read_to_string(dir.join(files::PID))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if is_our_qemu(pid, &dir) {
+                if kill_and_wait(pid, &dir, Duration::from_secs(10)) {
+                    tracing::warn!(vm = %name, pid, "sweep killed a leftover QEMU");
+                    report.killed.push((name.clone(), pid));
+                } else {
+                    report.failed.push((
+                        dir.clone(),
+                        format!("QEMU pid {pid} did not exit after SIGKILL"),
+                    ));
+                    continue;
+                }
+            }
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                tracing::info!(vm = %name, "sweep removed a leftover VM directory");
+                report.removed.push(name);
+            }
+            Err(e) => report.failed.push((dir, e.to_string())),
+        }
+    }
+    Ok(report)
+}
