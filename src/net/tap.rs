@@ -105,6 +105,14 @@ impl Tap {
             .try_clone_to_owned()
             .map_err(|e| Error::io(format!("duplicating the tap fd of {}", self.name), e))
     }
+
+    /// The VM driver's network device: a duplicate of the tap fd and the VM's MAC.
+    pub fn net_device(&self) -> Result<crate::vm::NetDevice, Error> {
+        Ok(crate::vm::NetDevice {
+            tap: self.fd_for_qemu()?,
+            mac: self.mac.to_string(),
+        })
+    }
 }
 
 impl Drop for Tap {

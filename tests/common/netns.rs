@@ -186,6 +186,7 @@ impl Topology {
 /// source address of every client.
 pub struct HttpServer {
     addr: SocketAddr,
+    body: Arc<Mutex<String>>,
     clients: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -196,8 +197,9 @@ impl HttpServer {
         let clients = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        let body = body.to_owned();
+        let body = Arc::new(Mutex::new(body.to_owned()));
         let thread = {
+            let body = body.clone();
             let clients = clients.clone();
             let stop = stop.clone();
             ns.spawn(move || {
@@ -218,6 +220,7 @@ impl HttpServer {
                             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                             let mut buf = [0u8; 1024];
                             let _ = stream.read(&mut buf);
+                            let body = body.lock().unwrap().clone();
                             let _ = write!(
                                 stream,
                                 "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -235,6 +238,7 @@ impl HttpServer {
             .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", ns.name()));
         HttpServer {
             addr,
+            body,
             clients,
             stop,
             thread: Some(thread),
@@ -243,6 +247,11 @@ impl HttpServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Changes what the server answers from now on.
+    pub fn set_body(&self, body: &str) {
+        *self.body.lock().unwrap() = body.to_owned();
     }
 
     /// Source addresses of the clients so far.
