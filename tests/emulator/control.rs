@@ -1,0 +1,106 @@
+//! Test controls over HTTP under `/_emulator/` (not logged, never faulted), for tests and demos
+//! that drive an emulator in another process or network namespace.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::state::Fault;
+use super::Shared;
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/_emulator/state", get(state))
+        .route("/_emulator/requests", get(requests))
+        .route("/_emulator/jobs", post(add_job))
+        .route("/_emulator/repos", post(add_repo))
+        .route("/_emulator/users", post(add_user))
+        .route("/_emulator/faults", post(add_fault).delete(clear_faults))
+}
+
+fn bad_request(msg: impl Into<String>) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"message": msg.into()}))).into_response()
+}
+
+async fn state(State(s): State<Shared>) -> Json<Value> {
+    Json(s.lock().expect("emulator state lock").snapshot())
+}
+
+async fn requests(State(s): State<Shared>) -> Json<Value> {
+    Json(json!(s.lock().expect("emulator state lock").requests))
+}
+
+#[derive(Deserialize)]
+struct AddJob {
+    /// `owner/name`; created (with an organisation owner) when missing.
+    repo: String,
+    labels: Vec<String>,
+    #[serde(default = "default_job_name")]
+    name: String,
+}
+
+fn default_job_name() -> String {
+    "build".to_owned()
+}
+
+async fn add_job(State(s): State<Shared>, body: Result<Json<AddJob>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Ok(Json(j)) = body else { return bad_request("body: {\"repo\": \"owner/name\", \"labels\": [..], \"name\"?}") };
+    let Some((owner, repo)) = j.repo.split_once('/') else { return bad_request("repo must be owner/name") };
+    let (id, handle, repo_id) = s.lock().expect("emulator state lock").add_job(owner, repo, &j.labels, &j.name);
+    (StatusCode::CREATED, Json(json!({"id": id, "handle": handle, "repo_id": repo_id}))).into_response()
+}
+
+#[derive(Deserialize)]
+struct AddRepo {
+    owner: String,
+    name: String,
+}
+
+async fn add_repo(State(s): State<Shared>, body: Result<Json<AddRepo>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Ok(Json(r)) = body else { return bad_request("body: {\"owner\", \"name\"}") };
+    let id = s.lock().expect("emulator state lock").ensure_repo(&r.owner, &r.name);
+    (StatusCode::CREATED, Json(json!({"id": id}))).into_response()
+}
+
+#[derive(Deserialize)]
+struct AddUser {
+    login: String,
+    password: String,
+    #[serde(default)]
+    must_change_password: bool,
+    #[serde(default)]
+    admin: bool,
+}
+
+async fn add_user(State(s): State<Shared>, body: Result<Json<AddUser>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Ok(Json(u)) = body else { return bad_request("body: {\"login\", \"password\", \"must_change_password\"?, \"admin\"?}") };
+    let mut st = s.lock().expect("emulator state lock");
+    if st.user_by_login(&u.login).is_some() {
+        return bad_request(format!("user {} exists", u.login));
+    }
+    let email = format!("{}@users.forgejo.emulator", u.login);
+    let id = st.insert_user(&u.login, &email, &u.password, u.admin, u.must_change_password);
+    (StatusCode::CREATED, Json(json!({"id": id}))).into_response()
+}
+
+async fn add_fault(State(s): State<Shared>, body: Result<Json<Fault>, axum::extract::rejection::JsonRejection>) -> Response {
+    match body {
+        Ok(Json(f)) => {
+            s.lock().expect("emulator state lock").faults.push(f);
+            StatusCode::CREATED.into_response()
+        }
+        Err(e) => bad_request(format!(
+            "{e}; body: {{\"method\", \"route\", \"kind\": \"status\"|\"delay\"|\"malformed_json\"|\"unauthorized\", \
+             \"status\"?, \"delay_ms\"?, \"times\"?}}"
+        )),
+    }
+}
+
+async fn clear_faults(State(s): State<Shared>) -> StatusCode {
+    s.lock().expect("emulator state lock").faults.clear();
+    StatusCode::NO_CONTENT
+}

@@ -1,0 +1,824 @@
+//! The emulator's in-memory Forgejo: users, tokens, repositories, runners, jobs and tasks, and the
+//! rules that decide who may do what. HTTP framing lives in `rest.rs`, `rpc.rs` and `control.rs`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Every scope name Forgejo accepts (an unknown one is a 400).
+pub const KNOWN_SCOPES: &[&str] = &[
+    "all",
+    "public-only",
+    "read:activitypub",
+    "write:activitypub",
+    "read:admin",
+    "write:admin",
+    "read:misc",
+    "write:misc",
+    "read:notification",
+    "write:notification",
+    "read:organization",
+    "write:organization",
+    "read:package",
+    "write:package",
+    "read:issue",
+    "write:issue",
+    "read:repository",
+    "write:repository",
+    "read:user",
+    "write:user",
+];
+
+/// The categories in Forgejo's order, used to normalise scope lists.
+const CATEGORIES: &[&str] =
+    &["activitypub", "admin", "misc", "notification", "organization", "package", "issue", "repository", "user"];
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: i64,
+    pub login: String,
+    pub email: String,
+    pub password: String,
+    pub is_admin: bool,
+    pub must_change_password: bool,
+    pub visibility: String,
+    /// An organisation (owns repositories, cannot sign in).
+    pub is_org: bool,
+    pub created: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub id: i64,
+    pub user_id: i64,
+    pub name: String,
+    pub secret: String,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Repo {
+    pub id: i64,
+    pub owner_id: i64,
+    pub name: String,
+}
+
+/// Where a runner is registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "id")]
+pub enum RunnerScope {
+    Instance,
+    /// Owner (user or organisation) id.
+    Owner(i64),
+    Repo(i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct Runner {
+    pub id: i64,
+    pub uuid: String,
+    pub token: String,
+    pub name: String,
+    pub description: String,
+    pub scope: RunnerScope,
+    pub ephemeral: bool,
+    /// Declared labels (full `name[:scheme[:arg]]` strings); empty until `Declare`.
+    pub labels: Vec<String>,
+    pub version: String,
+    /// Contacted the RPC side at least once.
+    pub seen: bool,
+    /// Tasks handed out to it.
+    pub tasks: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Waiting,
+    Running,
+    Success,
+    Failure,
+    Cancelled,
+    Skipped,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Waiting => "waiting",
+            JobStatus::Running => "running",
+            JobStatus::Success => "success",
+            JobStatus::Failure => "failure",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: i64,
+    pub handle: String,
+    pub attempt: i64,
+    pub repo_id: i64,
+    pub owner_id: i64,
+    pub name: String,
+    pub runs_on: Vec<String>,
+    pub status: JobStatus,
+    pub task_id: i64,
+    pub runner_id: Option<i64>,
+    /// Log lines the runner uploaded, in order.
+    pub log: Vec<String>,
+    pub outputs: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub id: i64,
+    pub job_id: i64,
+    pub runner_id: i64,
+    pub token: String,
+}
+
+/// Who is making a REST call.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    Anonymous,
+    /// `Authorization: token …` (or `Bearer`).
+    Token { user_id: i64, scopes: Vec<String> },
+    /// HTTP Basic with the user's password: full access, like a browser session.
+    Password { user_id: i64 },
+    /// HTTP Basic whose password is a token: authenticated like the token, but not "basic auth" for
+    /// the routes that insist on a password.
+    BasicToken { user_id: i64, scopes: Vec<String> },
+}
+
+impl Principal {
+    pub fn user_id(&self) -> Option<i64> {
+        match self {
+            Principal::Anonymous => None,
+            Principal::Token { user_id, .. }
+            | Principal::Password { user_id }
+            | Principal::BasicToken { user_id, .. } => Some(*user_id),
+        }
+    }
+
+    /// Scopes limiting this principal, `None` when unlimited (password auth).
+    pub fn scopes(&self) -> Option<&[String]> {
+        match self {
+            Principal::Token { scopes, .. } | Principal::BasicToken { scopes, .. } => Some(scopes),
+            _ => None,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Principal::Anonymous => "none",
+            Principal::Token { .. } => "token",
+            Principal::Password { .. } => "basic-password",
+            Principal::BasicToken { .. } => "basic-token",
+        }
+    }
+}
+
+/// A fault to inject on one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// HTTP method, e.g. `GET`.
+    pub method: String,
+    /// Route template as in the spec and the request log: `/admin/actions/runners/{runner_id}` for
+    /// the REST API (relative to `/api/v1`), `/api/actions/runner.v1.RunnerService/FetchTask` for RPC.
+    pub route: String,
+    #[serde(flatten)]
+    pub kind: FaultKind,
+    /// How many requests it hits; `None` = until cleared.
+    #[serde(default)]
+    pub times: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum FaultKind {
+    /// Answer with this status and a Forgejo-style error body.
+    Status { status: u16 },
+    /// Wait this long, then handle the request normally.
+    Delay { delay_ms: u64 },
+    /// Answer 200 with a body that is not valid JSON.
+    MalformedJson,
+    /// Answer 401 as for a bad token.
+    Unauthorized,
+}
+
+/// One request as the emulator saw it (control routes are not logged).
+#[derive(Debug, Clone, Serialize)]
+pub struct LoggedRequest {
+    pub method: String,
+    /// The concrete path, e.g. `/api/v1/admin/actions/runners/3`.
+    pub path: String,
+    /// The route template (see [`Fault::route`]); `<unmatched>` for unknown paths.
+    pub route: String,
+    pub query: BTreeMap<String, String>,
+    /// How the caller authenticated: `none`, `token`, `basic-password`, `basic-token`, `runner`.
+    pub auth: String,
+    pub request_body: Option<Value>,
+    pub status: u16,
+    pub response_body: Option<Value>,
+    /// The raw response body when it is not JSON (e.g. an injected malformed body).
+    pub response_text: Option<String>,
+    pub response_headers: BTreeMap<String, String>,
+    /// A fault was applied to this request.
+    pub fault: Option<String>,
+}
+
+/// An error answer of the REST API: status and Forgejo's JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl ApiError {
+    /// Forgejo's `APIError`: `{"message", "url"}`.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self { status, body: json!({"message": message.into(), "url": SWAGGER_URL}) }
+    }
+
+    /// Forgejo's `ctx.NotFound()`: `APINotFound`.
+    pub fn not_found() -> Self {
+        Self {
+            status: 404,
+            body: json!({"message": "The target couldn't be found.", "url": SWAGGER_URL, "errors": []}),
+        }
+    }
+}
+
+pub const SWAGGER_URL: &str = "http://forgejo.emulator/api/swagger";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub version: String,
+    pub admin_login: String,
+    pub admin_token: String,
+    pub admin_scopes: Vec<String>,
+    pub admin_token_routes: bool,
+    /// Base URL that the emulator puts into bodies (`html_url`, …).
+    pub public_url: String,
+}
+
+pub struct State {
+    pub opts: Options,
+    next_id: i64,
+    pub users: Vec<User>,
+    pub tokens: Vec<Token>,
+    pub repos: Vec<Repo>,
+    pub runners: Vec<Runner>,
+    pub deleted_runners: Vec<(Runner, String)>,
+    pub jobs: Vec<Job>,
+    pub tasks: Vec<Task>,
+    pub faults: Vec<Fault>,
+    pub requests: Vec<LoggedRequest>,
+    /// Instance registration token for the RPC `Register` call.
+    pub registration_token: String,
+    /// `x-runner-request-key` → task handed out under it, so a retried fetch gets the same task.
+    pub request_keys: HashMap<(i64, String), i64>,
+    pub admin_id: i64,
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("0 is a valid nanosecond")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339 formats")
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let mut rng = rand::thread_rng();
+    (0..bytes).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
+}
+
+pub fn random_uuid() -> String {
+    let h = random_hex(16);
+    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}
+
+/// Normalises a scope list as Forgejo stores it: `all` absorbs everything, a `write:` scope
+/// absorbs the `read:` scope of its category.
+pub fn normalize_scopes(scopes: &[String]) -> Vec<String> {
+    if scopes.iter().any(|s| s == "all") {
+        let mut v = vec!["all".to_owned()];
+        if scopes.iter().any(|s| s == "public-only") {
+            v.push("public-only".to_owned());
+        }
+        return v;
+    }
+    let mut out = Vec::new();
+    if scopes.iter().any(|s| s == "public-only") {
+        out.push("public-only".to_owned());
+    }
+    for cat in CATEGORIES {
+        let w = format!("write:{cat}");
+        let r = format!("read:{cat}");
+        if scopes.contains(&w) {
+            out.push(w);
+        } else if scopes.contains(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Whether `scopes` grant `required` (`write:x` grants `read:x`; `all` grants everything).
+pub fn scope_grants(scopes: &[String], required: &str) -> bool {
+    if scopes.iter().any(|s| s == "all" || s == required) {
+        return true;
+    }
+    match required.strip_prefix("read:") {
+        Some(cat) => scopes.iter().any(|s| s.strip_prefix("write:") == Some(cat)),
+        None => false,
+    }
+}
+
+/// Forgejo's user-name rules.
+pub fn valid_username(name: &str) -> bool {
+    let punct = |c: char| matches!(c, '-' | '_' | '.');
+    !name.is_empty()
+        && name.len() <= 40
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || punct(c))
+        && !name.starts_with(punct)
+        && !name.ends_with(punct)
+        && !name.chars().zip(name.chars().skip(1)).any(|(a, b)| punct(a) && punct(b))
+}
+
+/// The label names of a runner (`name[:scheme[:arg]]` → `name`): Forgejo matches on names only.
+pub fn label_names(labels: &[String]) -> Vec<String> {
+    labels.iter().map(|l| l.split(':').next().unwrap_or_default().to_owned()).collect()
+}
+
+impl State {
+    pub fn new(opts: Options) -> Self {
+        let mut s = Self {
+            opts,
+            next_id: 1,
+            users: Vec::new(),
+            tokens: Vec::new(),
+            repos: Vec::new(),
+            runners: Vec::new(),
+            deleted_runners: Vec::new(),
+            jobs: Vec::new(),
+            tasks: Vec::new(),
+            faults: Vec::new(),
+            requests: Vec::new(),
+            registration_token: random_hex(20),
+            request_keys: HashMap::new(),
+            admin_id: 0,
+        };
+        let login = s.opts.admin_login.clone();
+        let admin = s.insert_user(&login, &format!("{login}@forgejo.emulator"), &random_hex(16), true, false);
+        s.admin_id = admin;
+        let (token, scopes) = (s.opts.admin_token.clone(), s.opts.admin_scopes.clone());
+        let id = s.id();
+        s.tokens.push(Token { id, user_id: admin, name: "fkr-qemu-admin".into(), secret: token, scopes });
+        s
+    }
+
+    pub fn id(&mut self) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    pub fn insert_user(&mut self, login: &str, email: &str, password: &str, is_admin: bool, must_change: bool) -> i64 {
+        let id = self.id();
+        self.users.push(User {
+            id,
+            login: login.to_owned(),
+            email: email.to_owned(),
+            password: password.to_owned(),
+            is_admin,
+            must_change_password: must_change,
+            visibility: "public".into(),
+            is_org: false,
+            created: now_rfc3339(),
+        });
+        id
+    }
+
+    pub fn user(&self, id: i64) -> Option<&User> {
+        self.users.iter().find(|u| u.id == id)
+    }
+
+    pub fn user_by_login(&self, login: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.login.eq_ignore_ascii_case(login))
+    }
+
+    pub fn repo(&self, id: i64) -> Option<&Repo> {
+        self.repos.iter().find(|r| r.id == id)
+    }
+
+    pub fn repo_by_name(&self, owner: &str, name: &str) -> Option<&Repo> {
+        let owner = self.user_by_login(owner)?;
+        self.repos.iter().find(|r| r.owner_id == owner.id && r.name.eq_ignore_ascii_case(name))
+    }
+
+    /// Ensures `owner/name` exists (the owner as an organisation when new); returns its id.
+    pub fn ensure_repo(&mut self, owner: &str, name: &str) -> i64 {
+        if let Some(r) = self.repo_by_name(owner, name) {
+            return r.id;
+        }
+        let owner_id = match self.user_by_login(owner) {
+            Some(u) => u.id,
+            None => {
+                let id = self.insert_user(owner, &format!("{owner}@org.forgejo.emulator"), "", false, false);
+                self.users.last_mut().expect("just inserted").is_org = true;
+                id
+            }
+        };
+        let id = self.id();
+        self.repos.push(Repo { id, owner_id, name: name.to_owned() });
+        id
+    }
+
+    /// A waiting job of `repo` whose `runs-on` is `labels`; returns (id, handle).
+    pub fn add_job(&mut self, owner: &str, repo: &str, labels: &[String], name: &str) -> (i64, String, i64) {
+        let repo_id = self.ensure_repo(owner, repo);
+        let owner_id = self.repo(repo_id).expect("ensured").owner_id;
+        let id = self.id();
+        let handle = random_uuid();
+        self.jobs.push(Job {
+            id,
+            handle: handle.clone(),
+            attempt: 1,
+            repo_id,
+            owner_id,
+            name: name.to_owned(),
+            runs_on: labels.to_vec(),
+            status: JobStatus::Waiting,
+            task_id: 0,
+            runner_id: None,
+            log: Vec::new(),
+            outputs: BTreeMap::new(),
+        });
+        (id, handle, repo_id)
+    }
+
+    /// Resolves the `Authorization` header. `Err` = 401.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
+        let Some(value) = authorization else { return Ok(Principal::Anonymous) };
+        let (kind, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let rest = rest.trim();
+        match kind.to_ascii_lowercase().as_str() {
+            "token" | "bearer" => match self.tokens.iter().find(|t| t.secret == rest) {
+                Some(t) => Ok(Principal::Token { user_id: t.user_id, scopes: t.scopes.clone() }),
+                None => Err(ApiError::new(401, "invalid username, password or token")),
+            },
+            "basic" => {
+                use base64::Engine;
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(rest)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| ApiError::new(401, "invalid basic auth header"))?;
+                let (login, password) = decoded.split_once(':').unwrap_or((&decoded, ""));
+                // Forgejo tries the password as a token first.
+                if let Some(t) = self.tokens.iter().find(|t| !password.is_empty() && t.secret == password) {
+                    return Ok(Principal::BasicToken { user_id: t.user_id, scopes: t.scopes.clone() });
+                }
+                match self.user_by_login(login) {
+                    Some(u) if !u.is_org && !u.password.is_empty() && u.password == password => {
+                        Ok(Principal::Password { user_id: u.id })
+                    }
+                    _ => Err(ApiError::new(401, "invalid username, password or token")),
+                }
+            }
+            _ => Err(ApiError::new(401, "invalid authorization header")),
+        }
+    }
+
+    /// What every API call made as a user checks first: a user who must change their password is
+    /// refused with 403.
+    pub fn check_must_change_password(&self, p: &Principal) -> Result<(), ApiError> {
+        if let Some(u) = p.user_id().and_then(|id| self.user(id)) {
+            if u.must_change_password {
+                return Err(ApiError {
+                    status: 403,
+                    body: json!({"message": format!(
+                        "You must change your password. Change it at: {}/user/change_password",
+                        self.opts.public_url
+                    )}),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgejo's `tokenRequiresScopes`: a token must hold one of `required`.
+    pub fn require_scope(&self, p: &Principal, required: &str) -> Result<(), ApiError> {
+        match p.scopes() {
+            Some(scopes) if !scope_grants(scopes, required) => Err(ApiError::new(
+                403,
+                format!("token does not have at least one of required scope(s): [{required}]"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn require_signed_in(&self, p: &Principal) -> Result<i64, ApiError> {
+        p.user_id().ok_or_else(|| ApiError::new(401, "token is required"))
+    }
+
+    pub fn require_site_admin(&self, p: &Principal) -> Result<i64, ApiError> {
+        let id = self.require_signed_in(p)?;
+        if self.user(id).is_some_and(|u| u.is_admin) {
+            Ok(id)
+        } else {
+            Err(ApiError::new(403, "user should be the site admin"))
+        }
+    }
+
+    // ------------------------------------------------------------------ JSON shapes
+
+    pub fn user_json(&self, u: &User) -> Value {
+        json!({
+            "id": u.id,
+            "login": u.login,
+            "login_name": "",
+            "source_id": 0,
+            "full_name": "",
+            "email": u.email,
+            "avatar_url": format!("{}/avatars/{}", self.opts.public_url, random_hex(4)),
+            "html_url": format!("{}/{}", self.opts.public_url, u.login),
+            "language": "",
+            "is_admin": u.is_admin,
+            "last_login": "0001-01-01T00:00:00Z",
+            "created": u.created,
+            "restricted": false,
+            "active": true,
+            "prohibit_login": false,
+            "location": "",
+            "pronouns": "",
+            "website": "",
+            "description": "",
+            "visibility": u.visibility,
+            "followers_count": 0,
+            "following_count": 0,
+            "starred_repos_count": 0,
+        })
+    }
+
+    pub fn repo_json(&self, r: &Repo) -> Value {
+        let owner = self.user(r.owner_id).expect("repo owner exists");
+        let full = format!("{}/{}", owner.login, r.name);
+        let base = &self.opts.public_url;
+        let mut v = json!({
+            "id": r.id,
+            "owner": self.user_json(owner),
+            "name": r.name,
+            "full_name": full,
+            "description": "",
+            "empty": false,
+            "private": false,
+            "fork": false,
+            "template": false,
+            "parent": null,
+            "mirror": false,
+            "size": 0,
+            "language": "",
+            "languages_url": format!("{base}/api/v1/repos/{full}/languages"),
+            "html_url": format!("{base}/{full}"),
+            "url": format!("{base}/api/v1/repos/{full}"),
+            "link": "",
+            "ssh_url": format!("git@forgejo.emulator:{full}.git"),
+            "clone_url": format!("{base}/{full}.git"),
+            "original_url": "",
+            "website": "",
+            "stars_count": 0,
+            "forks_count": 0,
+            "watchers_count": 0,
+            "open_issues_count": 0,
+            "open_pr_counter": 0,
+            "release_counter": 0,
+            "default_branch": "main",
+        });
+        let rest = json!({
+            "archived": false,
+            "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z",
+            "archived_at": "1970-01-01T00:00:00Z",
+            "has_issues": true,
+            "has_wiki": false,
+            "has_pull_requests": true,
+            "has_projects": false,
+            "has_releases": true,
+            "has_packages": true,
+            "has_actions": true,
+            "ignore_whitespace_conflicts": false,
+            "allow_merge_commits": true,
+            "allow_rebase": true,
+            "allow_rebase_explicit": true,
+            "allow_squash_merge": true,
+            "allow_fast_forward_only_merge": true,
+            "allow_rebase_update": true,
+            "default_delete_branch_after_merge": false,
+            "default_merge_style": "merge",
+            "default_allow_maintainer_edit": false,
+            "avatar_url": "",
+            "internal": false,
+            "mirror_interval": "",
+            "object_format_name": "sha1",
+            "mirror_updated": "0001-01-01T00:00:00Z",
+            "repo_transfer": null,
+            "topics": null,
+        });
+        // Two halves: one `json!` this large exceeds the macro recursion limit.
+        v.as_object_mut().expect("object").extend(rest.as_object().expect("object").clone());
+        v
+    }
+
+    pub fn job_json(&self, j: &Job) -> Value {
+        json!({
+            "id": j.id,
+            "handle": j.handle,
+            "attempt": j.attempt,
+            "repo_id": j.repo_id,
+            "owner_id": j.owner_id,
+            "name": j.name,
+            "needs": null,
+            "runs_on": j.runs_on,
+            "task_id": j.task_id,
+            "status": j.status.as_str(),
+        })
+    }
+
+    pub fn runner_status(&self, r: &Runner) -> &'static str {
+        let busy = r.tasks.iter().any(|t| {
+            self.tasks
+                .iter()
+                .find(|task| task.id == *t)
+                .and_then(|task| self.jobs.iter().find(|j| j.id == task.job_id))
+                .is_some_and(|j| j.status == JobStatus::Running)
+        });
+        if busy {
+            "active"
+        } else if r.seen {
+            "idle"
+        } else {
+            "offline"
+        }
+    }
+
+    pub fn runner_json(&self, r: &Runner) -> Value {
+        let (owner_id, repo_id) = match r.scope {
+            RunnerScope::Instance => (0, 0),
+            RunnerScope::Owner(o) => (o, 0),
+            RunnerScope::Repo(id) => (0, id),
+        };
+        // Go writes a never-declared runner's nil label slice as `null`.
+        let labels = if r.labels.is_empty() { Value::Null } else { json!(r.labels) };
+        json!({
+            "id": r.id,
+            "uuid": r.uuid,
+            "name": r.name,
+            "description": r.description,
+            "owner_id": owner_id,
+            "repo_id": repo_id,
+            "version": r.version,
+            "labels": labels,
+            "ephemeral": r.ephemeral,
+            "status": self.runner_status(r),
+        })
+    }
+
+    pub fn token_json(&self, t: &Token, with_secret: bool) -> Value {
+        json!({
+            "id": t.id,
+            "name": t.name,
+            "sha1": if with_secret { t.secret.clone() } else { String::new() },
+            "token_last_eight": t.secret[t.secret.len().saturating_sub(8)..],
+            "scopes": t.scopes,
+            "repositories": null,
+        })
+    }
+
+    // ------------------------------------------------------------------ runners and jobs
+
+    /// Whether a runner registered at `scope` may take `job`.
+    pub fn scope_covers_job(&self, scope: &RunnerScope, job: &Job) -> bool {
+        match scope {
+            RunnerScope::Instance => true,
+            RunnerScope::Owner(o) => job.owner_id == *o,
+            RunnerScope::Repo(r) => job.repo_id == *r,
+        }
+    }
+
+    /// Whether `runner` may run `job`: scope, and every `runs-on` label among its declared names.
+    pub fn runner_matches(&self, runner: &Runner, job: &Job) -> bool {
+        let names = label_names(&runner.labels);
+        self.scope_covers_job(&runner.scope, job) && job.runs_on.iter().all(|l| names.contains(l))
+    }
+
+    /// Hands `job_id` to `runner_id` as a new task; the job turns `running`.
+    pub fn assign(&mut self, runner_id: i64, job_id: i64) -> i64 {
+        let task_id = self.id();
+        self.tasks.push(Task { id: task_id, job_id, runner_id, token: random_hex(20) });
+        let job = self.jobs.iter_mut().find(|j| j.id == job_id).expect("job exists");
+        job.status = JobStatus::Running;
+        job.task_id = task_id;
+        job.runner_id = Some(runner_id);
+        self.runners.iter_mut().find(|r| r.id == runner_id).expect("runner exists").tasks.push(task_id);
+        task_id
+    }
+
+    pub fn delete_runner(&mut self, id: i64, reason: &str) -> bool {
+        match self.runners.iter().position(|r| r.id == id) {
+            Some(i) => {
+                let r = self.runners.remove(i);
+                self.deleted_runners.push((r, reason.to_owned()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    // ------------------------------------------------------------------ faults
+
+    /// Takes the fault matching this request, if any (counting down `times`).
+    pub fn take_fault(&mut self, method: &str, route: &str) -> Option<FaultKind> {
+        let i = self.faults.iter().position(|f| f.method.eq_ignore_ascii_case(method) && f.route == route)?;
+        let kind = self.faults[i].kind.clone();
+        if let Some(times) = self.faults[i].times.as_mut() {
+            *times = times.saturating_sub(1);
+            if *times == 0 {
+                self.faults.remove(i);
+            }
+        }
+        Some(kind)
+    }
+
+    // ------------------------------------------------------------------ snapshot
+
+    pub fn snapshot(&self) -> Value {
+        let users: Vec<Value> = self
+            .users
+            .iter()
+            .map(|u| {
+                json!({
+                    "id": u.id, "login": u.login, "email": u.email, "is_admin": u.is_admin, "is_org": u.is_org,
+                    "must_change_password": u.must_change_password, "visibility": u.visibility,
+                })
+            })
+            .collect();
+        let tokens: Vec<Value> = self
+            .tokens
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.id, "user": self.user(t.user_id).map(|u| u.login.clone()), "name": t.name,
+                    "scopes": t.scopes,
+                })
+            })
+            .collect();
+        let runner = |r: &Runner| {
+            json!({
+                "id": r.id, "uuid": r.uuid, "name": r.name, "description": r.description, "scope": r.scope,
+                "ephemeral": r.ephemeral, "labels": r.labels, "version": r.version,
+                "status": self.runner_status(r), "tasks": r.tasks,
+            })
+        };
+        let runners: Vec<Value> = self.runners.iter().map(runner).collect();
+        let deleted: Vec<Value> = self
+            .deleted_runners
+            .iter()
+            .map(|(r, why)| {
+                let mut v = runner(r);
+                v["deleted_because"] = json!(why);
+                v
+            })
+            .collect();
+        let repos: Vec<Value> = self
+            .repos
+            .iter()
+            .map(|r| json!({"id": r.id, "owner": self.user(r.owner_id).map(|u| u.login.clone()), "name": r.name}))
+            .collect();
+        json!({
+            "version": self.opts.version,
+            "admin_login": self.opts.admin_login,
+            "users": users,
+            "tokens": tokens,
+            "repos": repos,
+            "runners": runners,
+            "deleted_runners": deleted,
+            "jobs": self.jobs,
+            "faults": self.faults,
+            "requests": self.requests,
+        })
+    }
+}
+
+/// Seconds since the epoch, for log rows without a time.
+pub fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
