@@ -2,4 +2,6 @@
 #[path = "../emulator/mod.rs"]
 mod imp;
 
+// Not every test crate that links `common` uses the emulator.
+#[allow(unused_imports)]
 pub use imp::*;

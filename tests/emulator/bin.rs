@@ -10,7 +10,10 @@ use std::io::Write;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "forgejo-emulator", about = "In-memory Forgejo emulator for fkr-qemu's tests")]
+#[command(
+    name = "forgejo-emulator",
+    about = "In-memory Forgejo emulator for fkr-qemu's tests"
+)]
 struct Args {
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:0")]

@@ -23,7 +23,11 @@ pub fn router() -> Router<Shared> {
 }
 
 fn bad_request(msg: impl Into<String>) -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({"message": msg.into()}))).into_response()
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"message": msg.into()})),
+    )
+        .into_response()
 }
 
 async fn state(State(s): State<Shared>) -> Json<Value> {
@@ -47,11 +51,25 @@ fn default_job_name() -> String {
     "build".to_owned()
 }
 
-async fn add_job(State(s): State<Shared>, body: Result<Json<AddJob>, axum::extract::rejection::JsonRejection>) -> Response {
-    let Ok(Json(j)) = body else { return bad_request("body: {\"repo\": \"owner/name\", \"labels\": [..], \"name\"?}") };
-    let Some((owner, repo)) = j.repo.split_once('/') else { return bad_request("repo must be owner/name") };
-    let (id, handle, repo_id) = s.lock().expect("emulator state lock").add_job(owner, repo, &j.labels, &j.name);
-    (StatusCode::CREATED, Json(json!({"id": id, "handle": handle, "repo_id": repo_id}))).into_response()
+async fn add_job(
+    State(s): State<Shared>,
+    body: Result<Json<AddJob>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(j)) = body else {
+        return bad_request("body: {\"repo\": \"owner/name\", \"labels\": [..], \"name\"?}");
+    };
+    let Some((owner, repo)) = j.repo.split_once('/') else {
+        return bad_request("repo must be owner/name");
+    };
+    let (id, handle, repo_id) = s
+        .lock()
+        .expect("emulator state lock")
+        .add_job(owner, repo, &j.labels, &j.name);
+    (
+        StatusCode::CREATED,
+        Json(json!({"id": id, "handle": handle, "repo_id": repo_id})),
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -60,9 +78,17 @@ struct AddRepo {
     name: String,
 }
 
-async fn add_repo(State(s): State<Shared>, body: Result<Json<AddRepo>, axum::extract::rejection::JsonRejection>) -> Response {
-    let Ok(Json(r)) = body else { return bad_request("body: {\"owner\", \"name\"}") };
-    let id = s.lock().expect("emulator state lock").ensure_repo(&r.owner, &r.name);
+async fn add_repo(
+    State(s): State<Shared>,
+    body: Result<Json<AddRepo>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(r)) = body else {
+        return bad_request("body: {\"owner\", \"name\"}");
+    };
+    let id = s
+        .lock()
+        .expect("emulator state lock")
+        .ensure_repo(&r.owner, &r.name);
     (StatusCode::CREATED, Json(json!({"id": id}))).into_response()
 }
 
@@ -76,18 +102,34 @@ struct AddUser {
     admin: bool,
 }
 
-async fn add_user(State(s): State<Shared>, body: Result<Json<AddUser>, axum::extract::rejection::JsonRejection>) -> Response {
-    let Ok(Json(u)) = body else { return bad_request("body: {\"login\", \"password\", \"must_change_password\"?, \"admin\"?}") };
+async fn add_user(
+    State(s): State<Shared>,
+    body: Result<Json<AddUser>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(u)) = body else {
+        return bad_request(
+            "body: {\"login\", \"password\", \"must_change_password\"?, \"admin\"?}",
+        );
+    };
     let mut st = s.lock().expect("emulator state lock");
     if st.user_by_login(&u.login).is_some() {
         return bad_request(format!("user {} exists", u.login));
     }
     let email = format!("{}@users.forgejo.emulator", u.login);
-    let id = st.insert_user(&u.login, &email, &u.password, u.admin, u.must_change_password);
+    let id = st.insert_user(
+        &u.login,
+        &email,
+        &u.password,
+        u.admin,
+        u.must_change_password,
+    );
     (StatusCode::CREATED, Json(json!({"id": id}))).into_response()
 }
 
-async fn add_fault(State(s): State<Shared>, body: Result<Json<Fault>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn add_fault(
+    State(s): State<Shared>,
+    body: Result<Json<Fault>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     match body {
         Ok(Json(f)) => {
             s.lock().expect("emulator state lock").faults.push(f);

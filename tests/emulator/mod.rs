@@ -84,16 +84,27 @@ pub struct Emulator {
 impl Emulator {
     /// Starts on 127.0.0.1 with every default.
     pub async fn start_default() -> Self {
-        Self::start(Options::default()).await.expect("emulator starts")
+        Self::start(Options::default())
+            .await
+            .expect("emulator starts")
     }
 
     pub async fn start(opts: Options) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(opts.listen).await?;
         let addr = listener.local_addr()?;
         let url = format!("http://{addr}");
-        let admin_token = opts.admin_token.clone().unwrap_or_else(|| state::random_hex(20));
-        let major: u64 =
-            opts.version.trim_start_matches('v').split(['.', '-', '+']).next().unwrap_or("0").parse().unwrap_or(0);
+        let admin_token = opts
+            .admin_token
+            .clone()
+            .unwrap_or_else(|| state::random_hex(20));
+        let major: u64 = opts
+            .version
+            .trim_start_matches('v')
+            .split(['.', '-', '+'])
+            .next()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0);
         let admin_token_routes = opts.admin_token_routes.unwrap_or(major >= 16);
         let mut st = state::State::new(state::Options {
             version: opts.version.clone(),
@@ -112,7 +123,10 @@ impl Emulator {
         let app = Router::new()
             .merge(rest::router(admin_token_routes))
             .merge(rpc::router())
-            .route_layer(axum::middleware::from_fn_with_state(shared.clone(), log_and_faults))
+            .route_layer(axum::middleware::from_fn_with_state(
+                shared.clone(),
+                log_and_faults,
+            ))
             .fallback(unmatched)
             .merge(control::router())
             .with_state(shared.clone());
@@ -124,7 +138,12 @@ impl Emulator {
                 })
                 .await;
         });
-        Ok(Self { url, admin_token, state: shared, stop: Some(stop) })
+        Ok(Self {
+            url,
+            admin_token,
+            state: shared,
+            stop: Some(stop),
+        })
     }
 
     /// `http://ADDR:PORT` (no trailing slash, no `/api/v1`).
@@ -145,12 +164,24 @@ impl Emulator {
         let (owner, repo) = repo.split_once('/').expect("repo is owner/name");
         let labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
         let (id, handle, repo_id) = self.with_state(|s| s.add_job(owner, repo, &labels, name));
-        AddedJob { id, handle, repo_id }
+        AddedJob {
+            id,
+            handle,
+            repo_id,
+        }
     }
 
     /// Adds a user directly (e.g. one with `must_change_password`).
     pub fn add_user(&self, login: &str, password: &str, must_change_password: bool) -> i64 {
-        self.with_state(|s| s.insert_user(login, &format!("{login}@users.forgejo.emulator"), password, false, must_change_password))
+        self.with_state(|s| {
+            s.insert_user(
+                login,
+                &format!("{login}@users.forgejo.emulator"),
+                password,
+                false,
+                must_change_password,
+            )
+        })
     }
 
     /// The whole state as JSON (users without passwords, tokens without secrets, runners, deleted
@@ -168,7 +199,12 @@ impl Emulator {
     }
 
     pub fn inject(&self, method: &str, route: &str, kind: FaultKind, times: Option<u32>) {
-        let f = Fault { method: method.to_owned(), route: route.to_owned(), kind, times };
+        let f = Fault {
+            method: method.to_owned(),
+            route: route.to_owned(),
+            kind,
+            times,
+        };
         self.with_state(|s| s.faults.push(f))
     }
 
@@ -183,8 +219,14 @@ impl Emulator {
     /// Names of the live tokens of `login`.
     pub fn token_names(&self, login: &str) -> Vec<String> {
         self.with_state(|s| {
-            let Some(uid) = s.user_by_login(login).map(|u| u.id) else { return Vec::new() };
-            s.tokens.iter().filter(|t| t.user_id == uid).map(|t| t.name.clone()).collect()
+            let Some(uid) = s.user_by_login(login).map(|u| u.id) else {
+                return Vec::new();
+            };
+            s.tokens
+                .iter()
+                .filter(|t| t.user_id == uid)
+                .map(|t| t.name.clone())
+                .collect()
         })
     }
 
@@ -230,12 +272,19 @@ fn fault_response(route: &str, kind: &FaultKind) -> Response {
                 *r.status_mut() = status;
                 r
             } else {
-                (status, axum::Json(json!({"message": "injected fault", "url": state::SWAGGER_URL}))).into_response()
+                (
+                    status,
+                    axum::Json(json!({"message": "injected fault", "url": state::SWAGGER_URL})),
+                )
+                    .into_response()
             }
         }
-        FaultKind::MalformedJson => {
-            (StatusCode::OK, [("content-type", "application/json")], "{\"id\": 1, \"na").into_response()
-        }
+        FaultKind::MalformedJson => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            "{\"id\": 1, \"na",
+        )
+            .into_response(),
         FaultKind::Unauthorized => {
             if rpc {
                 rpc::connect_error("unauthenticated", "unregistered runner")
@@ -256,48 +305,73 @@ async fn log_and_faults(State(s): State<Shared>, req: Request, next: Next) -> Re
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let query: BTreeMap<String, String> =
-        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect();
-    let route = req.extensions().get::<MatchedPath>().map(|m| route_template(m.as_str())).unwrap_or_default();
+        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| route_template(m.as_str()))
+        .unwrap_or_default();
     let (parts, body) = req.into_parts();
     let bytes = to_bytes(body, 16 << 20).await.unwrap_or_default();
     let request_body = serde_json::from_slice::<Value>(&bytes).ok();
-    let fault = s.lock().expect("emulator state lock").take_fault(&method, &route);
+    let fault = s
+        .lock()
+        .expect("emulator state lock")
+        .take_fault(&method, &route);
 
     let (resp, delay) = match &fault {
-        None => (next.run(Request::from_parts(parts, Body::from(bytes))).await, None),
+        None => (
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await,
+            None,
+        ),
         // A delay runs the request, then holds the answer back: the client times out while the
         // server has done the work (the case that makes non-idempotent retries dangerous).
-        Some(FaultKind::Delay { delay_ms }) => {
-            (next.run(Request::from_parts(parts, Body::from(bytes))).await, Some(Duration::from_millis(*delay_ms)))
-        }
+        Some(FaultKind::Delay { delay_ms }) => (
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await,
+            Some(Duration::from_millis(*delay_ms)),
+        ),
         Some(kind) => (fault_response(&route, kind), None),
     };
 
     let (rparts, rbody) = resp.into_parts();
     let rbytes = to_bytes(rbody, usize::MAX).await.unwrap_or_default();
-    let auth = rparts.extensions.get::<rest::AuthKind>().map_or("none", |a| a.0).to_owned();
+    let auth = rparts
+        .extensions
+        .get::<rest::AuthKind>()
+        .map_or("none", |a| a.0)
+        .to_owned();
     let response_body = serde_json::from_slice::<Value>(&rbytes).ok();
-    let response_text =
-        if response_body.is_none() && !rbytes.is_empty() { Some(String::from_utf8_lossy(&rbytes).into_owned()) } else { None };
+    let response_text = if response_body.is_none() && !rbytes.is_empty() {
+        Some(String::from_utf8_lossy(&rbytes).into_owned())
+    } else {
+        None
+    };
     let response_headers = rparts
         .headers
         .iter()
         .filter(|(k, _)| matches!(k.as_str(), "link" | "x-total-count" | "content-type"))
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
         .collect();
-    s.lock().expect("emulator state lock").requests.push(LoggedRequest {
-        method,
-        path,
-        route,
-        query,
-        auth,
-        request_body,
-        status: rparts.status.as_u16(),
-        response_body,
-        response_text,
-        response_headers,
-        fault: fault.map(|f| format!("{f:?}")),
-    });
+    s.lock()
+        .expect("emulator state lock")
+        .requests
+        .push(LoggedRequest {
+            method,
+            path,
+            route,
+            query,
+            auth,
+            request_body,
+            status: rparts.status.as_u16(),
+            response_body,
+            response_text,
+            response_headers,
+            fault: fault.map(|f| format!("{f:?}")),
+        });
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
     }
@@ -307,18 +381,21 @@ async fn log_and_faults(State(s): State<Shared>, req: Request, next: Next) -> Re
 /// Unknown paths: Forgejo's API answers 404 with its not-found body.
 async fn unmatched(State(s): State<Shared>, req: Request) -> Response {
     let body = state::ApiError::not_found().body;
-    s.lock().expect("emulator state lock").requests.push(LoggedRequest {
-        method: req.method().to_string(),
-        path: req.uri().path().to_owned(),
-        route: "<unmatched>".to_owned(),
-        query: BTreeMap::new(),
-        auth: "none".to_owned(),
-        request_body: None,
-        status: 404,
-        response_body: Some(body.clone()),
-        response_text: None,
-        response_headers: BTreeMap::new(),
-        fault: None,
-    });
+    s.lock()
+        .expect("emulator state lock")
+        .requests
+        .push(LoggedRequest {
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            route: "<unmatched>".to_owned(),
+            query: BTreeMap::new(),
+            auth: "none".to_owned(),
+            request_body: None,
+            status: 404,
+            response_body: Some(body.clone()),
+            response_text: None,
+            response_headers: BTreeMap::new(),
+            fault: None,
+        });
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::state::{
-    normalize_scopes, random_hex, random_uuid, valid_username, ApiError, JobStatus, Principal, Runner, RunnerScope,
-    State as Emu, KNOWN_SCOPES,
+    normalize_scopes, random_hex, random_uuid, valid_username, ApiError, JobStatus, Principal,
+    Runner, RunnerScope, State as Emu, KNOWN_SCOPES,
 };
 use super::Shared;
 
@@ -34,11 +34,19 @@ pub struct Reply {
 
 impl Reply {
     fn json(status: u16, body: Value) -> Self {
-        Self { status, body: Some(body), headers: Vec::new() }
+        Self {
+            status,
+            body: Some(body),
+            headers: Vec::new(),
+        }
     }
 
     fn no_content() -> Self {
-        Self { status: 204, body: None, headers: Vec::new() }
+        Self {
+            status: 204,
+            body: None,
+            headers: Vec::new(),
+        }
     }
 
     fn header(mut self, name: &str, value: String) -> Self {
@@ -57,39 +65,79 @@ pub fn router(admin_token_routes: bool) -> Router<Shared> {
         .route("/api/v1/user", get(current_user))
         .route("/api/v1/users/:username", get(get_user))
         .route("/api/v1/admin/users", post(create_user))
-        .route("/api/v1/admin/users/:username", axum::routing::patch(edit_user).delete(delete_user))
-        .route("/api/v1/users/:username/tokens", get(list_tokens).post(create_token))
-        .route("/api/v1/users/:username/tokens/:token", axum::routing::delete(delete_token))
+        .route(
+            "/api/v1/admin/users/:username",
+            axum::routing::patch(edit_user).delete(delete_user),
+        )
+        .route(
+            "/api/v1/users/:username/tokens",
+            get(list_tokens).post(create_token),
+        )
+        .route(
+            "/api/v1/users/:username/tokens/:token",
+            axum::routing::delete(delete_token),
+        )
         .route("/api/v1/repositories/:id", get(get_repository));
     if admin_token_routes {
         r = r
-            .route("/api/v1/admin/users/:username/tokens", get(list_tokens).post(create_token))
-            .route("/api/v1/admin/users/:username/tokens/:token", axum::routing::delete(delete_token));
+            .route(
+                "/api/v1/admin/users/:username/tokens",
+                get(list_tokens).post(create_token),
+            )
+            .route(
+                "/api/v1/admin/users/:username/tokens/:token",
+                axum::routing::delete(delete_token),
+            );
     }
-    for prefix in ["/api/v1/admin", "/api/v1/orgs/:org", "/api/v1/repos/:owner/:repo", "/api/v1/user"] {
+    for prefix in [
+        "/api/v1/admin",
+        "/api/v1/orgs/:org",
+        "/api/v1/repos/:owner/:repo",
+        "/api/v1/user",
+    ] {
         r = r
-            .route(&format!("{prefix}/actions/runners"), get(list_runners).post(register_runner))
+            .route(
+                &format!("{prefix}/actions/runners"),
+                get(list_runners).post(register_runner),
+            )
             .route(&format!("{prefix}/actions/runners/jobs"), get(search_jobs))
-            .route(&format!("{prefix}/actions/runners/:runner_id"), get(get_runner).delete(delete_runner));
+            .route(
+                &format!("{prefix}/actions/runners/:runner_id"),
+                get(get_runner).delete(delete_runner),
+            );
     }
     r
 }
 
 /// Authenticates, applies the `must_change_password` rule, runs `f` under the state lock.
-fn call(s: &Shared, h: &HeaderMap, f: impl FnOnce(&mut Emu, &Principal) -> Result<Reply, ApiError>) -> Response {
+fn call(
+    s: &Shared,
+    h: &HeaderMap,
+    f: impl FnOnce(&mut Emu, &Principal) -> Result<Reply, ApiError>,
+) -> Response {
     let mut st = s.lock().expect("emulator state lock");
     let header = h.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     let (kind, result) = match st.authenticate(header) {
         Err(e) => ("invalid", Err(e)),
-        Ok(p) => (p.kind(), st.check_must_change_password(&p).and_then(|()| f(&mut st, &p))),
+        Ok(p) => (
+            p.kind(),
+            st.check_must_change_password(&p)
+                .and_then(|()| f(&mut st, &p)),
+        ),
     };
     let (status, body, headers) = match result {
         Ok(r) => (r.status, r.body, r.headers),
         Err(e) => (e.status, Some(e.body), Vec::new()),
     };
     let mut resp = match body {
-        Some(b) => (axum::http::StatusCode::from_u16(status).expect("valid status"), axum::Json(b)).into_response(),
-        None => axum::http::StatusCode::from_u16(status).expect("valid status").into_response(),
+        Some(b) => (
+            axum::http::StatusCode::from_u16(status).expect("valid status"),
+            axum::Json(b),
+        )
+            .into_response(),
+        None => axum::http::StatusCode::from_u16(status)
+            .expect("valid status")
+            .into_response(),
     };
     for (k, v) in headers {
         resp.headers_mut().insert(
@@ -116,8 +164,17 @@ fn required(field: &str, value: &Option<String>) -> Result<String, ApiError> {
 
 /// Applies `page`/`limit` and returns the page with `X-Total-Count` and, when there are other
 /// pages, a `Link` header with `next`/`last`/`first`/`prev` like Forgejo's `SetLinkHeader`.
-fn paginate<T>(items: Vec<T>, q: &HashMap<String, String>, path: &str, base: &str) -> (Vec<T>, Vec<(String, String)>) {
-    let page = q.get("page").and_then(|p| p.parse::<usize>().ok()).filter(|p| *p > 0).unwrap_or(1);
+fn paginate<T>(
+    items: Vec<T>,
+    q: &HashMap<String, String>,
+    path: &str,
+    base: &str,
+) -> (Vec<T>, Vec<(String, String)>) {
+    let page = q
+        .get("page")
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p > 0)
+        .unwrap_or(1);
     let limit = q
         .get("limit")
         .and_then(|p| p.parse::<usize>().ok())
@@ -127,7 +184,8 @@ fn paginate<T>(items: Vec<T>, q: &HashMap<String, String>, path: &str, base: &st
     let total = items.len();
     let pages = total.div_ceil(limit).max(1);
     let mut headers = vec![("x-total-count".to_owned(), total.to_string())];
-    let link = |p: usize, rel: &str| format!("<{base}{path}?limit={limit}&page={p}>; rel=\"{rel}\"");
+    let link =
+        |p: usize, rel: &str| format!("<{base}{path}?limit={limit}&page={p}>; rel=\"{rel}\"");
     let mut links = Vec::new();
     if page < pages {
         links.push(link(page + 1, "next"));
@@ -140,14 +198,20 @@ fn paginate<T>(items: Vec<T>, q: &HashMap<String, String>, path: &str, base: &st
     if !links.is_empty() {
         headers.push(("link".to_owned(), links.join(",")));
     }
-    let slice = items.into_iter().skip((page - 1) * limit).take(limit).collect();
+    let slice = items
+        .into_iter()
+        .skip((page - 1) * limit)
+        .take(limit)
+        .collect();
     (slice, headers)
 }
 
 // ---------------------------------------------------------------------- misc
 
 async fn version(State(s): State<Shared>, h: HeaderMap) -> Response {
-    call(&s, &h, |st, _| Ok(Reply::json(200, json!({"version": st.opts.version}))))
+    call(&s, &h, |st, _| {
+        Ok(Reply::json(200, json!({"version": st.opts.version})))
+    })
 }
 
 async fn current_user(State(s): State<Shared>, h: HeaderMap) -> Response {
@@ -162,8 +226,14 @@ async fn current_user(State(s): State<Shared>, h: HeaderMap) -> Response {
 async fn get_user(State(s): State<Shared>, h: HeaderMap, Path(username): Path<String>) -> Response {
     call(&s, &h, |st, p| {
         st.require_scope(p, "read:user")?;
-        let u = st.user_by_login(&username).cloned().ok_or_else(ApiError::not_found)?;
-        let viewer_admin = p.user_id().and_then(|id| st.user(id)).is_some_and(|v| v.is_admin);
+        let u = st
+            .user_by_login(&username)
+            .cloned()
+            .ok_or_else(ApiError::not_found)?;
+        let viewer_admin = p
+            .user_id()
+            .and_then(|id| st.user(id))
+            .is_some_and(|v| v.is_admin);
         let visible = match u.visibility.as_str() {
             "public" => true,
             "limited" => p.user_id().is_some(),
@@ -203,7 +273,10 @@ fn check_password(pw: &str) -> Result<(), ApiError> {
         return Err(ApiError::new(400, "password is empty"));
     }
     if pw.chars().count() < 8 {
-        return Err(ApiError::new(400, "password is too short (minimum 8 characters)"));
+        return Err(ApiError::new(
+            400,
+            "password is too short (minimum 8 characters)",
+        ));
     }
     Ok(())
 }
@@ -224,16 +297,32 @@ async fn create_user(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Resp
         let username = required("Username", &o.username)?;
         let email = required("Email", &o.email)?;
         if !valid_username(&username) {
-            return Err(ApiError::new(422, format!("user name is invalid [name: {username}]")));
+            return Err(ApiError::new(
+                422,
+                format!("user name is invalid [name: {username}]"),
+            ));
         }
         if st.user_by_login(&username).is_some() {
-            return Err(ApiError::new(422, format!("user already exists [name: {username}]")));
+            return Err(ApiError::new(
+                422,
+                format!("user already exists [name: {username}]"),
+            ));
         }
         if !email.contains('@') {
-            return Err(ApiError::new(422, format!("e-mail invalid [email: {email}]")));
+            return Err(ApiError::new(
+                422,
+                format!("e-mail invalid [email: {email}]"),
+            ));
         }
-        if st.users.iter().any(|u| u.email.eq_ignore_ascii_case(&email)) {
-            return Err(ApiError::new(422, format!("e-mail already in use [email: {email}]")));
+        if st
+            .users
+            .iter()
+            .any(|u| u.email.eq_ignore_ascii_case(&email))
+        {
+            return Err(ApiError::new(
+                422,
+                format!("e-mail already in use [email: {email}]"),
+            ));
         }
         let password = o.password.unwrap_or_default();
         check_password(&password)?;
@@ -242,7 +331,11 @@ async fn create_user(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Resp
         // Forgejo's default: the new user must change the password at first sign-in.
         let must_change = o.must_change_password.unwrap_or(true);
         let id = st.insert_user(&username, &email, &password, false, must_change);
-        let u = st.users.iter_mut().find(|u| u.id == id).expect("just inserted");
+        let u = st
+            .users
+            .iter_mut()
+            .find(|u| u.id == id)
+            .expect("just inserted");
         u.visibility = visibility;
         let u = u.clone();
         Ok(Reply::json(201, st.user_json(&u)))
@@ -257,11 +350,19 @@ struct EditUserOption {
     email: Option<String>,
 }
 
-async fn edit_user(State(s): State<Shared>, h: HeaderMap, Path(username): Path<String>, body: Bytes) -> Response {
+async fn edit_user(
+    State(s): State<Shared>,
+    h: HeaderMap,
+    Path(username): Path<String>,
+    body: Bytes,
+) -> Response {
     call(&s, &h, |st, p| {
         st.require_scope(p, "write:admin")?;
         st.require_site_admin(p)?;
-        let id = st.user_by_login(&username).map(|u| u.id).ok_or_else(ApiError::not_found)?;
+        let id = st
+            .user_by_login(&username)
+            .map(|u| u.id)
+            .ok_or_else(ApiError::not_found)?;
         let o: EditUserOption = parse_body(&body)?;
         if let Some(pw) = o.password.as_deref().filter(|p| !p.is_empty()) {
             check_password(pw)?;
@@ -270,11 +371,22 @@ async fn edit_user(State(s): State<Shared>, h: HeaderMap, Path(username): Path<S
             check_visibility(v)?;
         }
         if let Some(e) = &o.email {
-            if st.users.iter().any(|u| u.id != id && u.email.eq_ignore_ascii_case(e)) {
-                return Err(ApiError::new(422, format!("e-mail already in use [email: {e}]")));
+            if st
+                .users
+                .iter()
+                .any(|u| u.id != id && u.email.eq_ignore_ascii_case(e))
+            {
+                return Err(ApiError::new(
+                    422,
+                    format!("e-mail already in use [email: {e}]"),
+                ));
             }
         }
-        let u = st.users.iter_mut().find(|u| u.id == id).expect("found above");
+        let u = st
+            .users
+            .iter_mut()
+            .find(|u| u.id == id)
+            .expect("found above");
         if let Some(pw) = o.password.filter(|p| !p.is_empty()) {
             u.password = pw;
         }
@@ -301,18 +413,28 @@ async fn delete_user(
     call(&s, &h, |st, p| {
         st.require_scope(p, "write:admin")?;
         let admin = st.require_site_admin(p)?;
-        let id = st.user_by_login(&username).map(|u| u.id).ok_or_else(ApiError::not_found)?;
+        let id = st
+            .user_by_login(&username)
+            .map(|u| u.id)
+            .ok_or_else(ApiError::not_found)?;
         if id == admin {
             return Err(ApiError::new(422, "you cannot delete yourself"));
         }
         let purge = q.get("purge").is_some_and(|v| v == "true");
         if !purge && st.repos.iter().any(|r| r.owner_id == id) {
-            return Err(ApiError::new(422, format!("user still has ownership of repositories [uid: {id}]")));
+            return Err(ApiError::new(
+                422,
+                format!("user still has ownership of repositories [uid: {id}]"),
+            ));
         }
         st.users.retain(|u| u.id != id);
         st.tokens.retain(|t| t.user_id != id);
-        let owned: Vec<i64> =
-            st.runners.iter().filter(|r| r.scope == RunnerScope::Owner(id)).map(|r| r.id).collect();
+        let owned: Vec<i64> = st
+            .runners
+            .iter()
+            .filter(|r| r.scope == RunnerScope::Owner(id))
+            .map(|r| r.id)
+            .collect();
         for r in owned {
             st.delete_runner(r, "owner deleted");
         }
@@ -326,17 +448,34 @@ async fn delete_user(
 /// the user exists, the doer is that user or a site admin, and the request uses HTTP Basic auth
 /// with a password (a token — in the header or as the Basic password — is refused with 401).
 /// `/admin/users/{username}/tokens` (development branch): admin scope, site admin, user exists.
-fn token_route_user(st: &Emu, p: &Principal, route: &str, username: &str, write: bool) -> Result<i64, ApiError> {
+fn token_route_user(
+    st: &Emu,
+    p: &Principal,
+    route: &str,
+    username: &str,
+    write: bool,
+) -> Result<i64, ApiError> {
     if route.starts_with("/api/v1/admin/") {
         st.require_scope(p, if write { "write:admin" } else { "read:admin" })?;
         st.require_site_admin(p)?;
-        return st.user_by_login(username).map(|u| u.id).ok_or_else(ApiError::not_found);
+        return st
+            .user_by_login(username)
+            .map(|u| u.id)
+            .ok_or_else(ApiError::not_found);
     }
     st.require_scope(p, if write { "write:user" } else { "read:user" })?;
-    let target = st.user_by_login(username).map(|u| u.id).ok_or_else(ApiError::not_found)?;
-    let doer = p.user_id().ok_or_else(|| ApiError::new(401, "auth required"))?;
+    let target = st
+        .user_by_login(username)
+        .map(|u| u.id)
+        .ok_or_else(ApiError::not_found)?;
+    let doer = p
+        .user_id()
+        .ok_or_else(|| ApiError::new(401, "auth required"))?;
     if doer != target && !st.user(doer).is_some_and(|u| u.is_admin) {
-        return Err(ApiError::new(403, "doer should be the site admin or the user itself"));
+        return Err(ApiError::new(
+            403,
+            "doer should be the site admin or the user itself",
+        ));
     }
     if !matches!(p, Principal::Password { .. }) {
         return Err(ApiError::new(401, "auth required"));
@@ -362,19 +501,35 @@ async fn create_token(
         let user_id = token_route_user(st, p, route.as_str(), &username, true)?;
         let o: CreateAccessTokenOption = parse_body(&body)?;
         let name = required("Name", &o.name)?;
-        if st.tokens.iter().any(|t| t.user_id == user_id && t.name == name) {
-            return Err(ApiError::new(400, "access token name has been used already"));
+        if st
+            .tokens
+            .iter()
+            .any(|t| t.user_id == user_id && t.name == name)
+        {
+            return Err(ApiError::new(
+                400,
+                "access token name has been used already",
+            ));
         }
         let scopes = o.scopes.unwrap_or_default();
         if let Some(bad) = scopes.iter().find(|s| !KNOWN_SCOPES.contains(&s.as_str())) {
-            return Err(ApiError::new(400, format!("invalid access token scope provided: {bad}")));
+            return Err(ApiError::new(
+                400,
+                format!("invalid access token scope provided: {bad}"),
+            ));
         }
         let scopes = normalize_scopes(&scopes);
         if scopes.is_empty() {
             return Err(ApiError::new(400, "access token must have a scope"));
         }
         let id = st.id();
-        let token = super::state::Token { id, user_id, name, secret: random_hex(20), scopes };
+        let token = super::state::Token {
+            id,
+            user_id,
+            name,
+            secret: random_hex(20),
+            scopes,
+        };
         let body = st.token_json(&token, true);
         st.tokens.push(token);
         Ok(Reply::json(201, body))
@@ -390,8 +545,12 @@ async fn list_tokens(
 ) -> Response {
     call(&s, &h, |st, p| {
         let user_id = token_route_user(st, p, route.as_str(), &username, false)?;
-        let all: Vec<Value> =
-            st.tokens.iter().filter(|t| t.user_id == user_id).map(|t| st.token_json(t, false)).collect();
+        let all: Vec<Value> = st
+            .tokens
+            .iter()
+            .filter(|t| t.user_id == user_id)
+            .map(|t| st.token_json(t, false))
+            .collect();
         let path = route.as_str().replace(":username", &username);
         let (page, headers) = paginate(all, &q, &path, &st.opts.public_url);
         let mut reply = Reply::json(200, Value::Array(page));
@@ -412,8 +571,18 @@ async fn delete_token(
     call(&s, &h, |st, p| {
         let user_id = token_route_user(st, p, route.as_str(), &username, true)?;
         let matches: Vec<i64> = match token.parse::<i64>() {
-            Ok(id) => st.tokens.iter().filter(|t| t.user_id == user_id && t.id == id).map(|t| t.id).collect(),
-            Err(_) => st.tokens.iter().filter(|t| t.user_id == user_id && t.name == token).map(|t| t.id).collect(),
+            Ok(id) => st
+                .tokens
+                .iter()
+                .filter(|t| t.user_id == user_id && t.id == id)
+                .map(|t| t.id)
+                .collect(),
+            Err(_) => st
+                .tokens
+                .iter()
+                .filter(|t| t.user_id == user_id && t.name == token)
+                .map(|t| t.id)
+                .collect(),
         };
         match matches.as_slice() {
             [] => Err(ApiError::not_found()),
@@ -422,7 +591,10 @@ async fn delete_token(
                 st.tokens.retain(|t| t.id != id);
                 Ok(Reply::no_content())
             }
-            _ => Err(ApiError::new(422, format!("multiple matches for token name '{token}'"))),
+            _ => Err(ApiError::new(
+                422,
+                format!("multiple matches for token name '{token}'"),
+            )),
         }
     })
 }
@@ -447,30 +619,47 @@ fn resolve_level(
     if route.starts_with("/api/v1/admin/") {
         st.require_scope(p, &format!("{rw}:admin"))?;
         st.require_site_admin(p)?;
-        return Ok(Level { scope: RunnerScope::Instance, admin: true });
+        return Ok(Level {
+            scope: RunnerScope::Instance,
+            admin: true,
+        });
     }
     if let Some(org) = params.get("org") {
         st.require_scope(p, &format!("{rw}:organization"))?;
         let doer = st.require_signed_in(p)?;
-        let o = st.user_by_login(org).filter(|u| u.is_org).ok_or_else(ApiError::not_found)?;
+        let o = st
+            .user_by_login(org)
+            .filter(|u| u.is_org)
+            .ok_or_else(ApiError::not_found)?;
         // The emulator has no memberships: only site admins own organisations.
         if !st.user(doer).is_some_and(|u| u.is_admin) {
             return Err(ApiError::new(403, "must be an organization owner"));
         }
-        return Ok(Level { scope: RunnerScope::Owner(o.id), admin: false });
+        return Ok(Level {
+            scope: RunnerScope::Owner(o.id),
+            admin: false,
+        });
     }
     if let (Some(owner), Some(repo)) = (params.get("owner"), params.get("repo")) {
         st.require_scope(p, &format!("{rw}:repository"))?;
         let doer = st.require_signed_in(p)?;
-        let r = st.repo_by_name(owner, repo).ok_or_else(ApiError::not_found)?;
+        let r = st
+            .repo_by_name(owner, repo)
+            .ok_or_else(ApiError::not_found)?;
         if r.owner_id != doer && !st.user(doer).is_some_and(|u| u.is_admin) {
             return Err(ApiError::new(403, "must be a repository administrator"));
         }
-        return Ok(Level { scope: RunnerScope::Repo(r.id), admin: false });
+        return Ok(Level {
+            scope: RunnerScope::Repo(r.id),
+            admin: false,
+        });
     }
     st.require_scope(p, &format!("{rw}:user"))?;
     let doer = st.require_signed_in(p)?;
-    Ok(Level { scope: RunnerScope::Owner(doer), admin: false })
+    Ok(Level {
+        scope: RunnerScope::Owner(doer),
+        admin: false,
+    })
 }
 
 /// Runners of the level itself, or with `visible` also those of the levels below it.
@@ -483,7 +672,9 @@ fn runner_visible(st: &Emu, level: &Level, r: &Runner, visible: bool) -> bool {
     }
     match (&level.scope, &r.scope) {
         (RunnerScope::Instance, _) => true,
-        (RunnerScope::Owner(o), RunnerScope::Repo(repo)) => st.repo(*repo).is_some_and(|x| x.owner_id == *o),
+        (RunnerScope::Owner(o), RunnerScope::Repo(repo)) => {
+            st.repo(*repo).is_some_and(|x| x.owner_id == *o)
+        }
         _ => false,
     }
 }
@@ -553,7 +744,9 @@ async fn register_runner(
 }
 
 fn find_runner(st: &Emu, level: &Level, id: &str) -> Result<i64, ApiError> {
-    let id: i64 = id.parse().map_err(|_| ApiError::new(400, format!("invalid runner id: {id}")))?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::new(400, format!("invalid runner id: {id}")))?;
     st.runners
         .iter()
         .find(|r| r.id == id && (level.admin || r.scope == level.scope))
@@ -570,7 +763,12 @@ async fn get_runner(
     call(&s, &h, |st, p| {
         let level = resolve_level(st, p, route.as_str(), &params, false)?;
         let id = find_runner(st, &level, &params["runner_id"])?;
-        let r = st.runners.iter().find(|r| r.id == id).expect("found").clone();
+        let r = st
+            .runners
+            .iter()
+            .find(|r| r.id == id)
+            .expect("found")
+            .clone();
         Ok(Reply::json(200, st.runner_json(&r)))
     })
 }
@@ -598,8 +796,12 @@ async fn search_jobs(
 ) -> Response {
     call(&s, &h, |st, p| {
         let level = resolve_level(st, p, route.as_str(), &params, false)?;
-        let labels: Option<Vec<&str>> =
-            q.get("labels").map(|l| l.split(',').map(str::trim).filter(|l| !l.is_empty()).collect());
+        let labels: Option<Vec<&str>> = q.get("labels").map(|l| {
+            l.split(',')
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect()
+        });
         let jobs: Vec<Value> = st
             .jobs
             .iter()
@@ -607,11 +809,19 @@ async fn search_jobs(
             .filter(|j| matches!(j.status, JobStatus::Waiting | JobStatus::Running))
             .filter(|j| level.admin || st.scope_covers_job(&level.scope, j))
             // Subset rule: every `runs-on` label of the job is among the queried labels.
-            .filter(|j| labels.as_ref().map_or(true, |ls| j.runs_on.iter().all(|r| ls.contains(&r.as_str()))))
+            .filter(|j| {
+                labels.as_ref().map_or(true, |ls| {
+                    j.runs_on.iter().all(|r| ls.contains(&r.as_str()))
+                })
+            })
             .map(|j| st.job_json(j))
             .collect();
         // Go's nil slice: an empty result is `null`.
-        let body = if jobs.is_empty() { Value::Null } else { Value::Array(jobs) };
+        let body = if jobs.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(jobs)
+        };
         Ok(Reply::json(200, body))
     })
 }

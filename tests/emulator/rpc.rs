@@ -24,7 +24,10 @@ pub fn router() -> Router<Shared> {
         .route(&format!("{PREFIX}/Register"), post(register))
         .route(&format!("{PREFIX}/Declare"), post(declare))
         .route(&format!("{PREFIX}/FetchTask"), post(fetch_task))
-        .route(&format!("{PREFIX}/FetchSingleTask"), post(fetch_single_task))
+        .route(
+            &format!("{PREFIX}/FetchSingleTask"),
+            post(fetch_single_task),
+        )
         .route(&format!("{PREFIX}/UpdateTask"), post(update_task))
         .route(&format!("{PREFIX}/UpdateLog"), post(update_log))
 }
@@ -43,7 +46,11 @@ pub fn connect_error(code: &str, message: &str) -> Response {
         "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    (status, axum::Json(json!({"code": code, "message": message}))).into_response()
+    (
+        status,
+        axum::Json(json!({"code": code, "message": message})),
+    )
+        .into_response()
 }
 
 struct RpcError(&'static str, String);
@@ -58,9 +65,15 @@ fn rpc(
     authenticated: bool,
     f: impl FnOnce(&mut Emu, Option<i64>, &Value) -> RpcResult,
 ) -> Response {
-    let ct = h.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = h
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !ct.starts_with("application/json") {
-        let mut r = connect_error("unimplemented", "the emulator speaks only the Connect JSON codec (application/json)");
+        let mut r = connect_error(
+            "unimplemented",
+            "the emulator speaks only the Connect JSON codec (application/json)",
+        );
         *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
         return r;
     }
@@ -70,14 +83,26 @@ fn rpc(
         match serde_json::from_slice(body) {
             Ok(v @ Value::Object(_)) => v,
             Ok(_) => return connect_error("invalid_argument", "request body is not a JSON object"),
-            Err(e) => return connect_error("invalid_argument", &format!("cannot decode request: {e}")),
+            Err(e) => {
+                return connect_error("invalid_argument", &format!("cannot decode request: {e}"))
+            }
         }
     };
     let mut st = s.lock().expect("emulator state lock");
     let runner = if authenticated {
-        let uuid = h.get("x-runner-uuid").and_then(|v| v.to_str().ok()).unwrap_or("");
-        let token = h.get("x-runner-token").and_then(|v| v.to_str().ok()).unwrap_or("");
-        match st.runners.iter_mut().find(|r| r.uuid == uuid && r.token == token && !uuid.is_empty()) {
+        let uuid = h
+            .get("x-runner-uuid")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let token = h
+            .get("x-runner-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        match st
+            .runners
+            .iter_mut()
+            .find(|r| r.uuid == uuid && r.token == token && !uuid.is_empty())
+        {
             Some(r) => {
                 r.seen = true;
                 Some(r.id)
@@ -91,7 +116,8 @@ fn rpc(
         Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
         Err(RpcError(code, msg)) => connect_error(code, &msg),
     };
-    resp.extensions_mut().insert(AuthKind(if runner.is_some() { "runner" } else { "none" }));
+    resp.extensions_mut()
+        .insert(AuthKind(if runner.is_some() { "runner" } else { "none" }));
     resp
 }
 
@@ -112,14 +138,20 @@ fn field<'a>(v: &'a Value, snake: &str) -> Option<&'a Value> {
         }
         out
     };
-    v.get(snake).or_else(|| v.get(&camel)).filter(|x| !x.is_null())
+    v.get(snake)
+        .or_else(|| v.get(&camel))
+        .filter(|x| !x.is_null())
 }
 
 fn int64(v: Option<&Value>) -> Result<i64, RpcError> {
     match v {
         None => Ok(0),
-        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| RpcError("invalid_argument", format!("bad int64 {n}"))),
-        Some(Value::String(s)) => s.parse().map_err(|_| RpcError("invalid_argument", format!("bad int64 {s:?}"))),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .ok_or_else(|| RpcError("invalid_argument", format!("bad int64 {n}"))),
+        Some(Value::String(s)) => s
+            .parse()
+            .map_err(|_| RpcError("invalid_argument", format!("bad int64 {s:?}"))),
         Some(other) => Err(RpcError("invalid_argument", format!("bad int64 {other}"))),
     }
 }
@@ -130,7 +162,12 @@ fn string(v: Option<&Value>) -> String {
 
 fn strings(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -172,10 +209,21 @@ fn runner_message(st: &Emu, r: &Runner, with_token: bool) -> Value {
 
 /// `runner.v1.Task` for `task_id`.
 fn task_message(st: &Emu, task_id: i64) -> Value {
-    let task = st.tasks.iter().find(|t| t.id == task_id).expect("task exists");
-    let job = st.jobs.iter().find(|j| j.id == task.job_id).expect("job exists");
+    let task = st
+        .tasks
+        .iter()
+        .find(|t| t.id == task_id)
+        .expect("task exists");
+    let job = st
+        .jobs
+        .iter()
+        .find(|j| j.id == task.job_id)
+        .expect("job exists");
     let repo = st.repo(job.repo_id).expect("repo exists");
-    let owner = st.user(repo.owner_id).map(|u| u.login.clone()).unwrap_or_default();
+    let owner = st
+        .user(repo.owner_id)
+        .map(|u| u.login.clone())
+        .unwrap_or_default();
     let full = format!("{owner}/{}", repo.name);
     let workflow = format!(
         "name: ci\non: push\njobs:\n  {name}:\n    name: {name}\n    runs-on: [{labels}]\n    steps:\n    - run: echo job {id} of {full}\n",
@@ -210,7 +258,11 @@ fn task_message(st: &Emu, task_id: i64) -> Value {
     });
     let mut m = Map::new();
     put(&mut m, "id", json!(task.id.to_string()));
-    put(&mut m, "workflowPayload", json!(base64::engine::general_purpose::STANDARD.encode(workflow)));
+    put(
+        &mut m,
+        "workflowPayload",
+        json!(base64::engine::general_purpose::STANDARD.encode(workflow)),
+    );
     put(&mut m, "context", context);
     put(&mut m, "secrets", secrets);
     Value::Object(m)
@@ -234,7 +286,11 @@ fn fetch_answer(st: &Emu, task: Option<i64>) -> Value {
 /// whose answer it lost with the same key and must get the same task).
 fn replayed_task(st: &Emu, runner: i64, key: Option<&str>) -> Option<i64> {
     let task = *st.request_keys.get(&(runner, key?.to_owned()))?;
-    let job = st.tasks.iter().find(|t| t.id == task).and_then(|t| st.jobs.iter().find(|j| j.id == t.job_id))?;
+    let job = st
+        .tasks
+        .iter()
+        .find(|t| t.id == task)
+        .and_then(|t| st.jobs.iter().find(|j| j.id == t.job_id))?;
     (job.status == JobStatus::Running).then_some(task)
 }
 
@@ -252,7 +308,10 @@ fn exhausted(r: &Runner) -> bool {
 async fn register(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
     rpc(&s, &h, &body, false, |st, _, req| {
         if string(field(req, "token")) != st.registration_token {
-            return Err(RpcError("unauthenticated", "runner registration token not found".into()));
+            return Err(RpcError(
+                "unauthenticated",
+                "runner registration token not found".into(),
+            ));
         }
         let name = string(field(req, "name"));
         if name.is_empty() {
@@ -266,7 +325,9 @@ async fn register(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Respons
             name,
             description: String::new(),
             scope: RunnerScope::Instance,
-            ephemeral: field(req, "ephemeral").and_then(Value::as_bool).unwrap_or(false),
+            ephemeral: field(req, "ephemeral")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             labels: strings(field(req, "labels")),
             version: string(field(req, "version")),
             seen: true,
@@ -281,7 +342,11 @@ async fn register(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Respons
 async fn declare(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
-        let r = st.runners.iter_mut().find(|r| r.id == id).expect("authenticated runner exists");
+        let r = st
+            .runners
+            .iter_mut()
+            .find(|r| r.id == id)
+            .expect("authenticated runner exists");
         r.labels = strings(field(req, "labels"));
         r.version = string(field(req, "version"));
         let r = r.clone();
@@ -290,18 +355,30 @@ async fn declare(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response
 }
 
 async fn fetch_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
-    let key = h.get("x-runner-request-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let key = h
+        .get("x-runner-request-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
         int64(field(req, "tasks_version"))?;
         if let Some(t) = replayed_task(st, id, key.as_deref()) {
             return Ok(fetch_answer(st, Some(t)));
         }
-        let r = st.runners.iter().find(|r| r.id == id).expect("authenticated runner exists").clone();
+        let r = st
+            .runners
+            .iter()
+            .find(|r| r.id == id)
+            .expect("authenticated runner exists")
+            .clone();
         if exhausted(&r) {
             return Ok(fetch_answer(st, None));
         }
-        let job = st.jobs.iter().find(|j| j.status == JobStatus::Waiting && st.runner_matches(&r, j)).map(|j| j.id);
+        let job = st
+            .jobs
+            .iter()
+            .find(|j| j.status == JobStatus::Waiting && st.runner_matches(&r, j))
+            .map(|j| j.id);
         let task = job.map(|j| st.assign(id, j));
         if let Some(t) = task {
             remember_key(st, id, key.as_deref(), t);
@@ -311,7 +388,10 @@ async fn fetch_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Respo
 }
 
 async fn fetch_single_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
-    let key = h.get("x-runner-request-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let key = h
+        .get("x-runner-request-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
         int64(field(req, "tasks_version"))?;
@@ -322,7 +402,12 @@ async fn fetch_single_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -
         if let Some(t) = replayed_task(st, id, key.as_deref()) {
             return Ok(fetch_answer(st, Some(t)));
         }
-        let r = st.runners.iter().find(|r| r.id == id).expect("authenticated runner exists").clone();
+        let r = st
+            .runners
+            .iter()
+            .find(|r| r.id == id)
+            .expect("authenticated runner exists")
+            .clone();
         if exhausted(&r) {
             return Ok(fetch_answer(st, None));
         }
@@ -331,7 +416,9 @@ async fn fetch_single_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -
         let job = st
             .jobs
             .iter()
-            .find(|j| j.handle == handle && j.status == JobStatus::Waiting && st.runner_matches(&r, j))
+            .find(|j| {
+                j.handle == handle && j.status == JobStatus::Waiting && st.runner_matches(&r, j)
+            })
             .map(|j| j.id);
         let task = job.map(|j| st.assign(id, j));
         if let Some(t) = task {
@@ -361,29 +448,50 @@ fn parse_result(v: Option<&Value>) -> Result<Option<JobStatus>, RpcError> {
         "RESULT_FAILURE" => Some(JobStatus::Failure),
         "RESULT_CANCELLED" => Some(JobStatus::Cancelled),
         "RESULT_SKIPPED" => Some(JobStatus::Skipped),
-        other => return Err(RpcError("invalid_argument", format!("unknown result {other}"))),
+        other => {
+            return Err(RpcError(
+                "invalid_argument",
+                format!("unknown result {other}"),
+            ))
+        }
     })
 }
 
 /// The task `task_id` of `runner`, and its job's index.
 fn own_task(st: &Emu, runner: i64, task_id: i64) -> Result<usize, RpcError> {
-    let task = st.tasks.iter().find(|t| t.id == task_id).ok_or_else(|| RpcError("not_found", format!("task {task_id} not found")))?;
+    let task = st
+        .tasks
+        .iter()
+        .find(|t| t.id == task_id)
+        .ok_or_else(|| RpcError("not_found", format!("task {task_id} not found")))?;
     if task.runner_id != runner {
-        return Err(RpcError("permission_denied", "invalid runner for task".into()));
+        return Err(RpcError(
+            "permission_denied",
+            "invalid runner for task".into(),
+        ));
     }
-    Ok(st.jobs.iter().position(|j| j.id == task.job_id).expect("job of task exists"))
+    Ok(st
+        .jobs
+        .iter()
+        .position(|j| j.id == task.job_id)
+        .expect("job of task exists"))
 }
 
 async fn update_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
-        let state = field(req, "state").ok_or_else(|| RpcError("invalid_argument", "state is required".into()))?;
+        let state = field(req, "state")
+            .ok_or_else(|| RpcError("invalid_argument", "state is required".into()))?;
         let task_id = int64(field(state, "id"))?;
         let job = own_task(st, id, task_id)?;
         let result = parse_result(field(state, "result"))?;
         let outputs: Vec<(String, String)> = field(req, "outputs")
             .and_then(Value::as_object)
-            .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect())
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
             .unwrap_or_default();
         let sent: Vec<String> = outputs.iter().map(|(k, _)| k.clone()).collect();
         let j = &mut st.jobs[job];
@@ -432,7 +540,10 @@ async fn update_log(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Respo
         let log = &mut st.jobs[job].log;
         let have = log.len() as i64;
         if index > have || index < 0 {
-            return Err(RpcError("invalid_argument", format!("index {index} is past the {have} rows received")));
+            return Err(RpcError(
+                "invalid_argument",
+                format!("index {index} is past the {have} rows received"),
+            ));
         }
         // Rows before `have` were received already (a retry): keep only the new ones.
         let skip = (have - index) as usize;

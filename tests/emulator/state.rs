@@ -33,8 +33,17 @@ pub const KNOWN_SCOPES: &[&str] = &[
 ];
 
 /// The categories in Forgejo's order, used to normalise scope lists.
-const CATEGORIES: &[&str] =
-    &["activitypub", "admin", "misc", "notification", "organization", "package", "issue", "repository", "user"];
+const CATEGORIES: &[&str] = &[
+    "activitypub",
+    "admin",
+    "misc",
+    "notification",
+    "organization",
+    "package",
+    "issue",
+    "repository",
+    "user",
+];
 
 #[derive(Debug, Clone)]
 pub struct User {
@@ -148,12 +157,20 @@ pub struct Task {
 pub enum Principal {
     Anonymous,
     /// `Authorization: token …` (or `Bearer`).
-    Token { user_id: i64, scopes: Vec<String> },
+    Token {
+        user_id: i64,
+        scopes: Vec<String>,
+    },
     /// HTTP Basic with the user's password: full access, like a browser session.
-    Password { user_id: i64 },
+    Password {
+        user_id: i64,
+    },
     /// HTTP Basic whose password is a token: authenticated like the token, but not "basic auth" for
     /// the routes that insist on a password.
-    BasicToken { user_id: i64, scopes: Vec<String> },
+    BasicToken {
+        user_id: i64,
+        scopes: Vec<String>,
+    },
 }
 
 impl Principal {
@@ -243,7 +260,10 @@ pub struct ApiError {
 impl ApiError {
     /// Forgejo's `APIError`: `{"message", "url"}`.
     pub fn new(status: u16, message: impl Into<String>) -> Self {
-        Self { status, body: json!({"message": message.into(), "url": SWAGGER_URL}) }
+        Self {
+            status,
+            body: json!({"message": message.into(), "url": SWAGGER_URL}),
+        }
     }
 
     /// Forgejo's `ctx.NotFound()`: `APINotFound`.
@@ -297,12 +317,21 @@ pub fn now_rfc3339() -> String {
 
 pub fn random_hex(bytes: usize) -> String {
     let mut rng = rand::thread_rng();
-    (0..bytes).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
 }
 
 pub fn random_uuid() -> String {
     let h = random_hex(16);
-    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }
 
 /// Normalises a scope list as Forgejo stores it: `all` absorbs everything, a `write:` scope
@@ -350,12 +379,18 @@ pub fn valid_username(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || punct(c))
         && !name.starts_with(punct)
         && !name.ends_with(punct)
-        && !name.chars().zip(name.chars().skip(1)).any(|(a, b)| punct(a) && punct(b))
+        && !name
+            .chars()
+            .zip(name.chars().skip(1))
+            .any(|(a, b)| punct(a) && punct(b))
 }
 
 /// The label names of a runner (`name[:scheme[:arg]]` → `name`): Forgejo matches on names only.
 pub fn label_names(labels: &[String]) -> Vec<String> {
-    labels.iter().map(|l| l.split(':').next().unwrap_or_default().to_owned()).collect()
+    labels
+        .iter()
+        .map(|l| l.split(':').next().unwrap_or_default().to_owned())
+        .collect()
 }
 
 impl State {
@@ -377,11 +412,23 @@ impl State {
             admin_id: 0,
         };
         let login = s.opts.admin_login.clone();
-        let admin = s.insert_user(&login, &format!("{login}@forgejo.emulator"), &random_hex(16), true, false);
+        let admin = s.insert_user(
+            &login,
+            &format!("{login}@forgejo.emulator"),
+            &random_hex(16),
+            true,
+            false,
+        );
         s.admin_id = admin;
         let (token, scopes) = (s.opts.admin_token.clone(), s.opts.admin_scopes.clone());
         let id = s.id();
-        s.tokens.push(Token { id, user_id: admin, name: "fkr-qemu-admin".into(), secret: token, scopes });
+        s.tokens.push(Token {
+            id,
+            user_id: admin,
+            name: "fkr-qemu-admin".into(),
+            secret: token,
+            scopes,
+        });
         s
     }
 
@@ -391,7 +438,14 @@ impl State {
         id
     }
 
-    pub fn insert_user(&mut self, login: &str, email: &str, password: &str, is_admin: bool, must_change: bool) -> i64 {
+    pub fn insert_user(
+        &mut self,
+        login: &str,
+        email: &str,
+        password: &str,
+        is_admin: bool,
+        must_change: bool,
+    ) -> i64 {
         let id = self.id();
         self.users.push(User {
             id,
@@ -412,7 +466,9 @@ impl State {
     }
 
     pub fn user_by_login(&self, login: &str) -> Option<&User> {
-        self.users.iter().find(|u| u.login.eq_ignore_ascii_case(login))
+        self.users
+            .iter()
+            .find(|u| u.login.eq_ignore_ascii_case(login))
     }
 
     pub fn repo(&self, id: i64) -> Option<&Repo> {
@@ -421,7 +477,9 @@ impl State {
 
     pub fn repo_by_name(&self, owner: &str, name: &str) -> Option<&Repo> {
         let owner = self.user_by_login(owner)?;
-        self.repos.iter().find(|r| r.owner_id == owner.id && r.name.eq_ignore_ascii_case(name))
+        self.repos
+            .iter()
+            .find(|r| r.owner_id == owner.id && r.name.eq_ignore_ascii_case(name))
     }
 
     /// Ensures `owner/name` exists (the owner as an organisation when new); returns its id.
@@ -432,18 +490,34 @@ impl State {
         let owner_id = match self.user_by_login(owner) {
             Some(u) => u.id,
             None => {
-                let id = self.insert_user(owner, &format!("{owner}@org.forgejo.emulator"), "", false, false);
+                let id = self.insert_user(
+                    owner,
+                    &format!("{owner}@org.forgejo.emulator"),
+                    "",
+                    false,
+                    false,
+                );
                 self.users.last_mut().expect("just inserted").is_org = true;
                 id
             }
         };
         let id = self.id();
-        self.repos.push(Repo { id, owner_id, name: name.to_owned() });
+        self.repos.push(Repo {
+            id,
+            owner_id,
+            name: name.to_owned(),
+        });
         id
     }
 
     /// A waiting job of `repo` whose `runs-on` is `labels`; returns (id, handle).
-    pub fn add_job(&mut self, owner: &str, repo: &str, labels: &[String], name: &str) -> (i64, String, i64) {
+    pub fn add_job(
+        &mut self,
+        owner: &str,
+        repo: &str,
+        labels: &[String],
+        name: &str,
+    ) -> (i64, String, i64) {
         let repo_id = self.ensure_repo(owner, repo);
         let owner_id = self.repo(repo_id).expect("ensured").owner_id;
         let id = self.id();
@@ -467,12 +541,17 @@ impl State {
 
     /// Resolves the `Authorization` header. `Err` = 401.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
-        let Some(value) = authorization else { return Ok(Principal::Anonymous) };
+        let Some(value) = authorization else {
+            return Ok(Principal::Anonymous);
+        };
         let (kind, rest) = value.split_once(' ').unwrap_or((value, ""));
         let rest = rest.trim();
         match kind.to_ascii_lowercase().as_str() {
             "token" | "bearer" => match self.tokens.iter().find(|t| t.secret == rest) {
-                Some(t) => Ok(Principal::Token { user_id: t.user_id, scopes: t.scopes.clone() }),
+                Some(t) => Ok(Principal::Token {
+                    user_id: t.user_id,
+                    scopes: t.scopes.clone(),
+                }),
                 None => Err(ApiError::new(401, "invalid username, password or token")),
             },
             "basic" => {
@@ -484,8 +563,15 @@ impl State {
                     .ok_or_else(|| ApiError::new(401, "invalid basic auth header"))?;
                 let (login, password) = decoded.split_once(':').unwrap_or((&decoded, ""));
                 // Forgejo tries the password as a token first.
-                if let Some(t) = self.tokens.iter().find(|t| !password.is_empty() && t.secret == password) {
-                    return Ok(Principal::BasicToken { user_id: t.user_id, scopes: t.scopes.clone() });
+                if let Some(t) = self
+                    .tokens
+                    .iter()
+                    .find(|t| !password.is_empty() && t.secret == password)
+                {
+                    return Ok(Principal::BasicToken {
+                        user_id: t.user_id,
+                        scopes: t.scopes.clone(),
+                    });
                 }
                 match self.user_by_login(login) {
                     Some(u) if !u.is_org && !u.password.is_empty() && u.password == password => {
@@ -527,7 +613,8 @@ impl State {
     }
 
     pub fn require_signed_in(&self, p: &Principal) -> Result<i64, ApiError> {
-        p.user_id().ok_or_else(|| ApiError::new(401, "token is required"))
+        p.user_id()
+            .ok_or_else(|| ApiError::new(401, "token is required"))
     }
 
     pub fn require_site_admin(&self, p: &Principal) -> Result<i64, ApiError> {
@@ -634,7 +721,9 @@ impl State {
             "topics": null,
         });
         // Two halves: one `json!` this large exceeds the macro recursion limit.
-        v.as_object_mut().expect("object").extend(rest.as_object().expect("object").clone());
+        v.as_object_mut()
+            .expect("object")
+            .extend(rest.as_object().expect("object").clone());
         v
     }
 
@@ -677,7 +766,11 @@ impl State {
             RunnerScope::Repo(id) => (0, id),
         };
         // Go writes a never-declared runner's nil label slice as `null`.
-        let labels = if r.labels.is_empty() { Value::Null } else { json!(r.labels) };
+        let labels = if r.labels.is_empty() {
+            Value::Null
+        } else {
+            json!(r.labels)
+        };
         json!({
             "id": r.id,
             "uuid": r.uuid,
@@ -723,12 +816,26 @@ impl State {
     /// Hands `job_id` to `runner_id` as a new task; the job turns `running`.
     pub fn assign(&mut self, runner_id: i64, job_id: i64) -> i64 {
         let task_id = self.id();
-        self.tasks.push(Task { id: task_id, job_id, runner_id, token: random_hex(20) });
-        let job = self.jobs.iter_mut().find(|j| j.id == job_id).expect("job exists");
+        self.tasks.push(Task {
+            id: task_id,
+            job_id,
+            runner_id,
+            token: random_hex(20),
+        });
+        let job = self
+            .jobs
+            .iter_mut()
+            .find(|j| j.id == job_id)
+            .expect("job exists");
         job.status = JobStatus::Running;
         job.task_id = task_id;
         job.runner_id = Some(runner_id);
-        self.runners.iter_mut().find(|r| r.id == runner_id).expect("runner exists").tasks.push(task_id);
+        self.runners
+            .iter_mut()
+            .find(|r| r.id == runner_id)
+            .expect("runner exists")
+            .tasks
+            .push(task_id);
         task_id
     }
 
@@ -747,7 +854,10 @@ impl State {
 
     /// Takes the fault matching this request, if any (counting down `times`).
     pub fn take_fault(&mut self, method: &str, route: &str) -> Option<FaultKind> {
-        let i = self.faults.iter().position(|f| f.method.eq_ignore_ascii_case(method) && f.route == route)?;
+        let i = self
+            .faults
+            .iter()
+            .position(|f| f.method.eq_ignore_ascii_case(method) && f.route == route)?;
         let kind = self.faults[i].kind.clone();
         if let Some(times) = self.faults[i].times.as_mut() {
             *times = times.saturating_sub(1);
@@ -820,5 +930,7 @@ impl State {
 
 /// Seconds since the epoch, for log rows without a time.
 pub fn unix_now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }
