@@ -18,8 +18,8 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<(), crate::Error> {
     check_vm_name(&args.name)?;
     let dirs = args.dirs.resolve()?;
-    // The daemon knows where it writes each log (its config may place logs elsewhere); without a
-    // daemon, or for an ended VM, the log is where the dir settings say.
+    // The daemon (or the VM's vm.json) knows where its log is (the config may place logs
+    // elsewhere); for an ended VM, the log is where the dir settings say.
     let known = match Client::connect(&dirs.runtime_dir).await {
         Ok(mut client) => client
             .list()
@@ -30,7 +30,7 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
         Err(crate::ops::Error::DaemonNotRunning(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    let log = known.unwrap_or_else(|| dirs.serial_log(&args.name));
+    let log = known.unwrap_or_else(|| runtime::serial_log_of(&dirs, &args.name));
     let alive = || runtime::vm_alive(&dirs, &args.name);
     let log_expected = log.exists() || (args.follow && alive());
     if !log_expected {

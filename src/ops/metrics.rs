@@ -25,7 +25,7 @@
 //! | `fkr_qemu_poll_failures_total` | counter | (discovery polls that failed) |
 
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -44,19 +44,22 @@ pub enum JobOutcome {
     Crashed,
     /// The job deadline hit and the VM was stopped.
     Deadline,
-    /// The VM never got as far as running the job (preparation or launch failed, boot deadline,
-    /// crash before the runner picked the job up).
+    /// The VM never got as far as running the job (boot deadline, crash before the runner
+    /// picked the job up).
     BootFailure,
+    /// A host-side step before boot failed (CI user, token, runner registration, overlay, tap, …).
+    PrepareFailed,
     /// The daemon stopped the VM because it was shutting down.
     Shutdown,
 }
 
 impl JobOutcome {
-    pub const ALL: [JobOutcome; 5] = [
+    pub const ALL: [JobOutcome; 6] = [
         JobOutcome::Completed,
         JobOutcome::Crashed,
         JobOutcome::Deadline,
         JobOutcome::BootFailure,
+        JobOutcome::PrepareFailed,
         JobOutcome::Shutdown,
     ];
 
@@ -66,6 +69,7 @@ impl JobOutcome {
             JobOutcome::Crashed => "crashed",
             JobOutcome::Deadline => "deadline",
             JobOutcome::BootFailure => "boot_failure",
+            JobOutcome::PrepareFailed => "prepare_failed",
             JobOutcome::Shutdown => "shutdown",
         }
     }
@@ -80,8 +84,6 @@ pub enum RemovalReason {
     Deadline,
     /// It failed to boot (or to launch).
     BootFailure,
-    /// The guest crashed or QEMU died after the job was picked up.
-    Crash,
     /// The daemon was shutting down.
     Shutdown,
     /// The startup sweep found it left over from an earlier run.
@@ -89,11 +91,10 @@ pub enum RemovalReason {
 }
 
 impl RemovalReason {
-    pub const ALL: [RemovalReason; 6] = [
+    pub const ALL: [RemovalReason; 5] = [
         RemovalReason::JobDone,
         RemovalReason::Deadline,
         RemovalReason::BootFailure,
-        RemovalReason::Crash,
         RemovalReason::Shutdown,
         RemovalReason::Sweep,
     ];
@@ -103,7 +104,6 @@ impl RemovalReason {
             RemovalReason::JobDone => "job_done",
             RemovalReason::Deadline => "deadline",
             RemovalReason::BootFailure => "boot_failure",
-            RemovalReason::Crash => "crash",
             RemovalReason::Shutdown => "shutdown",
             RemovalReason::Sweep => "sweep",
         }
@@ -113,8 +113,10 @@ impl RemovalReason {
 /// What the startup sweep found left over (each is then removed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SweepKind {
-    /// A VM of ours (its qemu process, found through its pid file, and its runtime dir).
-    Vm,
+    /// A qemu process of ours, found through a pid file.
+    Process,
+    /// A per-VM runtime directory.
+    VmDir,
     /// An `fr-*` tap device.
     Tap,
     /// An `orch-*` token of a CI user.
@@ -124,8 +126,9 @@ pub enum SweepKind {
 }
 
 impl SweepKind {
-    pub const ALL: [SweepKind; 4] = [
-        SweepKind::Vm,
+    pub const ALL: [SweepKind; 5] = [
+        SweepKind::Process,
+        SweepKind::VmDir,
         SweepKind::Tap,
         SweepKind::Token,
         SweepKind::Runner,
@@ -133,16 +136,12 @@ impl SweepKind {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            SweepKind::Vm => "vm",
+            SweepKind::Process => "process",
+            SweepKind::VmDir => "vm_dir",
             SweepKind::Tap => "tap",
             SweepKind::Token => "token",
             SweepKind::Runner => "runner",
         }
-    }
-
-    /// The kind named by its label value (`vm`, `tap`, `token`, `runner`).
-    pub fn from_label(label: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == label)
     }
 }
 
@@ -212,11 +211,7 @@ struct Inner {
     forgejo_latency: Family<RouteLabels, Histogram, ForgejoLatencyBuckets>,
     sweep_findings: Family<KindLabels, Counter>,
     poll_failures: Counter,
-    gauge_source: Mutex<Option<GaugeSource>>,
 }
-
-/// Returns `(queued jobs, existing VMs)`; read at every scrape.
-type GaugeSource = Box<dyn Fn() -> (usize, usize) + Send + Sync>;
 
 /// The daemon's metrics. Clone it freely: clones share the same counters.
 #[derive(Clone)]
@@ -369,7 +364,6 @@ impl Metrics {
                 forgejo_latency,
                 sweep_findings,
                 poll_failures,
-                gauge_source: Mutex::new(None),
             }),
         }
     }
@@ -449,16 +443,6 @@ impl Metrics {
         self.inner.poll_failures.inc();
     }
 
-    /// Makes every scrape read the `jobs_queued` and `vms_running` gauges from `source`
-    /// (returning `(queued, vms)`), so they always agree with the daemon's status.
-    pub fn set_gauge_source(&self, source: impl Fn() -> (usize, usize) + Send + Sync + 'static) {
-        *self
-            .inner
-            .gauge_source
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
-    }
-
     /// One Forgejo API call: `route` is the route template (`/api/v1/admin/users/{username}`,
     /// never a path with names filled in, so the label set stays small), `status` the HTTP status
     /// or 0 when no answer came (connect error, timeout).
@@ -486,17 +470,6 @@ impl Metrics {
 
     /// The registry in the OpenMetrics text format (which Prometheus scrapes natively).
     pub fn encode(&self) -> String {
-        let source = self
-            .inner
-            .gauge_source
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(source) = source.as_ref() {
-            let (queued, vms) = source();
-            self.set_jobs_queued(queued);
-            self.set_vms_running(vms);
-        }
-        drop(source);
         let mut out = String::new();
         // Writing into a String cannot fail.
         prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
@@ -582,20 +555,6 @@ mod tests {
             2.0
         );
         assert!(t.trim_end().ends_with("# EOF"));
-    }
-
-    #[test]
-    fn gauges_follow_their_source_at_each_scrape() {
-        let m = Metrics::new();
-        let n = Arc::new(std::sync::atomic::AtomicUsize::new(1));
-        let n2 = Arc::clone(&n);
-        m.set_gauge_source(move || (5, n2.load(std::sync::atomic::Ordering::SeqCst)));
-        assert_eq!(sample(&m.encode(), "fkr_qemu_vms_running"), 1.0);
-        assert_eq!(sample(&m.encode(), "fkr_qemu_jobs_queued"), 5.0);
-        n.store(3, std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(sample(&m.encode(), "fkr_qemu_vms_running"), 3.0);
-        assert_eq!(SweepKind::from_label("tap"), Some(SweepKind::Tap));
-        assert_eq!(SweepKind::from_label("process"), None);
     }
 
     #[test]

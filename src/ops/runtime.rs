@@ -2,7 +2,7 @@
 //! `console` when no daemon answers.
 
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -16,11 +16,10 @@ use super::Error;
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct VmJson {
-    job_id: Option<i64>,
+    job_id: Option<u64>,
     owner: Option<String>,
     repo: Option<String>,
-    /// `owner/repo` (the controller's `vm.json` writes this instead of `owner` and `repo`).
-    repository: Option<String>,
+    serial_log: Option<PathBuf>,
     address: Option<String>,
     accel: Option<String>,
     #[serde(with = "time::serde::rfc3339::option", alias = "started_at")]
@@ -59,6 +58,21 @@ pub fn vm_alive(dirs: &Dirs, name: &str) -> bool {
     read_pid(&vm_dir).is_some_and(|pid| is_vm_process(pid, &vm_dir))
 }
 
+/// Where the VM's serial log is: as its `vm.json` records it, else `<log_dir>/<name>.serial.log`
+/// (an ended VM's dir is gone, but its log may be kept).
+pub fn serial_log_of(dirs: &Dirs, name: &str) -> PathBuf {
+    read_vm_json(&dirs.vm_dir(name))
+        .serial_log
+        .unwrap_or_else(|| dirs.serial_log(name))
+}
+
+fn read_vm_json(vm_dir: &Path) -> VmJson {
+    std::fs::read(vm_dir.join("vm.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
 /// The VMs found on disk, sorted by name. Those with a live qemu are `orphaned` (no daemon owns
 /// them), the others `stale`; the next daemon start sweeps both.
 pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
@@ -84,10 +98,7 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
             continue;
         }
         let vm_dir = entry.path();
-        let meta: VmJson = std::fs::read(vm_dir.join("vm.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let meta = read_vm_json(&vm_dir);
         let pid = read_pid(&vm_dir);
         let alive = pid.is_some_and(|p| is_vm_process(p, &vm_dir));
         let started_at = meta.created_at.unwrap_or_else(|| {
@@ -97,19 +108,12 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
                 .map(OffsetDateTime::from)
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH)
         });
-        let (owner, repo) = match (meta.owner, meta.repo, meta.repository) {
-            (Some(o), Some(r), _) => (o, r),
-            (_, _, Some(full)) => match full.split_once('/') {
-                Some((o, r)) => (o.to_owned(), r.to_owned()),
-                None => (full, String::new()),
-            },
-            (o, r, None) => (o.unwrap_or_default(), r.unwrap_or_default()),
-        };
-        let serial_log = dirs.serial_log(&name);
+        // The driver records where it writes the log; older or partial vm.json: the default place.
+        let serial_log = meta.serial_log.unwrap_or_else(|| dirs.serial_log(&name));
         vms.push(VmInfo {
             job_id: meta.job_id.unwrap_or(0),
-            owner,
-            repo,
+            owner: meta.owner.unwrap_or_default(),
+            repo: meta.repo.unwrap_or_default(),
             state: if alive {
                 VmState::Orphaned
             } else {
@@ -119,7 +123,7 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
             started_at,
             accel: meta.accel,
             pid,
-            serial_log: serial_log.exists().then_some(serial_log),
+            serial_log: Some(serial_log),
             name,
         });
     }
@@ -150,8 +154,9 @@ mod tests {
         std::fs::create_dir_all(&live).unwrap();
         std::fs::write(
             live.join("vm.json"),
-            r#"{"name":"fr-0000000a","job_id":12,"repository":"o/r","address":"10.88.0.9",
-                "accel":"tcg","created_at":"2026-01-02T03:04:05Z","extra":true}"#,
+            r#"{"name":"fr-0000000a","job_id":12,"owner":"o","repo":"r","address":"10.88.0.9",
+                "accel":"tcg","created_at":"2026-01-02T03:04:05Z","pid":1,"extra":true,
+                "serial_log":"/elsewhere/fr-0000000a.serial.log"}"#,
         )
         .unwrap();
         // A process whose command line mentions the VM dir stands in for its qemu.
@@ -174,10 +179,23 @@ mod tests {
         assert_eq!(vms[0].state, VmState::Orphaned);
         assert_eq!(vms[0].job_id, 12);
         assert_eq!((vms[0].owner.as_str(), vms[0].repo.as_str()), ("o", "r"));
+        // Reported even though it does not exist: the VM's own record says where it goes.
+        assert_eq!(
+            vms[0].serial_log.as_deref(),
+            Some(Path::new("/elsewhere/fr-0000000a.serial.log"))
+        );
         assert_eq!(vms[0].address.as_deref(), Some("10.88.0.9"));
         assert_eq!(vms[0].started_at.unix_timestamp(), 1_767_323_045);
         assert_eq!(vms[1].state, VmState::Stale);
         assert_eq!(vms[1].pid, Some(1));
+        assert_eq!(
+            serial_log_of(&d, "fr-0000000a"),
+            Path::new("/elsewhere/fr-0000000a.serial.log")
+        );
+        assert_eq!(
+            serial_log_of(&d, "fr-0000000b"),
+            d.log_dir.join("fr-0000000b.serial.log")
+        );
         assert!(vm_alive(&d, "fr-0000000a"));
         assert!(!vm_alive(&d, "fr-0000000b"));
         assert!(!vm_alive(&d, "fr-0000000c"));

@@ -25,8 +25,8 @@ pub enum VmState {
     Booting,
     /// The runner is (or is assumed to be) running the job.
     Running,
-    /// The VM is gone or going; its token, runner, files and tap are being released.
-    Cleaning,
+    /// Being stopped or torn down (token, runner, files and tap being released).
+    Stopping,
     /// Seen in the runtime dir with a live qemu but no daemon answering: the next start's sweep
     /// removes it. Only `list` without a daemon reports this.
     Orphaned,
@@ -40,7 +40,7 @@ impl VmState {
             VmState::Preparing => "preparing",
             VmState::Booting => "booting",
             VmState::Running => "running",
-            VmState::Cleaning => "cleaning",
+            VmState::Stopping => "stopping",
             VmState::Orphaned => "orphaned",
             VmState::Stale => "stale",
         }
@@ -59,7 +59,7 @@ pub struct VmInfo {
     /// `fr-<8 hex>`; also its tap and runner name.
     pub name: String,
     /// The Forgejo job id it runs.
-    pub job_id: i64,
+    pub job_id: u64,
     pub owner: String,
     pub repo: String,
     pub state: VmState,
