@@ -764,7 +764,11 @@ impl Supervisor {
         let mut done = false;
         if let Some(qmp) = qmp {
             if !matches!(cause, StopCause::GuestPanic) {
-                match qmp.system_powerdown().await {
+                // A stopped or wedged QEMU does not answer: bound every command by its rung's grace.
+                match tokio::time::timeout(self.powerdown_grace, qmp.system_powerdown())
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Qmp("system_powerdown timed out".into())))
+                {
                     Ok(()) => {
                         if self.wait_exit(self.powerdown_grace, &mut events).await {
                             step = StopStep::Powerdown;
@@ -777,7 +781,10 @@ impl Supervisor {
                 }
             }
             if !done {
-                match qmp.quit().await {
+                match tokio::time::timeout(self.quit_grace, qmp.quit())
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Qmp("quit timed out".into())))
+                {
                     Ok(()) => {
                         if self.wait_exit(self.quit_grace, &mut events).await {
                             step = StopStep::Quit;
