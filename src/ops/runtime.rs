@@ -136,6 +136,16 @@ mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
 
+    /// Kills the stand-in qemu even when an assertion fails first.
+    struct KillOnDrop(std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     fn dirs(root: &Path) -> Dirs {
         Dirs {
             runtime_dir: root.join("run"),
@@ -160,12 +170,20 @@ mod tests {
         )
         .unwrap();
         // A process whose command line mentions the VM dir stands in for its qemu.
-        let mut child = std::process::Command::new("sleep")
-            .arg0(&live)
-            .arg("30")
-            .spawn()
-            .unwrap();
-        std::fs::write(live.join("qemu.pid"), child.id().to_string()).unwrap();
+        let mut child = KillOnDrop(
+            std::process::Command::new("sleep")
+                .arg0(&live)
+                .arg("30")
+                .spawn()
+                .unwrap(),
+        );
+        std::fs::write(live.join("qemu.pid"), child.0.id().to_string()).unwrap();
+        // Until the child has exec'd, its command line is still ours.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !is_vm_process(child.0.id(), &live) {
+            assert!(std::time::Instant::now() < deadline, "sleep never started");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
 
         let stale = d.vm_dir("fr-0000000b");
         std::fs::create_dir_all(&stale).unwrap();
@@ -200,8 +218,8 @@ mod tests {
         assert!(!vm_alive(&d, "fr-0000000b"));
         assert!(!vm_alive(&d, "fr-0000000c"));
 
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
         assert!(!vm_alive(&d, "fr-0000000a"));
         std::fs::remove_file(live.join("qemu.pid")).unwrap();
         assert!(
