@@ -1,8 +1,387 @@
-//! `fkr-qemu boot-test`.
+//! `fkr-qemu boot-test`: boot a base image once in a throw-away VM and check each phase.
+//!
+//! The seed's user-data makes the guest prove it ran its cloud-config: it prints
+//! `fkr-boot-test: proof V` to the console, where `V` is computed by the guest's shell from a random
+//! nonce (`nonce * 7 + 3`), so the value never appears in the seed itself. Then it powers off by itself.
+//! Phases, each timed from the command's start: spawn → QMP ready → first serial output → proof →
+//! guest shutdown → teardown done.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::vm::{self, serial, Accel, Outcome, Seed, VmConfig, VmName, VmSpec};
+
+/// Where `image-builder/` publishes the runner base image.
+pub const DEFAULT_IMAGE: &str = "/var/lib/fkr-qemu/images/runner-base.qcow2";
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The qcow2 base image to boot (never written: the VM runs on an overlay).
+    #[arg(long, default_value = DEFAULT_IMAGE)]
+    pub image: PathBuf,
+    /// Seconds the whole VM may take before it is stopped (powerdown → quit → kill) and the test fails.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Keep the serial log (its path is printed) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Accelerator: auto probes KVM by running a tiny VM and falls back to TCG.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// qemu-system-x86_64 to run.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    #[arg(long, default_value = "qemu-img")]
+    pub qemu_img: PathBuf,
+    /// UEFI code file (with --ovmf-vars; default: found through QEMU's firmware descriptors).
+    #[arg(long, requires = "ovmf_vars")]
+    pub ovmf_code: Option<PathBuf>,
+    /// UEFI VARS template (with --ovmf-code).
+    #[arg(long, requires = "ovmf_code")]
+    pub ovmf_vars: Option<PathBuf>,
+    /// Runtime root for the per-VM directory. Default: /run/fkr-qemu when writable (root), else
+    /// $XDG_RUNTIME_DIR/fkr-qemu, else a private temporary directory.
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
+}
 
-pub async fn run(_args: Args) -> Result<(), crate::Error> {
-    Err(crate::Error::Usage("`boot-test` is not built yet".into()))
+/// The report, printed as text or (`--json`) as one object. `*_ms` are milliseconds since the command
+/// started; `null` for a phase not reached.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub image: PathBuf,
+    pub vm: Option<String>,
+    pub accel: Option<String>,
+    pub accel_reason: Option<String>,
+    pub qemu_version: Option<String>,
+    pub spawn_ms: Option<u64>,
+    pub qmp_ready_ms: Option<u64>,
+    pub first_serial_ms: Option<u64>,
+    pub proof_ms: Option<u64>,
+    pub guest_shutdown_ms: Option<u64>,
+    pub teardown_ms: Option<u64>,
+    /// The first phase that did not pass.
+    pub failed_phase: Option<String>,
+    pub error: Option<String>,
+    pub outcome: Option<Outcome>,
+    /// Kept serial log (`--keep`).
+    pub serial_log: Option<PathBuf>,
+    /// Last lines of the serial console when a phase failed.
+    pub serial_tail: Option<String>,
+}
+
+const PHASES: [&str; 6] = [
+    "spawn",
+    "qmp_ready",
+    "first_serial",
+    "proof",
+    "guest_shutdown",
+    "teardown",
+];
+
+impl Report {
+    fn new(image: &Path) -> Self {
+        Self {
+            ok: false,
+            image: image.to_owned(),
+            vm: None,
+            accel: None,
+            accel_reason: None,
+            qemu_version: None,
+            spawn_ms: None,
+            qmp_ready_ms: None,
+            first_serial_ms: None,
+            proof_ms: None,
+            guest_shutdown_ms: None,
+            teardown_ms: None,
+            failed_phase: None,
+            error: None,
+            outcome: None,
+            serial_log: None,
+            serial_tail: None,
+        }
+    }
+
+    fn phase_ms(&self, phase: &str) -> Option<u64> {
+        match phase {
+            "spawn" => self.spawn_ms,
+            "qmp_ready" => self.qmp_ready_ms,
+            "first_serial" => self.first_serial_ms,
+            "proof" => self.proof_ms,
+            "guest_shutdown" => self.guest_shutdown_ms,
+            _ => self.teardown_ms,
+        }
+    }
+
+    fn print_text(&self) {
+        println!(
+            "boot-test {} (vm {}, accel {}{}, QEMU {})",
+            self.image.display(),
+            self.vm.as_deref().unwrap_or("-"),
+            self.accel.as_deref().unwrap_or("-"),
+            self.accel_reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default(),
+            self.qemu_version.as_deref().unwrap_or("-"),
+        );
+        let mut failed = false;
+        for p in PHASES {
+            let status = if self.failed_phase.as_deref() == Some(p) {
+                failed = true;
+                "FAILED"
+            } else if failed {
+                "not reached"
+            } else {
+                "ok"
+            };
+            match self.phase_ms(p) {
+                Some(ms) => println!("  {p:<15} {ms:>7} ms  {status}"),
+                None => println!("  {p:<15} {:>7}     {status}", "-"),
+            }
+        }
+        if let Some(log) = &self.serial_log {
+            println!("  serial log: {}", log.display());
+        }
+        if self.ok {
+            println!("boot-test: PASS");
+        } else {
+            println!(
+                "boot-test: FAIL at {}: {}",
+                self.failed_phase.as_deref().unwrap_or("?"),
+                self.error.as_deref().unwrap_or("")
+            );
+            if let Some(tail) = &self.serial_tail {
+                println!("--- serial console (last lines) ---\n{tail}\n---");
+            }
+        }
+    }
+}
+
+/// A runtime root we may write: the system one when we can create it, else a per-user one, else a
+/// private temporary directory (kept alive by the returned guard).
+fn pick_runtime_root(
+    explicit: Option<PathBuf>,
+) -> Result<(PathBuf, Option<tempfile::TempDir>), crate::Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    let usable = |p: &Path| {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(p)
+            .is_ok()
+            && tempfile::tempfile_in(p).is_ok()
+    };
+    if let Some(p) = explicit {
+        return if usable(&p) {
+            Ok((p, None))
+        } else {
+            Err(crate::Error::Usage(format!(
+                "--runtime-dir {} is not writable",
+                p.display()
+            )))
+        };
+    }
+    let mut candidates = vec![PathBuf::from("/run/fkr-qemu")];
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR") {
+        candidates.push(PathBuf::from(x).join("fkr-qemu"));
+    }
+    for c in candidates {
+        if usable(&c) {
+            return Ok((c, None));
+        }
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("fkr-qemu-")
+        .tempdir()
+        .map_err(|e| vm::Error::Io {
+            context: "creating a private runtime directory".into(),
+            source: e,
+        })?;
+    Ok((tmp.path().to_owned(), Some(tmp)))
+}
+
+/// The user-data of the proof: valid for the test guest and for real cloud-init.
+pub fn proof_user_data(nonce: u32) -> String {
+    format!(
+        "#cloud-config\n\
+         runcmd:\n\
+         - 'echo \"fkr-boot-test: proof $(({nonce} * 7 + 3))\" > /dev/console'\n\
+         power_state:\n  mode: poweroff\n  timeout: 30\n  condition: true\n"
+    )
+}
+
+pub fn proof_line(nonce: u32) -> String {
+    format!("fkr-boot-test: proof {}", u64::from(nonce) * 7 + 3)
+}
+
+pub async fn run(args: Args) -> Result<(), crate::Error> {
+    let start = Instant::now();
+    let ms = || start.elapsed().as_millis() as u64;
+    let mut report = Report::new(&args.image);
+    let (runtime_root, _tmp_root) = pick_runtime_root(args.runtime_dir.clone())?;
+    let name = VmName::generate();
+    report.vm = Some(name.to_string());
+    // The serial log lives in a private directory of its own: kept with --keep, removed otherwise.
+    let log_dir = std::env::temp_dir().join(format!("fkr-qemu-boot-test-{name}"));
+    let config = VmConfig {
+        qemu: args.qemu.clone(),
+        qemu_img: args.qemu_img.clone(),
+        accel: args.accel,
+        firmware_code: args.ovmf_code.clone(),
+        firmware_vars: args.ovmf_vars.clone(),
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        runtime_root,
+        log_dir: log_dir.clone(),
+        keep_serial_log: true,
+        ..VmConfig::default()
+    };
+    let nonce = rand::random::<u32>() >> 1;
+    let seed = Seed {
+        instance_id: name.to_string(),
+        hostname: name.to_string(),
+        user_data: proof_user_data(nonce),
+        network_config: None,
+    };
+    let spec = VmSpec::new(
+        name.clone(),
+        &args.image,
+        seed,
+        Duration::from_secs(args.timeout),
+    );
+
+    let result = drive(&config, spec, nonce, &mut report, &ms).await;
+    if args.keep {
+        report.serial_log = Some(log_dir.join(format!("{name}.serial.log")));
+    }
+    if let Err(e) = &result {
+        report.failed_phase.get_or_insert_with(|| "spawn".into());
+        report.error = Some(e.to_string());
+    }
+    if report.failed_phase.is_some() && report.serial_tail.is_none() {
+        let tail = serial::serial_tail(&log_dir.join(format!("{name}.serial.log")), 30);
+        if !tail.is_empty() {
+            report.serial_tail = Some(tail);
+        }
+    }
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&log_dir);
+    }
+    report.ok = report.failed_phase.is_none();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("the report serialises")
+        );
+    } else {
+        report.print_text();
+    }
+    result?;
+    match &report.failed_phase {
+        None => Ok(()),
+        Some(phase) => Err(vm::Error::BootTestFailed {
+            phase: phase.clone(),
+            detail: report.error.clone().unwrap_or_default(),
+        }
+        .into()),
+    }
+}
+
+/// Launches the VM and fills `report`. Errors before the VM runs are returned (they name a missing
+/// dependency or a broken image); failures after that are recorded as the failed phase.
+async fn drive(
+    config: &VmConfig,
+    spec: VmSpec,
+    nonce: u32,
+    report: &mut Report,
+    ms: &impl Fn() -> u64,
+) -> Result<(), vm::Error> {
+    let handle = vm::launch(config, spec).await?;
+    report.spawn_ms = Some(ms());
+    let spawn_ms = ms();
+    report.accel = Some(handle.accel().accel.to_string());
+    report.accel_reason = Some(handle.accel().reason.clone());
+    let stop = handle.stop_token();
+    let mut watch = serial::SerialWatch::new(handle.serial_log());
+    let expected = proof_line(nonce);
+    let wait = handle.wait();
+    tokio::pin!(wait);
+    let exit = loop {
+        tokio::select! {
+            r = &mut wait => break r?,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if report.proof_ms.is_none() && serial::contains(&watch.poll(), &expected) {
+                    report.proof_ms = Some(ms());
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::warn!("interrupted: stopping the VM");
+                stop.cancel();
+            }
+        }
+    };
+    if report.proof_ms.is_none() && serial::contains(&watch.poll(), &expected) {
+        // Found in the last bytes written before QEMU exited; the exact moment is not known.
+        report.proof_ms = exit.timings.shutdown_ms.map(|t| spawn_ms + t);
+    }
+    let t = &exit.timings;
+    report.qemu_version = exit.qemu_version.clone();
+    report.qmp_ready_ms = t.qmp_ready_ms.map(|v| spawn_ms + v);
+    report.first_serial_ms = t.first_serial_ms.map(|v| spawn_ms + v);
+    if exit.outcome == Outcome::GuestPoweredOff {
+        report.guest_shutdown_ms = t.shutdown_ms.map(|v| spawn_ms + v);
+    }
+    if exit.teardown_error.is_none() {
+        report.teardown_ms = Some(spawn_ms + t.torn_down_ms);
+    }
+    report.outcome = Some(exit.outcome.clone());
+    let why = match &exit.outcome {
+        Outcome::GuestPoweredOff => String::new(),
+        Outcome::GuestCrashed { reason } => format!("the guest crashed: {reason}"),
+        Outcome::DeadlineExceeded { stopped_by } => {
+            format!("the VM did not finish within the timeout (stopped by {stopped_by:?})")
+        }
+        Outcome::HostStopped { .. } => "interrupted".into(),
+        Outcome::QemuExited { status, detail } => format!("QEMU exited ({status}): {detail}"),
+    };
+    let failed = PHASES.into_iter().find(|p| report.phase_ms(p).is_none());
+    if let Some(phase) = failed {
+        report.failed_phase = Some(phase.into());
+        report.error = Some(match (phase, &exit.teardown_error) {
+            ("proof", _) if why.is_empty() => {
+                "the guest powered off without printing the proof (did cloud-init run the seed's runcmd?)".into()
+            }
+            ("teardown", Some(e)) => e.clone(),
+            ("qmp_ready", _) if why.is_empty() => "QMP never answered".into(),
+            ("first_serial", _) if why.is_empty() => "nothing on the serial console".into(),
+            _ => why,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proof_is_computed_by_the_guest_not_copied_from_the_seed() {
+        let ud = proof_user_data(12345);
+        assert!(!ud.contains(&(12345u64 * 7 + 3).to_string()));
+        assert_eq!(proof_line(12345), "fkr-boot-test: proof 86418");
+        assert!(ud.starts_with("#cloud-config\nruncmd:\n- '"));
+        assert!(ud.contains("power_state:\n  mode: poweroff\n"));
+    }
 }

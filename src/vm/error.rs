@@ -49,6 +49,8 @@ pub enum Error {
     EarlyExit { status: String, stderr: String },
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("boot-test failed at phase `{phase}`: {detail}")]
+    BootTestFailed { phase: String, detail: String },
 }
 
 impl Error {
@@ -69,7 +71,7 @@ impl Error {
             | Error::FirmwareFileMissing { .. }
             | Error::BaseImageMissing { .. }
             | Error::KvmUnavailable { .. } => exit::MISSING_DEPENDENCY,
-            Error::BaseImageInvalid { .. } => exit::CHECK_FAILED,
+            Error::BaseImageInvalid { .. } | Error::BootTestFailed { .. } => exit::CHECK_FAILED,
             Error::InvalidName(_) | Error::Config(_) => exit::CONFIG,
             Error::InvalidTransition { .. }
             | Error::Io { .. }
