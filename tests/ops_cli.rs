@@ -2,12 +2,15 @@
 //! control socket served in-process and against runtime/state dirs the test lays out. (The same
 //! commands against a real `serve` with a booted VM are in `ops_serve.rs`.)
 
+mod common;
+
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::prometheus;
 use fkr_qemu::controller::ciuser::{CiUser, CiUserStore};
 use fkr_qemu::ops::{Metrics, MetricsConfig, Services, StatusBoard, VmInfo, VmState};
 use fkr_qemu::secret::Secret;
@@ -251,4 +254,99 @@ fn ci_users_never_shows_passwords() {
     assert_eq!(json["users"][0]["username"], "alice-web-ci");
     assert_eq!(json["users"][0]["created_at"], "2023-11-14T22:13:20Z");
     assert!(Path::new(&path).exists());
+}
+
+#[tokio::test]
+async fn metrics_endpoint_serves_valid_openmetrics() {
+    let d = Dirs::new();
+    let metrics = Metrics::new();
+    let board = StatusBoard::new(Some(metrics.clone()));
+    let config = MetricsConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        allow_all_interfaces: false,
+    };
+    let services = Services::start(&d.run(), &config, &metrics, board.clone())
+        .await
+        .unwrap();
+    let url = format!("http://{}/metrics", services.metrics_addr().unwrap());
+    let scrape = || async {
+        let r = reqwest::get(&url).await.unwrap();
+        assert!(r.status().is_success());
+        let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+        prometheus::parse(&r.text().await.unwrap(), true).unwrap()
+    };
+
+    let before = scrape().await;
+    assert_eq!(before.types["fkr_qemu_jobs_seen"], "counter");
+    assert_eq!(before.types["fkr_qemu_vms_running"], "gauge");
+    assert_eq!(before.types["fkr_qemu_queue_wait_seconds"], "histogram");
+    assert_eq!(
+        before.get("fkr_qemu_jobs_finished_total{outcome=\"completed\"}"),
+        0.0
+    );
+
+    metrics.job_seen();
+    metrics.job_dispatched(Duration::from_secs(2));
+    board.vm_added(vm("fr-0000aaaa", VmState::Preparing));
+    metrics.observe_prepare(Duration::from_millis(800));
+    metrics.observe_forgejo_call("/repos/{owner}/{repo}", 200, Duration::from_millis(9));
+    let during = scrape().await;
+    assert_eq!(during.get("fkr_qemu_vms_running"), 1.0);
+    board.vm_removed("fr-0000aaaa");
+    metrics.job_finished(
+        fkr_qemu::ops::JobOutcome::Completed,
+        Duration::from_secs(40),
+    );
+    metrics.vm_removed(fkr_qemu::ops::RemovalReason::JobDone);
+
+    let after = scrape().await;
+    assert_eq!(after.get("fkr_qemu_jobs_seen_total"), 1.0);
+    assert_eq!(after.get("fkr_qemu_jobs_dispatched_total"), 1.0);
+    assert_eq!(
+        after.get("fkr_qemu_jobs_finished_total{outcome=\"completed\"}"),
+        1.0
+    );
+    assert_eq!(
+        after.get("fkr_qemu_vm_removals_total{reason=\"job_done\"}"),
+        1.0
+    );
+    assert_eq!(after.get("fkr_qemu_vms_running"), 0.0);
+    assert_eq!(after.get("fkr_qemu_queue_wait_seconds_count"), 1.0);
+    assert_eq!(
+        after.get("fkr_qemu_queue_wait_seconds_bucket{le=\"2.0\"}"),
+        1.0
+    );
+    assert_eq!(
+        after.get("fkr_qemu_queue_wait_seconds_bucket{le=\"1.0\"}"),
+        0.0
+    );
+    assert_eq!(
+        after
+            .get("fkr_qemu_forgejo_requests_total{route=\"/repos/{owner}/{repo}\",status=\"200\"}"),
+        1.0
+    );
+    services.stop().await;
+}
+
+#[test]
+fn the_test_parser_rejects_malformed_text() {
+    let good = "# HELP a x\n# TYPE a counter\na_total{k=\"v\"} 1\n# EOF\n";
+    assert_eq!(
+        prometheus::parse(good, true)
+            .unwrap()
+            .get("a_total{k=\"v\"}"),
+        1.0
+    );
+    for bad in [
+        "a_total 1\n# EOF\n",
+        "# TYPE a counter\na_total{k=v} 1\n# EOF\n",
+        "# TYPE a counter\na_total 1\n",
+        "# TYPE a counter\na_total one\n# EOF\n",
+        "# TYPE a counter\na_total 1\n# EOF\nb 2\n",
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n# EOF\n",
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_count 1\n# EOF\n",
+    ] {
+        assert!(prometheus::parse(bad, true).is_err(), "accepted: {bad}");
+    }
 }

@@ -1,2 +1,3 @@
 pub mod emulator;
 pub mod netns;
+pub mod prometheus;
