@@ -22,7 +22,6 @@
 //! | `fkr_qemu_forgejo_requests_total` | counter | `route`, `status` (0 = no HTTP answer) |
 //! | `fkr_qemu_forgejo_request_duration_seconds` | histogram | `route` |
 //! | `fkr_qemu_sweep_findings_total` | counter | `kind` ([`SweepKind`]) |
-//! | `fkr_qemu_poll_failures_total` | counter | (discovery polls that failed) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -210,7 +209,6 @@ struct Inner {
     forgejo_requests: Family<RouteStatusLabels, Counter>,
     forgejo_latency: Family<RouteLabels, Histogram, ForgejoLatencyBuckets>,
     sweep_findings: Family<KindLabels, Counter>,
-    poll_failures: Counter,
 }
 
 /// The daemon's metrics. Clone it freely: clones share the same counters.
@@ -254,7 +252,6 @@ impl Metrics {
         let forgejo_requests = Family::<RouteStatusLabels, Counter>::default();
         let forgejo_latency = Family::new_with_constructor(ForgejoLatencyBuckets);
         let sweep_findings = Family::<KindLabels, Counter>::default();
-        let poll_failures = Counter::default();
 
         registry.register(
             "jobs_seen",
@@ -327,11 +324,6 @@ impl Metrics {
             "Leftovers found (and removed) by the startup sweep, by kind",
             sweep_findings.clone(),
         );
-        registry.register(
-            "poll_failures",
-            "Discovery polls that failed (the error is in `fkr-qemu status`)",
-            poll_failures.clone(),
-        );
 
         // Create every labelled series up front so scrapes show zeros instead of missing series
         // (rate() and alerts behave better on series that exist from the start).
@@ -363,7 +355,6 @@ impl Metrics {
                 forgejo_requests,
                 forgejo_latency,
                 sweep_findings,
-                poll_failures,
             }),
         }
     }
@@ -430,17 +421,21 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    /// The startup sweep found `count` leftovers of `kind`.
+    /// The startup sweep found (and removed) `count` leftovers of `kind`. Each leftover VM dir
+    /// is also a VM removal with reason `sweep`.
     pub fn sweep_found(&self, kind: SweepKind, count: u64) {
         self.inner
             .sweep_findings
             .get_or_create(&KindLabels { kind })
             .inc_by(count);
-    }
-
-    /// A discovery poll failed.
-    pub fn poll_failed(&self) {
-        self.inner.poll_failures.inc();
+        if kind == SweepKind::VmDir {
+            self.inner
+                .removals
+                .get_or_create(&ReasonLabels {
+                    reason: RemovalReason::Sweep,
+                })
+                .inc_by(count);
+        }
     }
 
     /// One Forgejo API call: `route` is the route template (`/api/v1/admin/users/{username}`,
@@ -509,8 +504,8 @@ mod tests {
         m.job_finished(JobOutcome::Completed, Duration::from_secs(42));
         m.vm_removed(RemovalReason::JobDone);
         m.sweep_found(SweepKind::Token, 3);
+        m.sweep_found(SweepKind::VmDir, 2);
         m.set_vms_running(2);
-        m.poll_failed();
         m.observe_forgejo_call("/api/v1/version", 200, Duration::from_millis(12));
         m.observe_forgejo_call("/api/v1/version", 0, Duration::from_secs(30));
 
@@ -530,7 +525,10 @@ mod tests {
             3.0
         );
         assert_eq!(sample(&t, "fkr_qemu_vms_running"), 2.0);
-        assert_eq!(sample(&t, "fkr_qemu_poll_failures_total"), 1.0);
+        assert_eq!(
+            sample(&t, "fkr_qemu_vm_removals_total{reason=\"sweep\"}"),
+            2.0
+        );
         assert_eq!(sample(&t, "fkr_qemu_queue_wait_seconds_count"), 1.0);
         assert_eq!(sample(&t, "fkr_qemu_queue_wait_seconds_sum"), 0.7);
         assert_eq!(
