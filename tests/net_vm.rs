@@ -1,0 +1,281 @@
+//! Two test guests behind the host network, inside throw-away namespaces: they get their static
+//! addresses from the seed, reach the "internet" (the upstream namespace) through NAT, and reach
+//! neither the host, nor each other, nor a private address that is not allow-listed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::netns::{HttpServer, Topology};
+use fkr_qemu::net::{HostNetwork, NetConfig};
+use fkr_qemu::vm::{self, Accel, Seed, VmConfig, VmName, VmSpec};
+
+const PORT: u16 = 8080;
+const HOST_CLOSED_PORT: u16 = 8081;
+const HOST_OPEN_PORT: u16 = 8082;
+
+/// Runs in each guest with the peer's address as `$1`. Every probe prints one
+/// `FKR-NET <name>=open|closed` line; the test reads them from the serial log.
+const CHECK_SCRIPT: &str = r#"#!/bin/sh
+say() { echo "FKR-NET $*"; }
+probe() {
+  if timeout 8 wget -q -O - "$2" 2>/dev/null | grep -q "$3"; then say "$1=open"; else say "$1=closed"; fi
+}
+say "addr=$(ip -4 -o addr show dev eth0 | tr -s ' ' | tr '\n' ' ')"
+mkdir -p /www && echo peer-ok > /www/index.html && busybox httpd -p 8080 -h /www
+# Wait until the test has seen both guests' servers up (it then answers "go"): the peer probe
+# below must fail because of the isolation, not because the peer was not listening yet.
+i=0
+until timeout 3 wget -q -O - http://10.88.0.1:8082/ 2>/dev/null | grep -q go; do
+  i=$((i + 1)); [ "$i" -gt 150 ] && { say "barrier=timeout"; break; }; sleep 1
+done
+probe upstream http://203.0.113.1:8080/ fkr-upstream-ok &
+probe allowed http://10.77.0.2:8080/ fkr-allowed-ok &
+probe private http://10.77.0.1:8080/ fkr-private-ok &
+probe hostport http://10.88.0.1:8082/ go &
+probe host http://10.88.0.1:8081/ fkr-host-ok &
+probe peer "http://$1:8080/" peer-ok &
+wait
+say done
+"#;
+
+fn user_data(peer: Ipv4Addr) -> String {
+    let script = base64::engine::general_purpose::STANDARD.encode(CHECK_SCRIPT);
+    format!(
+        "#cloud-config\nwrite_files:\n- path: /etc/fkr/net-check.sh\n  owner: root:root\n  \
+         permissions: '0755'\n  encoding: b64\n  content: {script}\nruncmd:\n- 'sh \
+         /etc/fkr/net-check.sh {peer}'\npower_state:\n  mode: poweroff\n  timeout: 30\n  \
+         condition: true\n"
+    )
+}
+
+fn guest_image() -> PathBuf {
+    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-guest/test-guest.qcow2");
+    assert!(
+        image.exists(),
+        "{} is missing: build it with image-builder/test-guest.sh (.ci/setup does)",
+        image.display()
+    );
+    image
+}
+
+/// One HTTP/1.0 GET from the calling thread's namespace; the body, if any answer came.
+fn http_get(addr: SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
+/// The same GET without blocking the runtime that drives the VMs.
+async fn http_get_async(addr: SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn markers(serial: &str) -> BTreeMap<String, String> {
+    serial
+        .lines()
+        .filter_map(|l| l.split_once("FKR-NET ").map(|(_, m)| m.trim()))
+        .filter_map(|m| m.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .chain(
+            serial
+                .contains("FKR-NET done")
+                .then(|| ("done".to_owned(), "yes".to_owned())),
+        )
+        .collect()
+}
+
+#[test]
+fn vm_guests_reach_upstream_through_nat_but_not_host_peers_or_private_ranges() {
+    let image = guest_image();
+    let topo = Topology::new();
+    let at = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
+    let upstream = HttpServer::start(
+        &topo.upstream,
+        at(Topology::UPSTREAM_ADDR, PORT),
+        "fkr-upstream-ok",
+    );
+    let private = HttpServer::start(
+        &topo.upstream,
+        at(Topology::UPSTREAM_PRIVATE, PORT),
+        "fkr-private-ok",
+    );
+    let allowed = HttpServer::start(
+        &topo.upstream,
+        at(Topology::UPSTREAM_ALLOWED, PORT),
+        "fkr-allowed-ok",
+    );
+    let cfg = NetConfig {
+        dns_servers: Some(vec![Topology::UPSTREAM_ADDR]),
+        allow: vec![format!("{}:{PORT}", Topology::UPSTREAM_ALLOWED)
+            .parse()
+            .unwrap()],
+        host_ports: vec![HOST_OPEN_PORT],
+        ..NetConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let vm_cfg = VmConfig {
+        accel: Accel::Tcg,
+        vcpus: 1,
+        memory_mib: 256,
+        runtime_root: dir.path().join("run"),
+        log_dir: dir.path().join("logs"),
+        keep_serial_log: true,
+        powerdown_grace_secs: 5,
+        quit_grace_secs: 5,
+        ..VmConfig::default()
+    };
+
+    let (serials, leases) = topo.host.run(|| {
+        // With br_netfilter loaded, bridged frames also pass our IP rules (the forward drop of
+        // bridge→bridge would stop VM↔VM by itself). Turn that off in this namespace, as on a host
+        // without br_netfilter, so the peer probe proves the bridge port isolation.
+        let br_nf = Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables");
+        if br_nf.exists() {
+            std::fs::write(br_nf, "0").expect("disable bridge-nf-call-iptables in the test netns");
+        }
+        let hn = HostNetwork::setup(&cfg).expect("host network");
+        // From the host itself the private server answers: a guest that cannot reach it is
+        // stopped by the firewall, not by the topology.
+        assert_eq!(
+            http_get(at(Topology::UPSTREAM_PRIVATE, PORT)).as_deref(),
+            Some("fkr-private-ok")
+        );
+        let gw = hn.gateway();
+        let host_closed = HttpServer::start(&topo.host, at(gw, HOST_CLOSED_PORT), "fkr-host-ok");
+        let go = HttpServer::start(&topo.host, at(gw, HOST_OPEN_PORT), "wait");
+
+        let names = [VmName::generate(), VmName::generate()];
+        let taps = names
+            .each_ref()
+            .map(|n| hn.create_tap(n.as_str()).expect("tap"));
+        let leases = [
+            hn.allocate_address().expect("address"),
+            hn.allocate_address().expect("address"),
+        ];
+        let addrs = leases.each_ref().map(|l| l.address());
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let serials = rt.block_on(async {
+            let mut handles = Vec::new();
+            for i in 0..2 {
+                let seed = Seed {
+                    instance_id: names[i].as_str().to_owned(),
+                    hostname: names[i].as_str().to_owned(),
+                    user_data: user_data(addrs[1 - i]),
+                    network_config: Some(hn.network_config(&leases[i], taps[i].mac())),
+                };
+                let mut spec =
+                    VmSpec::new(names[i].clone(), &image, seed, Duration::from_secs(300));
+                spec.net = Some(taps[i].net_device().expect("net device"));
+                handles.push(vm::launch(&vm_cfg, spec).await.expect("launch"));
+            }
+            // Barrier: both guests serve on their address (seen from the host), then "go".
+            let deadline = Instant::now()
+                + Duration::from_secs(
+                    std::env::var("FKR_NET_BARRIER_SECS")
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(240),
+                );
+            for addr in addrs {
+                loop {
+                    let body = http_get_async(at(addr, PORT)).await;
+                    if body.as_deref().is_some_and(|b| b.contains("peer-ok")) {
+                        break;
+                    }
+                    let ended = handles
+                        .iter()
+                        .any(|h| matches!(h.state(), vm::VmState::Stopped | vm::VmState::Failed));
+                    if ended || Instant::now() > deadline {
+                        let logs: Vec<String> = handles
+                            .iter()
+                            .map(|h| std::fs::read_to_string(h.serial_log()).unwrap_or_default())
+                            .collect();
+                        panic!(
+                            "guest {addr} never served; serial logs:\n{}",
+                            logs.join("\n----\n")
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            go.set_body("go");
+            let mut serials = Vec::new();
+            for handle in handles {
+                let log = handle.serial_log().to_owned();
+                let exit = handle.wait().await.expect("wait");
+                assert_eq!(exit.outcome, vm::Outcome::GuestPoweredOff, "{exit:?}");
+                serials.push(std::fs::read_to_string(&log).expect("serial log"));
+            }
+            serials
+        });
+        assert!(
+            host_closed.clients().is_empty(),
+            "the host's closed port saw {:?}",
+            host_closed.clients()
+        );
+        drop(taps);
+        hn.teardown().expect("teardown");
+        (serials, addrs)
+    });
+
+    for (serial, addr) in serials.iter().zip(leases) {
+        let m = markers(serial);
+        let want = |k: &str, v: &str| {
+            assert_eq!(
+                m.get(k).map(String::as_str),
+                Some(v),
+                "{k} in {m:?}\n{serial}"
+            );
+        };
+        assert!(
+            m.get("addr")
+                .is_some_and(|a| a.contains(&format!("inet {addr}/24"))),
+            "guest address {addr}: {m:?}"
+        );
+        want("upstream", "open");
+        want("allowed", "open");
+        want("hostport", "open");
+        want("private", "closed");
+        want("host", "closed");
+        want("peer", "closed");
+        want("done", "yes");
+    }
+    let host_side = Topology::HOST_ADDR;
+    for (name, server, count) in [("upstream", &upstream, 2), ("allowed", &allowed, 2)] {
+        let clients = server.clients();
+        assert_eq!(clients.len(), count, "{name}: {clients:?}");
+        assert!(
+            clients.iter().all(|c| c.ip() == host_side),
+            "{name} must see the host's veth address (NAT): {clients:?}"
+        );
+    }
+    // Only the host's own check reached the private server.
+    assert_eq!(private.clients().len(), 1, "{:?}", private.clients());
+}
