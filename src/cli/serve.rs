@@ -59,9 +59,9 @@ pub struct Flags {
     /// Runtime directory (per-VM directories, control socket).
     #[arg(long, value_name = "PATH")]
     pub runtime_dir: Option<PathBuf>,
-    /// Accelerator: auto, kvm or tcg.
-    #[arg(long)]
-    pub accel: Option<String>,
+    /// Accelerator.
+    #[arg(long, value_enum)]
+    pub accel: Option<crate::vm::Accel>,
 }
 
 impl Flags {
@@ -78,7 +78,7 @@ impl Flags {
             boot_deadline: self.boot_deadline,
             state_dir: self.state_dir.clone(),
             runtime_dir: self.runtime_dir.clone(),
-            accel: self.accel.clone(),
+            accel: self.accel,
         }
     }
 }
@@ -94,5 +94,5 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
     if args.check_config {
         return crate::controller::check::check_config(&cfg).await;
     }
-    Err(crate::Error::Usage("`serve` is not built yet".into()))
+    crate::controller::daemon::run(cfg).await
 }

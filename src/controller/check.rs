@@ -1,18 +1,137 @@
 //! `serve --check-config`: everything that can be checked before serving, then the effective config.
+//!
+//! Checks: the base image exists; QEMU, `qemu-img` and the UEFI firmware are found; the network
+//! configuration is usable (uplink, DNS servers); the state dir is writable; Forgejo answers, is
+//! v15+, accepts the admin token, and the token carries the scopes `serve` needs.
+
+use std::path::Path;
 
 use super::{Config, Error};
+use crate::forgejo::{Client, Level};
+
+/// The admin token's scopes `serve` needs at this runner level.
+pub fn required_scopes(level: &Level) -> Vec<&'static str> {
+    let mut s = vec!["write:admin", "read:user", "read:repository"];
+    let w = level.write_scope();
+    if !s.contains(&w) {
+        s.push(w);
+    }
+    s
+}
+
+/// Whether the token's `have` scopes cover `need` (`all` covers everything, `write:x` covers `read:x`).
+pub fn scope_covered(have: &[String], need: &str) -> bool {
+    have.iter().any(|h| {
+        h == "all" || h == need || need.strip_prefix("read:").is_some_and(|area| h.strip_prefix("write:") == Some(area))
+    })
+}
+
+/// The admin token's scopes, found among its owner's tokens by the last eight characters.
+async fn token_scopes(cfg: &Config, login: &str) -> Result<Option<Vec<String>>, Error> {
+    #[derive(serde::Deserialize)]
+    struct Listed {
+        #[serde(default)]
+        scopes: Vec<String>,
+        #[serde(default)]
+        token_last_eight: String,
+    }
+    let secret = cfg.admin_token.expose();
+    let last8 = &secret[secret.len().saturating_sub(8)..];
+    let url = cfg
+        .forgejo
+        .url
+        .join(&format!("api/v1/users/{login}/tokens?limit=50"))
+        .map_err(|e| Error::ForgejoCheck(format!("bad URL: {e}")))?;
+    let resp = reqwest::Client::new()
+        .get(url)
+        .header("Authorization", format!("token {secret}"))
+        .timeout(cfg.forgejo.request_timeout())
+        .send()
+        .await
+        .map_err(|e| Error::ForgejoCheck(format!("cannot list the admin token's scopes: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(Error::ForgejoCheck(format!(
+            "listing the admin user's tokens answered HTTP {} (the token needs read:user)",
+            resp.status().as_u16()
+        )));
+    }
+    let listed: Vec<Listed> = resp
+        .json()
+        .await
+        .map_err(|e| Error::ForgejoCheck(format!("cannot read the token list: {e}")))?;
+    Ok(listed.into_iter().find(|t| t.token_last_eight == last8).map(|t| t.scopes))
+}
+
+fn check_file(what: &str, path: &Path, hint: &str) -> Result<(), Error> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(Error::Missing(format!("{what} {} does not exist ({hint})", path.display())))
+    }
+}
 
 /// Checks files and Forgejo, prints the effective configuration (secrets redacted) on stdout.
 pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
-    let base = cfg.base_image();
-    if !base.is_file() {
-        return Err(Error::Missing(format!(
-            "the base image {} does not exist (build it with image-builder/build-runner-base.sh or set base_image)",
-            base.display()
-        ))
-        .into());
+    let mut notes = Vec::new();
+    check_file(
+        "the base image",
+        &cfg.base_image,
+        "build it with image-builder/build-runner-base.sh, or set base_image",
+    )?;
+    crate::vm::check_base_image(&cfg.vm.qemu_img, &cfg.base_image).await?;
+    let fw = crate::vm::discover_firmware(&cfg.vm)?;
+    notes.push(format!("firmware: {}", fw.code.display()));
+    let dns = cfg.net.resolved_dns_servers()?;
+    notes.push(format!("VM DNS servers: {dns:?}"));
+
+    let client = Client::new(cfg.forgejo.clone(), cfg.admin_token.clone())?;
+    let info = client.probe().await?;
+    notes.push(format!("Forgejo {} at {} (token of {})", info.version, cfg.forgejo.url, info.login));
+    client.jobs(&[cfg.label.as_str()]).await?;
+    client.runners().await?;
+    let need = required_scopes(&cfg.forgejo.level);
+    match token_scopes(cfg, &info.login).await? {
+        Some(have) => {
+            let missing: Vec<&str> = need.iter().copied().filter(|n| !scope_covered(&have, n)).collect();
+            if !missing.is_empty() {
+                return Err(Error::ForgejoCheck(format!(
+                    "the admin token lacks the scope(s) {}; it has {}; it needs {}",
+                    missing.join(", "),
+                    have.join(", "),
+                    need.join(", ")
+                ))
+                .into());
+            }
+            notes.push(format!("admin token scopes: {} (needs {})", have.join(", "), need.join(", ")));
+        }
+        None => notes.push(format!(
+            "admin token scopes: not found among {}'s tokens; make sure it has {}",
+            info.login,
+            need.join(", ")
+        )),
     }
+
     print!("{}", cfg.to_redacted_toml());
+    for n in notes {
+        println!("# {n}");
+    }
     println!("# configuration OK");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes() {
+        let have: Vec<String> = ["write:admin", "write:user", "read:repository"].map(String::from).into();
+        assert!(scope_covered(&have, "read:admin"));
+        assert!(scope_covered(&have, "read:user"));
+        assert!(!scope_covered(&have, "write:repository"));
+        assert!(scope_covered(&["all".to_owned()], "write:organization"));
+        let need = required_scopes(&Level::Repo { owner: "o".into(), repo: "r".into() });
+        assert_eq!(need, ["write:admin", "read:user", "read:repository", "write:repository"]);
+        assert_eq!(required_scopes(&Level::Instance), ["write:admin", "read:user", "read:repository"]);
+    }
 }

@@ -2,6 +2,11 @@
 //! the one before). The admin token never comes from argv or from the TOML file itself: only from
 //! `FORGEJO_ADMIN_TOKEN`, a file named by `FORGEJO_ADMIN_TOKEN_FILE` / `--admin-token-file` /
 //! `forgejo.admin_token_file`, or systemd's `$CREDENTIALS_DIRECTORY/forgejo-admin-token`.
+//!
+//! The file's sections are the modules' own config types: `[forgejo]` is [`forgejo::ClientConfig`]
+//! (plus `runner_url` and `admin_token_file`), `[vm]` is [`vm::VmConfig`] (its `runtime_root` is the
+//! top-level `runtime_dir`; its `log_dir` defaults to `<state_dir>/logs`), `[net]` is
+//! [`net::NetConfig`], `[metrics]` is [`ops::MetricsConfig`]. Every section rejects unknown keys.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,150 +15,84 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{duration, Error};
+use crate::forgejo::ClientConfig;
+use crate::net::NetConfig;
+use crate::ops::MetricsConfig;
 use crate::secret::Secret;
+use crate::vm::{Accel, VmConfig};
 
 /// Where `serve` looks for its config file when `--config` is not given (a missing file there is fine).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fkr-qemu/config.toml";
 /// The systemd credential name (`LoadCredential=forgejo-admin-token:…`).
 pub const CREDENTIAL_NAME: &str = "forgejo-admin-token";
 
-/// At which level ephemeral runners are registered (decides the admin token's `write:` scope).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum RunnerLevel {
-    /// `/admin/actions/runners`: needs `write:admin` only.
-    #[default]
-    Instance,
-    /// `/orgs/{owner}/actions/runners` of the job's owner (needs `write:organization`).
-    #[serde(alias = "org")]
-    Organization,
-    /// `/repos/{owner}/{repo}/actions/runners` of the job's repository (needs `write:repository`).
-    #[serde(alias = "repo")]
-    Repository,
-}
-
-/// Visibility of the CI users (decides who may pull the images they push).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Visibility {
-    Public,
-    /// Signed-in users of the instance: images are shared inside the instance, not with the world.
-    #[default]
-    Limited,
-    Private,
-}
-
-impl Visibility {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Visibility::Public => "public",
-            Visibility::Limited => "limited",
-            Visibility::Private => "private",
-        }
-    }
-}
-
-/// The `[forgejo]` section.
+/// The file's top-level keys (the sections `[forgejo]` and `[vm]` are read in a second step).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ForgejoConfig {
-    /// Forgejo's base URL as this host reaches it (`FORGEJO_URL`, `--forgejo-url`).
-    pub url: Option<Url>,
-    /// The URL the VMs use (runner and registry); defaults to `url`. Set it when the host reaches
-    /// Forgejo through an address the guests cannot use (for example `127.0.0.1`).
-    pub runner_url: Option<Url>,
-    /// A file holding the admin token (mode 0600 recommended).
-    pub admin_token_file: Option<PathBuf>,
-    /// Per-request timeout of Forgejo API calls.
+struct FileTop {
+    label: String,
     #[serde(with = "duration")]
-    pub request_timeout: Duration,
-    /// The admin token (never read from the TOML file, never printed).
-    #[serde(skip)]
-    pub admin_token: Option<Secret>,
-    /// Where the admin token came from, for `--check-config` (never the token itself).
-    #[serde(skip)]
-    pub admin_token_source: Option<String>,
-}
-
-impl Default for ForgejoConfig {
-    fn default() -> Self {
-        Self {
-            url: None,
-            runner_url: None,
-            admin_token_file: None,
-            request_timeout: Duration::from_secs(30),
-            admin_token: None,
-            admin_token_source: None,
-        }
-    }
-}
-
-/// The whole configuration file. Every key is optional; unknown keys are errors.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// The `runs-on` label this host serves.
-    pub label: String,
-    /// How often Forgejo is asked for waiting jobs.
+    poll_interval: Duration,
+    max_vms: usize,
+    base_image: Option<PathBuf>,
     #[serde(with = "duration")]
-    pub poll_interval: Duration,
-    /// At most this many VMs at once.
-    pub max_vms: usize,
-    /// The read-only base image (default `<state_dir>/images/runner-base.qcow2`).
-    pub base_image: Option<PathBuf>,
-    /// A VM whose runner has not picked its job up by then is stopped.
+    boot_deadline: Duration,
     #[serde(with = "duration")]
-    pub boot_deadline: Duration,
-    /// A VM still running after this (from launch) is stopped.
-    #[serde(with = "duration")]
-    pub job_deadline: Duration,
-    pub runner_level: RunnerLevel,
-    pub ci_user_visibility: Visibility,
-    /// `ci-users.json`, images, serial logs.
-    pub state_dir: PathBuf,
-    /// Per-VM directories (`<runtime_dir>/vms/<name>/`) and the control socket.
-    pub runtime_dir: PathBuf,
-    pub forgejo: ForgejoConfig,
-    pub vm: VmSection,
+    job_deadline: Duration,
+    state_dir: PathBuf,
+    runtime_dir: PathBuf,
+    net: NetConfig,
+    metrics: MetricsConfig,
 }
 
-/// The `[vm]` section: the VM shape `serve` asks the driver for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct VmSection {
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    /// `auto` (KVM when it really works, else TCG), `kvm` or `tcg`.
-    pub accel: String,
-}
-
-impl Default for VmSection {
-    fn default() -> Self {
-        Self {
-            vcpus: 2,
-            memory_mib: 2048,
-            accel: "auto".into(),
-        }
-    }
-}
-
-impl Default for Config {
+impl Default for FileTop {
     fn default() -> Self {
         Self {
             label: "external-host".into(),
             poll_interval: Duration::from_secs(15),
             max_vms: 3,
             base_image: None,
-            boot_deadline: Duration::from_secs(300),
+            boot_deadline: Duration::from_secs(600),
             job_deadline: Duration::from_secs(3 * 3600),
-            runner_level: RunnerLevel::Instance,
-            ci_user_visibility: Visibility::Limited,
             state_dir: PathBuf::from("/var/lib/fkr-qemu"),
             runtime_dir: PathBuf::from("/run/fkr-qemu"),
-            forgejo: ForgejoConfig::default(),
-            vm: VmSection::default(),
+            net: NetConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
+}
+
+/// The effective configuration of `serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The `runs-on` label this host serves.
+    pub label: String,
+    /// How often Forgejo is asked for waiting jobs.
+    pub poll_interval: Duration,
+    /// At most this many VMs at once.
+    pub max_vms: usize,
+    /// The read-only base image (default `<state_dir>/images/runner-base.qcow2`).
+    pub base_image: PathBuf,
+    /// A VM whose runner has not picked its job up this long after QEMU started is stopped.
+    pub boot_deadline: Duration,
+    /// A VM still running this long after QEMU started is stopped (the driver's deadline).
+    pub job_deadline: Duration,
+    /// `ci-users.json`, images, serial logs.
+    pub state_dir: PathBuf,
+    /// Per-VM directories (`<runtime_dir>/vms/<name>/`) and the control socket.
+    pub runtime_dir: PathBuf,
+    pub forgejo: ClientConfig,
+    /// The URL the VMs use for the runner and the registry (default: `forgejo.url`). Set it when this
+    /// host reaches Forgejo through an address the guests cannot use.
+    pub runner_url: Option<Url>,
+    pub admin_token_file: Option<PathBuf>,
+    /// Never printed (`Secret`).
+    pub admin_token: Secret,
+    /// Where the admin token came from (for `--check-config`), never the token itself.
+    pub admin_token_source: String,
+    pub vm: VmConfig,
+    pub net: NetConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Values given as command-line flags (highest precedence). Never carries the token itself.
@@ -170,7 +109,7 @@ pub struct Overrides {
     pub boot_deadline: Option<Duration>,
     pub state_dir: Option<PathBuf>,
     pub runtime_dir: Option<PathBuf>,
-    pub accel: Option<String>,
+    pub accel: Option<Accel>,
 }
 
 /// Where the configuration comes from; `env` is a lookup so tests need not touch the process env.
@@ -181,164 +120,153 @@ pub struct Sources<'a> {
     pub flags: &'a Overrides,
 }
 
+fn file_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::ConfigFile {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Removes `key` from a section table and returns it as a string, if present.
+fn take_string(table: &mut toml::Table, section: &str, key: &str, path: &Path) -> Result<Option<String>, Error> {
+    match table.remove(key) {
+        None => Ok(None),
+        Some(toml::Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(file_error(path, format!("{section}.{key} must be a string, not {}", other.type_str()))),
+    }
+}
+
+fn take_section(table: &mut toml::Table, name: &str, path: &Path) -> Result<toml::Table, Error> {
+    match table.remove(name) {
+        None => Ok(toml::Table::new()),
+        Some(toml::Value::Table(t)) => Ok(t),
+        Some(other) => Err(file_error(path, format!("{name} must be a table ([{name}]), not {}", other.type_str()))),
+    }
+}
+
 impl Config {
     /// Reads the file, applies the environment and the flags, reads the admin token and checks the
-    /// values that need no I/O beyond that (see [`Config::validate`]).
+    /// values (no network; `serve --check-config` does the rest).
     pub fn load(src: &Sources<'_>) -> Result<Config, Error> {
-        let mut cfg = match src.file {
-            Some(path) => Self::from_file(path)?,
-            None => match std::fs::read_to_string(DEFAULT_CONFIG_PATH) {
-                Ok(text) => Self::from_toml(&text, Path::new(DEFAULT_CONFIG_PATH))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
-                Err(e) => return Err(Error::io("cannot read config file", DEFAULT_CONFIG_PATH, e)),
-            },
+        let (text, path) = match src.file {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?,
+                path.to_owned(),
+            ),
+            None => {
+                let path = PathBuf::from(DEFAULT_CONFIG_PATH);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => (text, path),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (String::new(), path),
+                    Err(e) => return Err(file_error(&path, format!("cannot read: {e}"))),
+                }
+            }
         };
-        cfg.apply_env(src.env)?;
-        cfg.apply_flags(src.flags);
-        cfg.read_admin_token(src.env, src.flags)?;
-        cfg.validate()?;
-        Ok(cfg)
+        Self::from_parts(&text, &path, src.env, src.flags)
     }
 
-    pub fn from_file(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
-            path: path.to_owned(),
-            message: format!("cannot read: {e}"),
-        })?;
-        Self::from_toml(&text, path)
-    }
+    /// [`Config::load`] on a file's text.
+    pub fn from_parts(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Config, Error> {
+        let mut table: toml::Table = toml::from_str(text)
+            .map_err(|e| file_error(path, e.message().to_owned() + &span_hint(text, e.span())))?;
+        let mut forgejo = take_section(&mut table, "forgejo", path)?;
+        let mut vm = take_section(&mut table, "vm", path)?;
+        let mut top = FileTop::deserialize(toml::Value::Table(table)).map_err(|e| file_error(path, e.message()))?;
 
-    pub fn from_toml(text: &str, path: &Path) -> Result<Config, Error> {
-        toml::from_str(text).map_err(|e| Error::ConfigFile {
-            path: path.to_owned(),
-            message: e.message().to_owned() + &span_hint(text, e.span()),
-        })
-    }
-
-    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), Error> {
+        // [forgejo]: our own keys out, URL precedence applied, the rest is the client's.
+        let runner_url = take_string(&mut forgejo, "forgejo", "runner_url", path)?
+            .map(|u| Url::parse(&u).map_err(|e| file_error(path, format!("forgejo.runner_url {u:?}: {e}"))))
+            .transpose()?;
+        let mut admin_token_file = take_string(&mut forgejo, "forgejo", "admin_token_file", path)?.map(PathBuf::from);
         if let Some(url) = env("FORGEJO_URL").filter(|s| !s.is_empty()) {
-            self.forgejo.url =
-                Some(Url::parse(&url).map_err(|e| {
-                    Error::Config(format!("FORGEJO_URL {url:?} is not a URL: {e}"))
-                })?);
+            Url::parse(&url).map_err(|e| Error::Config(format!("FORGEJO_URL {url:?} is not a URL: {e}")))?;
+            forgejo.insert("url".into(), url.into());
         }
-        Ok(())
-    }
+        if let Some(url) = &flags.forgejo_url {
+            forgejo.insert("url".into(), url.as_str().into());
+        }
+        if !forgejo.contains_key("url") {
+            return Err(Error::Config("no Forgejo URL: set forgejo.url, FORGEJO_URL or --forgejo-url".into()));
+        }
+        let forgejo = ClientConfig::deserialize(toml::Value::Table(forgejo))
+            .map_err(|e| file_error(path, format!("[forgejo]: {}", e.message())))?;
 
-    fn apply_flags(&mut self, f: &Overrides) {
+        // Top-level flags.
         fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
             if let Some(v) = v {
                 *dst = v.clone();
             }
         }
-        if f.forgejo_url.is_some() {
-            self.forgejo.url.clone_from(&f.forgejo_url);
+        if flags.base_image.is_some() {
+            top.base_image.clone_from(&flags.base_image);
         }
-        if f.runner_url.is_some() {
-            self.forgejo.runner_url.clone_from(&f.runner_url);
-        }
-        if f.base_image.is_some() {
-            self.base_image.clone_from(&f.base_image);
-        }
-        set(&mut self.label, &f.label);
-        set(&mut self.poll_interval, &f.poll_interval);
-        set(&mut self.max_vms, &f.max_vms);
-        set(&mut self.job_deadline, &f.job_deadline);
-        set(&mut self.boot_deadline, &f.boot_deadline);
-        set(&mut self.state_dir, &f.state_dir);
-        set(&mut self.runtime_dir, &f.runtime_dir);
-        set(&mut self.vm.accel, &f.accel);
-    }
+        set(&mut top.label, &flags.label);
+        set(&mut top.poll_interval, &flags.poll_interval);
+        set(&mut top.max_vms, &flags.max_vms);
+        set(&mut top.job_deadline, &flags.job_deadline);
+        set(&mut top.boot_deadline, &flags.boot_deadline);
+        set(&mut top.state_dir, &flags.state_dir);
+        set(&mut top.runtime_dir, &flags.runtime_dir);
 
-    /// Token sources, lowest precedence first: `forgejo.admin_token_file`,
-    /// `$CREDENTIALS_DIRECTORY/forgejo-admin-token`, `FORGEJO_ADMIN_TOKEN_FILE`,
-    /// `FORGEJO_ADMIN_TOKEN`, `--admin-token-file`.
-    fn read_admin_token(
-        &mut self,
-        env: &dyn Fn(&str) -> Option<String>,
-        flags: &Overrides,
-    ) -> Result<(), Error> {
-        let mut chosen: Option<(String, TokenSource)> = None;
-        if let Some(p) = &self.forgejo.admin_token_file {
-            chosen = Some((
-                "config forgejo.admin_token_file".into(),
-                TokenSource::File(p.clone()),
-            ));
+        // [vm]: the runtime dir is the top-level one; serial logs default under the state dir.
+        if vm.contains_key("runtime_root") {
+            return Err(file_error(path, "vm.runtime_root: set the top-level runtime_dir instead"));
         }
-        if let Some(dir) = env("CREDENTIALS_DIRECTORY").filter(|s| !s.is_empty()) {
-            let p = Path::new(&dir).join(CREDENTIAL_NAME);
-            if p.exists() {
-                chosen = Some(("systemd credential".into(), TokenSource::File(p)));
-            }
+        let log_dir_given = vm.contains_key("log_dir");
+        if let Some(accel) = flags.accel {
+            vm.insert("accel".into(), accel.to_string().into());
         }
-        if let Some(p) = env("FORGEJO_ADMIN_TOKEN_FILE").filter(|s| !s.is_empty()) {
-            chosen = Some((
-                "FORGEJO_ADMIN_TOKEN_FILE".into(),
-                TokenSource::File(p.into()),
-            ));
+        let mut vm = VmConfig::deserialize(toml::Value::Table(vm))
+            .map_err(|e| file_error(path, format!("[vm]: {}", e.message())))?;
+        vm.runtime_root = top.runtime_dir.clone();
+        if !log_dir_given {
+            vm.log_dir = top.state_dir.join("logs");
         }
-        if let Some(t) = env("FORGEJO_ADMIN_TOKEN").filter(|s| !s.is_empty()) {
-            chosen = Some((
-                "FORGEJO_ADMIN_TOKEN".into(),
-                TokenSource::Value(Secret::new(t)),
-            ));
+
+        if flags.admin_token_file.is_some() {
+            admin_token_file.clone_from(&flags.admin_token_file);
         }
-        if let Some(p) = &flags.admin_token_file {
-            chosen = Some(("--admin-token-file".into(), TokenSource::File(p.clone())));
-        }
-        let Some((label, source)) = chosen else {
-            return Ok(());
+        let (admin_token, admin_token_source) = read_admin_token(env, admin_token_file.as_deref(), flags)?;
+
+        let cfg = Config {
+            base_image: top.base_image.clone().unwrap_or_else(|| top.state_dir.join("images/runner-base.qcow2")),
+            label: top.label,
+            poll_interval: top.poll_interval,
+            max_vms: top.max_vms,
+            boot_deadline: top.boot_deadline,
+            job_deadline: top.job_deadline,
+            state_dir: top.state_dir,
+            runtime_dir: top.runtime_dir,
+            forgejo,
+            runner_url,
+            admin_token_file,
+            admin_token,
+            admin_token_source,
+            vm,
+            net: top.net,
+            metrics: top.metrics,
         };
-        let token = match source {
-            TokenSource::Value(s) => s,
-            TokenSource::File(p) => {
-                let text = std::fs::read_to_string(&p)
-                    .map_err(|e| Error::io("cannot read the admin token file", &p, e))?;
-                self.forgejo.admin_token_source = Some(format!("{label} ({})", p.display()));
-                Secret::new(text.trim())
-            }
-        };
-        if token.is_empty() {
-            return Err(Error::Config(format!(
-                "the admin token from {label} is empty"
-            )));
-        }
-        if self.forgejo.admin_token_source.is_none() {
-            self.forgejo.admin_token_source = Some(label);
-        }
-        self.forgejo.admin_token = Some(token);
-        Ok(())
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Checks the values themselves (no network, no file existence: see `serve --check-config`).
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
-        let Some(url) = &self.forgejo.url else {
-            return bad("no Forgejo URL: set forgejo.url, FORGEJO_URL or --forgejo-url".into());
-        };
-        for (key, u) in [
-            ("forgejo.url", Some(url)),
-            ("forgejo.runner_url", self.forgejo.runner_url.as_ref()),
-        ] {
+        for (key, u) in [("forgejo.url", Some(&self.forgejo.url)), ("forgejo.runner_url", self.runner_url.as_ref())] {
             if let Some(u) = u {
                 if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-                    return bad(format!(
-                        "{key} {u} must be an http:// or https:// URL with a host"
-                    ));
+                    return bad(format!("{key} {u} must be an http:// or https:// URL with a host"));
                 }
             }
         }
-        if self.forgejo.admin_token.is_none() {
-            return bad(format!(
-                "no admin token: set FORGEJO_ADMIN_TOKEN, FORGEJO_ADMIN_TOKEN_FILE, \
-                 forgejo.admin_token_file, or the systemd credential {CREDENTIAL_NAME}"
-            ));
-        }
         if self.label.is_empty()
-            || !self
-                .label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || !self.label.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return bad(format!(
                 "label {:?} must be non-empty and contain only letters, digits, '-', '_', '.'",
@@ -361,45 +289,17 @@ impl Config {
                 duration::format(self.job_deadline)
             ));
         }
-        if !matches!(self.vm.accel.as_str(), "auto" | "kvm" | "tcg") {
-            return bad(format!(
-                "vm.accel {:?} must be auto, kvm or tcg",
-                self.vm.accel
-            ));
-        }
         if self.vm.vcpus == 0 || self.vm.memory_mib < 256 {
             return bad("vm.vcpus must be at least 1 and vm.memory_mib at least 256".into());
         }
+        self.net.validate().map_err(|e| Error::Config(e.to_string()))?;
+        self.metrics.validate().map_err(|e| Error::Config(e.to_string()))?;
         Ok(())
-    }
-
-    /// The Forgejo URL (validated to exist by [`Config::validate`]).
-    pub fn forgejo_url(&self) -> &Url {
-        self.forgejo
-            .url
-            .as_ref()
-            .expect("validated: forgejo.url is set")
     }
 
     /// The URL the guests use for the runner and the registry.
     pub fn runner_url(&self) -> &Url {
-        self.forgejo
-            .runner_url
-            .as_ref()
-            .unwrap_or_else(|| self.forgejo_url())
-    }
-
-    pub fn admin_token(&self) -> &Secret {
-        self.forgejo
-            .admin_token
-            .as_ref()
-            .expect("validated: admin token is set")
-    }
-
-    pub fn base_image(&self) -> PathBuf {
-        self.base_image
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("images/runner-base.qcow2"))
+        self.runner_url.as_ref().unwrap_or(&self.forgejo.url)
     }
 
     pub fn ci_users_path(&self) -> PathBuf {
@@ -408,22 +308,88 @@ impl Config {
 
     /// The effective configuration as TOML, every default filled in, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
-        let mut shown = self.clone();
-        shown.base_image = Some(self.base_image());
-        let mut text =
-            toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# unprintable: {e}\n"));
-        let token_line = match &self.forgejo.admin_token_source {
-            Some(src) => format!("# admin token: [redacted], from {src}\n"),
-            None => "# admin token: not set\n".into(),
+        let mut top = toml::Table::new();
+        let mut put = |k: &str, v: toml::Value| {
+            top.insert(k.to_owned(), v);
         };
-        text.push_str(&token_line);
+        put("label", self.label.clone().into());
+        put("poll_interval", duration::format(self.poll_interval).into());
+        put("max_vms", (self.max_vms as i64).into());
+        put("base_image", self.base_image.display().to_string().into());
+        put("boot_deadline", duration::format(self.boot_deadline).into());
+        put("job_deadline", duration::format(self.job_deadline).into());
+        put("state_dir", self.state_dir.display().to_string().into());
+        put("runtime_dir", self.runtime_dir.display().to_string().into());
+        let mut forgejo = toml::Table::try_from(&self.forgejo).unwrap_or_default();
+        if let Some(u) = &self.runner_url {
+            forgejo.insert("runner_url".into(), u.as_str().into());
+        }
+        if let Some(p) = &self.admin_token_file {
+            forgejo.insert("admin_token_file".into(), p.display().to_string().into());
+        }
+        top.insert("forgejo".into(), forgejo.into());
+        let mut vm = toml::Table::try_from(&self.vm).unwrap_or_default();
+        vm.remove("runtime_root");
+        top.insert("vm".into(), vm.into());
+        top.insert("metrics".into(), toml::Table::try_from(&self.metrics).unwrap_or_default().into());
+        let mut text = toml::to_string_pretty(&top).unwrap_or_else(|e| format!("# unprintable: {e}\n"));
+        text.push_str(&format!("\n# [net] (effective): {:?}\n", self.net));
+        text.push_str(&format!("# admin token: [redacted], from {}\n", self.admin_token_source));
         text
     }
 }
 
-enum TokenSource {
-    File(PathBuf),
-    Value(Secret),
+/// Token sources, lowest precedence first: `forgejo.admin_token_file`,
+/// `$CREDENTIALS_DIRECTORY/forgejo-admin-token`, `FORGEJO_ADMIN_TOKEN_FILE`, `FORGEJO_ADMIN_TOKEN`,
+/// `--admin-token-file`.
+fn read_admin_token(
+    env: &dyn Fn(&str) -> Option<String>,
+    config_file: Option<&Path>,
+    flags: &Overrides,
+) -> Result<(Secret, String), Error> {
+    enum Source {
+        File(PathBuf),
+        Value(Secret),
+    }
+    let mut chosen: Option<(&str, Source)> = None;
+    if let (Some(p), None) = (config_file, &flags.admin_token_file) {
+        chosen = Some(("forgejo.admin_token_file", Source::File(p.to_owned())));
+    }
+    if let Some(dir) = env("CREDENTIALS_DIRECTORY").filter(|s| !s.is_empty()) {
+        let p = Path::new(&dir).join(CREDENTIAL_NAME);
+        if p.exists() {
+            chosen = Some(("systemd credential", Source::File(p)));
+        }
+    }
+    if let Some(p) = env("FORGEJO_ADMIN_TOKEN_FILE").filter(|s| !s.is_empty()) {
+        chosen = Some(("FORGEJO_ADMIN_TOKEN_FILE", Source::File(p.into())));
+    }
+    if let Some(t) = env("FORGEJO_ADMIN_TOKEN").filter(|s| !s.is_empty()) {
+        chosen = Some(("FORGEJO_ADMIN_TOKEN", Source::Value(Secret::new(t))));
+    }
+    if let Some(p) = &flags.admin_token_file {
+        chosen = Some(("--admin-token-file", Source::File(p.clone())));
+    }
+    let Some((label, source)) = chosen else {
+        return Err(Error::Config(format!(
+            "no admin token: set FORGEJO_ADMIN_TOKEN, FORGEJO_ADMIN_TOKEN_FILE, forgejo.admin_token_file, \
+             or the systemd credential {CREDENTIAL_NAME}"
+        )));
+    };
+    let (token, source) = match source {
+        Source::Value(s) => (s, label.to_owned()),
+        Source::File(p) => {
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::Config(format!(
+                "cannot read the admin token file {} (from {label}): {e}",
+                p.display()
+            )))?;
+            (Secret::new(text.trim()), format!("{label} ({})", p.display()))
+        }
+    };
+    if token.is_empty() {
+        return Err(Error::Config(format!("the admin token from {source} is empty")));
+    }
+    Ok((token, source))
 }
 
 /// ` (line N)` for a TOML error span, so the message points at the offending key.
@@ -443,10 +409,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
@@ -456,35 +419,72 @@ mod tests {
         p
     }
 
+    /// A config from `text` with a URL and a token from the environment.
+    fn parse(text: &str) -> Result<Config, Error> {
+        let env = env_of(&[("FORGEJO_URL", "http://f.example/"), ("FORGEJO_ADMIN_TOKEN", "tok")]);
+        Config::from_parts(text, Path::new("c.toml"), &env, &Overrides::default())
+    }
+
     #[test]
     fn defaults_are_the_documented_ones() {
-        let c = Config::default();
+        let c = parse("").unwrap();
         assert_eq!(c.label, "external-host");
         assert_eq!(c.poll_interval, Duration::from_secs(15));
         assert_eq!(c.max_vms, 3);
         assert_eq!(c.state_dir, Path::new("/var/lib/fkr-qemu"));
         assert_eq!(c.runtime_dir, Path::new("/run/fkr-qemu"));
-        assert_eq!(
-            c.base_image(),
-            Path::new("/var/lib/fkr-qemu/images/runner-base.qcow2")
-        );
-        assert_eq!(
-            c.ci_users_path(),
-            Path::new("/var/lib/fkr-qemu/ci-users.json")
-        );
+        assert_eq!(c.vm.runtime_root, Path::new("/run/fkr-qemu"));
+        assert_eq!(c.vm.log_dir, Path::new("/var/lib/fkr-qemu/logs"));
+        assert_eq!(c.base_image, Path::new("/var/lib/fkr-qemu/images/runner-base.qcow2"));
+        assert_eq!(c.ci_users_path(), Path::new("/var/lib/fkr-qemu/ci-users.json"));
+        assert_eq!(c.runner_url().as_str(), "http://f.example/");
     }
 
     #[test]
-    fn unknown_keys_are_errors_with_line() {
-        let e = Config::from_toml("label = \"x\"\nmax_vm = 3\n", Path::new("c.toml")).unwrap_err();
-        let m = e.to_string();
-        assert!(m.contains("max_vm") && m.contains("line 2"), "{m}");
-        let e = Config::from_toml("[vm]\ncpus = 2\n", Path::new("c.toml")).unwrap_err();
-        assert!(e.to_string().contains("cpus"), "{e}");
-        // The token itself is not a config-file key.
-        let e =
-            Config::from_toml("[forgejo]\nadmin_token = \"x\"\n", Path::new("c.toml")).unwrap_err();
-        assert!(e.to_string().contains("admin_token"), "{e}");
+    fn dirs_follow_state_and_runtime_dir() {
+        let c = parse("state_dir = \"/srv/st\"\nruntime_dir = \"/run/x\"\n").unwrap();
+        assert_eq!(c.vm.runtime_root, Path::new("/run/x"));
+        assert_eq!(c.vm.log_dir, Path::new("/srv/st/logs"));
+        assert_eq!(c.base_image, Path::new("/srv/st/images/runner-base.qcow2"));
+        let c = parse("state_dir = \"/srv/st\"\n[vm]\nlog_dir = \"/var/log/fkr\"\n").unwrap();
+        assert_eq!(c.vm.log_dir, Path::new("/var/log/fkr"));
+        let e = parse("[vm]\nruntime_root = \"/x\"\n").unwrap_err();
+        assert!(e.to_string().contains("runtime_dir"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_in_every_section() {
+        for (text, key) in [
+            ("label = \"x\"\nmax_vm = 3\n", "max_vm"),
+            ("[vm]\ncpus = 2\n", "cpus"),
+            ("[forgejo]\nadmin_token = \"x\"\n", "admin_token"),
+            ("[net]\nbrigde = \"x\"\n", "brigde"),
+            ("[metrics]\nlisten_addr = \"x\"\n", "listen_addr"),
+            ("[bogus]\n", "bogus"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+            assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
+        }
+        let e = parse("label = \n").unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn sections_are_the_modules_configs() {
+        let c = parse(
+            "[forgejo]\nlevel = { org = \"acme\" }\nci_user_visibility = \"private\"\n\
+             runner_url = \"http://10.0.0.2:3000/\"\n[vm]\naccel = \"tcg\"\nmemory_mib = 512\n\
+             [net]\nbridge = \"br-ci\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.forgejo.level, crate::forgejo::Level::Org("acme".into()));
+        assert_eq!(c.forgejo.ci_user_visibility, crate::forgejo::Visibility::Private);
+        assert_eq!(c.runner_url().as_str(), "http://10.0.0.2:3000/");
+        assert_eq!(c.vm.accel, Accel::Tcg);
+        assert_eq!(c.vm.memory_mib, 512);
+        assert_eq!(c.net.bridge, "br-ci");
+        assert!(c.metrics.listen.is_some());
     }
 
     #[test]
@@ -493,42 +493,25 @@ mod tests {
         let file = write(
             dir.path(),
             "c.toml",
-            "label = \"from-file\"\nmax_vms = 5\npoll_interval = \"2s\"\n\
-             [forgejo]\nurl = \"http://file.example:3000/\"\n",
+            "label = \"from-file\"\nmax_vms = 5\npoll_interval = \"2s\"\n[forgejo]\nurl = \"http://file.example:3000/\"\n",
         );
         let tok = write(dir.path(), "tok", "file-token\n");
-        let env = env_of(&[
-            ("FORGEJO_URL", "http://env.example/"),
-            ("FORGEJO_ADMIN_TOKEN_FILE", tok.to_str().unwrap()),
-        ]);
-        let flags = Overrides {
-            label: Some("from-flag".into()),
-            ..Default::default()
-        };
-        let c = Config::load(&Sources {
-            file: Some(&file),
-            env: &env,
-            flags: &flags,
-        })
-        .unwrap();
+        let env = env_of(&[("FORGEJO_URL", "http://env.example/"), ("FORGEJO_ADMIN_TOKEN_FILE", tok.to_str().unwrap())]);
+        let flags = Overrides { label: Some("from-flag".into()), accel: Some(Accel::Tcg), ..Default::default() };
+        let c = Config::load(&Sources { file: Some(&file), env: &env, flags: &flags }).unwrap();
         assert_eq!(c.label, "from-flag");
         assert_eq!(c.max_vms, 5);
+        assert_eq!(c.vm.accel, Accel::Tcg);
         assert_eq!(c.poll_interval, Duration::from_secs(2));
-        assert_eq!(c.forgejo_url().as_str(), "http://env.example/");
-        assert_eq!(c.runner_url().as_str(), "http://env.example/");
-        assert_eq!(c.admin_token().expose(), "file-token");
+        assert_eq!(c.forgejo.url.as_str(), "http://env.example/");
+        assert_eq!(c.admin_token.expose(), "file-token");
 
-        let flags = Overrides {
-            forgejo_url: Some(Url::parse("http://flag.example/").unwrap()),
-            ..Default::default()
-        };
-        let c = Config::load(&Sources {
-            file: Some(&file),
-            env: &env,
-            flags: &flags,
-        })
-        .unwrap();
-        assert_eq!(c.forgejo_url().as_str(), "http://flag.example/");
+        let flags = Overrides { forgejo_url: Some(Url::parse("http://flag.example/").unwrap()), ..Default::default() };
+        let c = Config::load(&Sources { file: Some(&file), env: &env, flags: &flags }).unwrap();
+        assert_eq!(c.forgejo.url.as_str(), "http://flag.example/");
+        let none = env_of(&[("FORGEJO_ADMIN_TOKEN", "t")]);
+        let c = Config::load(&Sources { file: Some(&file), env: &none, flags: &Overrides::default() }).unwrap();
+        assert_eq!(c.forgejo.url.as_str(), "http://file.example:3000/");
     }
 
     #[test]
@@ -542,98 +525,49 @@ mod tests {
         let file = write(
             dir.path(),
             "c.toml",
-            &format!(
-                "[forgejo]\nurl = \"http://f/\"\nadmin_token_file = {:?}\n",
-                from_cfg
-            ),
+            &format!("[forgejo]\nurl = \"http://f/\"\nadmin_token_file = {:?}\n", from_cfg),
         );
         let none = Overrides::default();
         let load = |env: &[(&str, &str)], flags: &Overrides| {
             let env = env_of(env);
-            Config::load(&Sources {
-                file: Some(&file),
-                env: &env,
-                flags,
-            })
-            .unwrap()
+            Config::load(&Sources { file: Some(&file), env: &env, flags }).unwrap()
         };
         let creds_s = creds.to_str().unwrap();
         let envfile_s = from_envfile.to_str().unwrap();
-        assert_eq!(load(&[], &none).admin_token().expose(), "cfg-token");
-        assert_eq!(
-            load(&[("CREDENTIALS_DIRECTORY", creds_s)], &none)
-                .admin_token()
-                .expose(),
-            "cred-token"
-        );
-        let c = load(
-            &[
-                ("CREDENTIALS_DIRECTORY", creds_s),
-                ("FORGEJO_ADMIN_TOKEN_FILE", envfile_s),
-            ],
-            &none,
-        );
-        assert_eq!(c.admin_token().expose(), "envfile-token");
-        let c = load(
-            &[
-                ("FORGEJO_ADMIN_TOKEN_FILE", envfile_s),
-                ("FORGEJO_ADMIN_TOKEN", "env-token"),
-            ],
-            &none,
-        );
-        assert_eq!(c.admin_token().expose(), "env-token");
-        assert_eq!(
-            c.forgejo.admin_token_source.as_deref(),
-            Some("FORGEJO_ADMIN_TOKEN")
-        );
-        let flags = Overrides {
-            admin_token_file: Some(from_envfile.clone()),
-            ..Default::default()
-        };
-        assert_eq!(
-            load(&[("FORGEJO_ADMIN_TOKEN", "env-token")], &flags)
-                .admin_token()
-                .expose(),
-            "envfile-token"
-        );
+        assert_eq!(load(&[], &none).admin_token.expose(), "cfg-token");
+        assert_eq!(load(&[("CREDENTIALS_DIRECTORY", creds_s)], &none).admin_token.expose(), "cred-token");
+        let c = load(&[("CREDENTIALS_DIRECTORY", creds_s), ("FORGEJO_ADMIN_TOKEN_FILE", envfile_s)], &none);
+        assert_eq!(c.admin_token.expose(), "envfile-token");
+        let c = load(&[("FORGEJO_ADMIN_TOKEN_FILE", envfile_s), ("FORGEJO_ADMIN_TOKEN", "env-token")], &none);
+        assert_eq!(c.admin_token.expose(), "env-token");
+        assert_eq!(c.admin_token_source, "FORGEJO_ADMIN_TOKEN");
+        let flags = Overrides { admin_token_file: Some(from_envfile.clone()), ..Default::default() };
+        assert_eq!(load(&[("FORGEJO_ADMIN_TOKEN", "env-token")], &flags).admin_token.expose(), "envfile-token");
     }
 
     #[test]
     fn missing_pieces_are_config_errors() {
-        let env = env_of(&[]);
-        let none = Overrides::default();
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), "c.toml", "");
-        let e = Config::load(&Sources {
-            file: Some(&file),
-            env: &env,
-            flags: &none,
-        })
-        .unwrap_err();
+        let none = Overrides::default();
+        let env = env_of(&[]);
+        let e = Config::load(&Sources { file: Some(&file), env: &env, flags: &none }).unwrap_err();
         assert!(e.to_string().contains("Forgejo URL"), "{e}");
         let env = env_of(&[("FORGEJO_URL", "http://f/")]);
-        let e = Config::load(&Sources {
-            file: Some(&file),
-            env: &env,
-            flags: &none,
-        })
-        .unwrap_err();
+        let e = Config::load(&Sources { file: Some(&file), env: &env, flags: &none }).unwrap_err();
         assert!(e.to_string().contains("admin token"), "{e}");
-        let e = Config::load(&Sources {
-            file: Some(&dir.path().join("nope.toml")),
-            env: &env,
-            flags: &none,
-        })
-        .unwrap_err();
+        let missing = dir.path().join("nope.toml");
+        let e = Config::load(&Sources { file: Some(&missing), env: &env, flags: &none }).unwrap_err();
         assert!(e.to_string().contains("nope.toml"), "{e}");
         assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
+        let env = env_of(&[("FORGEJO_URL", "http://f/"), ("FORGEJO_ADMIN_TOKEN_FILE", "/nonexistent/tok")]);
+        let e = Config::load(&Sources { file: Some(&file), env: &env, flags: &none }).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/tok"), "{e}");
     }
 
     #[test]
     fn validation_rejects_bad_values() {
-        let mut c = Config::default();
-        c.forgejo.url = Some(Url::parse("http://f/").unwrap());
-        c.forgejo.admin_token = Some(Secret::new("t"));
+        let c = parse("").unwrap();
         c.validate().unwrap();
         for f in [
             |c: &mut Config| c.max_vms = 0,
@@ -641,8 +575,10 @@ mod tests {
             |c: &mut Config| c.label = String::new(),
             |c: &mut Config| c.poll_interval = Duration::ZERO,
             |c: &mut Config| c.boot_deadline = Duration::from_secs(10 * 3600),
-            |c: &mut Config| c.vm.accel = "xen".into(),
-            |c: &mut Config| c.forgejo.url = Some(Url::parse("ftp://f/").unwrap()),
+            |c: &mut Config| c.vm.vcpus = 0,
+            |c: &mut Config| c.forgejo.url = Url::parse("ftp://f/").unwrap(),
+            |c: &mut Config| c.net.bridge = "fr-bad".into(),
+            |c: &mut Config| c.metrics.listen = Some("0.0.0.0:9464".parse().unwrap()),
         ] {
             let mut bad = c.clone();
             f(&mut bad);
@@ -652,28 +588,18 @@ mod tests {
 
     #[test]
     fn redacted_toml_hides_token_and_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = write(
-            dir.path(),
-            "c.toml",
-            "runner_level = \"repo\"\n[forgejo]\nurl = \"http://f/\"\n",
-        );
-        let env = env_of(&[("FORGEJO_ADMIN_TOKEN", "super-secret-token-123")]);
-        let c = Config::load(&Sources {
-            file: Some(&file),
-            env: &env,
-            flags: &Overrides::default(),
-        })
-        .unwrap();
-        assert_eq!(c.runner_level, RunnerLevel::Repository);
+        let env = env_of(&[("FORGEJO_URL", "http://f/"), ("FORGEJO_ADMIN_TOKEN", "super-secret-token-123")]);
+        let c = Config::from_parts("max_vms = 7\n[vm]\naccel = \"tcg\"\n", Path::new("c"), &env, &Overrides::default())
+            .unwrap();
         let text = c.to_redacted_toml();
         assert!(!text.contains("super-secret-token-123"), "{text}");
         assert!(text.contains("[redacted]"), "{text}");
         assert!(!format!("{c:?}").contains("super-secret-token-123"));
         // What --check-config prints is itself a valid config file.
-        let back = Config::from_toml(&text, Path::new("printed")).unwrap();
-        assert_eq!(back.max_vms, c.max_vms);
-        assert_eq!(back.base_image(), c.base_image());
-        assert_eq!(back.runner_level, RunnerLevel::Repository);
+        let back = Config::from_parts(&text, Path::new("printed"), &env, &Overrides::default()).unwrap();
+        assert_eq!(back.max_vms, 7);
+        assert_eq!(back.base_image, c.base_image);
+        assert_eq!(back.vm, c.vm);
+        assert_eq!(back.forgejo, c.forgejo);
     }
 }

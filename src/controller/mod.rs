@@ -6,13 +6,36 @@ use std::path::{Path, PathBuf};
 pub mod check;
 pub mod ciuser;
 pub mod config;
+pub mod daemon;
 pub mod duration;
+mod job;
 pub mod state;
-pub mod status;
+mod sweep;
 pub mod userdata;
 
 pub use config::Config;
 pub use state::JobState;
+
+/// What every job task shares with the scheduler.
+pub(crate) struct Ctx {
+    pub cfg: Config,
+    pub forgejo: crate::forgejo::Client,
+    /// `ci-users.json`; its lock also serialises CI-user creation.
+    pub users: tokio::sync::Mutex<ciuser::CiUserStore>,
+    /// Set up after the startup sweep (which removes our firewall table first).
+    pub net: Option<crate::net::HostNetwork>,
+    pub board: crate::ops::StatusBoard,
+    pub metrics: crate::ops::Metrics,
+    /// `fkr-qemu@<hostname>`: starts every runner description, so the sweep deletes only this
+    /// host's runners.
+    pub runner_marker: String,
+}
+
+impl Ctx {
+    pub(crate) fn net(&self) -> &crate::net::HostNetwork {
+        self.net.as_ref().expect("the host network is set up before discovery starts")
+    }
+}
 
 /// Errors of the `controller` module.
 #[derive(Debug, thiserror::Error)]

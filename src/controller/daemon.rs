@@ -1,0 +1,336 @@
+//! The daemon: start-up (Forgejo probe, operator services, sweep, host network), the discovery loop
+//! with its FIFO queue, dispatch of at most `max_vms` jobs, and the two-stage shutdown on signals.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::ciuser::CiUserStore;
+use super::job::{self, Report, Ticket, MAX_ATTEMPTS};
+use super::{sweep, Config, Ctx, Error};
+use crate::forgejo::{self, Job, JobStatus};
+use crate::ops::{self, Metrics, StatusBoard};
+
+/// SIGINT and SIGTERM as one stream.
+struct Signals {
+    int: Signal,
+    term: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, Error> {
+        let err = |e| Error::io("cannot install a signal handler for", "SIGINT/SIGTERM", e);
+        Ok(Self { int: signal(SignalKind::interrupt()).map_err(err)?, term: signal(SignalKind::terminate()).map_err(err)? })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+struct Queued {
+    job: Job,
+    seen_at: Instant,
+}
+
+/// The discovery queue and the jobs in flight.
+struct Scheduler {
+    ctx: Arc<Ctx>,
+    queue: VecDeque<Queued>,
+    /// Handles queued or in flight (the dedupe set).
+    known: HashSet<String>,
+    /// In-flight handles → "picked up" notifier.
+    active: HashMap<String, watch::Sender<bool>>,
+    /// Handles whose VMs ended without the runner picking the job up, and how often.
+    failures: HashMap<String, u32>,
+    tasks: JoinSet<(String, Report)>,
+    /// Cancelled on the second signal: every job stops its VM.
+    stop_vms: CancellationToken,
+}
+
+impl Scheduler {
+    fn new(ctx: Arc<Ctx>) -> Self {
+        Self {
+            ctx,
+            queue: VecDeque::new(),
+            known: HashSet::new(),
+            active: HashMap::new(),
+            failures: HashMap::new(),
+            tasks: JoinSet::new(),
+            stop_vms: CancellationToken::new(),
+        }
+    }
+
+    async fn list_jobs(&self) -> Option<Vec<Job>> {
+        match self.ctx.forgejo.jobs(&[self.ctx.cfg.label.as_str()]).await {
+            Ok(jobs) => Some(jobs),
+            Err(e) => {
+                tracing::warn!("polling Forgejo for jobs failed: {e}");
+                self.ctx.board.forgejo_error(e.to_string());
+                None
+            }
+        }
+    }
+
+    /// One discovery round: new waiting jobs enter the queue, queued jobs that are no longer
+    /// waiting leave it, in-flight jobs Forgejo shows running are marked picked up.
+    async fn poll(&mut self) {
+        let Some(jobs) = self.list_jobs().await else { return };
+        let mut waiting = HashSet::new();
+        for j in jobs {
+            match j.status {
+                JobStatus::Running => {
+                    if let Some(tx) = self.active.get(&j.handle) {
+                        tx.send_replace(true);
+                    }
+                }
+                JobStatus::Waiting => {
+                    waiting.insert(j.handle.clone());
+                    if j.handle.is_empty() || self.known.contains(&j.handle) {
+                        continue;
+                    }
+                    if self.failures.get(&j.handle).copied().unwrap_or(0) >= MAX_ATTEMPTS {
+                        continue;
+                    }
+                    tracing::debug!("queue: job {} waiting (handle={})", j.id, j.handle);
+                    self.ctx.metrics.job_seen();
+                    self.known.insert(j.handle.clone());
+                    self.queue.push_back(Queued { job: j, seen_at: Instant::now() });
+                }
+                JobStatus::Other(_) => {}
+            }
+        }
+        let known = &mut self.known;
+        let metrics = &self.ctx.metrics;
+        self.queue.retain(|q| {
+            let keep = waiting.contains(&q.job.handle);
+            if !keep {
+                tracing::info!("queue: dropping job {} (handle={}): no longer waiting", q.job.id, q.job.handle);
+                known.remove(&q.job.handle);
+                metrics.job_dropped();
+            }
+            keep
+        });
+        self.ctx.board.set_queued(self.queue.len());
+    }
+
+    /// Starts queued jobs while VM slots are free, each re-checked against a fresh list first.
+    async fn dispatch(&mut self) {
+        if self.queue.is_empty() || self.tasks.len() >= self.ctx.cfg.max_vms {
+            return;
+        }
+        let Some(fresh) = self.list_jobs().await else { return };
+        let still_waiting: HashSet<&str> = fresh
+            .iter()
+            .filter(|j| j.status == JobStatus::Waiting)
+            .map(|j| j.handle.as_str())
+            .collect();
+        while self.tasks.len() < self.ctx.cfg.max_vms {
+            let Some(q) = self.queue.pop_front() else { break };
+            if !still_waiting.contains(q.job.handle.as_str()) {
+                tracing::info!("queue: dropping job {} (handle={}): no longer waiting", q.job.id, q.job.handle);
+                self.known.remove(&q.job.handle);
+                self.ctx.metrics.job_dropped();
+                continue;
+            }
+            tracing::info!("queue: dispatching job {} (handle={})", q.job.id, q.job.handle);
+            let (tx, rx) = watch::channel(false);
+            let handle = q.job.handle.clone();
+            self.active.insert(handle.clone(), tx);
+            let ticket = Ticket { job: q.job, seen_at: q.seen_at, picked_up: rx };
+            let ctx = self.ctx.clone();
+            let stop = self.stop_vms.child_token();
+            self.tasks.spawn(async move { (handle, job::run(ctx, ticket, stop).await) });
+        }
+        self.ctx.board.set_queued(self.queue.len());
+    }
+
+    /// Bookkeeping when a job's task ended.
+    fn finished(&mut self, joined: Result<(String, Report), tokio::task::JoinError>) {
+        match joined {
+            Ok((handle, report)) => {
+                self.active.remove(&handle);
+                self.known.remove(&handle);
+                if report.picked_up {
+                    self.failures.remove(&handle);
+                } else {
+                    let n = self.failures.entry(handle.clone()).or_insert(0);
+                    *n += 1;
+                    if *n >= MAX_ATTEMPTS {
+                        tracing::error!(
+                            "job with handle {handle}: {n} VMs ended without its runner picking it up; \
+                             giving up on it (restart the daemon to try again)"
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                // A panicking job task: its resources were released by their Drop impls. Forget the
+                // handles whose tasks are gone so the job can be retried.
+                tracing::error!("a job task failed: {e}");
+                let alive: HashSet<String> = self.active.keys().filter(|h| !self.active[*h].is_closed()).cloned().collect();
+                self.active.retain(|h, _| alive.contains(h));
+                let active = &self.active;
+                let queue = &self.queue;
+                self.known.retain(|h| active.contains_key(h) || queue.iter().any(|q| &q.job.handle == h));
+            }
+        }
+    }
+}
+
+/// Waits until Forgejo answers the probe (it may be down while this host boots). Unrecoverable
+/// answers (too old, token refused) end the daemon.
+async fn wait_for_forgejo(client: &forgejo::Client, board: &StatusBoard, signals: &mut Signals) -> Result<bool, crate::Error> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match client.probe().await {
+            Ok(_) => return Ok(true),
+            Err(e @ forgejo::Error::UnsupportedVersion { .. }) => return Err(e.into()),
+            Err(e) if matches!(e.status(), Some(401 | 403)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!("Forgejo is not answering yet: {e}; retrying in {}s", delay.as_secs());
+                board.forgejo_error(e.to_string());
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            sig = signals.recv() => {
+                tracing::info!("received {sig} while waiting for Forgejo: exiting");
+                return Ok(false);
+            }
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn create_dir(path: &std::path::Path, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    if path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|e| Error::io("cannot create", path, e))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Runs the daemon until a signal ends it.
+pub async fn run(cfg: Config) -> Result<(), crate::Error> {
+    let mut signals = Signals::new()?;
+    create_dir(&cfg.state_dir, 0o700)?;
+    create_dir(&cfg.runtime_dir, 0o755)?;
+    create_dir(&cfg.vm.log_dir, 0o700)?;
+    let metrics = Metrics::new();
+    let board = StatusBoard::new(Some(metrics.clone()));
+    let client = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone())?
+        .with_observer(Arc::new(metrics.forgejo_observer()));
+    let users = CiUserStore::open(cfg.ci_users_path())?;
+    let services = ops::Services::start(&cfg.runtime_dir, &cfg.metrics, &metrics, board.clone()).await?;
+
+    if !wait_for_forgejo(&client, &board, &mut signals).await? {
+        services.stop().await;
+        return Ok(());
+    }
+    // The network part of the sweep removes our nftables table: sweep first, then set up.
+    let ctx_for_sweep = Arc::new(Ctx {
+        runner_marker: format!("fkr-qemu@{}", hostname()),
+        cfg,
+        forgejo: client,
+        users: tokio::sync::Mutex::new(users),
+        net: None,
+        board: board.clone(),
+        metrics: metrics.clone(),
+    });
+    sweep::startup_sweep(&ctx_for_sweep).await;
+    let mut ctx = Arc::into_inner(ctx_for_sweep).expect("the sweep keeps no reference");
+    ctx.net = Some(crate::net::HostNetwork::setup(&ctx.cfg.net)?);
+    let ctx = Arc::new(ctx);
+
+    board.set_ready(true);
+    ops::systemd::ready("ready: 0 running, 0 queued");
+    tracing::info!(
+        "entering discovery loop (label={}, interval={}s, max_vms={})",
+        ctx.cfg.label,
+        super::duration::format(ctx.cfg.poll_interval).trim_end_matches('s'),
+        ctx.cfg.max_vms
+    );
+
+    let mut sched = Scheduler::new(ctx.clone());
+    let mut interval = tokio::time::interval(ctx.cfg.poll_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let first_signal = loop {
+        tokio::select! {
+            sig = signals.recv() => break sig,
+            Some(joined) = sched.tasks.join_next() => {
+                sched.finished(joined);
+                let step = sched.dispatch();
+                tokio::select! {
+                    () = step => {}
+                    sig = signals.recv() => break sig,
+                }
+            }
+            _ = interval.tick() => {
+                let step = async {
+                    sched.poll().await;
+                    sched.dispatch().await;
+                };
+                tokio::select! {
+                    () = step => {}
+                    sig = signals.recv() => break sig,
+                }
+                let (running, queued) = (sched.tasks.len(), sched.queue.len());
+                ops::systemd::status(&format!("ready: {running} running, {queued} queued"));
+            }
+        }
+    };
+
+    // First signal: no new jobs; wait for the ones in flight.
+    board.set_draining();
+    board.set_ready(false);
+    for q in sched.queue.drain(..) {
+        sched.known.remove(&q.job.handle);
+    }
+    board.set_queued(0);
+    let n = sched.tasks.len();
+    tracing::info!("received {first_signal}: stopping discovery; waiting for {n} in-flight VM(s) (signal again to stop them)");
+    ops::systemd::stopping(&format!("draining {n} VM(s)"));
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            joined = sched.tasks.join_next() => match joined {
+                Some(j) => sched.finished(j),
+                None => break,
+            },
+            sig = signals.recv(), if !stopping => {
+                stopping = true;
+                tracing::info!("received {sig} again: stopping {} VM(s)", sched.tasks.len());
+                sched.stop_vms.cancel();
+            }
+        }
+    }
+    tracing::info!("all VMs are gone; exiting");
+    services.stop().await;
+    drop(sched);
+    if let Some(net) = Arc::into_inner(ctx).and_then(|c| c.net) {
+        if let Err(e) = net.teardown() {
+            tracing::warn!("network teardown: {e}");
+        }
+    }
+    Ok(())
+}
