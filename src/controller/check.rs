@@ -22,7 +22,11 @@ pub fn required_scopes(level: &Level) -> Vec<&'static str> {
 /// Whether the token's `have` scopes cover `need` (`all` covers everything, `write:x` covers `read:x`).
 pub fn scope_covered(have: &[String], need: &str) -> bool {
     have.iter().any(|h| {
-        h == "all" || h == need || need.strip_prefix("read:").is_some_and(|area| h.strip_prefix("write:") == Some(area))
+        h == "all"
+            || h == need
+            || need
+                .strip_prefix("read:")
+                .is_some_and(|area| h.strip_prefix("write:") == Some(area))
     })
 }
 
@@ -59,14 +63,20 @@ async fn token_scopes(cfg: &Config, login: &str) -> Result<Option<Vec<String>>, 
         .json()
         .await
         .map_err(|e| Error::ForgejoCheck(format!("cannot read the token list: {e}")))?;
-    Ok(listed.into_iter().find(|t| t.token_last_eight == last8).map(|t| t.scopes))
+    Ok(listed
+        .into_iter()
+        .find(|t| t.token_last_eight == last8)
+        .map(|t| t.scopes))
 }
 
 fn check_file(what: &str, path: &Path, hint: &str) -> Result<(), Error> {
     if path.is_file() {
         Ok(())
     } else {
-        Err(Error::Missing(format!("{what} {} does not exist ({hint})", path.display())))
+        Err(Error::Missing(format!(
+            "{what} {} does not exist ({hint})",
+            path.display()
+        )))
     }
 }
 
@@ -86,13 +96,20 @@ pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
 
     let client = Client::new(cfg.forgejo.clone(), cfg.admin_token.clone())?;
     let info = client.probe().await?;
-    notes.push(format!("Forgejo {} at {} (token of {})", info.version, cfg.forgejo.url, info.login));
+    notes.push(format!(
+        "Forgejo {} at {} (token of {})",
+        info.version, cfg.forgejo.url, info.login
+    ));
     client.jobs(&[cfg.label.as_str()]).await?;
     client.runners().await?;
     let need = required_scopes(&cfg.forgejo.level);
     match token_scopes(cfg, &info.login).await? {
         Some(have) => {
-            let missing: Vec<&str> = need.iter().copied().filter(|n| !scope_covered(&have, n)).collect();
+            let missing: Vec<&str> = need
+                .iter()
+                .copied()
+                .filter(|n| !scope_covered(&have, n))
+                .collect();
             if !missing.is_empty() {
                 return Err(Error::ForgejoCheck(format!(
                     "the admin token lacks the scope(s) {}; it has {}; it needs {}",
@@ -102,7 +119,11 @@ pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
                 ))
                 .into());
             }
-            notes.push(format!("admin token scopes: {} (needs {})", have.join(", "), need.join(", ")));
+            notes.push(format!(
+                "admin token scopes: {} (needs {})",
+                have.join(", "),
+                need.join(", ")
+            ));
         }
         None => notes.push(format!(
             "admin token scopes: not found among {}'s tokens; make sure it has {}",
@@ -125,13 +146,29 @@ mod tests {
 
     #[test]
     fn scopes() {
-        let have: Vec<String> = ["write:admin", "write:user", "read:repository"].map(String::from).into();
+        let have: Vec<String> = ["write:admin", "write:user", "read:repository"]
+            .map(String::from)
+            .into();
         assert!(scope_covered(&have, "read:admin"));
         assert!(scope_covered(&have, "read:user"));
         assert!(!scope_covered(&have, "write:repository"));
         assert!(scope_covered(&["all".to_owned()], "write:organization"));
-        let need = required_scopes(&Level::Repo { owner: "o".into(), repo: "r".into() });
-        assert_eq!(need, ["write:admin", "read:user", "read:repository", "write:repository"]);
-        assert_eq!(required_scopes(&Level::Instance), ["write:admin", "read:user", "read:repository"]);
+        let need = required_scopes(&Level::Repo {
+            owner: "o".into(),
+            repo: "r".into(),
+        });
+        assert_eq!(
+            need,
+            [
+                "write:admin",
+                "read:user",
+                "read:repository",
+                "write:repository"
+            ]
+        );
+        assert_eq!(
+            required_scopes(&Level::Instance),
+            ["write:admin", "read:user", "read:repository"]
+        );
     }
 }

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use url::Url;
 
 use super::{duration, Error};
@@ -27,7 +27,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/fkr-qemu/config.toml";
 pub const CREDENTIAL_NAME: &str = "forgejo-admin-token";
 
 /// The file's top-level keys (the sections `[forgejo]` and `[vm]` are read in a second step).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct FileTop {
     label: String,
@@ -128,11 +128,19 @@ fn file_error(path: &Path, message: impl Into<String>) -> Error {
 }
 
 /// Removes `key` from a section table and returns it as a string, if present.
-fn take_string(table: &mut toml::Table, section: &str, key: &str, path: &Path) -> Result<Option<String>, Error> {
+fn take_string(
+    table: &mut toml::Table,
+    section: &str,
+    key: &str,
+    path: &Path,
+) -> Result<Option<String>, Error> {
     match table.remove(key) {
         None => Ok(None),
         Some(toml::Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(file_error(path, format!("{section}.{key} must be a string, not {}", other.type_str()))),
+        Some(other) => Err(file_error(
+            path,
+            format!("{section}.{key} must be a string, not {}", other.type_str()),
+        )),
     }
 }
 
@@ -140,7 +148,13 @@ fn take_section(table: &mut toml::Table, name: &str, path: &Path) -> Result<toml
     match table.remove(name) {
         None => Ok(toml::Table::new()),
         Some(toml::Value::Table(t)) => Ok(t),
-        Some(other) => Err(file_error(path, format!("{name} must be a table ([{name}]), not {}", other.type_str()))),
+        Some(other) => Err(file_error(
+            path,
+            format!(
+                "{name} must be a table ([{name}]), not {}",
+                other.type_str()
+            ),
+        )),
     }
 }
 
@@ -150,7 +164,8 @@ impl Config {
     pub fn load(src: &Sources<'_>) -> Result<Config, Error> {
         let (text, path) = match src.file {
             Some(path) => (
-                std::fs::read_to_string(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?,
+                std::fs::read_to_string(path)
+                    .map_err(|e| file_error(path, format!("cannot read: {e}")))?,
                 path.to_owned(),
             ),
             None => {
@@ -176,22 +191,30 @@ impl Config {
             .map_err(|e| file_error(path, e.message().to_owned() + &span_hint(text, e.span())))?;
         let mut forgejo = take_section(&mut table, "forgejo", path)?;
         let mut vm = take_section(&mut table, "vm", path)?;
-        let mut top = FileTop::deserialize(toml::Value::Table(table)).map_err(|e| file_error(path, e.message()))?;
+        let mut top = FileTop::deserialize(toml::Value::Table(table))
+            .map_err(|e| file_error(path, e.message()))?;
 
         // [forgejo]: our own keys out, URL precedence applied, the rest is the client's.
         let runner_url = take_string(&mut forgejo, "forgejo", "runner_url", path)?
-            .map(|u| Url::parse(&u).map_err(|e| file_error(path, format!("forgejo.runner_url {u:?}: {e}"))))
+            .map(|u| {
+                Url::parse(&u)
+                    .map_err(|e| file_error(path, format!("forgejo.runner_url {u:?}: {e}")))
+            })
             .transpose()?;
-        let mut admin_token_file = take_string(&mut forgejo, "forgejo", "admin_token_file", path)?.map(PathBuf::from);
+        let mut admin_token_file =
+            take_string(&mut forgejo, "forgejo", "admin_token_file", path)?.map(PathBuf::from);
         if let Some(url) = env("FORGEJO_URL").filter(|s| !s.is_empty()) {
-            Url::parse(&url).map_err(|e| Error::Config(format!("FORGEJO_URL {url:?} is not a URL: {e}")))?;
+            Url::parse(&url)
+                .map_err(|e| Error::Config(format!("FORGEJO_URL {url:?} is not a URL: {e}")))?;
             forgejo.insert("url".into(), url.into());
         }
         if let Some(url) = &flags.forgejo_url {
             forgejo.insert("url".into(), url.as_str().into());
         }
         if !forgejo.contains_key("url") {
-            return Err(Error::Config("no Forgejo URL: set forgejo.url, FORGEJO_URL or --forgejo-url".into()));
+            return Err(Error::Config(
+                "no Forgejo URL: set forgejo.url, FORGEJO_URL or --forgejo-url".into(),
+            ));
         }
         let forgejo = ClientConfig::deserialize(toml::Value::Table(forgejo))
             .map_err(|e| file_error(path, format!("[forgejo]: {}", e.message())))?;
@@ -215,7 +238,10 @@ impl Config {
 
         // [vm]: the runtime dir is the top-level one; serial logs default under the state dir.
         if vm.contains_key("runtime_root") {
-            return Err(file_error(path, "vm.runtime_root: set the top-level runtime_dir instead"));
+            return Err(file_error(
+                path,
+                "vm.runtime_root: set the top-level runtime_dir instead",
+            ));
         }
         let log_dir_given = vm.contains_key("log_dir");
         if let Some(accel) = flags.accel {
@@ -231,10 +257,14 @@ impl Config {
         if flags.admin_token_file.is_some() {
             admin_token_file.clone_from(&flags.admin_token_file);
         }
-        let (admin_token, admin_token_source) = read_admin_token(env, admin_token_file.as_deref(), flags)?;
+        let (admin_token, admin_token_source) =
+            read_admin_token(env, admin_token_file.as_deref(), flags)?;
 
         let cfg = Config {
-            base_image: top.base_image.clone().unwrap_or_else(|| top.state_dir.join("images/runner-base.qcow2")),
+            base_image: top
+                .base_image
+                .clone()
+                .unwrap_or_else(|| top.state_dir.join("images/runner-base.qcow2")),
             label: top.label,
             poll_interval: top.poll_interval,
             max_vms: top.max_vms,
@@ -258,15 +288,23 @@ impl Config {
     /// Checks the values themselves (no network, no file existence: see `serve --check-config`).
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
-        for (key, u) in [("forgejo.url", Some(&self.forgejo.url)), ("forgejo.runner_url", self.runner_url.as_ref())] {
+        for (key, u) in [
+            ("forgejo.url", Some(&self.forgejo.url)),
+            ("forgejo.runner_url", self.runner_url.as_ref()),
+        ] {
             if let Some(u) = u {
                 if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-                    return bad(format!("{key} {u} must be an http:// or https:// URL with a host"));
+                    return bad(format!(
+                        "{key} {u} must be an http:// or https:// URL with a host"
+                    ));
                 }
             }
         }
         if self.label.is_empty()
-            || !self.label.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || !self
+                .label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return bad(format!(
                 "label {:?} must be non-empty and contain only letters, digits, '-', '_', '.'",
@@ -292,8 +330,12 @@ impl Config {
         if self.vm.vcpus == 0 || self.vm.memory_mib < 256 {
             return bad("vm.vcpus must be at least 1 and vm.memory_mib at least 256".into());
         }
-        self.net.validate().map_err(|e| Error::Config(e.to_string()))?;
-        self.metrics.validate().map_err(|e| Error::Config(e.to_string()))?;
+        self.net
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        self.metrics
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
         Ok(())
     }
 
@@ -331,10 +373,19 @@ impl Config {
         let mut vm = toml::Table::try_from(&self.vm).unwrap_or_default();
         vm.remove("runtime_root");
         top.insert("vm".into(), vm.into());
-        top.insert("metrics".into(), toml::Table::try_from(&self.metrics).unwrap_or_default().into());
-        let mut text = toml::to_string_pretty(&top).unwrap_or_else(|e| format!("# unprintable: {e}\n"));
+        top.insert(
+            "metrics".into(),
+            toml::Table::try_from(&self.metrics)
+                .unwrap_or_default()
+                .into(),
+        );
+        let mut text =
+            toml::to_string_pretty(&top).unwrap_or_else(|e| format!("# unprintable: {e}\n"));
         text.push_str(&format!("\n# [net] (effective): {:?}\n", self.net));
-        text.push_str(&format!("# admin token: [redacted], from {}\n", self.admin_token_source));
+        text.push_str(&format!(
+            "# admin token: [redacted], from {}\n",
+            self.admin_token_source
+        ));
         text
     }
 }
@@ -379,15 +430,22 @@ fn read_admin_token(
     let (token, source) = match source {
         Source::Value(s) => (s, label.to_owned()),
         Source::File(p) => {
-            let text = std::fs::read_to_string(&p).map_err(|e| Error::Config(format!(
-                "cannot read the admin token file {} (from {label}): {e}",
-                p.display()
-            )))?;
-            (Secret::new(text.trim()), format!("{label} ({})", p.display()))
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                Error::Config(format!(
+                    "cannot read the admin token file {} (from {label}): {e}",
+                    p.display()
+                ))
+            })?;
+            (
+                Secret::new(text.trim()),
+                format!("{label} ({})", p.display()),
+            )
         }
     };
     if token.is_empty() {
-        return Err(Error::Config(format!("the admin token from {source} is empty")));
+        return Err(Error::Config(format!(
+            "the admin token from {source} is empty"
+        )));
     }
     Ok((token, source))
 }
@@ -409,7 +467,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
@@ -421,7 +482,10 @@ mod tests {
 
     /// A config from `text` with a URL and a token from the environment.
     fn parse(text: &str) -> Result<Config, Error> {
-        let env = env_of(&[("FORGEJO_URL", "http://f.example/"), ("FORGEJO_ADMIN_TOKEN", "tok")]);
+        let env = env_of(&[
+            ("FORGEJO_URL", "http://f.example/"),
+            ("FORGEJO_ADMIN_TOKEN", "tok"),
+        ]);
         Config::from_parts(text, Path::new("c.toml"), &env, &Overrides::default())
     }
 
@@ -435,8 +499,14 @@ mod tests {
         assert_eq!(c.runtime_dir, Path::new("/run/fkr-qemu"));
         assert_eq!(c.vm.runtime_root, Path::new("/run/fkr-qemu"));
         assert_eq!(c.vm.log_dir, Path::new("/var/lib/fkr-qemu/logs"));
-        assert_eq!(c.base_image, Path::new("/var/lib/fkr-qemu/images/runner-base.qcow2"));
-        assert_eq!(c.ci_users_path(), Path::new("/var/lib/fkr-qemu/ci-users.json"));
+        assert_eq!(
+            c.base_image,
+            Path::new("/var/lib/fkr-qemu/images/runner-base.qcow2")
+        );
+        assert_eq!(
+            c.ci_users_path(),
+            Path::new("/var/lib/fkr-qemu/ci-users.json")
+        );
         assert_eq!(c.runner_url().as_str(), "http://f.example/");
     }
 
@@ -479,7 +549,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.forgejo.level, crate::forgejo::Level::Org("acme".into()));
-        assert_eq!(c.forgejo.ci_user_visibility, crate::forgejo::Visibility::Private);
+        assert_eq!(
+            c.forgejo.ci_user_visibility,
+            crate::forgejo::Visibility::Private
+        );
         assert_eq!(c.runner_url().as_str(), "http://10.0.0.2:3000/");
         assert_eq!(c.vm.accel, Accel::Tcg);
         assert_eq!(c.vm.memory_mib, 512);
@@ -496,9 +569,21 @@ mod tests {
             "label = \"from-file\"\nmax_vms = 5\npoll_interval = \"2s\"\n[forgejo]\nurl = \"http://file.example:3000/\"\n",
         );
         let tok = write(dir.path(), "tok", "file-token\n");
-        let env = env_of(&[("FORGEJO_URL", "http://env.example/"), ("FORGEJO_ADMIN_TOKEN_FILE", tok.to_str().unwrap())]);
-        let flags = Overrides { label: Some("from-flag".into()), accel: Some(Accel::Tcg), ..Default::default() };
-        let c = Config::load(&Sources { file: Some(&file), env: &env, flags: &flags }).unwrap();
+        let env = env_of(&[
+            ("FORGEJO_URL", "http://env.example/"),
+            ("FORGEJO_ADMIN_TOKEN_FILE", tok.to_str().unwrap()),
+        ]);
+        let flags = Overrides {
+            label: Some("from-flag".into()),
+            accel: Some(Accel::Tcg),
+            ..Default::default()
+        };
+        let c = Config::load(&Sources {
+            file: Some(&file),
+            env: &env,
+            flags: &flags,
+        })
+        .unwrap();
         assert_eq!(c.label, "from-flag");
         assert_eq!(c.max_vms, 5);
         assert_eq!(c.vm.accel, Accel::Tcg);
@@ -506,11 +591,24 @@ mod tests {
         assert_eq!(c.forgejo.url.as_str(), "http://env.example/");
         assert_eq!(c.admin_token.expose(), "file-token");
 
-        let flags = Overrides { forgejo_url: Some(Url::parse("http://flag.example/").unwrap()), ..Default::default() };
-        let c = Config::load(&Sources { file: Some(&file), env: &env, flags: &flags }).unwrap();
+        let flags = Overrides {
+            forgejo_url: Some(Url::parse("http://flag.example/").unwrap()),
+            ..Default::default()
+        };
+        let c = Config::load(&Sources {
+            file: Some(&file),
+            env: &env,
+            flags: &flags,
+        })
+        .unwrap();
         assert_eq!(c.forgejo.url.as_str(), "http://flag.example/");
         let none = env_of(&[("FORGEJO_ADMIN_TOKEN", "t")]);
-        let c = Config::load(&Sources { file: Some(&file), env: &none, flags: &Overrides::default() }).unwrap();
+        let c = Config::load(&Sources {
+            file: Some(&file),
+            env: &none,
+            flags: &Overrides::default(),
+        })
+        .unwrap();
         assert_eq!(c.forgejo.url.as_str(), "http://file.example:3000/");
     }
 
@@ -525,24 +623,57 @@ mod tests {
         let file = write(
             dir.path(),
             "c.toml",
-            &format!("[forgejo]\nurl = \"http://f/\"\nadmin_token_file = {:?}\n", from_cfg),
+            &format!(
+                "[forgejo]\nurl = \"http://f/\"\nadmin_token_file = {:?}\n",
+                from_cfg
+            ),
         );
         let none = Overrides::default();
         let load = |env: &[(&str, &str)], flags: &Overrides| {
             let env = env_of(env);
-            Config::load(&Sources { file: Some(&file), env: &env, flags }).unwrap()
+            Config::load(&Sources {
+                file: Some(&file),
+                env: &env,
+                flags,
+            })
+            .unwrap()
         };
         let creds_s = creds.to_str().unwrap();
         let envfile_s = from_envfile.to_str().unwrap();
         assert_eq!(load(&[], &none).admin_token.expose(), "cfg-token");
-        assert_eq!(load(&[("CREDENTIALS_DIRECTORY", creds_s)], &none).admin_token.expose(), "cred-token");
-        let c = load(&[("CREDENTIALS_DIRECTORY", creds_s), ("FORGEJO_ADMIN_TOKEN_FILE", envfile_s)], &none);
+        assert_eq!(
+            load(&[("CREDENTIALS_DIRECTORY", creds_s)], &none)
+                .admin_token
+                .expose(),
+            "cred-token"
+        );
+        let c = load(
+            &[
+                ("CREDENTIALS_DIRECTORY", creds_s),
+                ("FORGEJO_ADMIN_TOKEN_FILE", envfile_s),
+            ],
+            &none,
+        );
         assert_eq!(c.admin_token.expose(), "envfile-token");
-        let c = load(&[("FORGEJO_ADMIN_TOKEN_FILE", envfile_s), ("FORGEJO_ADMIN_TOKEN", "env-token")], &none);
+        let c = load(
+            &[
+                ("FORGEJO_ADMIN_TOKEN_FILE", envfile_s),
+                ("FORGEJO_ADMIN_TOKEN", "env-token"),
+            ],
+            &none,
+        );
         assert_eq!(c.admin_token.expose(), "env-token");
         assert_eq!(c.admin_token_source, "FORGEJO_ADMIN_TOKEN");
-        let flags = Overrides { admin_token_file: Some(from_envfile.clone()), ..Default::default() };
-        assert_eq!(load(&[("FORGEJO_ADMIN_TOKEN", "env-token")], &flags).admin_token.expose(), "envfile-token");
+        let flags = Overrides {
+            admin_token_file: Some(from_envfile.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            load(&[("FORGEJO_ADMIN_TOKEN", "env-token")], &flags)
+                .admin_token
+                .expose(),
+            "envfile-token"
+        );
     }
 
     #[test]
@@ -551,17 +682,40 @@ mod tests {
         let file = write(dir.path(), "c.toml", "");
         let none = Overrides::default();
         let env = env_of(&[]);
-        let e = Config::load(&Sources { file: Some(&file), env: &env, flags: &none }).unwrap_err();
+        let e = Config::load(&Sources {
+            file: Some(&file),
+            env: &env,
+            flags: &none,
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("Forgejo URL"), "{e}");
         let env = env_of(&[("FORGEJO_URL", "http://f/")]);
-        let e = Config::load(&Sources { file: Some(&file), env: &env, flags: &none }).unwrap_err();
+        let e = Config::load(&Sources {
+            file: Some(&file),
+            env: &env,
+            flags: &none,
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("admin token"), "{e}");
         let missing = dir.path().join("nope.toml");
-        let e = Config::load(&Sources { file: Some(&missing), env: &env, flags: &none }).unwrap_err();
+        let e = Config::load(&Sources {
+            file: Some(&missing),
+            env: &env,
+            flags: &none,
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("nope.toml"), "{e}");
         assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
-        let env = env_of(&[("FORGEJO_URL", "http://f/"), ("FORGEJO_ADMIN_TOKEN_FILE", "/nonexistent/tok")]);
-        let e = Config::load(&Sources { file: Some(&file), env: &env, flags: &none }).unwrap_err();
+        let env = env_of(&[
+            ("FORGEJO_URL", "http://f/"),
+            ("FORGEJO_ADMIN_TOKEN_FILE", "/nonexistent/tok"),
+        ]);
+        let e = Config::load(&Sources {
+            file: Some(&file),
+            env: &env,
+            flags: &none,
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/tok"), "{e}");
     }
 
@@ -588,15 +742,24 @@ mod tests {
 
     #[test]
     fn redacted_toml_hides_token_and_round_trips() {
-        let env = env_of(&[("FORGEJO_URL", "http://f/"), ("FORGEJO_ADMIN_TOKEN", "super-secret-token-123")]);
-        let c = Config::from_parts("max_vms = 7\n[vm]\naccel = \"tcg\"\n", Path::new("c"), &env, &Overrides::default())
-            .unwrap();
+        let env = env_of(&[
+            ("FORGEJO_URL", "http://f/"),
+            ("FORGEJO_ADMIN_TOKEN", "super-secret-token-123"),
+        ]);
+        let c = Config::from_parts(
+            "max_vms = 7\n[vm]\naccel = \"tcg\"\n",
+            Path::new("c"),
+            &env,
+            &Overrides::default(),
+        )
+        .unwrap();
         let text = c.to_redacted_toml();
         assert!(!text.contains("super-secret-token-123"), "{text}");
         assert!(text.contains("[redacted]"), "{text}");
         assert!(!format!("{c:?}").contains("super-secret-token-123"));
         // What --check-config prints is itself a valid config file.
-        let back = Config::from_parts(&text, Path::new("printed"), &env, &Overrides::default()).unwrap();
+        let back =
+            Config::from_parts(&text, Path::new("printed"), &env, &Overrides::default()).unwrap();
         assert_eq!(back.max_vms, 7);
         assert_eq!(back.base_image, c.base_image);
         assert_eq!(back.vm, c.vm);

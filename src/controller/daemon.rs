@@ -14,7 +14,7 @@ use super::ciuser::CiUserStore;
 use super::job::{self, Report, Ticket, MAX_ATTEMPTS};
 use super::{sweep, Config, Ctx, Error};
 use crate::forgejo::{self, Job, JobStatus};
-use crate::ops::{self, Metrics, StatusBoard};
+use crate::ops::{self, JobOutcome, Metrics, StatusBoard};
 
 /// SIGINT and SIGTERM as one stream.
 struct Signals {
@@ -25,7 +25,10 @@ struct Signals {
 impl Signals {
     fn new() -> Result<Self, Error> {
         let err = |e| Error::io("cannot install a signal handler for", "SIGINT/SIGTERM", e);
-        Ok(Self { int: signal(SignalKind::interrupt()).map_err(err)?, term: signal(SignalKind::terminate()).map_err(err)? })
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).map_err(err)?,
+            term: signal(SignalKind::terminate()).map_err(err)?,
+        })
     }
 
     async fn recv(&mut self) -> &'static str {
@@ -83,7 +86,9 @@ impl Scheduler {
     /// One discovery round: new waiting jobs enter the queue, queued jobs that are no longer
     /// waiting leave it, in-flight jobs Forgejo shows running are marked picked up.
     async fn poll(&mut self) {
-        let Some(jobs) = self.list_jobs().await else { return };
+        let Some(jobs) = self.list_jobs().await else {
+            return;
+        };
         let mut waiting = HashSet::new();
         for j in jobs {
             match j.status {
@@ -103,7 +108,10 @@ impl Scheduler {
                     tracing::debug!("queue: job {} waiting (handle={})", j.id, j.handle);
                     self.ctx.metrics.job_seen();
                     self.known.insert(j.handle.clone());
-                    self.queue.push_back(Queued { job: j, seen_at: Instant::now() });
+                    self.queue.push_back(Queued {
+                        job: j,
+                        seen_at: Instant::now(),
+                    });
                 }
                 JobStatus::Other(_) => {}
             }
@@ -113,7 +121,11 @@ impl Scheduler {
         self.queue.retain(|q| {
             let keep = waiting.contains(&q.job.handle);
             if !keep {
-                tracing::info!("queue: dropping job {} (handle={}): no longer waiting", q.job.id, q.job.handle);
+                tracing::info!(
+                    "queue: dropping job {} (handle={}): no longer waiting",
+                    q.job.id,
+                    q.job.handle
+                );
                 known.remove(&q.job.handle);
                 metrics.job_dropped();
             }
@@ -127,28 +139,45 @@ impl Scheduler {
         if self.queue.is_empty() || self.tasks.len() >= self.ctx.cfg.max_vms {
             return;
         }
-        let Some(fresh) = self.list_jobs().await else { return };
+        let Some(fresh) = self.list_jobs().await else {
+            return;
+        };
         let still_waiting: HashSet<&str> = fresh
             .iter()
             .filter(|j| j.status == JobStatus::Waiting)
             .map(|j| j.handle.as_str())
             .collect();
         while self.tasks.len() < self.ctx.cfg.max_vms {
-            let Some(q) = self.queue.pop_front() else { break };
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
             if !still_waiting.contains(q.job.handle.as_str()) {
-                tracing::info!("queue: dropping job {} (handle={}): no longer waiting", q.job.id, q.job.handle);
+                tracing::info!(
+                    "queue: dropping job {} (handle={}): no longer waiting",
+                    q.job.id,
+                    q.job.handle
+                );
                 self.known.remove(&q.job.handle);
                 self.ctx.metrics.job_dropped();
                 continue;
             }
-            tracing::info!("queue: dispatching job {} (handle={})", q.job.id, q.job.handle);
+            tracing::info!(
+                "queue: dispatching job {} (handle={})",
+                q.job.id,
+                q.job.handle
+            );
             let (tx, rx) = watch::channel(false);
             let handle = q.job.handle.clone();
             self.active.insert(handle.clone(), tx);
-            let ticket = Ticket { job: q.job, seen_at: q.seen_at, picked_up: rx };
+            let ticket = Ticket {
+                job: q.job,
+                seen_at: q.seen_at,
+                picked_up: rx,
+            };
             let ctx = self.ctx.clone();
             let stop = self.stop_vms.child_token();
-            self.tasks.spawn(async move { (handle, job::run(ctx, ticket, stop).await) });
+            self.tasks
+                .spawn(async move { (handle, job::run(ctx, ticket, stop).await) });
         }
         self.ctx.board.set_queued(self.queue.len());
     }
@@ -159,7 +188,7 @@ impl Scheduler {
             Ok((handle, report)) => {
                 self.active.remove(&handle);
                 self.known.remove(&handle);
-                if report.picked_up {
+                if report.picked_up || report.outcome == JobOutcome::Shutdown {
                     self.failures.remove(&handle);
                 } else {
                     let n = self.failures.entry(handle.clone()).or_insert(0);
@@ -176,11 +205,17 @@ impl Scheduler {
                 // A panicking job task: its resources were released by their Drop impls. Forget the
                 // handles whose tasks are gone so the job can be retried.
                 tracing::error!("a job task failed: {e}");
-                let alive: HashSet<String> = self.active.keys().filter(|h| !self.active[*h].is_closed()).cloned().collect();
+                let alive: HashSet<String> = self
+                    .active
+                    .keys()
+                    .filter(|h| !self.active[*h].is_closed())
+                    .cloned()
+                    .collect();
                 self.active.retain(|h, _| alive.contains(h));
                 let active = &self.active;
                 let queue = &self.queue;
-                self.known.retain(|h| active.contains_key(h) || queue.iter().any(|q| &q.job.handle == h));
+                self.known
+                    .retain(|h| active.contains_key(h) || queue.iter().any(|q| &q.job.handle == h));
             }
         }
     }
@@ -188,7 +223,11 @@ impl Scheduler {
 
 /// Waits until Forgejo answers the probe (it may be down while this host boots). Unrecoverable
 /// answers (too old, token refused) end the daemon.
-async fn wait_for_forgejo(client: &forgejo::Client, board: &StatusBoard, signals: &mut Signals) -> Result<bool, crate::Error> {
+async fn wait_for_forgejo(
+    client: &forgejo::Client,
+    board: &StatusBoard,
+    signals: &mut Signals,
+) -> Result<bool, crate::Error> {
     let mut delay = Duration::from_secs(1);
     loop {
         match client.probe().await {
@@ -196,7 +235,10 @@ async fn wait_for_forgejo(client: &forgejo::Client, board: &StatusBoard, signals
             Err(e @ forgejo::Error::UnsupportedVersion { .. }) => return Err(e.into()),
             Err(e) if matches!(e.status(), Some(401 | 403)) => return Err(e.into()),
             Err(e) => {
-                tracing::warn!("Forgejo is not answering yet: {e}; retrying in {}s", delay.as_secs());
+                tracing::warn!(
+                    "Forgejo is not answering yet: {e}; retrying in {}s",
+                    delay.as_secs()
+                );
                 board.forgejo_error(e.to_string());
             }
         }
@@ -241,7 +283,8 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     let client = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone())?
         .with_observer(Arc::new(metrics.forgejo_observer()));
     let users = CiUserStore::open(cfg.ci_users_path())?;
-    let services = ops::Services::start(&cfg.runtime_dir, &cfg.metrics, &metrics, board.clone()).await?;
+    let services =
+        ops::Services::start(&cfg.runtime_dir, &cfg.metrics, &metrics, board.clone()).await?;
 
     if !wait_for_forgejo(&client, &board, &mut signals).await? {
         services.stop().await;

@@ -24,7 +24,7 @@ use super::Ctx;
 use crate::forgejo::{self, Job, NewUser, UserCreation, TOKEN_SCOPES};
 use crate::ops::{JobOutcome, RemovalReason, VmInfo, VmState};
 use crate::secret::Secret;
-use crate::vm::{self, NetDevice, Outcome, Seed, VmName, VmSpec};
+use crate::vm::{self, Outcome, Seed, VmName, VmSpec};
 
 /// A job taken from the queue, and how the scheduler tells it that Forgejo shows it picked up.
 pub(crate) struct Ticket {
@@ -119,8 +119,12 @@ impl Drop for JobResources {
             return;
         }
         // Only reached when the job's task was cancelled or panicked before `release`.
-        let (ctx, owner_repo, token, runner) =
-            (self.ctx.clone(), self.owner_repo.clone(), self.token.take(), self.runner_id.take());
+        let (ctx, owner_repo, token, runner) = (
+            self.ctx.clone(),
+            self.owner_repo.clone(),
+            self.token.take(),
+            self.runner_id.take(),
+        );
         let vm_name = self.vm_name.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
@@ -137,19 +141,31 @@ impl Drop for JobResources {
                     }
                 });
             }
-            Err(_) => tracing::warn!(vm = %vm_name, "no runtime left to revoke the token and delete the runner; the startup sweep will"),
+            Err(_) => {
+                tracing::warn!(vm = %vm_name, "no runtime left to revoke the token and delete the runner; the startup sweep will")
+            }
         }
     }
 }
 
 /// Revokes a job token; when the stored password no longer works (someone changed it), takes the
 /// user back with a new password and retries once.
-async fn revoke_token(ctx: &Ctx, owner_repo: &(String, String), t: &TokenRef) -> Result<(), JobError> {
-    match ctx.forgejo.delete_token(&t.username, &t.password, t.id).await {
+async fn revoke_token(
+    ctx: &Ctx,
+    owner_repo: &(String, String),
+    t: &TokenRef,
+) -> Result<(), JobError> {
+    match ctx
+        .forgejo
+        .delete_token(&t.username, &t.password, t.id)
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if e.status() == Some(401) => {
             let password = reset_password(ctx, &owner_repo.0, &owner_repo.1, &t.username).await?;
-            ctx.forgejo.delete_token(&t.username, &password, t.id).await?;
+            ctx.forgejo
+                .delete_token(&t.username, &password, t.id)
+                .await?;
             Ok(())
         }
         Err(e) => Err(e.into()),
@@ -157,15 +173,27 @@ async fn revoke_token(ctx: &Ctx, owner_repo: &(String, String), t: &TokenRef) ->
 }
 
 /// Sets a new password for a CI user we own and stores it.
-pub(crate) async fn reset_password(ctx: &Ctx, owner: &str, repo: &str, username: &str) -> Result<Secret, JobError> {
+pub(crate) async fn reset_password(
+    ctx: &Ctx,
+    owner: &str,
+    repo: &str,
+    username: &str,
+) -> Result<Secret, JobError> {
     let mut store = ctx.users.lock().await;
     let password = forgejo::generate_password();
     ctx.forgejo.set_user_password(username, &password).await?;
-    let created_at = store.get(owner, repo).map_or_else(OffsetDateTime::now_utc, |u| u.created_at);
+    let created_at = store
+        .get(owner, repo)
+        .map_or_else(OffsetDateTime::now_utc, |u| u.created_at);
     store.put(
         owner,
         repo,
-        CiUser { username: username.to_owned(), repository: format!("{owner}/{repo}"), password: password.clone(), created_at },
+        CiUser {
+            username: username.to_owned(),
+            repository: format!("{owner}/{repo}"),
+            password: password.clone(),
+            created_at,
+        },
     )?;
     tracing::info!("reset the password of CI user {username} (the stored one was refused)");
     Ok(password)
@@ -173,7 +201,11 @@ pub(crate) async fn reset_password(ctx: &Ctx, owner: &str, repo: &str, username:
 
 /// The CI user of `owner/repo`, created on first use. Concurrent jobs of one repository create it
 /// once (the store's lock is held across the creation).
-pub(crate) async fn ensure_ci_user(ctx: &Ctx, owner: &str, repo: &str) -> Result<(String, Secret), JobError> {
+pub(crate) async fn ensure_ci_user(
+    ctx: &Ctx,
+    owner: &str,
+    repo: &str,
+) -> Result<(String, Secret), JobError> {
     let mut store = ctx.users.lock().await;
     if let Some(u) = store.get(owner, repo) {
         return Ok((u.username.clone(), u.password.clone()));
@@ -228,7 +260,9 @@ fn outcome_of(exit: &Outcome, picked_up: bool, boot_timeout: bool) -> JobOutcome
         Outcome::DeadlineExceeded { .. } => JobOutcome::Deadline,
         Outcome::HostStopped { .. } if boot_timeout => JobOutcome::BootFailure,
         Outcome::HostStopped { .. } => JobOutcome::Shutdown,
-        Outcome::GuestCrashed { .. } | Outcome::QemuExited { .. } if picked_up => JobOutcome::Crashed,
+        Outcome::GuestCrashed { .. } | Outcome::QemuExited { .. } if picked_up => {
+            JobOutcome::Crashed
+        }
         Outcome::GuestCrashed { .. } | Outcome::QemuExited { .. } => JobOutcome::BootFailure,
     }
 }
@@ -260,7 +294,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
     move_to(&mut state, JobState::Preparing, name.as_str());
     ctx.board.vm_added(VmInfo {
         name: name.to_string(),
-        job_id: job_id.max(0) as u64,
+        job_id: u64::try_from(job_id).unwrap_or_default(),
         owner: String::new(),
         repo: String::new(),
         state: VmState::Preparing,
@@ -270,7 +304,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
         pid: None,
         serial_log: None,
     });
-    ctx.metrics.job_dispatched(dispatched.saturating_duration_since(ticket.seen_at));
+    ctx.metrics
+        .job_dispatched(dispatched.saturating_duration_since(ticket.seen_at));
 
     let mut res = JobResources::new(ctx.clone(), name.to_string());
     let mut picked_up = false;
@@ -361,7 +396,11 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
     ctx.board.vm_removed(name.as_str());
     move_to(
         &mut state,
-        if outcome == JobOutcome::Completed { JobState::Done } else { JobState::Failed },
+        if outcome == JobOutcome::Completed {
+            JobState::Done
+        } else {
+            JobState::Failed
+        },
         name.as_str(),
     );
     if launched {
@@ -386,7 +425,10 @@ async fn prepare_and_launch(
     let job = &ticket.job;
     let repo = ctx.forgejo.repository(job.repo_id).await?;
     let (owner, repo_name) = (repo.owner.clone(), repo.name.clone());
-    tracing::info!("dispatch job {} for {owner}/{repo_name} (vm={name})", job.id);
+    tracing::info!(
+        "dispatch job {} for {owner}/{repo_name} (vm={name})",
+        job.id
+    );
     res.owner_repo = (owner.clone(), repo_name.clone());
     ctx.board.vm_update(name.as_str(), |v| {
         v.owner.clone_from(&owner);
@@ -395,17 +437,31 @@ async fn prepare_and_launch(
 
     let (username, mut password) = ensure_ci_user(ctx, &owner, &repo_name).await?;
     let token_name = forgejo::token_name(job.id);
-    let minted = match ctx.forgejo.create_token(&username, &password, &token_name, &TOKEN_SCOPES).await {
+    let minted = match ctx
+        .forgejo
+        .create_token(&username, &password, &token_name, &TOKEN_SCOPES)
+        .await
+    {
         Err(e) if e.status() == Some(401) => {
             password = reset_password(ctx, &owner, &repo_name, &username).await?;
-            ctx.forgejo.create_token(&username, &password, &token_name, &TOKEN_SCOPES).await?
+            ctx.forgejo
+                .create_token(&username, &password, &token_name, &TOKEN_SCOPES)
+                .await?
         }
         other => other?,
     };
-    res.token = Some(TokenRef { username: username.clone(), password, id: minted.id, name: minted.name.clone() });
+    res.token = Some(TokenRef {
+        username: username.clone(),
+        password,
+        id: minted.id,
+        name: minted.name.clone(),
+    });
 
     let description = format!("{} job {} {owner}/{repo_name}", ctx.runner_marker, job.id);
-    let runner = ctx.forgejo.register_runner(name.as_str(), &description).await?;
+    let runner = ctx
+        .forgejo
+        .register_runner(name.as_str(), &description)
+        .await?;
     res.runner_id = Some(runner.id);
 
     let lease = ctx.net().allocate_address()?;
@@ -413,10 +469,11 @@ async fn prepare_and_launch(
     let tap = ctx.net().create_tap(name.as_str())?;
     let mac = tap.mac();
     let network_config = ctx.net().network_config(&lease, mac);
-    let tap_fd = tap.fd_for_qemu()?;
+    let net_device = tap.net_device()?;
     res.lease = Some(lease);
     res.tap = Some(tap);
-    ctx.board.vm_update(name.as_str(), |v| v.address = Some(address.to_string()));
+    ctx.board
+        .vm_update(name.as_str(), |v| v.address = Some(address.to_string()));
 
     let runner_url = ctx.cfg.runner_url();
     let user_data = userdata::render(
@@ -427,7 +484,11 @@ async fn prepare_and_launch(
             label: &ctx.cfg.label,
             handle: &job.handle,
         },
-        &RegistryAuth { host: RegistryAuth::host_of(runner_url), username: &username, token: &minted.token },
+        &RegistryAuth {
+            host: RegistryAuth::host_of(runner_url),
+            username: &username,
+            token: &minted.token,
+        },
     )?;
     let seed = Seed {
         instance_id: name.to_string(),
@@ -435,8 +496,13 @@ async fn prepare_and_launch(
         user_data,
         network_config: Some(network_config),
     };
-    let mut spec = VmSpec::new(name.clone(), ctx.cfg.base_image.clone(), seed, ctx.cfg.job_deadline);
-    spec.net = Some(NetDevice { tap: tap_fd, mac: mac.to_string() });
+    let mut spec = VmSpec::new(
+        name.clone(),
+        ctx.cfg.base_image.clone(),
+        seed,
+        ctx.cfg.job_deadline,
+    );
+    spec.net = Some(net_device);
     spec.meta = BTreeMap::from([
         ("job_id".to_owned(), job.id.into()),
         ("owner".to_owned(), owner.clone().into()),
@@ -460,16 +526,31 @@ mod tests {
     fn outcomes_from_vm_exits() {
         let off = Outcome::GuestPoweredOff;
         assert_eq!(outcome_of(&off, true, false), JobOutcome::Completed);
-        let dl = Outcome::DeadlineExceeded { stopped_by: StopStep::Quit };
+        let dl = Outcome::DeadlineExceeded {
+            stopped_by: StopStep::Quit,
+        };
         assert_eq!(outcome_of(&dl, true, false), JobOutcome::Deadline);
-        let host = Outcome::HostStopped { stopped_by: StopStep::Powerdown };
+        let host = Outcome::HostStopped {
+            stopped_by: StopStep::Powerdown,
+        };
         assert_eq!(outcome_of(&host, false, true), JobOutcome::BootFailure);
         assert_eq!(outcome_of(&host, true, false), JobOutcome::Shutdown);
-        let crash = Outcome::GuestCrashed { reason: "guest-reset".into() };
+        let crash = Outcome::GuestCrashed {
+            reason: "guest-reset".into(),
+        };
         assert_eq!(outcome_of(&crash, true, false), JobOutcome::Crashed);
         assert_eq!(outcome_of(&crash, false, false), JobOutcome::BootFailure);
-        assert_eq!(removal_reason(JobOutcome::Completed), RemovalReason::JobDone);
-        assert_eq!(removal_reason(JobOutcome::Deadline), RemovalReason::Deadline);
-        assert_eq!(removal_reason(JobOutcome::Shutdown), RemovalReason::Shutdown);
+        assert_eq!(
+            removal_reason(JobOutcome::Completed),
+            RemovalReason::JobDone
+        );
+        assert_eq!(
+            removal_reason(JobOutcome::Deadline),
+            RemovalReason::Deadline
+        );
+        assert_eq!(
+            removal_reason(JobOutcome::Shutdown),
+            RemovalReason::Shutdown
+        );
     }
 }

@@ -33,7 +33,9 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     pub(crate) fn net(&self) -> &crate::net::HostNetwork {
-        self.net.as_ref().expect("the host network is set up before discovery starts")
+        self.net
+            .as_ref()
+            .expect("the host network is set up before discovery starts")
     }
 }
 

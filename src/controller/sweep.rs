@@ -53,7 +53,10 @@ pub(crate) async fn startup_sweep(ctx: &Arc<Ctx>) {
     for (kind, n) in &found {
         ctx.metrics.sweep_found(*kind, *n as u64);
     }
-    let summary: Vec<String> = found.iter().map(|(k, n)| format!("{n} {}", k.as_str())).collect();
+    let summary: Vec<String> = found
+        .iter()
+        .map(|(k, n)| format!("{n} {}", k.as_str()))
+        .collect();
     tracing::info!("startup sweep done: {}", summary.join(", "));
 }
 
@@ -64,7 +67,12 @@ async fn sweep_tokens(ctx: &Arc<Ctx>) -> usize {
             .users()
             .filter_map(|u| {
                 let (owner, repo) = u.repository.split_once('/')?;
-                Some((owner.to_owned(), repo.to_owned(), u.username.clone(), u.password.clone()))
+                Some((
+                    owner.to_owned(),
+                    repo.to_owned(),
+                    u.username.clone(),
+                    u.password.clone(),
+                ))
             })
             .collect()
     };
@@ -103,7 +111,9 @@ async fn sweep_tokens(ctx: &Arc<Ctx>) -> usize {
                     tracing::info!("sweep: revoked token {} of {username}", t.name);
                     revoked += 1;
                 }
-                Err(e) => tracing::warn!("sweep: cannot revoke token {} of {username}: {e}", t.name),
+                Err(e) => {
+                    tracing::warn!("sweep: cannot revoke token {} of {username}: {e}", t.name)
+                }
             }
         }
     }

@@ -1,3 +1,4 @@
 pub mod emulator;
 pub mod netns;
 pub mod prometheus;
+pub mod serve;
