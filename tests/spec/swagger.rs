@@ -24,7 +24,9 @@ pub struct Operation<'a> {
 impl Spec {
     pub fn load(path: &str) -> Self {
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-        Self { doc: serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {path}: {e}")) }
+        Self {
+            doc: serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {path}: {e}")),
+        }
     }
 
     /// The operation for `method` on `path` (relative to the base path, e.g. `/admin/users/x`).
@@ -53,11 +55,18 @@ impl Spec {
         }
         let (_, template, item) = best?;
         let op = item.get(method.to_ascii_lowercase())?;
-        Some(Operation { template: template.clone(), op, path_params: item.get("parameters") })
+        Some(Operation {
+            template: template.clone(),
+            op,
+            path_params: item.get("parameters"),
+        })
     }
 
     fn params<'a>(&'a self, op: &Operation<'a>) -> Vec<&'a Value> {
-        let mut v: Vec<&Value> = op.op["parameters"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+        let mut v: Vec<&Value> = op.op["parameters"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default();
         if let Some(Value::Array(p)) = op.path_params {
             v.extend(p.iter());
         }
@@ -74,22 +83,35 @@ impl Spec {
         body: Option<&Value>,
     ) -> Result<String, Vec<String>> {
         let Some(op) = self.operation(method, path) else {
-            return Err(vec![format!("{method} {path}: no such operation in the spec")]);
+            return Err(vec![format!(
+                "{method} {path}: no such operation in the spec"
+            )]);
         };
         let params = self.params(&op);
         let mut errors = Vec::new();
         for key in query {
-            let declared = params.iter().any(|p| p["in"] == "query" && p["name"] == key.as_str());
+            let declared = params
+                .iter()
+                .any(|p| p["in"] == "query" && p["name"] == key.as_str());
             if !declared {
-                errors.push(format!("{method} {}: query parameter {key:?} is not declared", op.template));
+                errors.push(format!(
+                    "{method} {}: query parameter {key:?} is not declared",
+                    op.template
+                ));
             }
         }
         if let Some(body) = body {
             match params.iter().find(|p| p["in"] == "body") {
-                None => errors.push(format!("{method} {}: sends a body but the spec declares none", op.template)),
+                None => errors.push(format!(
+                    "{method} {}: sends a body but the spec declares none",
+                    op.template
+                )),
                 Some(p) => {
                     if let Err(e) = self.validate(&p["schema"], body) {
-                        errors.extend(e.into_iter().map(|e| format!("{method} {} body: {e}", op.template)));
+                        errors.extend(
+                            e.into_iter()
+                                .map(|e| format!("{method} {} body: {e}", op.template)),
+                        );
                     }
                 }
             }
@@ -103,7 +125,11 @@ impl Spec {
 
     /// The schema of the response `status` of an operation: `None` if the status is not declared,
     /// `Some(None)` if it is declared without a body.
-    pub fn response_schema<'a>(&'a self, op: &Operation<'a>, status: u16) -> Option<Option<&'a Value>> {
+    pub fn response_schema<'a>(
+        &'a self,
+        op: &Operation<'a>,
+        status: u16,
+    ) -> Option<Option<&'a Value>> {
         let r = op.op["responses"].get(status.to_string())?;
         let r = self.resolve(r);
         Some(r.get("schema"))
@@ -136,11 +162,20 @@ impl Spec {
     fn check(&self, schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
         let schema = self.resolve(schema);
         let ty = schema.get("type").and_then(Value::as_str);
-        let is_object = ty == Some("object") || (ty.is_none() && schema.get("properties").is_some());
+        let is_object =
+            ty == Some("object") || (ty.is_none() && schema.get("properties").is_some());
         if value.is_null() {
-            let nullable = schema.get("x-nullable").and_then(Value::as_bool).unwrap_or(false);
-            if !(nullable || is_object || ty == Some("array") || (ty.is_none() && !is_object)) {
-                errors.push(format!("{at}: null where the spec wants {}", ty.unwrap_or("a value")));
+            let nullable = schema
+                .get("x-nullable")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            // Go writes nil slices and nil pointers as null; untyped fields take anything.
+            let go_nullable = is_object || ty.is_none() || ty == Some("array");
+            if !(nullable || go_nullable) {
+                errors.push(format!(
+                    "{at}: null where the spec wants {}",
+                    ty.unwrap_or("a value")
+                ));
             }
             return;
         }
@@ -150,7 +185,12 @@ impl Spec {
                 return;
             };
             let props = schema.get("properties").and_then(Value::as_object);
-            for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+            for req in schema
+                .get("required")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let name = req.as_str().unwrap_or_default();
                 if !obj.contains_key(name) {
                     errors.push(format!("{at}: required property {name:?} is missing"));
@@ -161,7 +201,9 @@ impl Spec {
                     Some(s) => self.check(s, v, &format!("{at}.{k}"), errors),
                     None => match schema.get("additionalProperties") {
                         Some(Value::Bool(true)) => {}
-                        Some(extra @ Value::Object(_)) => self.check(extra, v, &format!("{at}.{k}"), errors),
+                        Some(extra @ Value::Object(_)) => {
+                            self.check(extra, v, &format!("{at}.{k}"), errors)
+                        }
                         _ => errors.push(format!("{at}: property {k:?} is not in the schema")),
                     },
                 }
@@ -181,38 +223,41 @@ impl Spec {
                 Some(s) => {
                     if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
                         if !allowed.iter().any(|a| a == value) {
-                            errors.push(format!("{at}: {s:?} is not one of {}", Value::Array(allowed.clone())));
+                            errors.push(format!(
+                                "{at}: {s:?} is not one of {}",
+                                Value::Array(allowed.clone())
+                            ));
                         }
                     }
                     match schema.get("format").and_then(Value::as_str) {
                         Some("date-time") => {
-                            let ok = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                                .is_ok();
+                            let ok = time::OffsetDateTime::parse(
+                                s,
+                                &time::format_description::well_known::Rfc3339,
+                            )
+                            .is_ok();
                             if !ok {
                                 errors.push(format!("{at}: {s:?} is not an RFC 3339 date-time"));
                             }
                         }
-                        Some("email") if !s.contains('@') => errors.push(format!("{at}: {s:?} is not an e-mail address")),
+                        Some("email") if !s.contains('@') => {
+                            errors.push(format!("{at}: {s:?} is not an e-mail address"))
+                        }
                         _ => {}
                     }
                 }
                 None => errors.push(format!("{at}: expected a string, got {value}")),
             },
-            Some("integer") => {
-                if !(value.is_i64() || value.is_u64()) {
-                    errors.push(format!("{at}: expected an integer, got {value}"));
-                }
+            Some("integer") if !(value.is_i64() || value.is_u64()) => {
+                errors.push(format!("{at}: expected an integer, got {value}"));
             }
-            Some("number") => {
-                if !value.is_number() {
-                    errors.push(format!("{at}: expected a number, got {value}"));
-                }
+            Some("number") if !value.is_number() => {
+                errors.push(format!("{at}: expected a number, got {value}"))
             }
-            Some("boolean") => {
-                if !value.is_boolean() {
-                    errors.push(format!("{at}: expected a boolean, got {value}"));
-                }
+            Some("boolean") if !value.is_boolean() => {
+                errors.push(format!("{at}: expected a boolean, got {value}"))
             }
+            Some("integer" | "number" | "boolean") => {}
             Some(other) => errors.push(format!("{at}: unsupported schema type {other}")),
             // No type: anything goes (e.g. `interface{}` fields).
             None => {}
