@@ -321,7 +321,7 @@ async fn drive(
     let exit = loop {
         tokio::select! {
             r = &mut wait => break r?,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {
                 if report.proof_ms.is_none() && serial::contains(&watch.poll(), &expected) {
                     report.proof_ms = Some(ms());
                 }
@@ -342,6 +342,10 @@ async fn drive(
     report.first_serial_ms = t.first_serial_ms.map(|v| spawn_ms + v);
     if exit.outcome == Outcome::GuestPoweredOff {
         report.guest_shutdown_ms = t.shutdown_ms.map(|v| spawn_ms + v);
+        // The guest printed the proof before it shut down; polling may notice it a moment later.
+        if let (Some(p), Some(s)) = (report.proof_ms, report.guest_shutdown_ms) {
+            report.proof_ms = Some(p.min(s));
+        }
     }
     if exit.teardown_error.is_none() {
         report.teardown_ms = Some(spawn_ms + t.torn_down_ms);

@@ -24,7 +24,7 @@ pub enum Error {
     FirmwareFileMissing { path: PathBuf },
     #[error("base image `{}` does not exist: build it (image-builder/) or pass another image", path.display())]
     BaseImageMissing { path: PathBuf },
-    #[error("base image `{}` is not a usable qcow2 image: {reason}", path.display())]
+    #[error("base image `{}` is not a usable qcow2 image ({reason}): rebuild it (image-builder/) or pass another image", path.display())]
     BaseImageInvalid { path: PathBuf, reason: String },
     #[error("KVM was requested but cannot run guests on this host: {reason}")]
     KvmUnavailable { reason: String },

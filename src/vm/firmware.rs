@@ -180,6 +180,13 @@ pub fn read_descriptors(dirs: &[PathBuf]) -> Vec<(PathBuf, FirmwareDescriptor)> 
 
 /// Finds the firmware for a VM: config overrides, else descriptors, else known distribution paths.
 pub fn discover_firmware(config: &VmConfig) -> Result<Firmware, Error> {
+    discover_with_fallbacks(config, FALLBACKS)
+}
+
+fn discover_with_fallbacks(
+    config: &VmConfig,
+    fallbacks: &[(&str, &str)],
+) -> Result<Firmware, Error> {
     match (&config.firmware_code, &config.firmware_vars) {
         (Some(code), Some(vars)) => {
             for p in [code, vars] {
@@ -206,7 +213,7 @@ pub fn discover_firmware(config: &VmConfig) -> Result<Firmware, Error> {
     if let Some(fw) = select_descriptor(&descriptors, Path::is_file) {
         return Ok(fw);
     }
-    for (code, vars) in FALLBACKS {
+    for (code, vars) in fallbacks {
         let (code, vars) = (Path::new(code), Path::new(vars));
         if code.is_file() && vars.is_file() {
             return Ok(Firmware {
@@ -223,7 +230,7 @@ pub fn discover_firmware(config: &VmConfig) -> Result<Firmware, Error> {
         .iter()
         .map(|d| format!("{}/*.json", d.display()))
         .collect();
-    searched.extend(FALLBACKS.iter().map(|(c, _)| (*c).to_owned()));
+    searched.extend(fallbacks.iter().map(|(c, _)| (*c).to_owned()));
     Err(Error::FirmwareNotFound {
         searched: searched.join(", "),
     })
@@ -298,6 +305,34 @@ mod tests {
         assert!(all.iter().all(|(p, _)| !p.ends_with("60-edk2-x86_64.json")));
         let fw = select_descriptor(&all, |_| true).unwrap();
         assert!(fw.source.ends_with("70-arch-edk2-x86_64.json"));
+    }
+
+    #[test]
+    fn nothing_found_names_what_to_install() {
+        let empty = tempfile::tempdir().unwrap();
+        let c = VmConfig {
+            firmware_descriptor_dirs: vec![empty.path().into()],
+            ..VmConfig::default()
+        };
+        let err = discover_with_fallbacks(
+            &c,
+            &[("/nonexistent/OVMF_CODE.fd", "/nonexistent/OVMF_VARS.fd")],
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::FirmwareNotFound { .. }));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("apt-get install ovmf") && msg.contains("/nonexistent/OVMF_CODE.fd"),
+            "{msg}"
+        );
+        assert_eq!(err.exit_code(), crate::error::exit::MISSING_DEPENDENCY);
+    }
+
+    #[test]
+    fn this_host_has_firmware() {
+        // OVMF is a CI dependency (.ci/setup): discovery must find it through the descriptors.
+        let fw = discover_firmware(&VmConfig::default()).unwrap();
+        assert!(fw.code.is_file() && fw.vars_template.is_file());
     }
 
     #[test]

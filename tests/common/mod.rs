@@ -1,4 +1,5 @@
 pub mod emulator;
+pub mod guest;
 pub mod netns;
 pub mod prometheus;
 pub mod serve;

@@ -1,0 +1,443 @@
+//! The VM driver against real QEMU (TCG) and the test guest. Tests that boot a VM have `vm_` in their
+//! names (nextest runs at most two at once). Each test works in its own temporary directory and ends by
+//! checking that no QEMU of its own runs and its runtime root is empty.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::guest::{
+    assert_nothing_left, config, reported_files, test_guest_image, user_data, WriteFile,
+};
+use fkr_qemu::vm::{self, serial, Error, Outcome, Seed, StopStep, VmName, VmSpec, VmState};
+
+fn seed(name: &VmName, user_data: String) -> Seed {
+    Seed {
+        instance_id: name.to_string(),
+        hostname: name.to_string(),
+        user_data,
+        network_config: None,
+    }
+}
+
+fn spec(user_data: String, deadline: Duration) -> VmSpec {
+    let name = VmName::generate();
+    let s = seed(&name, user_data);
+    VmSpec::new(name, test_guest_image(), s, deadline)
+}
+
+/// Waits until the serial log contains `marker` (or panics after `timeout`).
+async fn wait_for_serial(log: &Path, marker: &str, timeout: Duration) {
+    let mut w = serial::SerialWatch::new(log);
+    let until = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < until {
+        if serial::contains(&w.poll(), marker) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "`{marker}` not on the serial console within {timeout:?}:\n{}",
+        serial::serial_tail(log, 40)
+    );
+}
+
+#[test]
+fn seed_is_seen_by_linux_as_cidata_vfat_and_round_trips_through_mtools() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("seed.img");
+    // Larger than a few KiB, and not a multiple of any cluster size.
+    let big: String = (0..40_000)
+        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .collect();
+    let s = Seed {
+        instance_id: "fr-0123abcd".into(),
+        hostname: "fr-0123abcd".into(),
+        user_data: format!("#cloud-config\n# {big}\n"),
+        network_config: Some("version: 2\nethernets: {}\n".into()),
+    };
+    vm::write_seed(&s, &img).unwrap();
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let blkid = String::from_utf8_lossy(&out.stdout);
+    assert!(blkid.contains("LABEL=CIDATA\n"), "{blkid}");
+    assert!(blkid.contains("TYPE=vfat\n"), "{blkid}");
+    // The classic blkid output line, as the issue states it.
+    let out = Command::new("blkid").arg(&img).output().unwrap();
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        line.contains(r#"LABEL="CIDATA""#) && line.contains(r#"TYPE="vfat""#),
+        "{line}"
+    );
+    for (name, want) in [
+        ("user-data", s.user_data.as_bytes().to_vec()),
+        ("meta-data", s.meta_data().into_bytes()),
+        (
+            "network-config",
+            s.network_config.clone().unwrap().into_bytes(),
+        ),
+    ] {
+        let out = Command::new("mcopy")
+            .arg("-i")
+            .arg(&img)
+            .arg(format!("::{name}"))
+            .arg("-")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mcopy {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, want, "{name}");
+    }
+    let fsck = Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_guest_applies_the_seed_and_powers_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let token = b"very-secret-runner-token-1234";
+    let big: Vec<u8> = (0..24_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let ud = user_data(
+        &[
+            WriteFile {
+                path: "/etc/fkr/runner-token",
+                permissions: "0600",
+                content: token,
+            },
+            WriteFile {
+                path: "/var/big/blob",
+                permissions: "0644",
+                content: &big,
+            },
+        ],
+        &[
+            "echo \"it's-quoted\"; stat -c '%a %u' /etc/fkr/runner-token > /tmp/mode",
+            "fkr-report /var/big/blob /tmp/mode /mnt/seed/meta-data",
+        ],
+        true,
+    );
+    assert!(ud.len() > 16 * 1024, "user-data of {} bytes", ud.len());
+    let handle = vm::launch(&cfg, spec(ud, Duration::from_secs(240)))
+        .await
+        .unwrap();
+    let log = handle.serial_log().to_owned();
+    // No secret in QEMU's command line.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", handle.pid())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("very-secret"));
+    let run_dir = handle.dir().to_owned();
+    assert!(run_dir.join("seed.img").exists() && run_dir.join("qemu.pid").exists());
+    let exit = handle.wait().await.unwrap();
+    let text = serial::strip_ansi(&String::from_utf8_lossy(&std::fs::read(&log).unwrap()));
+    assert_eq!(exit.outcome, Outcome::GuestPoweredOff, "{text}");
+    assert_eq!(exit.state, VmState::Stopped);
+    let t = &exit.timings;
+    assert!(t.qmp_ready_ms.unwrap() <= t.first_serial_ms.unwrap());
+    assert!(t.first_serial_ms.unwrap() <= t.shutdown_ms.unwrap());
+    assert!(text.contains("it's-quoted"), "{text}");
+    assert!(text.contains("fkr-guest: wrote /etc/fkr/runner-token"));
+    let files = reported_files(&text);
+    assert_eq!(files["/var/big/blob"], big);
+    assert_eq!(files["/tmp/mode"], b"600 0\n");
+    let meta = String::from_utf8_lossy(&files["/mnt/seed/meta-data"]).into_owned();
+    assert!(
+        meta.contains(&format!("instance-id: {}", exit.name)),
+        "{meta}"
+    );
+    assert!(!run_dir.exists());
+    assert_nothing_left(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_deadline_during_boot_goes_through_powerdown_then_quit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.powerdown_grace_secs = 2;
+    // The power button pressed while OVMF runs is lost: the ladder must go on to `quit`.
+    let handle = vm::launch(
+        &cfg,
+        spec(user_data(&[], &[], false), Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    let exit = handle.wait().await.unwrap();
+    assert_eq!(
+        exit.outcome,
+        Outcome::DeadlineExceeded {
+            stopped_by: StopStep::Quit
+        }
+    );
+    assert_eq!(exit.state, VmState::Stopped);
+    assert_nothing_left(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_hanging_guest_is_stopped_by_its_power_button_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    // A guest that never powers off by itself; the host stops it once it hangs in runcmd.
+    let handle = vm::launch(
+        &cfg,
+        spec(
+            user_data(&[], &["sleep 100000"], true),
+            Duration::from_secs(300),
+        ),
+    )
+    .await
+    .unwrap();
+    wait_for_serial(
+        handle.serial_log(),
+        "fkr-guest: runcmd 1 start",
+        Duration::from_secs(200),
+    )
+    .await;
+    let log = handle.serial_log().to_owned();
+    handle.stop();
+    let exit = handle.wait().await.unwrap();
+    assert_eq!(
+        exit.outcome,
+        Outcome::HostStopped {
+            stopped_by: StopStep::Powerdown
+        }
+    );
+    assert!(serial::serial_tail(&log, 5).contains("fkr-guest: power button pressed"));
+    assert_nothing_left(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_wedged_qemu_is_killed_at_the_end_of_the_ladder() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.powerdown_grace_secs = 1;
+    cfg.quit_grace_secs = 1;
+    let handle = vm::launch(
+        &cfg,
+        spec(user_data(&[], &[], false), Duration::from_secs(4)),
+    )
+    .await
+    .unwrap();
+    let mut state = handle.watch_state();
+    state.wait_for(|s| *s == VmState::Running).await.unwrap();
+    // A stopped QEMU answers neither the power button nor `quit`.
+    kill(Pid::from_raw(handle.pid() as i32), Signal::SIGSTOP).unwrap();
+    let exit = handle.wait().await.unwrap();
+    assert_eq!(
+        exit.outcome,
+        Outcome::DeadlineExceeded {
+            stopped_by: StopStep::Kill
+        }
+    );
+    assert_nothing_left(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_kernel_panic_is_a_crash_not_a_power_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let handle = vm::launch(
+        &cfg,
+        spec(
+            user_data(&[], &["echo c > /proc/sysrq-trigger"], true),
+            Duration::from_secs(240),
+        ),
+    )
+    .await
+    .unwrap();
+    let exit = handle.wait().await.unwrap();
+    assert!(
+        matches!(exit.outcome, Outcome::GuestCrashed { .. }),
+        "{:?}",
+        exit.outcome
+    );
+    assert_eq!(exit.state, VmState::Failed);
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn vm_dropped_runtime_kills_qemu_and_removes_the_vm_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (pid, vm_dir) = rt.block_on(async {
+        let handle = vm::launch(
+            &cfg,
+            spec(user_data(&[], &[], false), Duration::from_secs(300)),
+        )
+        .await
+        .unwrap();
+        let info = (handle.pid(), handle.dir().to_owned());
+        // Leak the handle: only the runtime going away can end the supervisor now.
+        std::mem::forget(handle);
+        info
+    });
+    assert!(vm_dir.exists());
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    // Like a daemon whose main task panicked and unwound: every task is dropped mid-flight.
+    drop(rt);
+    assert!(!vm_dir.exists(), "the VM directory outlived its owner");
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn vm_sweep_kills_only_our_qemu_and_removes_only_our_dirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("run");
+    let vms = root.join("vms");
+    std::fs::create_dir_all(&vms).unwrap();
+    // A leftover VM: a QEMU whose command line names its VM dir (as the driver's does).
+    let ours = vms.join(VmName::generate().as_str());
+    std::fs::create_dir(&ours).unwrap();
+    let qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-m",
+            "64M",
+        ])
+        .arg("-pidfile")
+        .arg(ours.join("qemu.pid"))
+        .spawn()
+        .unwrap();
+    let qemu_pid = qemu.id();
+    // Our pid file is written by QEMU here; wait for it.
+    for _ in 0..100 {
+        if ours.join("qemu.pid").exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A recycled pid: the pid file names a process that is not a QEMU of that dir.
+    let decoy_dir = vms.join(VmName::generate().as_str());
+    std::fs::create_dir(&decoy_dir).unwrap();
+    let mut sleeper = Command::new("sleep").arg("100").spawn().unwrap();
+    std::fs::write(decoy_dir.join("qemu.pid"), format!("{}\n", sleeper.id())).unwrap();
+    // Not ours at all.
+    let foreign = vms.join("something-else");
+    std::fs::create_dir(&foreign).unwrap();
+
+    let report = vm::sweep(&root).unwrap();
+    // The QEMU was our child: reap it so /proc forgets it.
+    let mut qemu = qemu;
+    let _ = qemu.wait();
+    assert_eq!(report.killed.len(), 1, "{report:?}");
+    assert_eq!(report.killed[0].1, qemu_pid);
+    assert_eq!(report.removed.len(), 2, "{report:?}");
+    assert!(!ours.exists() && !decoy_dir.exists());
+    assert!(
+        foreign.exists(),
+        "the sweep touched a directory that is not a VM's"
+    );
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "the sweep killed a process that is not our QEMU"
+    );
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    std::fs::remove_dir(&foreign).unwrap();
+    assert_nothing_left(dir.path());
+}
+
+#[tokio::test]
+async fn corrupt_base_image_is_named_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    for (name, bytes) in [
+        (
+            "garbage.qcow2",
+            b"this is not a disk image at all".repeat(100),
+        ),
+        // A qcow2 magic with a nonsense header.
+        (
+            "truncated.qcow2",
+            [b"QFI\xfb\x00\x00\x00\x03".as_slice(), &[0xff; 100]].concat(),
+        ),
+    ] {
+        let base = dir.path().join(name);
+        std::fs::write(&base, bytes).unwrap();
+        let name = VmName::generate();
+        let s = seed(&name, user_data(&[], &[], true));
+        let err = vm::launch(&cfg, VmSpec::new(name, &base, s, Duration::from_secs(60)))
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::BaseImageInvalid { .. }), "{msg}");
+        assert!(
+            msg.contains(base.to_str().unwrap()) && msg.contains("qcow2"),
+            "{msg}"
+        );
+    }
+    let name = VmName::generate();
+    let s = seed(&name, String::new());
+    let err = vm::launch(
+        &cfg,
+        VmSpec::new(
+            name,
+            dir.path().join("missing.qcow2"),
+            s,
+            Duration::from_secs(60),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::BaseImageMissing { .. }), "{err}");
+    assert_nothing_left(dir.path());
+}
+
+#[tokio::test]
+async fn missing_qemu_and_firmware_are_named_with_what_to_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.qemu = "/nonexistent/qemu-system-x86_64".into();
+    let name = VmName::generate();
+    let s = seed(&name, String::new());
+    let err = vm::launch(
+        &cfg,
+        VmSpec::new(name, test_guest_image(), s, Duration::from_secs(60)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::QemuNotFound { .. }), "{err}");
+    assert!(
+        err.to_string().contains("apt-get install qemu-system-x86"),
+        "{err}"
+    );
+
+    let mut cfg = config(dir.path());
+    cfg.firmware_code = Some(dir.path().join("OVMF_CODE.fd"));
+    cfg.firmware_vars = Some(dir.path().join("OVMF_VARS.fd"));
+    let name = VmName::generate();
+    let s = seed(&name, String::new());
+    let err = vm::launch(
+        &cfg,
+        VmSpec::new(name, test_guest_image(), s, Duration::from_secs(60)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::FirmwareFileMissing { .. }), "{err}");
+    assert!(err.to_string().contains("apt-get install ovmf"), "{err}");
+    assert_nothing_left(dir.path());
+}
