@@ -325,6 +325,9 @@ fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt 
     drop(tap);
     let serial = clean_serial(&std::fs::read(&serial_log).unwrap_or_default());
     let _ = std::fs::remove_file(&serial_log);
+    // Kept for a look after a failure (target/tmp/ is cargo's scratch space for integration tests).
+    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm_runner_image.serial.log");
+    let _ = std::fs::write(&kept, &serial);
     Attempt {
         outcome: exit.outcome,
         serial,
@@ -395,8 +398,9 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
     } = attempt;
     let context = || {
         format!(
-            "outcome {outcome:?} after {:.0} s; serial log tail:\n{}",
+            "outcome {outcome:?} after {:.0} s; whole serial log in {}/vm_runner_image.serial.log; its tail:\n{}",
             elapsed.as_secs_f64(),
+            env!("CARGO_TARGET_TMPDIR"),
             tail(&serial, 60)
         )
     };
