@@ -15,7 +15,7 @@ use common::netns::{HttpServer, NetNs};
 use fkr_qemu::controller::userdata::{self, RegistryAuth, RunnerParams};
 use fkr_qemu::net::{self, Ipv4Cidr, Tap};
 use fkr_qemu::secret::Secret;
-use fkr_qemu::vm::{self, Accel, NetDevice, Outcome, Seed, VmConfig, VmName, VmSpec};
+use fkr_qemu::vm::{self, Accel, Outcome, Seed, VmConfig, VmName, VmSpec};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -298,10 +298,7 @@ fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt 
         },
         BOOT_DEADLINE,
     );
-    spec.net = Some(NetDevice {
-        tap: tap.fd_for_qemu().expect("tap fd"),
-        mac: mac.to_string(),
-    });
+    spec.net = Some(tap.net_device().expect("the tap's fd for QEMU"));
     let config = VmConfig {
         // Never KVM in tests; one vCPU avoids the rare multi-threaded-TCG guest panic (see notes).
         accel: Accel::Tcg,

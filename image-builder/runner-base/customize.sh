@@ -30,6 +30,8 @@ fi
 
 # Network: cloud-init renders network-config for systemd-networkd; resolved serves DNS.
 in_root systemctl enable systemd-networkd.service systemd-resolved.service
+install -D -m 0644 "$conf/wait-online.conf" \
+  "$root/etc/systemd/system/systemd-networkd-wait-online.service.d/90-fkr-qemu.conf"
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 
 while read -r unit; do
