@@ -127,6 +127,49 @@ fn nft_table_exists_while_set_up_and_is_gone_after_teardown_and_sweep() {
 }
 
 #[test]
+fn addresses_alive_on_the_bridge_are_never_handed_out() {
+    let topo = Topology::new();
+    let host = &topo.host;
+    host.run(|| {
+        let hn = HostNetwork::setup(&config()).expect("setup");
+        // A VM from before a restart still answers on .2 behind its tap; someone added .3 to the
+        // bridge.
+        let _old_vm = hn.create_tap("fr-0000aaaa").expect("tap");
+        host.ip(&[
+            "neigh",
+            "add",
+            "10.88.0.2",
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "fkr0",
+            "nud",
+            "reachable",
+        ]);
+        host.ip(&["addr", "add", "10.88.0.3/24", "dev", "fkr0"]);
+        let lease = hn.allocate_address().expect("address");
+        assert_eq!(lease.address(), Ipv4Addr::new(10, 88, 0, 4));
+        let mac = net::mac_for("fr-0000beef");
+        let nc = hn.network_config(&lease, mac);
+        assert!(nc.contains(&format!("macaddress: '{mac}'")), "{nc}");
+        assert!(nc.contains("- 10.88.0.4/24\n"), "{nc}");
+        assert!(nc.contains("via: 10.88.0.1\n"), "{nc}");
+        assert!(nc.ends_with("addresses:\n      - 203.0.113.1\n"), "{nc}");
+        // A re-adopted lease is never handed out again.
+        let kept = hn
+            .pool()
+            .reserve(Ipv4Addr::new(10, 88, 0, 5))
+            .expect("reserve");
+        assert_eq!(
+            hn.allocate_address().unwrap().address(),
+            Ipv4Addr::new(10, 88, 0, 6)
+        );
+        drop((lease, kept));
+        hn.teardown().expect("teardown");
+    });
+}
+
+#[test]
 fn sweep_removes_only_vm_taps() {
     let ns = NetNs::create("fkrt-sweep");
     ns.ip(&["tuntap", "add", "dev", "fr-deadbeef", "mode", "tap"]);

@@ -158,13 +158,20 @@ pub fn apply(script: &str, action: &'static str) -> Result<(), Error> {
             });
         }
     }
-    if stderr.contains("Operation not supported")
-        || stderr.contains("Protocol not supported")
-        || stderr.contains("Could not process rule: No such file or directory")
-    {
-        Err(Error::NftKernel { action, stderr })
+    Err(classify(action, stderr))
+}
+
+/// Tells a kernel without nftables (or without its NAT/conntrack parts) from other nft failures.
+fn classify(action: &'static str, stderr: String) -> Error {
+    let kernel = [
+        "Operation not supported",
+        "Protocol not supported",
+        "Could not process rule: No such file or directory",
+    ];
+    if kernel.iter().any(|k| stderr.contains(k)) {
+        Error::NftKernel { action, stderr }
     } else {
-        Err(Error::Nft { action, stderr })
+        Error::Nft { action, stderr }
     }
 }
 
@@ -244,6 +251,26 @@ mod tests {
         let uplink_at = s.find("oifname \"eth0\" accept").unwrap();
         assert!(allow_at < drop_at && drop_at < uplink_at);
         assert!(!rules_without_ports().contains("th dport {"));
+    }
+
+    #[test]
+    fn kernel_trouble_is_told_apart() {
+        let e = classify(
+            "installing the firewall table",
+            "Error: Could not process rule: Operation not supported".into(),
+        );
+        assert!(matches!(e, Error::NftKernel { .. }));
+        assert!(e.to_string().contains("nf_tables"), "{e}");
+        assert_eq!(e.exit_code(), crate::error::exit::MISSING_DEPENDENCY);
+        let e = classify(
+            "installing the firewall table",
+            "Error: syntax error".into(),
+        );
+        assert!(matches!(e, Error::Nft { .. }));
+        assert_eq!(e.exit_code(), crate::error::exit::NETWORK);
+        assert!(Error::NftMissing
+            .to_string()
+            .contains("apt-get install nftables"));
     }
 
     fn rules_without_ports() -> String {

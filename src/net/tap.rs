@@ -65,7 +65,7 @@ impl Tap {
             Err(e) => return Err(Error::io(format!("looking up the tap {vm_name}"), e)),
         };
         // From here on, Drop removes the tap on every error path.
-        let tap = Tap {
+        let mut tap = Tap {
             name: vm_name.to_owned(),
             index,
             mac: mac_for(vm_name),
@@ -74,7 +74,6 @@ impl Tap {
         };
         ioctl::bridge_add_port(bridge, index)
             .map_err(|e| Error::io(format!("attaching the tap {vm_name} to {bridge}"), e))?;
-        let mut tap = tap;
         tap.netlink
             .set_port_isolated(index)
             .map_err(|e| Error::io(format!("isolating the bridge port {vm_name}"), e))?;
