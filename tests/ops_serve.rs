@@ -1,0 +1,260 @@
+//! The operator commands and the metrics endpoint against a real `fkr-qemu serve` running a job in
+//! a test-guest VM (TCG): `list` shows the VM, `console --follow` streams what the guest prints
+//! while it runs, `console` shows the kept log afterwards, `ci-users` shows no secret, `status`
+//! reports readiness, and the metrics endpoint serves valid OpenMetrics text whose counters move.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::prometheus::{self, Exposition};
+use common::serve::{wait_for, Settings, World};
+use nix::sys::signal::Signal;
+
+/// The metrics endpoint inside the test's host namespace.
+const METRICS: &str = "127.0.0.1:9464";
+const BOOT: Duration = Duration::from_secs(240);
+
+fn fkr(config: &Path, args: &[&str]) -> Output {
+    command(config, args).output().unwrap()
+}
+
+fn command(config: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fkr-qemu"));
+    c.args(args)
+        .arg("--config")
+        .arg(config)
+        .env("FKR_LOG", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn scrape(w: &World) -> Exposition {
+    let body = w.topo.host.exec(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "20",
+            &format!("http://{METRICS}/metrics"),
+        ],
+    );
+    prometheus::parse(&body, true).unwrap_or_else(|e| panic!("invalid metrics: {e}\n{body}"))
+}
+
+/// Kills a child process even when the test fails first.
+struct Reap(Option<Child>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn ops_vm_commands_and_metrics_against_serve() {
+    let w = World::new(Settings::default());
+    let mut config = std::fs::read_to_string(&w.config).unwrap();
+    config.push_str(&format!("\n[metrics]\nlisten = \"{METRICS}\"\n"));
+    std::fs::write(&w.config, config).unwrap();
+    let cfg = w.config.clone();
+
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(60));
+    serve.wait_log(
+        &format!("metrics endpoint at http://{METRICS}/metrics"),
+        Duration::from_secs(5),
+    );
+    let o = fkr(&cfg, &["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("ready:               yes"),
+        "{}",
+        text(&o)
+    );
+    let before = scrape(&w);
+    assert_eq!(before.get("fkr_qemu_jobs_seen_total"), 0.0);
+    assert_eq!(before.get("fkr_qemu_vms_running"), 0.0);
+
+    let (id, _handle) = w.emu.add_job("alice/web", "external-host");
+    // Follow the console from the moment the VM exists: everything it prints comes later.
+    let name = wait_for("the VM's runtime dir", Duration::from_secs(60), || {
+        w.vm_dirs().into_iter().next()
+    });
+    let log_path = w
+        .state_dir()
+        .join("logs")
+        .join(format!("{name}.serial.log"));
+    let printed_before = std::fs::read(&log_path).unwrap_or_default();
+    let mut follow = Reap(Some(
+        command(&cfg, &["console", "--follow", &name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+
+    // `list` shows the VM while it runs, from the daemon.
+    let vm = wait_for("list to show the VM", Duration::from_secs(120), || {
+        let o = fkr(&cfg, &["list", "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["daemon_running"], true);
+        v["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|vm| vm["name"] == name.as_str() && vm["pid"].is_u64())
+            .cloned()
+    });
+    assert_eq!(vm["job_id"], id);
+    assert_eq!(
+        (vm["owner"].as_str(), vm["repo"].as_str()),
+        (Some("alice"), Some("web"))
+    );
+    assert_eq!(vm["accel"], "tcg");
+    let o = fkr(&cfg, &["list"]);
+    let table = text(&o);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&name))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("alice/web") && row.contains(&id.to_string()),
+        "{row}"
+    );
+    assert!(table.lines().all(|l| l.chars().count() <= 100), "{table}");
+    let during = scrape(&w);
+    assert_eq!(during.get("fkr_qemu_vms_running"), 1.0);
+
+    serve.wait_log(&format!("VM {name} finished (job {id})"), BOOT);
+    assert_eq!(
+        w.emu.job_status(id),
+        "success",
+        "log:\n{}",
+        serve.log_text()
+    );
+
+    // `console --follow` ends by itself once the VM is gone, having streamed the guest's output.
+    let mut child = follow.0.take().unwrap();
+    let status = wait_for(
+        "console --follow to end with the VM",
+        Duration::from_secs(60),
+        || child.try_wait().unwrap(),
+    );
+    let mut streamed = Vec::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut streamed)
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let streamed = String::from_utf8_lossy(&streamed).into_owned();
+    for marker in ["fkr-runner: got task", "fkr-guest: poweroff"] {
+        assert!(!String::from_utf8_lossy(&printed_before).contains(marker));
+        assert!(
+            streamed.contains(marker),
+            "{marker:?} not streamed:\n{streamed}"
+        );
+    }
+    // The ended VM's log is kept: plain `console` prints it whole, the same bytes.
+    let o = fkr(&cfg, &["console", &name]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(o.stdout, std::fs::read(&log_path).unwrap());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("fkr-guest: poweroff"));
+
+    // The counters moved by exactly this one job.
+    let after = wait_for("the job's metrics", Duration::from_secs(30), || {
+        let m = scrape(&w);
+        (m.get("fkr_qemu_jobs_finished_total{outcome=\"completed\"}") == 1.0).then_some(m)
+    });
+    assert_eq!(after.get("fkr_qemu_jobs_seen_total"), 1.0);
+    assert_eq!(after.get("fkr_qemu_jobs_dispatched_total"), 1.0);
+    assert_eq!(
+        after.get("fkr_qemu_vm_removals_total{reason=\"job_done\"}"),
+        1.0
+    );
+    assert_eq!(after.get("fkr_qemu_vms_running"), 0.0);
+    for histogram in [
+        "fkr_qemu_queue_wait_seconds",
+        "fkr_qemu_vm_prepare_seconds",
+        "fkr_qemu_job_duration_seconds",
+        "fkr_qemu_vm_teardown_seconds",
+    ] {
+        assert_eq!(after.get(&format!("{histogram}_count")), 1.0, "{histogram}");
+    }
+    assert!(
+        after.sum("fkr_qemu_forgejo_requests_total")
+            > before.sum("fkr_qemu_forgejo_requests_total"),
+        "Forgejo calls were not counted"
+    );
+
+    // ci-users: the user and repository, and none of the secrets we know of.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.state_dir().join("ci-users.json")).unwrap())
+            .unwrap();
+    let mut secrets = vec![w.emu.admin_token.clone()];
+    collect_passwords(&state, &mut secrets);
+    assert!(
+        secrets.len() >= 2,
+        "no CI-user password in the state file: {state}"
+    );
+    for args in [&["ci-users"][..], &["ci-users", "--json"][..]] {
+        let o = fkr(&cfg, args);
+        assert!(o.status.success(), "{}", text(&o));
+        let out = text(&o);
+        assert!(
+            out.contains("alice-web-ci") && out.contains("alice/web"),
+            "{out}"
+        );
+        for secret in &secrets {
+            assert!(!out.contains(secret.as_str()), "{args:?} printed a secret");
+        }
+    }
+
+    serve.signal(Signal::SIGTERM);
+    let st = serve.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{st}; log:\n{}", serve.log_text());
+    w.assert_clean("alice-web-ci");
+    // No daemon now: `list` says so and finds nothing; `status` fails.
+    let o = fkr(&cfg, &["list"]);
+    assert!(
+        o.status.success() && text(&o).contains("no fkr-qemu daemon answers"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("(no VMs)"), "{}", text(&o));
+    assert_eq!(fkr(&cfg, &["status"]).status.code(), Some(6));
+}
+
+/// Every string under a `password` key anywhere in `v`.
+fn collect_passwords(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::String(s) if k == "password" => out.push(s.clone()),
+                    _ => collect_passwords(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_passwords(v, out)),
+        _ => {}
+    }
+}
