@@ -81,3 +81,224 @@ fn serve_vm_end_to_end_runs_a_job_and_cleans_up() {
         eprintln!("{}", serve.log_text());
     }
 }
+
+/// The status of every job, from one emulator snapshot.
+fn statuses(w: &World, ids: &[i64]) -> Vec<String> {
+    let s = w.emu.state();
+    ids.iter()
+        .map(|id| {
+            s["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["id"].as_i64() == Some(*id))
+                .map(|j| j["status"].as_str().unwrap_or_default().to_owned())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[test]
+fn serve_vm_four_jobs_run_two_at_a_time_with_one_ci_user() {
+    let w = World::new(Settings {
+        max_vms: 2,
+        ..Settings::default()
+    });
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let ids: Vec<i64> = (0..4)
+        .map(|_| w.emu.add_job("alice/web", "external-host").0)
+        .collect();
+    let start = std::time::Instant::now();
+    let (mut max_qemus, mut max_dirs) = (0, 0);
+    loop {
+        max_qemus = max_qemus.max(w.qemus().len());
+        max_dirs = max_dirs.max(w.vm_dirs().len());
+        if statuses(&w, &ids).iter().all(|s| s == "success") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(400),
+            "jobs not done: {:?}; log:\n{}",
+            statuses(&w, &ids),
+            serve.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        max_qemus <= 2 && max_dirs <= 2,
+        "more than max_vms at once: {max_qemus} qemus, {max_dirs} dirs"
+    );
+    assert_eq!(max_qemus, 2, "two jobs should have run side by side");
+    // Two jobs of one repository were dispatched at once, yet the CI user was created once.
+    assert_eq!(
+        serve.count("creating CI user alice-web-ci for alice/web"),
+        1,
+        "{}",
+        serve.log_text()
+    );
+    assert_eq!(
+        w.emu
+            .users()
+            .iter()
+            .filter(|u| *u == "alice-web-ci")
+            .count(),
+        1
+    );
+    assert_eq!(serve.count("finished (job"), 4);
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    w.assert_clean("alice-web-ci");
+}
+
+#[test]
+fn serve_vm_sigterm_waits_for_the_job_in_flight() {
+    let w = World::new(Settings::default());
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let (id, _) = w.emu.add_job("bob/api", "external-host");
+    serve.wait_log(&format!("started for job {id}"), Duration::from_secs(60));
+    serve.signal(Signal::SIGTERM);
+    serve.wait_log("waiting for 1 in-flight VM(s)", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        serve.is_running() || w.emu.job_status(id) == "success",
+        "serve exited before its job finished"
+    );
+    let st = serve.wait_exit(BOOT);
+    assert!(st.success(), "{st}; log:\n{}", serve.log_text());
+    assert_eq!(
+        w.emu.job_status(id),
+        "success",
+        "log:\n{}",
+        serve.log_text()
+    );
+    assert!(serve.log_text().contains(&format!("finished (job {id})")));
+    w.assert_clean("bob-api-ci");
+}
+
+#[test]
+fn serve_vm_sigkill_then_restart_sweeps_every_leftover() {
+    let w = World::new(Settings::default());
+    // The runner in the VM never gets its task: the VM stays up until we kill serve.
+    let fetch = "/api/actions/runner.v1.RunnerService/FetchSingleTask";
+    w.emu.fault(
+        "POST",
+        fetch,
+        serde_json::json!({"kind": "status", "status": 500}),
+    );
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let (id, _) = w.emu.add_job("carol/lib", "external-host");
+    let started = serve.wait_log(&format!("started for job {id}"), Duration::from_secs(60));
+    let vm = started
+        .split("VM ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    wait_for("qemu", Duration::from_secs(30), || {
+        (!w.qemus().is_empty()).then_some(())
+    });
+    let tokens = w.emu.tokens("carol-lib-ci");
+    assert!(tokens.iter().any(|t| t.starts_with("orch-")), "{tokens:?}");
+    assert!(w.emu.runners().contains(&vm));
+    serve.signal(Signal::SIGKILL);
+    serve.wait_exit(Duration::from_secs(10));
+
+    let mut again = w.serve(1);
+    let done = again.wait_log("startup sweep done", Duration::from_secs(60));
+    let log = again.log_text();
+    assert!(
+        log.contains(&format!("sweep: removed the files of leftover VM {vm}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("sweep: deleted leftover runner {vm}")),
+        "{log}"
+    );
+    assert!(log.contains("sweep: revoked token orch-"), "{log}");
+    assert!(!done.contains(" 0 token"), "{done}");
+    let old: Vec<&String> = tokens.iter().filter(|t| t.starts_with("orch-")).collect();
+    let now = w.emu.tokens("carol-lib-ci");
+    assert!(
+        old.iter().all(|t| !now.contains(t)),
+        "old tokens {old:?} still there: {now:?}"
+    );
+    assert!(!w.emu.runners().contains(&vm));
+    assert!(!w.vm_dirs().contains(&vm));
+    assert!(!w.taps().contains(&vm));
+    // The job is still waiting: once Forgejo hands it out again, the new daemon runs it.
+    w.emu.clear_faults();
+    again.wait_log(&format!("finished (job {id})"), BOOT);
+    assert_eq!(w.emu.job_status(id), "success");
+    again.signal(Signal::SIGTERM);
+    assert!(again.wait_exit(Duration::from_secs(30)).success());
+    w.assert_clean("carol-lib-ci");
+}
+
+#[test]
+fn serve_vm_survives_forgejo_errors_and_timeouts_and_catches_up() {
+    let w = World::new(Settings {
+        request_timeout_ms: 1000,
+        ..Settings::default()
+    });
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let jobs = "/admin/actions/runners/jobs";
+    w.emu.fault(
+        "GET",
+        jobs,
+        serde_json::json!({"kind": "status", "status": 500}),
+    );
+    let (id, _) = w.emu.add_job("dave/app", "external-host");
+    serve.wait_log("polling Forgejo for jobs failed", Duration::from_secs(30));
+    w.emu.clear_faults();
+    w.emu.fault(
+        "GET",
+        jobs,
+        serde_json::json!({"kind": "delay", "delay_ms": 3000}),
+    );
+    serve.wait_log("did not answer GET", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(serve.is_running(), "serve died: {}", serve.log_text());
+    assert_eq!(w.emu.job_status(id), "waiting");
+    w.emu.clear_faults();
+    serve.wait_log(&format!("finished (job {id})"), BOOT);
+    assert_eq!(w.emu.job_status(id), "success");
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    w.assert_clean("dave-app-ci");
+}
+
+#[test]
+fn serve_vm_job_deadline_stops_a_job_that_never_finishes() {
+    let w = World::new(Settings {
+        boot_deadline: "60s",
+        job_deadline: "60s",
+        ..Settings::default()
+    });
+    // The runner picks the job up but can never report it finished.
+    w.emu.fault(
+        "POST",
+        "/api/actions/runner.v1.RunnerService/UpdateTask",
+        serde_json::json!({"kind": "status", "status": 500}),
+    );
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let (id, _) = w.emu.add_job("erin/svc", "external-host");
+    serve.wait_log(&format!("started for job {id}"), Duration::from_secs(60));
+    wait_for("the job to be picked up", BOOT, || {
+        (w.emu.job_status(id) == "running").then_some(())
+    });
+    let end = serve.wait_log(&format!("job {id}: failed (deadline)"), BOOT);
+    if std::env::var_os("FKR_TEST_SHOW_LOG").is_some() {
+        eprintln!("{}", serve.log_text());
+    }
+    assert!(end.contains("cleanup complete"), "{end}");
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    w.assert_clean("erin-svc-ci");
+}

@@ -342,7 +342,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
                             move_to(&mut state, JobState::Running, name.as_str());
                             ctx.board.vm_state(name.as_str(), VmState::Running);
                             ctx.metrics.observe_boot(started.elapsed());
-                            tracing::debug!(vm = %name, "job {job_id} picked up by its runner");
+                            tracing::info!(vm = %name, "job {job_id} picked up by its runner");
                         } else if changed.is_err() {
                             // The scheduler is gone (daemon exiting): nothing more to learn.
                             picked_up = true;
