@@ -1,0 +1,108 @@
+//! `fkr-qemu serve --check-config` and config errors, against the in-process emulator (no VM).
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::emulator::Emulator;
+
+async fn check(config: &Path, token: &str) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_fkr-qemu"))
+        .args([
+            "serve",
+            "--check-config",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .env("FORGEJO_ADMIN_TOKEN", token)
+        .env_remove("FORGEJO_URL")
+        .env_remove("FORGEJO_ADMIN_TOKEN_FILE")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .await
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn config(dir: &Path, url: &str, extra: &str) -> std::path::PathBuf {
+    let p = dir.join("config.toml");
+    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-guest/test-guest.qcow2");
+    std::fs::write(
+        &p,
+        format!(
+            "base_image = {image:?}\nstate_dir = {state:?}\nruntime_dir = {run:?}\n{extra}\n\
+             [forgejo]\nurl = {url:?}\nrequest_timeout_ms = 5000\n[net]\ndns_servers = [\"192.0.2.53\"]\n",
+            image = image.display().to_string(),
+            state = dir.join("state").display().to_string(),
+            run = dir.join("run").display().to_string(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_check_config_validates_and_prints_the_redacted_config() {
+    let emu = Emulator::start_default().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), emu.url(), "max_vms = 4");
+    let out = check(&cfg, emu.admin_token()).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("max_vms = 4") && t.contains("[forgejo]") && t.contains("[vm]"),
+        "{t}"
+    );
+    assert!(
+        t.contains("admin token: [redacted], from FORGEJO_ADMIN_TOKEN"),
+        "{t}"
+    );
+    assert!(t.contains("Forgejo 15."), "{t}");
+    assert!(t.contains("# configuration OK"), "{t}");
+    assert!(!t.contains(emu.admin_token()), "the token leaked: {t}");
+
+    // A wrong token is a Forgejo failure (exit 4), never echoed.
+    let out = check(&cfg, "not-the-token-0123456789").await;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(!text(&out).contains("not-the-token-0123456789"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_config_errors_have_their_exit_codes() {
+    let emu = Emulator::start_default().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Unknown key: usage/config error (2), naming the key.
+    let cfg = config(dir.path(), emu.url(), "max_vm = 4");
+    let out = check(&cfg, emu.admin_token()).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("max_vm"), "{}", text(&out));
+    // Missing base image: missing dependency (3).
+    let cfg = config(dir.path(), emu.url(), "");
+    let text_cfg = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("test-guest.qcow2", "nope.qcow2");
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let out = check(&cfg, emu.admin_token()).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("nope.qcow2"), "{}", text(&out));
+    // No token at all: config error (2).
+    let cfg = config(dir.path(), emu.url(), "");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fkr-qemu"))
+        .args(["serve", "--check-config", "--config", cfg.to_str().unwrap()])
+        .env_remove("FORGEJO_ADMIN_TOKEN")
+        .env_remove("FORGEJO_ADMIN_TOKEN_FILE")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("admin token"), "{}", text(&out));
+}
