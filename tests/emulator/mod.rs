@@ -291,7 +291,7 @@ fn fault_response(route: &str, kind: &FaultKind) -> Response {
             } else {
                 (
                     StatusCode::UNAUTHORIZED,
-                    axum::Json(json!({"message": "invalid username, password or token", "url": state::SWAGGER_URL})),
+                    axum::Json(json!({"message": "user does not exist [uid: 0, name: ]", "url": state::SWAGGER_URL})),
                 )
                     .into_response()
             }

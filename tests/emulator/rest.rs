@@ -248,6 +248,7 @@ async fn get_user(State(s): State<Shared>, h: HeaderMap, Path(username): Path<St
 
 async fn get_repository(State(s): State<Shared>, h: HeaderMap, Path(id): Path<String>) -> Response {
     call(&s, &h, |st, p| {
+        st.require_signed_in(p)?;
         st.require_scope(p, "read:repository")?;
         let id: i64 = id.parse().map_err(|_| ApiError::not_found())?;
         let r = st.repo(id).cloned().ok_or_else(ApiError::not_found)?;
@@ -444,10 +445,10 @@ async fn delete_user(
 
 // ---------------------------------------------------------------------- tokens
 
-/// The checks of the token routes. `/users/{username}/tokens` (released Forgejo): token scope,
-/// the user exists, the doer is that user or a site admin, and the request uses HTTP Basic auth
-/// with a password (a token — in the header or as the Basic password — is refused with 401).
-/// `/admin/users/{username}/tokens` (development branch): admin scope, site admin, user exists.
+/// The checks shared by the token routes, in Forgejo's order. `/users/{username}/tokens`
+/// (released Forgejo): token scope (`user`), the user exists, the doer is that user or a site admin.
+/// `/admin/users/{username}/tokens` (development branch): admin scope, signed in, site admin, user
+/// exists.
 fn token_route_user(
     st: &Emu,
     p: &Principal,
@@ -468,19 +469,30 @@ fn token_route_user(
         .user_by_login(username)
         .map(|u| u.id)
         .ok_or_else(ApiError::not_found)?;
-    let doer = p
-        .user_id()
-        .ok_or_else(|| ApiError::new(401, "auth required"))?;
+    let doer = p.user_id().ok_or_else(|| {
+        ApiError::new(
+            403,
+            "doer should be the site admin or be same as the contextUser",
+        )
+    })?;
     if doer != target && !st.user(doer).is_some_and(|u| u.is_admin) {
         return Err(ApiError::new(
             403,
-            "doer should be the site admin or the user itself",
+            "doer should be the site admin or be same as the contextUser",
         ));
     }
-    if !matches!(p, Principal::Password { .. }) {
-        return Err(ApiError::new(401, "auth required"));
-    }
     Ok(target)
+}
+
+/// Forgejo's `reqBasicOrRevProxyAuth`, on creating and deleting tokens through
+/// `/users/{username}/tokens`: only HTTP Basic with a password will do; a token — in the header or
+/// as the Basic password — is refused. (Listing does not have this check.)
+fn require_password_auth(route: &str, p: &Principal) -> Result<(), ApiError> {
+    if route.starts_with("/api/v1/admin/") || matches!(p, Principal::Password { .. }) {
+        Ok(())
+    } else {
+        Err(ApiError::new(401, "auth method not allowed"))
+    }
 }
 
 #[derive(Deserialize)]
@@ -501,6 +513,7 @@ async fn create_token(
         let user_id = token_route_user(st, p, route.as_str(), &username, true)?;
         let o: CreateAccessTokenOption = parse_body(&body)?;
         let name = required("Name", &o.name)?;
+        require_password_auth(route.as_str(), p)?;
         if st
             .tokens
             .iter()
@@ -570,6 +583,7 @@ async fn delete_token(
 ) -> Response {
     call(&s, &h, |st, p| {
         let user_id = token_route_user(st, p, route.as_str(), &username, true)?;
+        require_password_auth(route.as_str(), p)?;
         let matches: Vec<i64> = match token.parse::<i64>() {
             Ok(id) => st
                 .tokens
@@ -633,7 +647,7 @@ fn resolve_level(
             .ok_or_else(ApiError::not_found)?;
         // The emulator has no memberships: only site admins own organisations.
         if !st.user(doer).is_some_and(|u| u.is_admin) {
-            return Err(ApiError::new(403, "must be an organization owner"));
+            return Err(ApiError::new(403, "Must be an organization owner"));
         }
         return Ok(Level {
             scope: RunnerScope::Owner(o.id),
@@ -647,7 +661,7 @@ fn resolve_level(
             .repo_by_name(owner, repo)
             .ok_or_else(ApiError::not_found)?;
         if r.owner_id != doer && !st.user(doer).is_some_and(|u| u.is_admin) {
-            return Err(ApiError::new(403, "must be a repository administrator"));
+            return Err(ApiError::new(403, "user should be the owner of the repo"));
         }
         return Ok(Level {
             scope: RunnerScope::Repo(r.id),

@@ -552,7 +552,8 @@ impl State {
                     user_id: t.user_id,
                     scopes: t.scopes.clone(),
                 }),
-                None => Err(ApiError::new(401, "invalid username, password or token")),
+                // Forgejo's auth group fails with the user lookup's error.
+                None => Err(ApiError::new(401, "user does not exist [uid: 0, name: ]")),
             },
             "basic" => {
                 use base64::Engine;
@@ -577,7 +578,10 @@ impl State {
                     Some(u) if !u.is_org && !u.password.is_empty() && u.password == password => {
                         Ok(Principal::Password { user_id: u.id })
                     }
-                    _ => Err(ApiError::new(401, "invalid username, password or token")),
+                    _ => Err(ApiError::new(
+                        401,
+                        format!("user does not exist [uid: 0, name: {login}]"),
+                    )),
                 }
             }
             _ => Err(ApiError::new(401, "invalid authorization header")),
