@@ -26,8 +26,8 @@ pub struct NetConfig {
     /// Private destinations VMs may reach anyway (e.g. a Forgejo on the LAN): `ADDR`, `ADDR/LEN`,
     /// optionally with `:PORT` (TCP) to allow only that port.
     pub allow: Vec<AllowedDestination>,
-    /// TCP ports VMs may reach on the host itself (bridge address or any other host address). None by
-    /// default: everything from the bridge to the host is dropped.
+    /// Ports (TCP and UDP) VMs may reach on the bridge address, e.g. a caching proxy or a local DNS
+    /// resolver. None by default: everything from the VMs to the host itself is dropped.
     pub host_ports: Vec<u16>,
     /// Interface VM traffic leaves through (masqueraded). Default: the interface of the IPv4 default
     /// route.

@@ -31,8 +31,8 @@ pub struct HostNetwork {
 }
 
 impl HostNetwork {
-    /// Creates (or adopts) the bridge, gives it its MAC and address, brings it up, enables IPv4
-    /// forwarding and installs (atomically replaces) the `inet fkr_qemu` table.
+    /// Installs (atomically replaces) the `inet fkr_qemu` table, creates (or adopts) the bridge,
+    /// gives it its MAC and address, brings it up, and enables IPv4 forwarding.
     pub fn setup(config: &NetConfig) -> Result<HostNetwork, Error> {
         config.validate()?;
         let dns_servers = config.resolved_dns_servers()?;
@@ -43,6 +43,22 @@ impl HostNetwork {
         let uplink = uplink_name(&mut netlink, config)?;
 
         let bridge = &config.bridge;
+        if uplink == *bridge {
+            return Err(Error::Config(format!(
+                "the uplink cannot be the VM bridge {bridge}: set net.uplink"
+            )));
+        }
+        // The firewall goes in first (its rules match interface names, so the bridge need not
+        // exist yet), and forwarding is switched on last: no moment where VMs route unfiltered.
+        let rules = nft::RuleSet {
+            bridge,
+            subnet: config.subnet,
+            uplink: &uplink,
+            dns_servers: &dns_servers,
+            allow: &config.allow,
+            host_ports: &config.host_ports,
+        };
+        nft::install(&rules)?;
         let nl_err = |e| Error::io(format!("looking up {bridge}"), e);
         let link = match netlink.link_by_name(bridge).map_err(nl_err)? {
             Some(link) => link,
@@ -70,15 +86,6 @@ impl HostNetwork {
         ioctl::set_up(bridge).map_err(|e| Error::io(format!("bringing up {bridge}"), e))?;
         enable_ip_forwarding()?;
 
-        let rules = nft::RuleSet {
-            bridge,
-            subnet: config.subnet,
-            uplink: &uplink,
-            dns_servers: &dns_servers,
-            allow: &config.allow,
-            host_ports: &config.host_ports,
-        };
-        nft::install(&rules)?;
         tracing::info!(
             bridge = %bridge,
             subnet = %config.subnet,
