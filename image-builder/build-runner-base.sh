@@ -249,7 +249,8 @@ log "built $output: $image_mb MiB qcow2, $((disk_bytes / mib / 1024)) GiB virtua
 # --- smoke boot, publish ---------------------------------------------------------------------------
 if ((boot_test)); then
   phase "boot-test"
-  "$fkr_qemu" boot-test --image "$output" || die "boot-test failed for $output: not published"
+  # Generous: under TCG (no KVM) a Trixie boot takes 1–3 minutes; with KVM, seconds.
+  "$fkr_qemu" boot-test --image "$output" --timeout 600 || die "boot-test failed for $output: not published"
   log "boot-test passed in $((SECONDS - phase_start)) s"
 fi
 
