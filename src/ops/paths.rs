@@ -35,13 +35,14 @@ pub struct Dirs {
     pub log_dir: PathBuf,
 }
 
-/// The directory settings of the daemon's config file. Everything else in it is ignored here:
-/// the operator commands need neither Forgejo nor the admin token.
+/// The directory settings of the daemon's config file, with the same keys and defaults as
+/// `controller::Config` (top-level `runtime_dir` and `state_dir`, `[vm] log_dir` defaulting to
+/// `<state_dir>/logs`). Everything else in it is ignored here: the operator commands need neither
+/// Forgejo nor the admin token, which the full loader insists on.
 #[derive(Debug, Default, serde::Deserialize)]
 struct ConfigDirs {
     runtime_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
-    log_dir: Option<PathBuf>,
     #[serde(default)]
     vm: VmSection,
 }
@@ -71,7 +72,6 @@ impl DirArgs {
         let log_dir = self
             .log_dir
             .clone()
-            .or(file.log_dir)
             .or(file.vm.log_dir)
             .unwrap_or_else(|| state_dir.join("logs"));
         Ok(Dirs {
@@ -166,6 +166,42 @@ mod tests {
         .unwrap();
         assert_eq!(d.runtime_dir, Path::new(DEFAULT_RUNTIME_DIR));
         assert_eq!(d.log_dir, Path::new("/srv/fkr/logs"));
+    }
+
+    /// The operator commands find the same dirs `serve` uses, for every combination of settings.
+    #[test]
+    fn agrees_with_the_daemons_config_loader() {
+        use crate::controller::config::{Config, Overrides};
+        let env = |k: &str| match k {
+            "FORGEJO_ADMIN_TOKEN" => Some("t0ken".to_owned()),
+            _ => None,
+        };
+        // (top-level keys, [vm] keys); [forgejo] goes in between so each key lands in its table.
+        let cases = [
+            ("", ""),
+            ("state_dir = \"/srv/st\"", ""),
+            (
+                "runtime_dir = \"/run/x\"\nstate_dir = \"/srv/st\"",
+                "log_dir = \"/var/log/f\"",
+            ),
+            ("", "log_dir = \"/var/log/f\""),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        for (top, vm) in cases {
+            let full = format!("{top}\n[forgejo]\nurl = \"https://forgejo.example\"\n[vm]\n{vm}\n");
+            std::fs::write(&path, &full).unwrap();
+            let serve = Config::from_parts(&full, &path, &env, &Overrides::default()).unwrap();
+            let ours = DirArgs {
+                config: Some(path.clone()),
+                ..DirArgs::default()
+            }
+            .resolve()
+            .unwrap();
+            assert_eq!(ours.runtime_dir, serve.runtime_dir, "{full}");
+            assert_eq!(ours.state_dir, serve.state_dir, "{full}");
+            assert_eq!(ours.log_dir, serve.vm.log_dir, "{full}");
+        }
     }
 
     #[test]
