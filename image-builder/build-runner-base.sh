@@ -25,6 +25,7 @@ publish=1
 boot_test=1
 fkr_qemu=
 keep_work=0
+from_image=
 
 usage() {
   cat <<EOF
@@ -45,6 +46,7 @@ publishes it to $publish_path (the previous image is kept as .prev).
   --no-boot-test          skip the smoke boot; implies --no-publish
   --fkr-qemu PATH         the fkr-qemu binary for boot-test (default: on PATH, else target/{release,debug})
   --keep-work             keep the work directory (root tree, raw disk) for inspection
+  --from-image PATH       build nothing: boot-test PATH and publish it (an image built earlier)
   -h, --help              this text
 EOF
 }
@@ -68,14 +70,56 @@ while (($#)); do
   --no-boot-test) boot_test=0; publish=0; shift ;;
   --fkr-qemu) fkr_qemu=${2:?--fkr-qemu needs a path}; shift 2 ;;
   --keep-work) keep_work=1; shift ;;
+  --from-image) from_image=${2:?--from-image needs a path}; shift 2 ;;
   -h | --help) usage; exit 0 ;;
   *) usage >&2; die "unknown option: $1" ;;
   esac
 done
 
 case "$variant" in full | reduced) ;; *) die "--variant must be full or reduced, not '$variant'" ;; esac
-[ "$(id -u)" = 0 ] || die "must run as root (mmdebstrap --mode=root, chroot): use sudo"
+if [ -n "$from_image" ]; then
+  [ -f "$from_image" ] || die "--from-image $from_image does not exist"
+  ((boot_test)) || die "--from-image publishes only what passed boot-test: drop --no-boot-test"
+else
+  [ "$(id -u)" = 0 ] || die "must run as root (mmdebstrap --mode=root, chroot): use sudo"
+fi
 
+if ((boot_test)); then
+  if [ -z "$fkr_qemu" ]; then
+    if command -v fkr-qemu >/dev/null 2>&1; then fkr_qemu=$(command -v fkr-qemu)
+    elif [ -x "$repo/target/release/fkr-qemu" ]; then fkr_qemu=$repo/target/release/fkr-qemu
+    elif [ -x "$repo/target/debug/fkr-qemu" ]; then fkr_qemu=$repo/target/debug/fkr-qemu
+    else die "fkr-qemu not found for the boot test: build it (cargo build --release), pass --fkr-qemu PATH, or use --no-boot-test"
+    fi
+  fi
+  [ -x "$fkr_qemu" ] || die "--fkr-qemu $fkr_qemu is not an executable"
+fi
+
+work=
+pub_tmp=
+cleanup() {
+  [ -z "$pub_tmp" ] || rm -f "$pub_tmp"
+  [ -z "$output" ] || rm -f "$output.tmp.$$"
+  if [ -n "$work" ]; then
+    if ((keep_work)); then
+      echo "work directory kept: $work" >&2
+    else
+      rm -rf "$work"
+    fi
+  fi
+}
+trap cleanup EXIT
+
+started=$SECONDS
+phase_start=$SECONDS
+phase() { # phase NAME: logs how long the previous phase took
+  log "$1 (+$((SECONDS - phase_start)) s)"
+  phase_start=$SECONDS
+}
+mib=$((1024 * 1024))
+
+# Steps 1–4: tools, forgejo-runner, mmdebstrap, disk, qcow2 (skipped with --from-image).
+build_image() {
 # --- tools ---------------------------------------------------------------------------------------
 missing=()
 need() { # need COMMAND PACKAGE
@@ -96,22 +140,10 @@ need numfmt coreutils
 mkfs_usage=$(mkfs.ext4 2>&1 || true)
 [[ "$mkfs_usage" == *"-d root-directory"* ]] || die "mkfs.ext4 has no -d option: e2fsprogs >= 1.43 is needed"
 
-if ((boot_test)); then
-  if [ -z "$fkr_qemu" ]; then
-    if command -v fkr-qemu >/dev/null 2>&1; then fkr_qemu=$(command -v fkr-qemu)
-    elif [ -x "$repo/target/release/fkr-qemu" ]; then fkr_qemu=$repo/target/release/fkr-qemu
-    elif [ -x "$repo/target/debug/fkr-qemu" ]; then fkr_qemu=$repo/target/debug/fkr-qemu
-    else die "fkr-qemu not found for the boot test: build it (cargo build --release), pass --fkr-qemu PATH, or use --no-boot-test"
-    fi
-  fi
-  [ -x "$fkr_qemu" ] || die "--fkr-qemu $fkr_qemu is not an executable"
-fi
-
 # --- sizes ---------------------------------------------------------------------------------------
 size_num=${size%iB}
 size_num=${size_num%B}
 disk_bytes=$(numfmt --from=iec "$size_num" 2>/dev/null) || die "--size '$size' is not a size like 20G or 4096M"
-mib=$((1024 * 1024))
 esp_mib=128
 # GPT: 1 MiB before the ESP, the root after it up to 1 MiB before the end (room for the backup table).
 disk_mib=$((disk_bytes / mib))
@@ -123,24 +155,6 @@ root_mib=$((disk_mib - 1 - esp_mib - 1))
 mkdir -p "$cache_dir" "$(dirname "$output")"
 cache_dir=$(cd "$cache_dir" && pwd)
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/fkr-runner-base.XXXXXX")
-pub_tmp=
-cleanup() {
-  [ -z "$pub_tmp" ] || rm -f "$pub_tmp"
-  rm -f "$output.tmp.$$"
-  if ((keep_work)); then
-    echo "work directory kept: $work" >&2
-  else
-    rm -rf "$work"
-  fi
-}
-trap cleanup EXIT
-
-started=$SECONDS
-phase_start=$SECONDS
-phase() { # phase NAME: logs how long the previous phase took
-  log "$1 (+$((SECONDS - phase_start)) s)"
-  phase_start=$SECONDS
-}
 
 # --- the mirror must be reachable before minutes are spent -----------------------------------------
 curl -fsS --max-time 30 -o /dev/null "$mirror/dists/trixie/InRelease" ||
@@ -245,6 +259,16 @@ built=$SECONDS
 rootfs_mb=$(du -sm "$rootfs" | cut -f1)
 image_mb=$(($(stat -c %s "$output") / mib))
 log "built $output: $image_mb MiB qcow2, $((disk_bytes / mib / 1024)) GiB virtual, root tree $rootfs_mb MiB, in $((built - started)) s"
+}
+
+if [ -n "$from_image" ]; then
+  output=$from_image
+  built=$started
+else
+  build_image
+fi
+image_mb=$(($(stat -c %s "$output") / mib))
+virtual_gib=$(($(qemu-img info --output=json "$output" | sed -n 's/.*"virtual-size": *\([0-9]*\).*/\1/p') / mib / 1024))
 
 # --- smoke boot, publish ---------------------------------------------------------------------------
 if ((boot_test)); then
@@ -273,4 +297,4 @@ if ((publish)); then
   log "published $publish_path"
 fi
 
-echo "build-runner-base: $variant image $output ($image_mb MiB, $((disk_bytes / mib / 1024)) GiB virtual): build $((built - started)) s, total $((SECONDS - started)) s"
+echo "build-runner-base: image $output ($image_mb MiB, $virtual_gib GiB virtual): build $((built - started)) s, total $((SECONDS - started)) s"

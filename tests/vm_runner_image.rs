@@ -87,6 +87,110 @@ fn build_script_rejects_bad_options_before_doing_anything() {
     }
 }
 
+/// `--from-image`: the publish step alone, with a fake `fkr-qemu` standing in for boot-test.
+fn publish(image: &Path, fake_fkr_qemu: &Path, publish_path: &Path) -> std::process::Output {
+    Command::new("bash")
+        .arg(repo().join("image-builder/build-runner-base.sh"))
+        .arg("--from-image")
+        .arg(image)
+        .arg("--fkr-qemu")
+        .arg(fake_fkr_qemu)
+        .arg("--publish-path")
+        .arg(publish_path)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn publishes_only_boot_tested_images_atomically_keeping_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let calls = d.join("calls");
+    let fake = d.join("fkr-qemu");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$*\" >>{}\n[ -z \"$FAIL_BOOT_TEST\" ]\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let image = |name: &str, size: &str| {
+        let path = d.join(name);
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg(size)
+            .output()
+            .expect("qemu-img (qemu-utils)");
+        assert!(out.status.success());
+        path
+    };
+    let (first, second, third) = (
+        image("a.qcow2", "1G"),
+        image("b.qcow2", "2G"),
+        image("c.qcow2", "3G"),
+    );
+    let published = d.join("images/runner-base.qcow2");
+    let prev = d.join("images/runner-base.qcow2.prev");
+    let read = |p: &Path| std::fs::read(p).unwrap();
+
+    let out = publish(&first, &fake, &published);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read(&published), read(&first));
+    assert!(!prev.exists());
+
+    let out = publish(&second, &fake, &published);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read(&published), read(&second));
+    assert_eq!(
+        read(&prev),
+        read(&first),
+        "the previous image is kept as .prev"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(0 MiB, 2 GiB virtual)"));
+
+    // A failed boot test publishes nothing.
+    let out = Command::new("bash")
+        .arg(repo().join("image-builder/build-runner-base.sh"))
+        .args(["--from-image"])
+        .arg(&third)
+        .arg("--fkr-qemu")
+        .arg(&fake)
+        .arg("--publish-path")
+        .arg(&published)
+        .env("FAIL_BOOT_TEST", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("boot-test failed"));
+    assert_eq!(read(&published), read(&second));
+    assert_eq!(read(&prev), read(&first));
+
+    // Each image was boot-tested first; no temp file is left next to the published one.
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    let expected: Vec<String> = [&first, &second, &third]
+        .iter()
+        .map(|p| format!("boot-test --image {} --timeout 600", p.display()))
+        .collect();
+    assert_eq!(calls.lines().collect::<Vec<_>>(), expected);
+    let mut left: Vec<_> = std::fs::read_dir(d.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["runner-base.qcow2", "runner-base.qcow2.prev"]);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The reduced image under TCG with the seed `serve` writes.
 
