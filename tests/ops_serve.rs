@@ -93,7 +93,7 @@ fn ops_vm_commands_and_metrics_against_serve() {
 
     let (id, _handle) = w.emu.add_job("alice/web", "external-host");
     // Follow the console from the moment the VM exists: everything it prints comes later.
-    let name = wait_for("the VM's runtime dir", Duration::from_secs(60), || {
+    let name = wait_for("the VM's runtime dir", Duration::from_secs(180), || {
         w.vm_dirs().into_iter().next()
     });
     let log_path = w
