@@ -425,6 +425,36 @@ async fn tokens_create_list_delete_with_password_basic_auth() {
 }
 
 #[tokio::test]
+async fn token_list_pages_by_total_count() {
+    // Forgejo sets only X-Total-Count (no Link) on the token list.
+    let emu = Emulator::start_default().await;
+    let c = client(&emu);
+    let u = ci_user(&c, "acme", "widget").await;
+    for i in 0..61 {
+        c.create_token(
+            &u.username,
+            &u.password,
+            &format!("orch-{i}-00000000"),
+            &TOKEN_SCOPES,
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        c.list_tokens(&u.username, &u.password).await.unwrap().len(),
+        61
+    );
+    let pages: Vec<_> = emu
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.route == "/users/{username}/tokens")
+        .collect();
+    assert_eq!(pages.len(), 2);
+    assert!(!pages[0].response_headers.contains_key("link"));
+    assert_eq!(pages[0].response_headers["x-total-count"], "61");
+}
+
+#[tokio::test]
 async fn reused_token_name_is_400() {
     let emu = Emulator::start_default().await;
     let c = client(&emu);

@@ -822,9 +822,13 @@ async fn search_jobs(
             // Picked-up jobs stay in the list until they finish.
             .filter(|j| matches!(j.status, JobStatus::Waiting | JobStatus::Running))
             .filter(|j| level.admin || st.scope_covers_job(&level.scope, j))
-            // Subset rule: every `runs-on` label of the job is among the queried labels.
+            // Subset rule: every `runs-on` label of the job is among the queried labels. A job
+            // without `runs-on` matches only an empty `labels=` (Forgejo's `ItRunsOn`).
             .filter(|j| {
                 labels.as_ref().map_or(true, |ls| {
+                    if j.runs_on.is_empty() {
+                        return ls.is_empty();
+                    }
                     j.runs_on.iter().all(|r| ls.contains(&r.as_str()))
                 })
             })

@@ -307,15 +307,19 @@ fn exhausted(r: &Runner) -> bool {
 
 async fn register(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
     rpc(&s, &h, &body, false, |st, _, req| {
-        if string(field(req, "token")) != st.registration_token {
+        let name = string(field(req, "name"));
+        let token = string(field(req, "token"));
+        if token.is_empty() || name.is_empty() {
             return Err(RpcError(
-                "unauthenticated",
-                "runner registration token not found".into(),
+                "invalid_argument",
+                "missing runner token, name".into(),
             ));
         }
-        let name = string(field(req, "name"));
-        if name.is_empty() {
-            return Err(RpcError("invalid_argument", "name is required".into()));
+        if token != st.registration_token {
+            return Err(RpcError(
+                "invalid_argument",
+                "runner registration token not found".into(),
+            ));
         }
         let id = st.id();
         let runner = Runner {
@@ -350,7 +354,8 @@ async fn declare(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response
         r.labels = strings(field(req, "labels"));
         r.version = string(field(req, "version"));
         let r = r.clone();
-        Ok(json!({"runner": runner_message(st, &r, false)}))
+        // Forgejo's Declare answer carries the runner's token too.
+        Ok(json!({"runner": runner_message(st, &r, true)}))
     })
 }
 
@@ -463,12 +468,15 @@ fn own_task(st: &Emu, runner: i64, task_id: i64) -> Result<usize, RpcError> {
         .tasks
         .iter()
         .find(|t| t.id == task_id)
-        .ok_or_else(|| RpcError("not_found", format!("task {task_id} not found")))?;
+        // Forgejo answers both with CodeInternal.
+        .ok_or_else(|| {
+            RpcError(
+                "internal",
+                format!("get task: task with id {task_id} does not exist"),
+            )
+        })?;
     if task.runner_id != runner {
-        return Err(RpcError(
-            "permission_denied",
-            "invalid runner for task".into(),
-        ));
+        return Err(RpcError("internal", "invalid runner for task".into()));
     }
     Ok(st
         .jobs
@@ -537,17 +545,30 @@ async fn update_log(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Respo
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|r| string(field(r, "content"))).collect())
             .unwrap_or_default();
-        let log = &mut st.jobs[job].log;
-        let have = log.len() as i64;
-        if index > have || index < 0 {
+        let no_more = field(req, "no_more")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if index < 0 {
             return Err(RpcError(
                 "invalid_argument",
-                format!("index {index} is past the {have} rows received"),
+                format!("negative index {index}"),
             ));
         }
-        // Rows before `have` were received already (a retry): keep only the new ones.
-        let skip = (have - index) as usize;
-        log.extend(rows.into_iter().skip(skip));
+        let j = &mut st.jobs[job];
+        let ack = j.log.len() as i64;
+        // As Forgejo: nothing new (no rows, a gap, or only rows already received) just acknowledges.
+        if !rows.is_empty() && index <= ack && rows.len() as i64 + index > ack {
+            if j.log_closed {
+                return Err(RpcError(
+                    "already_exists",
+                    "log file has been archived".into(),
+                ));
+            }
+            // Rows before `ack` were received already (a retry): keep only the new ones.
+            j.log.extend(rows.into_iter().skip((ack - index) as usize));
+            j.log_closed = no_more;
+        }
+        let log = &j.log;
         let mut m = Map::new();
         put(&mut m, "ackIndex", json!(log.len().to_string()));
         Ok(Value::Object(m))

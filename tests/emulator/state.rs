@@ -141,6 +141,8 @@ pub struct Job {
     pub runner_id: Option<i64>,
     /// Log lines the runner uploaded, in order.
     pub log: Vec<String>,
+    /// The runner sent `noMore`: further rows are refused.
+    pub log_closed: bool,
     pub outputs: BTreeMap<String, String>,
 }
 
@@ -534,6 +536,7 @@ impl State {
             task_id: 0,
             runner_id: None,
             log: Vec::new(),
+            log_closed: false,
             outputs: BTreeMap::new(),
         });
         (id, handle, repo_id)
