@@ -146,6 +146,8 @@ fn no_secret_in_logs_errors_or_debug() {
         let gone = Client::new(gone_cfg, Secret::new(emu.admin_token())).unwrap();
         show_err(gone.probe().await.unwrap_err(), &mut shown);
     });
+    // The capture really sees what is logged: a canary logged through the same subscriber is found.
+    tracing::info!(canary = "canary-6b1f0e4c9d2a7358", "capture check");
     drop(_guard);
 
     let logs = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
@@ -153,6 +155,7 @@ fn no_secret_in_logs_errors_or_debug() {
     assert!(logs.contains("Forgejo request"), "{logs}");
     assert!(logs.contains("retrying Forgejo request"), "{logs}");
     assert!(logs.lines().count() > 50, "{logs}");
+    assert!(logs.contains("canary-6b1f0e4c9d2a7358"), "{logs}");
     for secret in &secrets {
         assert!(
             secret.len() >= 20,
