@@ -441,3 +441,52 @@ async fn missing_qemu_and_firmware_are_named_with_what_to_install() {
     assert!(err.to_string().contains("apt-get install ovmf"), "{err}");
     assert_nothing_left(dir.path());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_guest_takes_its_static_address_by_mac_and_reaches_the_bridge() {
+    use common::netns::{HttpServer, NetNs};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    // A bridge of our own in a namespace of our own; the guest's traffic never leaves it.
+    let ns = NetNs::create("fkrvm");
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.99.0.1/24", "dev", "br0"]);
+    ns.ip(&["link", "set", "br0", "up"]);
+    let name = VmName::generate();
+    let tap = ns
+        .run(|| fkr_qemu::net::Tap::create(name.as_str(), "br0"))
+        .unwrap();
+    let dev = tap.net_device().unwrap();
+    let server = HttpServer::start(&ns, "10.99.0.1:0".parse().unwrap(), "hello-from-the-bridge");
+    // Exactly the shape of CONTRACTS.md §B.
+    let network_config = format!(
+        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: '{}'\n    set-name: eth0\n    addresses:\n    - 10.99.0.5/24\n    routes:\n    - to: 0.0.0.0/0\n      via: 10.99.0.1\n    nameservers:\n      addresses:\n      - 10.99.0.1\n",
+        dev.mac
+    );
+    let get = format!(
+        "timeout 20 wget -q -O - http://{}/; echo; cat /etc/resolv.conf; ip route",
+        server.addr()
+    );
+    let mut s = seed(&name, user_data(&[], &[&get], true));
+    s.network_config = Some(network_config);
+    let mut spec = VmSpec::new(name, test_guest_image(), s, Duration::from_secs(240));
+    spec.net = Some(dev);
+    let handle = vm::launch(&cfg, spec).await.unwrap();
+    let log = handle.serial_log().to_owned();
+    let exit = handle.wait().await.unwrap();
+    let text = serial::strip_ansi(&String::from_utf8_lossy(&std::fs::read(&log).unwrap()));
+    assert_eq!(exit.outcome, Outcome::GuestPoweredOff, "{text}");
+    assert!(text.contains("fkr-guest: network eth0"), "{text}");
+    assert!(text.contains("hello-from-the-bridge"), "{text}");
+    assert!(text.contains("nameserver 10.99.0.1"), "{text}");
+    assert!(text.contains("default via 10.99.0.1"), "{text}");
+    let clients = server.clients();
+    assert!(
+        clients.iter().any(|c| c.ip().to_string() == "10.99.0.5"),
+        "{clients:?}"
+    );
+    drop(server);
+    drop(tap);
+    drop(ns);
+    assert_nothing_left(dir.path());
+}
