@@ -43,19 +43,6 @@ enum Command {
     Status(cli::status::Args),
 }
 
-/// Whether stderr is journald's stream: systemd sets `$JOURNAL_STREAM` to its `<dev>:<inode>`
-/// (compared, because children inherit the variable with stderr redirected elsewhere).
-fn stderr_is_journal() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
-        return false;
-    };
-    stream.to_str() == Some(&format!("{}:{}", meta.dev(), meta.ino()))
-}
-
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("FKR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -65,8 +52,12 @@ fn init_logging(format: LogFormat) {
         // journald and files get no colour codes; only a terminal does.
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        // journald stamps every line itself: a second timestamp only makes lines longer.
-        LogFormat::Text if stderr_is_journal() => builder.without_time().init(),
+        // journald: a syslog priority prefix per line, and no second timestamp.
+        LogFormat::Text if fkr_qemu::ops::journal::stderr_is_journal() => builder
+            .event_format(fkr_qemu::ops::journal::Priority::new(
+                tracing_subscriber::fmt::format().without_time(),
+            ))
+            .init(),
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }

@@ -15,6 +15,7 @@
 pub mod console;
 pub mod control;
 pub mod http;
+pub mod journal;
 pub mod metrics;
 pub mod paths;
 pub mod runtime;
