@@ -59,7 +59,7 @@ inputs_hash() {
     echo "kernel $kpkg $kver"
     echo "busybox-static $bbver"
     echo "systemd-boot-efi $stubver"
-    sha256sum "$0" "$guest_dir"/* | sed "s#  $repo/#  #"
+    sha256sum "$here/test-guest.sh" "$guest_dir"/* | sed "s#  $repo/#  #"
     if [ -d "$files_dir" ]; then
       (cd "$files_dir" && find . \( -type f -o -type l \) -printf '%p %m\n' | LC_ALL=C sort)
       (cd "$files_dir" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum)

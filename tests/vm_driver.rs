@@ -188,7 +188,7 @@ async fn vm_deadline_during_boot_goes_through_powerdown_then_quit() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn vm_hanging_guest_is_stopped_by_its_power_button_at_the_deadline() {
+async fn vm_hanging_guest_is_stopped_by_its_power_button_on_host_stop() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     // A guest that never powers off by itself; the host stops it once it hangs in runcmd.
@@ -268,6 +268,34 @@ async fn vm_kernel_panic_is_a_crash_not_a_power_off() {
         exit.outcome
     );
     assert_eq!(exit.state, VmState::Failed);
+    assert_nothing_left(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_dropping_the_handle_stops_the_vm_and_removes_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.powerdown_grace_secs = 1;
+    let handle = vm::launch(
+        &cfg,
+        spec(user_data(&[], &[], false), Duration::from_secs(300)),
+    )
+    .await
+    .unwrap();
+    let (pid, vm_dir) = (handle.pid(), handle.dir().to_owned());
+    // Like a job task that panicked or was cancelled while owning the VM.
+    let task = tokio::spawn(async move {
+        let _owned = handle;
+        panic!("the owner of the VM panicked");
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    for _ in 0..300 {
+        if !vm_dir.exists() && !Path::new(&format!("/proc/{pid}/cmdline")).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!vm_dir.exists(), "the VM directory outlived its owner");
     assert_nothing_left(dir.path());
 }
 

@@ -493,8 +493,11 @@ impl VmHandle {
             .task
             .take()
             .expect("the supervisor task is set at start");
-        task.await
-            .map_err(|e| Error::Qmp(format!("the supervisor of {} failed: {e}", self.name)))
+        // A panicking supervisor has still torn the VM down (its guards' Drop).
+        task.await.map_err(|e| Error::Supervisor {
+            name: self.name.to_string(),
+            detail: e.to_string(),
+        })
     }
 }
 

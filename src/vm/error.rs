@@ -49,6 +49,8 @@ pub enum Error {
     EarlyExit { status: String, stderr: String },
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("the supervisor of VM {name} ended abnormally: {detail}")]
+    Supervisor { name: String, detail: String },
     #[error("boot-test failed at phase `{phase}`: {detail}")]
     BootTestFailed { phase: String, detail: String },
 }
@@ -77,7 +79,8 @@ impl Error {
             | Error::Io { .. }
             | Error::Tool { .. }
             | Error::EarlyExit { .. }
-            | Error::Qmp(_) => exit::RUNTIME,
+            | Error::Qmp(_)
+            | Error::Supervisor { .. } => exit::RUNTIME,
         }
     }
 }
