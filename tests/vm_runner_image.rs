@@ -87,6 +87,43 @@ fn build_script_rejects_bad_options_before_doing_anything() {
     }
 }
 
+#[test]
+fn build_script_names_the_packages_of_missing_tools() {
+    // A PATH with only what the script needs before its tool check.
+    let dir = tempfile::tempdir().unwrap();
+    for tool in ["dirname", "id"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        let target = String::from_utf8_lossy(&found.stdout).trim().to_owned();
+        std::os::unix::fs::symlink(target, dir.path().join(tool)).unwrap();
+    }
+    let out = Command::new(std::env::var("BASH").unwrap_or_else(|_| "/bin/bash".into()))
+        .arg(repo().join("image-builder/build-runner-base.sh"))
+        .args(["--no-boot-test", "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    if nix::unistd::Uid::effective().is_root() {
+        for expected in [
+            "mmdebstrap (package mmdebstrap)",
+            "qemu-img (package qemu-utils)",
+            "sfdisk (package fdisk)",
+            "mkfs.vfat (package dosfstools)",
+            "mcopy (package mtools)",
+            "install with: apt-get install",
+        ] {
+            assert!(stderr.contains(expected), "no `{expected}` in: {stderr}");
+        }
+    } else {
+        assert!(stderr.contains("must run as root"), "{stderr}");
+    }
+}
+
 /// `--from-image`: the publish step alone, with a fake `fkr-qemu` standing in for boot-test.
 fn publish(image: &Path, fake_fkr_qemu: &Path, publish_path: &Path) -> std::process::Output {
     Command::new("bash")
