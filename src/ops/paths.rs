@@ -115,19 +115,12 @@ impl Dirs {
     }
 }
 
-/// Checks a VM name given on the command line (`fr-` + 8 lowercase hex digits), so it can be
-/// joined onto a path safely.
+/// Checks a VM name given on the command line (the driver's rule: `fr-` + 8 lowercase hex
+/// digits), so it can be joined onto a path safely.
 pub fn check_vm_name(name: &str) -> Result<(), Error> {
-    let ok = name.strip_prefix("fr-").is_some_and(|s| {
-        s.len() == 8
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidVmName(name.to_owned()))
-    }
+    crate::vm::VmName::parse(name)
+        .map(|_| ())
+        .map_err(|_| Error::InvalidVmName(name.to_owned()))
 }
 
 #[cfg(test)]

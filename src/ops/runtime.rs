@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use super::paths::{check_vm_name, Dirs};
 use super::status::{VmInfo, VmState};
 use super::Error;
+use crate::vm::files;
 
 /// The fields of `vm.json` that `list` shows. Read leniently: a missing or unreadable field only
 /// leaves a blank in the table, since this is a fallback view for when the daemon is down.
@@ -22,27 +23,33 @@ struct VmJson {
     serial_log: Option<PathBuf>,
     address: Option<String>,
     accel: Option<String>,
-    #[serde(with = "time::serde::rfc3339::option", alias = "started_at")]
+    #[serde(with = "time::serde::rfc3339::option")]
     created_at: Option<OffsetDateTime>,
 }
 
 /// The pid in `<vm_dir>/qemu.pid`, if the file exists and holds a number.
 pub fn read_pid(vm_dir: &Path) -> Option<u32> {
-    std::fs::read_to_string(vm_dir.join("qemu.pid"))
+    std::fs::read_to_string(vm_dir.join(files::PID))
         .ok()?
         .trim()
         .parse()
         .ok()
 }
 
-/// Whether `pid` is alive and really is this VM's qemu: its command line mentions the VM's dir
-/// (a recycled pid belonging to something else does not).
+/// Whether `pid` is alive and really is this VM's qemu, by the sweep's rule: argv[0] names
+/// `qemu-system-*` and an argument mentions the VM's dir (a recycled pid does not qualify).
 pub fn is_vm_process(pid: u32, vm_dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let needle = vm_dir.as_os_str().as_bytes();
-    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+    let mut args = raw.split(|b| *b == 0).filter(|a| !a.is_empty());
+    let is_qemu = args.next().is_some_and(|argv0| {
+        Path::new(std::ffi::OsStr::from_bytes(argv0))
+            .file_name()
+            .is_some_and(|n| n.as_bytes().starts_with(b"qemu-system"))
+    });
+    let dir = vm_dir.as_os_str().as_bytes();
+    is_qemu && !dir.is_empty() && args.any(|a| a.windows(dir.len()).any(|w| w == dir))
 }
 
 /// Whether the VM still exists: its dir is there and either its qemu has not been spawned yet
@@ -52,7 +59,7 @@ pub fn vm_alive(dirs: &Dirs, name: &str) -> bool {
     if !vm_dir.is_dir() {
         return false;
     }
-    if !vm_dir.join("qemu.pid").exists() {
+    if !vm_dir.join(files::PID).exists() {
         return true;
     }
     read_pid(&vm_dir).is_some_and(|pid| is_vm_process(pid, &vm_dir))
@@ -67,7 +74,7 @@ pub fn serial_log_of(dirs: &Dirs, name: &str) -> PathBuf {
 }
 
 fn read_vm_json(vm_dir: &Path) -> VmJson {
-    std::fs::read(vm_dir.join("vm.json"))
+    std::fs::read(vm_dir.join(files::META))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
@@ -169,11 +176,14 @@ mod tests {
                 "serial_log":"/elsewhere/fr-0000000a.serial.log"}"#,
         )
         .unwrap();
-        // A process whose command line mentions the VM dir stands in for its qemu.
+        // A shell named qemu-system-x86_64 with the VM dir as an argument stands in for its qemu;
+        // it waits in the `read` builtin (no child process to leave behind).
         let mut child = KillOnDrop(
-            std::process::Command::new("sleep")
-                .arg0(&live)
-                .arg("30")
+            std::process::Command::new("sh")
+                .arg0("qemu-system-x86_64")
+                .args(["-c", "read x", "sh"])
+                .arg(&live)
+                .stdin(std::process::Stdio::piped())
                 .spawn()
                 .unwrap(),
         );
@@ -181,18 +191,34 @@ mod tests {
         // Until the child has exec'd, its command line is still ours.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !is_vm_process(child.0.id(), &live) {
-            assert!(std::time::Instant::now() < deadline, "sleep never started");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stand-in never started"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
 
         let stale = d.vm_dir("fr-0000000b");
         std::fs::create_dir_all(&stale).unwrap();
-        // pid 1 is alive but is not this VM's qemu.
+        // pid 1 is alive but is not this VM's qemu; neither is a process merely naming the dir.
         std::fs::write(stale.join("qemu.pid"), "1\n").unwrap();
         std::fs::create_dir_all(d.vm_dir("not-a-vm")).unwrap();
+        let impostor_dir = d.vm_dir("fr-0000000d");
+        std::fs::create_dir_all(&impostor_dir).unwrap();
+        let impostor = KillOnDrop(
+            std::process::Command::new("sh")
+                .args(["-c", "read x", "sh"])
+                .arg(&impostor_dir)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        std::fs::write(impostor_dir.join("qemu.pid"), impostor.0.id().to_string()).unwrap();
 
         let vms = scan(&d).unwrap();
-        assert_eq!(vms.len(), 2);
+        assert_eq!(vms.len(), 3);
+        assert_eq!(vms[2].name, "fr-0000000d");
+        assert_eq!(vms[2].state, VmState::Stale, "not a qemu");
         assert_eq!(vms[0].name, "fr-0000000a");
         assert_eq!(vms[0].state, VmState::Orphaned);
         assert_eq!(vms[0].job_id, 12);
