@@ -104,10 +104,16 @@ fn ops_vm_commands_and_metrics_against_serve() {
     let mut follow = Reap(Some(
         command(&cfg, &["console", "--follow", &name])
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     ));
+    // Read as it streams: a full pipe would stall the follower.
+    let mut stdout = follow.0.as_mut().unwrap().stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut streamed = Vec::new();
+        stdout.read_to_end(&mut streamed).map(|_| streamed)
+    });
 
     // `list` shows the VM while it runs, from the daemon.
     let vm = wait_for("list to show the VM", Duration::from_secs(120), || {
@@ -151,20 +157,13 @@ fn ops_vm_commands_and_metrics_against_serve() {
     );
 
     // `console --follow` ends by itself once the VM is gone, having streamed the guest's output.
-    let mut child = follow.0.take().unwrap();
     let status = wait_for(
         "console --follow to end with the VM",
         Duration::from_secs(60),
-        || child.try_wait().unwrap(),
+        || follow.0.as_mut().unwrap().try_wait().unwrap(),
     );
-    let mut streamed = Vec::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_end(&mut streamed)
-        .unwrap();
     assert!(status.success(), "{status}");
+    let streamed = reader.join().unwrap().unwrap();
     let streamed = String::from_utf8_lossy(&streamed).into_owned();
     for marker in ["fkr-runner: got task", "fkr-guest: poweroff"] {
         assert!(!String::from_utf8_lossy(&printed_before).contains(marker));
