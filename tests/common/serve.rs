@@ -24,6 +24,11 @@ pub fn test_guest() -> PathBuf {
     p
 }
 
+/// The binary under test: `FKR_SERVE_BIN` (e.g. a release build, for benchmarks) or this build's.
+pub fn serve_bin() -> String {
+    std::env::var("FKR_SERVE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_fkr-qemu").to_owned())
+}
+
 fn emulator_bin() -> PathBuf {
     let bin = Path::new(env!("CARGO_BIN_EXE_fkr-qemu"));
     let p = bin.parent().unwrap().join("examples/forgejo-emulator");
@@ -179,6 +184,7 @@ impl Drop for Emulator {
 #[derive(Clone)]
 pub struct Settings {
     pub max_vms: usize,
+    pub poll_interval: &'static str,
     pub boot_deadline: &'static str,
     pub job_deadline: &'static str,
     pub request_timeout_ms: u64,
@@ -188,6 +194,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             max_vms: 2,
+            poll_interval: "300ms",
             boot_deadline: "90s",
             job_deadline: "120s",
             request_timeout_ms: 5000,
@@ -235,7 +242,7 @@ impl World {
             &config,
             format!(
                 r#"label = "external-host"
-poll_interval = "300ms"
+poll_interval = "{poll}"
 max_vms = {max_vms}
 base_image = "{image}"
 boot_deadline = "{boot}"
@@ -262,6 +269,7 @@ keep_serial_log = true
 dns_servers = ["{emu_addr}"]
 "#,
                 max_vms = s.max_vms,
+                poll = s.poll_interval,
                 image = test_guest().display(),
                 boot = s.boot_deadline,
                 job = s.job_deadline,
@@ -295,7 +303,7 @@ dns_servers = ["{emu_addr}"]
         let child = self
             .topo
             .host
-            .command(env!("CARGO_BIN_EXE_fkr-qemu"))
+            .command(&serve_bin())
             .args(["serve", "--config", self.config.to_str().unwrap()])
             .env("FORGEJO_ADMIN_TOKEN", &self.emu.admin_token)
             .env("FKR_LOG", "info")

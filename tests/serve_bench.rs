@@ -1,0 +1,113 @@
+//! Benchmarks for the report (ignored by default; they take a few minutes):
+//!
+//! ```sh
+//! cargo build --release --bin fkr-qemu && cargo build --examples
+//! FKR_SERVE_BIN=target/release/fkr-qemu \
+//!   cargo nextest run --test serve_bench --run-ignored only --no-capture
+//! ```
+//! - dispatch latency: from a job being added to the emulator to QEMU being spawned for it (serve's
+//!   "VM … started" line), median and spread over 24 jobs, with `poll_interval` 1 s (the latency is
+//!   about half the poll interval plus the host-side preparation, which is printed on its own);
+//! - serve's resident memory (VmRSS, VmHWM) while `max_vms` VMs run.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::serve::{wait_for, Settings, World};
+use nix::sys::signal::Signal;
+
+/// `2026-11-28T01:54:15.733672Z` at the start of a log line → system time.
+fn stamp(line: &str) -> SystemTime {
+    let ts = line.split_whitespace().next().unwrap();
+    let t =
+        time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).unwrap();
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(t.unix_timestamp_nanos() as u64)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn rss_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[test]
+#[ignore = "benchmark: run explicitly (see the module docs)"]
+fn serve_bench_vm_dispatch_latency_and_rss() {
+    const JOBS: usize = 24;
+    const MAX_VMS: usize = 3;
+    let w = World::new(Settings {
+        max_vms: MAX_VMS,
+        poll_interval: "1s",
+        ..Settings::default()
+    });
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(60));
+    let (idle_rss, _) = rss_kib(serve.pid());
+
+    let mut latency = Vec::new();
+    let mut prepare = Vec::new();
+    let mut rss_full = Vec::new();
+    for i in 0..JOBS {
+        // One job at a time with a slot free, so the figure is dispatch, not queueing behind max_vms.
+        wait_for("a free VM slot", Duration::from_secs(300), || {
+            (w.qemus().len() < MAX_VMS).then_some(())
+        });
+        let added = SystemTime::now();
+        let (id, _) = w
+            .emu
+            .add_job(&format!("bench/repo{}", i % 4), "external-host");
+        let started = serve.wait_log(&format!("started for job {id}"), Duration::from_secs(120));
+        let dispatched = serve.wait_log(
+            &format!("queue: dispatching job {id} "),
+            Duration::from_secs(1),
+        );
+        latency.push(
+            stamp(&started)
+                .duration_since(added)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        prepare.push(
+            stamp(&started)
+                .duration_since(stamp(&dispatched))
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        if w.qemus().len() == MAX_VMS {
+            rss_full.push(rss_kib(serve.pid()));
+        }
+    }
+    wait_for("all jobs done", Duration::from_secs(600), || {
+        (serve.count("finished (job") == JOBS).then_some(())
+    });
+    let (_, hwm) = rss_kib(serve.pid());
+    let lat = median(&mut latency.clone());
+    let prep = median(&mut prepare.clone());
+    latency.sort_by(f64::total_cmp);
+    eprintln!(
+        "dispatch latency (job added -> QEMU spawned), {JOBS} jobs, poll 1s: median {lat:.3}s, min {:.3}s, max {:.3}s",
+        latency[0],
+        latency[JOBS - 1]
+    );
+    eprintln!("host-side preparation (dispatch -> QEMU spawned): median {prep:.3}s");
+    eprintln!(
+        "serve RSS: idle {idle_rss} KiB; with {MAX_VMS} VMs running: {:?} KiB (VmRSS, VmHWM samples); peak VmHWM {hwm} KiB",
+        rss_full
+    );
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(120)).success());
+    w.assert_clean("bench-repo0-ci");
+}
