@@ -267,7 +267,7 @@ fn serve_vm_survives_forgejo_errors_and_timeouts_and_catches_up() {
     assert_eq!(w.emu.job_status(id), "waiting");
     w.emu.clear_faults();
     serve.wait_log(&format!("finished (job {id})"), BOOT);
-    assert_eq!(w.emu.job_status(id), "success");
+    assert_eq!(w.emu.job_status(id), "success", "log:\n{}", serve.log_text());
     serve.signal(Signal::SIGTERM);
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
     w.assert_clean("dave-app-ci");
@@ -301,4 +301,35 @@ fn serve_vm_job_deadline_stops_a_job_that_never_finishes() {
     serve.signal(Signal::SIGTERM);
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
     w.assert_clean("erin-svc-ci");
+}
+
+#[test]
+fn serve_vm_second_signal_stops_the_vms_and_cleans_up() {
+    let w = World::new(Settings::default());
+    // The VM's runner never gets its task: only the second signal ends the VM.
+    let fetch = "/api/actions/runner.v1.RunnerService/FetchSingleTask";
+    w.emu.fault(
+        "POST",
+        fetch,
+        serde_json::json!({"kind": "status", "status": 500}),
+    );
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let (id, _) = w.emu.add_job("frank/tool", "external-host");
+    serve.wait_log(&format!("started for job {id}"), Duration::from_secs(60));
+    serve.signal(Signal::SIGINT);
+    serve.wait_log("waiting for 1 in-flight VM(s)", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(serve.is_running());
+    serve.signal(Signal::SIGINT);
+    serve.wait_log("again: stopping 1 VM(s)", Duration::from_secs(10));
+    let st = serve.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{st}; log:\n{}", serve.log_text());
+    let log = serve.log_text();
+    assert!(
+        log.contains(&format!("job {id}: failed (shutdown), cleanup complete")),
+        "{log}"
+    );
+    assert_eq!(w.emu.job_status(id), "waiting");
+    w.assert_clean("frank-tool-ci");
 }

@@ -89,14 +89,11 @@ impl Scheduler {
         let Some(jobs) = self.list_jobs().await else {
             return;
         };
+        self.mark_running(&jobs);
         let mut waiting = HashSet::new();
         for j in jobs {
             match j.status {
-                JobStatus::Running => {
-                    if let Some(tx) = self.active.get(&j.handle) {
-                        tx.send_replace(true);
-                    }
-                }
+                JobStatus::Running | JobStatus::Other(_) => {}
                 JobStatus::Waiting => {
                     waiting.insert(j.handle.clone());
                     if j.handle.is_empty() || self.known.contains(&j.handle) {
@@ -113,7 +110,6 @@ impl Scheduler {
                         seen_at: Instant::now(),
                     });
                 }
-                JobStatus::Other(_) => {}
             }
         }
         let known = &mut self.known;
@@ -132,6 +128,26 @@ impl Scheduler {
             keep
         });
         self.ctx.board.set_queued(self.queue.len());
+    }
+
+    /// Tells in-flight jobs that Forgejo shows them running (their runner picked them up).
+    fn mark_running(&self, jobs: &[Job]) {
+        for j in jobs.iter().filter(|j| j.status == JobStatus::Running) {
+            if let Some(tx) = self.active.get(&j.handle) {
+                tx.send_replace(true);
+            }
+        }
+    }
+
+    /// While draining: only learn which in-flight jobs were picked up (so their boot deadline
+    /// does not stop a VM that is running its job).
+    async fn poll_running(&mut self) {
+        if self.active.is_empty() {
+            return;
+        }
+        if let Some(jobs) = self.list_jobs().await {
+            self.mark_running(&jobs);
+        }
     }
 
     /// Starts queued jobs while VM slots are free, each re-checked against a fresh list first.
@@ -364,6 +380,17 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
                 stopping = true;
                 tracing::info!("received {sig} again: stopping {} VM(s)", sched.tasks.len());
                 sched.stop_vms.cancel();
+            }
+            _ = interval.tick(), if !stopping => {
+                let step = sched.poll_running();
+                tokio::select! {
+                    () = step => {}
+                    sig = signals.recv() => {
+                        stopping = true;
+                        tracing::info!("received {sig} again: stopping {} VM(s)", sched.tasks.len());
+                        sched.stop_vms.cancel();
+                    }
+                }
             }
         }
     }
