@@ -145,7 +145,10 @@ fn serve_vm_four_jobs_run_two_at_a_time_with_one_ci_user() {
             .count(),
         1
     );
-    assert_eq!(serve.count("finished (job"), 4);
+    // The emulator marks a job done before its VM has powered off: wait for the four VMs' ends.
+    wait_for("four VMs to finish", BOOT, || {
+        (serve.count("finished (job") == 4).then_some(())
+    });
     serve.signal(Signal::SIGTERM);
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
     w.assert_clean("alice-web-ci");
@@ -266,8 +269,13 @@ fn serve_vm_survives_forgejo_errors_and_timeouts_and_catches_up() {
     assert!(serve.is_running(), "serve died: {}", serve.log_text());
     assert_eq!(w.emu.job_status(id), "waiting");
     w.emu.clear_faults();
-    serve.wait_log(&format!("finished (job {id})"), BOOT);
-    assert_eq!(w.emu.job_status(id), "success", "log:\n{}", serve.log_text());
+    serve.wait_log(&format!("job {id}: done (completed)"), BOOT);
+    assert_eq!(
+        w.emu.job_status(id),
+        "success",
+        "log:\n{}",
+        serve.log_text()
+    );
     serve.signal(Signal::SIGTERM);
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
     w.assert_clean("dave-app-ci");

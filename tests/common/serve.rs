@@ -451,7 +451,11 @@ impl Drop for Serve {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // nextest shows this with the failure: the daemon's side of the story.
-            eprintln!("--- serve log ({}) ---\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "--- serve log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
         if let Some(mut c) = self.child.take() {
             if matches!(c.try_wait(), Ok(None)) {
