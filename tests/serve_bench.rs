@@ -65,6 +65,9 @@ fn serve_bench_vm_dispatch_latency_and_rss() {
         wait_for("a free VM slot", Duration::from_secs(300), || {
             (w.qemus().len() < MAX_VMS).then_some(())
         });
+        // A random phase against the poll tick (adding right after the last dispatch would always
+        // land just after a tick and measure a whole interval).
+        std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 1000));
         let added = SystemTime::now();
         let (id, _) = w
             .emu
