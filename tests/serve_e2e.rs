@@ -77,6 +77,30 @@ fn serve_vm_end_to_end_runs_a_job_and_cleans_up() {
     let st = serve.wait_exit(Duration::from_secs(30));
     assert!(st.success(), "{st}; log:\n{}", serve.log_text());
     assert!(!w.runtime_dir().join("control.sock").exists());
+
+    // The state file is lost: the next job of the repository takes its CI user back (Forgejo answers
+    // 422 to the creation; the user is ours, so its password is reset) instead of failing.
+    std::fs::remove_file(w.state_dir().join("ci-users.json")).unwrap();
+    let mut serve = w.serve(1);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let (id2, _) = w.emu.add_job("alice/web", "external-host");
+    serve.wait_log(
+        "CI user alice-web-ci exists already; resetting its password",
+        Duration::from_secs(60),
+    );
+    serve.wait_log(&format!("job {id2}: done (completed)"), BOOT);
+    assert_eq!(w.emu.job_status(id2), "success");
+    assert_eq!(
+        w.emu
+            .users()
+            .iter()
+            .filter(|u| *u == "alice-web-ci")
+            .count(),
+        1
+    );
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    w.assert_clean("alice-web-ci");
     if std::env::var_os("FKR_TEST_SHOW_LOG").is_some() {
         eprintln!("{}", serve.log_text());
     }
