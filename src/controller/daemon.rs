@@ -326,7 +326,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     tracing::info!(
         "entering discovery loop (label={}, interval={}s, max_vms={})",
         ctx.cfg.label,
-        super::duration::format(ctx.cfg.poll_interval).trim_end_matches('s'),
+        ctx.cfg.poll_interval.as_secs_f64(),
         ctx.cfg.max_vms
     );
 
