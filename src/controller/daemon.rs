@@ -112,6 +112,8 @@ impl Scheduler {
                 }
             }
         }
+        // Forget attempt counts of jobs that are no longer waiting (finished, cancelled).
+        self.failures.retain(|h, _| waiting.contains(h));
         let known = &mut self.known;
         let metrics = &self.ctx.metrics;
         self.queue.retain(|q| {
@@ -204,7 +206,10 @@ impl Scheduler {
             Ok((handle, report)) => {
                 self.active.remove(&handle);
                 self.known.remove(&handle);
-                if report.picked_up || report.outcome == JobOutcome::Shutdown {
+                // A VM that powered off by itself ran its runner to the end even when no poll saw
+                // the job running (short jobs between polls).
+                let ran = matches!(report.outcome, JobOutcome::Completed | JobOutcome::Shutdown);
+                if report.picked_up || ran {
                     self.failures.remove(&handle);
                 } else {
                     let n = self.failures.entry(handle.clone()).or_insert(0);
