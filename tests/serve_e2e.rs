@@ -172,6 +172,11 @@ fn serve_vm_four_jobs_run_two_at_a_time_with_one_ci_user() {
     wait_for("four VMs to finish", BOOT, || {
         (serve.count("finished (job") == 4).then_some(())
     });
+    // The queue dedupes by handle: each job was dispatched exactly once, though every poll saw it.
+    for id in &ids {
+        let line = format!("queue: dispatching job {id} ");
+        assert_eq!(serve.count(&line), 1, "{}", serve.log_text());
+    }
     serve.signal(Signal::SIGTERM);
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
     w.assert_clean("alice-web-ci");
