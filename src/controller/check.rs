@@ -73,6 +73,17 @@ async fn token_scopes(cfg: &Config, login: &str) -> Result<Option<Vec<String>>, 
         .map(|t| t.scopes))
 }
 
+/// `program` itself when it names a path, else its first match in `PATH`.
+fn find_program(program: &Path) -> Option<std::path::PathBuf> {
+    if program.components().count() > 1 {
+        return program.is_file().then(|| program.to_owned());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
 fn check_file(what: &str, path: &Path, hint: &str) -> Result<(), Error> {
     if path.is_file() {
         Ok(())
@@ -92,6 +103,13 @@ pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
         &cfg.base_image,
         "build it with image-builder/build-runner-base.sh, or set base_image",
     )?;
+    let qemu = find_program(&cfg.vm.qemu).ok_or_else(|| {
+        Error::Missing(format!(
+            "{} not found (apt-get install qemu-system-x86, or set vm.qemu)",
+            cfg.vm.qemu.display()
+        ))
+    })?;
+    notes.push(format!("qemu: {}", qemu.display()));
     crate::vm::check_base_image(&cfg.vm.qemu_img, &cfg.base_image).await?;
     let fw = crate::vm::discover_firmware(&cfg.vm)?;
     notes.push(format!("firmware: {}", fw.code.display()));
@@ -147,6 +165,14 @@ pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn programs_are_found_in_path_or_by_path() {
+        assert!(find_program(Path::new("sh")).is_some());
+        assert!(find_program(Path::new("/bin/sh")).is_some());
+        assert!(find_program(Path::new("no-such-program-fkr")).is_none());
+        assert!(find_program(Path::new("/nonexistent/qemu")).is_none());
+    }
 
     #[test]
     fn scopes() {
