@@ -1,7 +1,7 @@
 //! The daemon: start-up (Forgejo probe, operator services, sweep, host network), the discovery loop
 //! with its FIFO queue, dispatch of at most `max_vms` jobs, and the two-stage shutdown on signals.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::ciuser::CiUserStore;
-use super::job::{self, Report, Ticket, MAX_ATTEMPTS};
+use super::job::{self, Report, Ticket};
+use super::queue::JobQueue;
 use super::{sweep, Config, Ctx, Error};
 use crate::forgejo::{self, Job, JobStatus};
 use crate::ops::{self, JobOutcome, Metrics, StatusBoard};
@@ -39,21 +40,12 @@ impl Signals {
     }
 }
 
-struct Queued {
-    job: Job,
-    seen_at: Instant,
-}
-
 /// The discovery queue and the jobs in flight.
 struct Scheduler {
     ctx: Arc<Ctx>,
-    queue: VecDeque<Queued>,
-    /// Handles queued or in flight (the dedupe set).
-    known: HashSet<String>,
+    queue: JobQueue,
     /// In-flight handles → "picked up" notifier.
     active: HashMap<String, watch::Sender<bool>>,
-    /// Handles whose VMs ended without the runner picking the job up, and how often.
-    failures: HashMap<String, u32>,
     tasks: JoinSet<(String, Report)>,
     /// Cancelled on the second signal: every job stops its VM.
     stop_vms: CancellationToken,
@@ -63,10 +55,8 @@ impl Scheduler {
     fn new(ctx: Arc<Ctx>) -> Self {
         Self {
             ctx,
-            queue: VecDeque::new(),
-            known: HashSet::new(),
+            queue: JobQueue::default(),
             active: HashMap::new(),
-            failures: HashMap::new(),
             tasks: JoinSet::new(),
             stop_vms: CancellationToken::new(),
         }
@@ -83,6 +73,13 @@ impl Scheduler {
         }
     }
 
+    fn log_dropped(&self, dropped: &[(i64, String)]) {
+        for (id, handle) in dropped {
+            tracing::info!("queue: dropping job {id} (handle={handle}): no longer waiting");
+            self.ctx.metrics.job_dropped();
+        }
+    }
+
     /// One discovery round: new waiting jobs enter the queue, queued jobs that are no longer
     /// waiting leave it, in-flight jobs Forgejo shows running are marked picked up.
     async fn poll(&mut self) {
@@ -90,45 +87,12 @@ impl Scheduler {
             return;
         };
         self.mark_running(&jobs);
-        let mut waiting = HashSet::new();
-        for j in jobs {
-            match j.status {
-                JobStatus::Running | JobStatus::Other(_) => {}
-                JobStatus::Waiting => {
-                    waiting.insert(j.handle.clone());
-                    if j.handle.is_empty() || self.known.contains(&j.handle) {
-                        continue;
-                    }
-                    if self.failures.get(&j.handle).copied().unwrap_or(0) >= MAX_ATTEMPTS {
-                        continue;
-                    }
-                    tracing::debug!("queue: job {} waiting (handle={})", j.id, j.handle);
-                    self.ctx.metrics.job_seen();
-                    self.known.insert(j.handle.clone());
-                    self.queue.push_back(Queued {
-                        job: j,
-                        seen_at: Instant::now(),
-                    });
-                }
-            }
+        let observed = self.queue.observe(&jobs, Instant::now());
+        for (id, handle) in &observed.new {
+            tracing::debug!("queue: job {id} waiting (handle={handle})");
+            self.ctx.metrics.job_seen();
         }
-        // Forget attempt counts of jobs that are no longer waiting (finished, cancelled).
-        self.failures.retain(|h, _| waiting.contains(h));
-        let known = &mut self.known;
-        let metrics = &self.ctx.metrics;
-        self.queue.retain(|q| {
-            let keep = waiting.contains(&q.job.handle);
-            if !keep {
-                tracing::info!(
-                    "queue: dropping job {} (handle={}): no longer waiting",
-                    q.job.id,
-                    q.job.handle
-                );
-                known.remove(&q.job.handle);
-                metrics.job_dropped();
-            }
-            keep
-        });
+        self.log_dropped(&observed.dropped);
         self.ctx.board.set_queued(self.queue.len());
     }
 
@@ -165,20 +129,11 @@ impl Scheduler {
             .filter(|j| j.status == JobStatus::Waiting)
             .map(|j| j.handle.as_str())
             .collect();
+        let mut dropped = Vec::new();
         while self.tasks.len() < self.ctx.cfg.max_vms {
-            let Some(q) = self.queue.pop_front() else {
+            let Some(q) = self.queue.next_still_waiting(&still_waiting, &mut dropped) else {
                 break;
             };
-            if !still_waiting.contains(q.job.handle.as_str()) {
-                tracing::info!(
-                    "queue: dropping job {} (handle={}): no longer waiting",
-                    q.job.id,
-                    q.job.handle
-                );
-                self.known.remove(&q.job.handle);
-                self.ctx.metrics.job_dropped();
-                continue;
-            }
             tracing::info!(
                 "queue: dispatching job {} (handle={})",
                 q.job.id,
@@ -197,6 +152,7 @@ impl Scheduler {
             self.tasks
                 .spawn(async move { (handle, job::run(ctx, ticket, stop).await) });
         }
+        self.log_dropped(&dropped);
         self.ctx.board.set_queued(self.queue.len());
     }
 
@@ -205,38 +161,25 @@ impl Scheduler {
         match joined {
             Ok((handle, report)) => {
                 self.active.remove(&handle);
-                self.known.remove(&handle);
                 // A VM that powered off by itself ran its runner to the end even when no poll saw
                 // the job running (short jobs between polls).
-                let ran = matches!(report.outcome, JobOutcome::Completed | JobOutcome::Shutdown);
-                if report.picked_up || ran {
-                    self.failures.remove(&handle);
-                } else {
-                    let n = self.failures.entry(handle.clone()).or_insert(0);
-                    *n += 1;
-                    if *n >= MAX_ATTEMPTS {
-                        tracing::error!(
-                            "job with handle {handle}: {n} VMs ended without its runner picking it up; \
-                             giving up on it (restart the daemon to try again)"
-                        );
-                    }
+                let ran = report.picked_up
+                    || matches!(report.outcome, JobOutcome::Completed | JobOutcome::Shutdown);
+                if let Some(n) = self.queue.finished(&handle, ran) {
+                    tracing::error!(
+                        "job with handle {handle}: {n} VMs ended without its runner picking it up; \
+                         giving up on it (restart the daemon to try again)"
+                    );
                 }
             }
             Err(e) => {
                 // A panicking job task: its resources were released by their Drop impls. Forget the
-                // handles whose tasks are gone so the job can be retried.
+                // handles whose tasks are gone (their ticket, hence the receiver, was dropped) so the
+                // job can be retried.
                 tracing::error!("a job task failed: {e}");
-                let alive: HashSet<String> = self
-                    .active
-                    .keys()
-                    .filter(|h| !self.active[*h].is_closed())
-                    .cloned()
-                    .collect();
-                self.active.retain(|h, _| alive.contains(h));
+                self.active.retain(|_, tx| !tx.is_closed());
                 let active = &self.active;
-                let queue = &self.queue;
-                self.known
-                    .retain(|h| active.contains_key(h) || queue.iter().any(|q| &q.job.handle == h));
+                self.queue.retain_in_flight(|h| active.contains_key(h));
             }
         }
     }
@@ -367,9 +310,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     // First signal: no new jobs; wait for the ones in flight.
     board.set_draining();
     board.set_ready(false);
-    for q in sched.queue.drain(..) {
-        sched.known.remove(&q.job.handle);
-    }
+    sched.queue.clear();
     board.set_queued(0);
     let n = sched.tasks.len();
     tracing::info!("received {first_signal}: stopping discovery; waiting for {n} in-flight VM(s) (signal again to stop them)");

@@ -514,9 +514,6 @@ async fn prepare_and_launch(
     Ok(handle)
 }
 
-/// How many VMs a job gets whose runner never picked it up before the scheduler gives up on it.
-pub(crate) const MAX_ATTEMPTS: u32 = 3;
-
 #[cfg(test)]
 mod tests {
     use super::*;

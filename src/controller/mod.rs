@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod duration;
 mod job;
+mod queue;
 pub mod state;
 mod sweep;
 pub mod userdata;
