@@ -110,7 +110,7 @@ say "fkr-qemu serve (in $host)"
 FORGEJO_ADMIN_TOKEN=$token ip netns exec "$host" "$bin" serve --config "$tmp/config.toml" >"$tmp/serve.log" 2>&1 &
 serve_pid=$!
 deadline=$((SECONDS + ${FKR_DEMO_TIMEOUT:-300}))
-tail -n +1 -f "$tmp/serve.log" --pid "$serve_pid" &
+tail -n +1 -f "$tmp/serve.log" --pid "$serve_pid" 2>/dev/null &
 tail_pid=$!
 until grep -q "finished (job $job_id)" "$tmp/serve.log"; do
   if ! kill -0 "$serve_pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
