@@ -65,7 +65,7 @@ fn no_secret_in_logs_errors_or_debug() {
         shown.push(format!("{c:?} {cfg:?}"));
         c.probe().await.unwrap();
 
-        let u = c.new_ci_user("acme", "widget");
+        let u = c.new_ci_user("acme-widget-ci");
         secrets.push(u.password.expose().to_owned());
         shown.push(format!("{u:?}"));
         assert!(matches!(

@@ -52,7 +52,7 @@ async fn exercise(version: &str) -> Vec<LoggedRequest> {
     emu.add_job("forgejo-admin/own", &["external-host"], "own");
 
     // Users.
-    let u = c.new_ci_user("acme", "widget");
+    let u = c.new_ci_user("acme-widget-ci");
     assert!(matches!(
         c.create_user(&u).await.unwrap(),
         UserCreation::Created(_)

@@ -379,9 +379,12 @@ impl Config {
                 .unwrap_or_default()
                 .into(),
         );
+        top.insert(
+            "net".into(),
+            toml::Table::try_from(&self.net).unwrap_or_default().into(),
+        );
         let mut text =
             toml::to_string_pretty(&top).unwrap_or_else(|e| format!("# unprintable: {e}\n"));
-        text.push_str(&format!("\n# [net] (effective): {:?}\n", self.net));
         text.push_str(&format!(
             "# admin token: [redacted], from {}\n",
             self.admin_token_source
@@ -747,7 +750,8 @@ mod tests {
             ("FORGEJO_ADMIN_TOKEN", "super-secret-token-123"),
         ]);
         let c = Config::from_parts(
-            "max_vms = 7\n[vm]\naccel = \"tcg\"\n",
+            "max_vms = 7\n[vm]\naccel = \"tcg\"\n[net]\nallow = [\"192.168.1.10:3000\"]\n\
+             bridge_mac = \"02:00:00:00:00:01\"\ndns_servers = [\"192.0.2.53\"]\n",
             Path::new("c"),
             &env,
             &Overrides::default(),
@@ -764,5 +768,6 @@ mod tests {
         assert_eq!(back.base_image, c.base_image);
         assert_eq!(back.vm, c.vm);
         assert_eq!(back.forgejo, c.forgejo);
+        assert_eq!(back.net, c.net);
     }
 }

@@ -21,7 +21,7 @@ use super::ciuser::{ci_username, CiUser};
 use super::state::JobState;
 use super::userdata::{self, RegistryAuth, RunnerParams};
 use super::Ctx;
-use crate::forgejo::{self, Job, NewUser, UserCreation, TOKEN_SCOPES};
+use crate::forgejo::{self, Job, UserCreation, TOKEN_SCOPES};
 use crate::ops::{JobOutcome, RemovalReason, VmInfo, VmState};
 use crate::secret::Secret;
 use crate::vm::{self, Outcome, Seed, VmName, VmSpec};
@@ -211,15 +211,9 @@ pub(crate) async fn ensure_ci_user(
         return Ok((u.username.clone(), u.password.clone()));
     }
     let username = ci_username(owner, repo);
-    let password = forgejo::generate_password();
-    let email = forgejo::ci_email(&username, &ctx.cfg.forgejo.ci_user_email_domain);
+    let new = ctx.forgejo.new_ci_user(&username);
+    let (email, password) = (new.email.clone(), new.password.clone());
     tracing::info!("creating CI user {username} for {owner}/{repo}");
-    let new = NewUser {
-        username: username.clone(),
-        email: email.clone(),
-        password: password.clone(),
-        visibility: ctx.cfg.forgejo.ci_user_visibility,
-    };
     match ctx.forgejo.create_user(&new).await? {
         UserCreation::Created(_) => {}
         UserCreation::AlreadyExists { message } => {

@@ -16,8 +16,8 @@ use super::types::{
     RepositoryWire, ServerVersionWire,
 };
 use super::{
-    ci_email, ci_username, generate_password, AccessToken, ClientConfig, Error, Job, JobStatus,
-    Level, MintedToken, NewUser, RegisteredRunner, Repository, Runner, User, UserCreation,
+    ci_email, generate_password, AccessToken, ClientConfig, Error, Job, JobStatus, Level,
+    MintedToken, NewUser, RegisteredRunner, Repository, Runner, User, UserCreation,
 };
 use crate::secret::Secret;
 
@@ -323,13 +323,12 @@ impl Client {
 
     // ---------------------------------------------------------------- users
 
-    /// The CI user of `owner/repo` to create: its name, an e-mail address that cannot receive mail,
-    /// a fresh strong password and the configured visibility.
-    pub fn new_ci_user(&self, owner: &str, repo: &str) -> NewUser {
-        let username = ci_username(owner, repo);
+    /// A CI user to create under `username` (the controller derives it from `owner/repo`): an e-mail
+    /// address that cannot receive mail, a fresh strong password and the configured visibility.
+    pub fn new_ci_user(&self, username: &str) -> NewUser {
         NewUser {
-            email: ci_email(&username, &self.inner.config.ci_user_email_domain),
-            username,
+            email: ci_email(username, &self.inner.config.ci_user_email_domain),
+            username: username.to_owned(),
             password: generate_password(),
             visibility: self.inner.config.ci_user_visibility,
         }

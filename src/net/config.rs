@@ -5,12 +5,12 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::str::FromStr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Error;
 
 /// Host networking configuration (the `[net]` table of the daemon's config).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetConfig {
     /// Name of the host bridge the VMs' taps join (created if missing).
@@ -155,8 +155,8 @@ fn parse_resolv_conf(text: &str) -> Vec<Ipv4Addr> {
 }
 
 /// An IPv4 address with a prefix length, e.g. `10.88.0.1/24`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Ipv4Cidr {
     pub address: Ipv4Addr,
     pub prefix_len: u8,
@@ -233,8 +233,8 @@ impl TryFrom<String> for Ipv4Cidr {
 }
 
 /// A private destination VMs may reach: `ADDR[/LEN][:PORT]` (TCP port; all ports when absent).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct AllowedDestination {
     pub net: Ipv4Cidr,
     pub tcp_port: Option<u16>,
@@ -286,8 +286,8 @@ impl fmt::Display for AllowedDestination {
 }
 
 /// An Ethernet MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
@@ -346,6 +346,24 @@ impl TryFrom<String> for MacAddr {
     type Error = Error;
     fn try_from(s: String) -> Result<Self, Error> {
         s.parse()
+    }
+}
+
+impl From<Ipv4Cidr> for String {
+    fn from(value: Ipv4Cidr) -> String {
+        value.to_string()
+    }
+}
+
+impl From<AllowedDestination> for String {
+    fn from(value: AllowedDestination) -> String {
+        value.to_string()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(value: MacAddr) -> String {
+        value.to_string()
     }
 }
 
