@@ -1,15 +1,15 @@
-//! Benchmarks for the report (ignored by default; they take a few minutes):
+//! `serve` benchmarks (a few minutes; as root, like the serve tests):
 //!
 //! ```sh
-//! cargo build --release --bin fkr-qemu && cargo build --examples
-//! FKR_SERVE_BIN=target/release/fkr-qemu \
-//!   cargo nextest run --test serve_bench --run-ignored only --no-capture
+//! cargo build --release --examples && cargo bench --bench serve_dispatch
 //! ```
 //! - dispatch latency: from a job being added to the emulator to QEMU being spawned for it (serve's
 //!   "VM … started" line), median and spread over 24 jobs, with `poll_interval` 1 s (the latency is
 //!   about half the poll interval plus the host-side preparation, which is printed on its own);
 //! - serve's resident memory (VmRSS, VmHWM) while `max_vms` VMs run.
 
+#[allow(dead_code)]
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, SystemTime};
@@ -43,9 +43,7 @@ fn rss_kib(pid: i32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-#[test]
-#[ignore = "benchmark: run explicitly (see the module docs)"]
-fn serve_bench_vm_dispatch_latency_and_rss() {
+fn main() {
     const JOBS: usize = 24;
     const MAX_VMS: usize = 3;
     let w = World::new(Settings {
