@@ -38,7 +38,8 @@ die() { echo "test-guest.sh: error: $*" >&2; exit 1; }
 for tool in apt-cache apt-get dpkg-deb dpkg-query modinfo cpio gzip objcopy objdump sfdisk mkfs.vfat mmd mcopy qemu-img sha256sum; do
   command -v "$tool" >/dev/null || die "$tool not found: run .ci/setup (or apt-get install busybox-static systemd-boot-efi binutils cpio kmod fdisk dosfstools mtools qemu-utils)"
 done
-[ -x /bin/busybox ] && /bin/busybox --list | grep -qx findfs || die "/bin/busybox is not busybox-static: apt-get install busybox-static"
+# (grep without -q: with pipefail, -q exiting early would SIGPIPE busybox and fail the check at random.)
+[ -x /bin/busybox ] && /bin/busybox --list | grep -x findfs >/dev/null || die "/bin/busybox is not busybox-static: apt-get install busybox-static"
 [ -f "$stub" ] || die "$stub missing: apt-get install systemd-boot-efi"
 
 # The kernel Debian 12 currently serves for cloud-amd64 (the meta-package's dependency).
