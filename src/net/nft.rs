@@ -122,6 +122,17 @@ fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
 
+/// A missing `nft` binary is its own error (it says what to install).
+fn nft_spawn_error(e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::NotFound => Error::NftMissing,
+        _ => Error::Io {
+            what: "running nft".into(),
+            source: e,
+        },
+    }
+}
+
 /// Runs `nft -f -` with `script` on stdin, in the calling thread's network namespace.
 pub fn apply(script: &str, action: &'static str) -> Result<(), Error> {
     let mut child = Command::new("nft")
@@ -130,13 +141,7 @@ pub fn apply(script: &str, action: &'static str) -> Result<(), Error> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Error::NftMissing,
-            _ => Error::Io {
-                what: "running nft".into(),
-                source: e,
-            },
-        })?;
+        .map_err(nft_spawn_error)?;
     let write = child
         .stdin
         .take()
@@ -197,13 +202,7 @@ pub fn table_exists() -> Result<bool, Error> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Error::NftMissing,
-            _ => Error::Io {
-                what: "running nft".into(),
-                source: e,
-            },
-        })?;
+        .map_err(nft_spawn_error)?;
     Ok(output.status.success())
 }
 
