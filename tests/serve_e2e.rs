@@ -10,6 +10,15 @@ use nix::sys::signal::Signal;
 
 const BOOT: Duration = Duration::from_secs(180);
 
+/// Makes every call of one runner RPC (e.g. `FetchSingleTask`) answer 500 from now on.
+fn fail_runner_rpc(w: &World, method: &str) {
+    w.emu.fault(
+        "POST",
+        &format!("/api/actions/runner.v1.RunnerService/{method}"),
+        serde_json::json!({"kind": "status", "status": 500}),
+    );
+}
+
 #[test]
 fn serve_vm_end_to_end_runs_a_job_and_cleans_up() {
     let w = World::new(Settings::default());
@@ -212,12 +221,7 @@ fn serve_vm_sigterm_waits_for_the_job_in_flight() {
 fn serve_vm_sigkill_then_restart_sweeps_every_leftover() {
     let w = World::new(Settings::default());
     // The runner in the VM never gets its task: the VM stays up until we kill serve.
-    let fetch = "/api/actions/runner.v1.RunnerService/FetchSingleTask";
-    w.emu.fault(
-        "POST",
-        fetch,
-        serde_json::json!({"kind": "status", "status": 500}),
-    );
+    fail_runner_rpc(&w, "FetchSingleTask");
     let mut serve = w.serve(0);
     serve.wait_log("entering discovery loop", Duration::from_secs(30));
     let (id, _) = w.emu.add_job("carol/lib", "external-host");
@@ -317,11 +321,7 @@ fn serve_vm_job_deadline_stops_a_job_that_never_finishes() {
         ..Settings::default()
     });
     // The runner picks the job up but can never report it finished.
-    w.emu.fault(
-        "POST",
-        "/api/actions/runner.v1.RunnerService/UpdateTask",
-        serde_json::json!({"kind": "status", "status": 500}),
-    );
+    fail_runner_rpc(&w, "UpdateTask");
     let mut serve = w.serve(0);
     serve.wait_log("entering discovery loop", Duration::from_secs(30));
     let (id, _) = w.emu.add_job("erin/svc", "external-host");
@@ -343,12 +343,7 @@ fn serve_vm_job_deadline_stops_a_job_that_never_finishes() {
 fn serve_vm_second_signal_stops_the_vms_and_cleans_up() {
     let w = World::new(Settings::default());
     // The VM's runner never gets its task: only the second signal ends the VM.
-    let fetch = "/api/actions/runner.v1.RunnerService/FetchSingleTask";
-    w.emu.fault(
-        "POST",
-        fetch,
-        serde_json::json!({"kind": "status", "status": 500}),
-    );
+    fail_runner_rpc(&w, "FetchSingleTask");
     let mut serve = w.serve(0);
     serve.wait_log("entering discovery loop", Duration::from_secs(30));
     let (id, _) = w.emu.add_job("frank/tool", "external-host");
