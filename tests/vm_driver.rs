@@ -9,9 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::guest::{
-    assert_nothing_left, config, reported_files, test_guest_image, user_data, WriteFile,
+    assert_nothing_left, config, fake_internal_error_at, fake_qemu_kvm_internal_error,
+    reported_files, test_guest_image, user_data, WriteFile,
 };
-use fkr_qemu::vm::{self, serial, Error, Outcome, Seed, StopStep, VmName, VmSpec, VmState};
+use fkr_qemu::vm::{self, serial, Accel, Error, Outcome, Seed, StopStep, VmName, VmSpec, VmState};
 
 fn seed(name: &VmName, user_data: String) -> Seed {
     Seed {
@@ -516,5 +517,70 @@ async fn vm_guest_takes_its_static_address_by_mac_and_reaches_the_bridge() {
     drop(server);
     drop(tap);
     drop(ns);
+    assert_nothing_left(dir.path());
+}
+
+/// A KVM that passes the firmware probe but fails the guest (run state `internal-error`, QEMU
+/// paused and alive) ends the VM within a second, with QEMU's error in the outcome; `auto` then
+/// takes TCG for that QEMU, and the next VM boots.
+#[tokio::test]
+async fn vm_internal_error_ends_the_vm_within_a_second_and_auto_then_picks_tcg() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vm::VmConfig {
+        qemu: fake_qemu_kvm_internal_error(dir.path()),
+        accel: Accel::Auto,
+        // Long graces: the ladder must skip the power button of a paused guest, not wait it out.
+        powerdown_grace_secs: 30,
+        ..config(dir.path())
+    };
+    let ud = user_data(&[], &["echo fkr-test: second VM ran"], true);
+    let handle = vm::launch(&cfg, spec(ud.clone(), Duration::from_secs(120)))
+        .await
+        .unwrap();
+    assert_eq!(handle.accel().accel, Accel::Kvm, "{:?}", handle.accel());
+    let exit = handle.wait().await.unwrap();
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let Outcome::InternalError { accel, detail } = &exit.outcome else {
+        panic!("{exit:?}");
+    };
+    assert_eq!(accel, "kvm");
+    assert!(detail.contains("KVM internal error"), "{detail}");
+    let failed_at = fake_internal_error_at(detail);
+    assert!(
+        ended.saturating_sub(failed_at) < 1000,
+        "the VM ended {} ms after its vCPU stopped",
+        ended - failed_at
+    );
+    assert_eq!(exit.state, VmState::Failed);
+    assert!(exit.timings.torn_down_ms >= exit.timings.stop_decided_ms);
+    assert_nothing_left(dir.path());
+
+    let handle = vm::launch(&cfg, spec(ud, Duration::from_secs(240)))
+        .await
+        .unwrap();
+    assert_eq!(handle.accel().accel, Accel::Tcg);
+    assert!(
+        handle.accel().reason.contains("internal-error"),
+        "{:?}",
+        handle.accel()
+    );
+    let log = handle.serial_log().to_owned();
+    let exit = handle.wait().await.unwrap();
+    assert_eq!(exit.outcome, Outcome::GuestPoweredOff, "{exit:?}");
+    assert!(std::fs::read_to_string(log)
+        .unwrap()
+        .contains("fkr-test: second VM ran"));
+    // A forced kvm is now refused with the reason.
+    let forced = vm::VmConfig {
+        accel: Accel::Kvm,
+        ..cfg.clone()
+    };
+    match vm::launch(&forced, spec(String::new(), Duration::from_secs(10))).await {
+        Err(Error::KvmUnavailable { reason }) => assert!(reason.contains("internal-error")),
+        other => panic!("{other:?}"),
+    }
     assert_nothing_left(dir.path());
 }

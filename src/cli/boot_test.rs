@@ -3,20 +3,27 @@
 //! The seed's user-data makes the guest prove it ran its cloud-config: it prints
 //! `fkr-boot-test: proof V` to the console, where `V` is computed by the guest's shell from a random
 //! nonce (`nonce * 7 + 3`), so the value never appears in the seed itself. Then it powers off by itself.
-//! Phases, each timed from the command's start: spawn → QMP ready → first serial output → proof →
-//! guest shutdown → teardown done.
+//! Phases, one after another: spawn → QMP ready → first serial output → proof → guest shutdown,
+//! then teardown (stop decided → every resource released). Each `*_ms` is the duration of its phase,
+//! so they add up to at most `total_ms` (the rest is the report itself and process start).
+//!
+//! SIGINT and SIGTERM are handled alike, at any moment (even while the accelerator probe or the
+//! overlay is being made): the VM is stopped, its files removed, and the command exits non-zero
+//! naming the signal.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::ops::signals::Signals;
 use crate::vm::{self, serial, Accel, Outcome, Seed, VmConfig, VmName, VmSpec};
 
 /// Where `image-builder/` publishes the runner base image.
 pub const DEFAULT_IMAGE: &str = "/var/lib/fkr-qemu/images/runner-base.qcow2";
 
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = PHASE_HELP)]
 pub struct Args {
     /// The qcow2 base image to boot (never written: the VM runs on an overlay).
     #[arg(long, default_value = DEFAULT_IMAGE)]
@@ -55,8 +62,23 @@ pub struct Args {
     pub runtime_dir: Option<PathBuf>,
 }
 
-/// The report, printed as text or (`--json`) as one object. `*_ms` are milliseconds since the command
-/// started; `null` for a phase not reached.
+/// What each `*_ms` field measures (also `--help`).
+const PHASE_HELP: &str = "\
+Report fields (milliseconds; each phase starts where the one before ended, so they add up to at most
+total_ms; null for a phase not reached):
+  spawn_ms           command start -> QEMU spawned (checks, accelerator probe, overlay, seed, VARS copy)
+  qmp_ready_ms       QEMU spawned -> QMP answered
+  first_serial_ms    QMP answered -> first byte on the serial console
+  proof_ms           first serial byte -> the guest printed the proof line (its cloud-config ran)
+  guest_shutdown_ms  proof -> the guest powered itself off (QMP SHUTDOWN, reason guest-shutdown)
+  teardown_ms        stop decided (power-off, stop ladder or QEMU exit) -> every resource released
+                     (QEMU reaped, per-VM files removed)
+  total_ms           command start -> report
+accel and accel_reason say which accelerator ran and why (auto: the KVM probe's verdict).
+SIGINT and SIGTERM stop the VM, remove its files and exit 1 with failed_phase and error set.";
+
+/// The report, printed as text or (`--json`) as one object. `*_ms` are phase durations, see
+/// [`PHASE_HELP`]; `null` for a phase not reached.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub ok: bool,
@@ -71,6 +93,7 @@ pub struct Report {
     pub proof_ms: Option<u64>,
     pub guest_shutdown_ms: Option<u64>,
     pub teardown_ms: Option<u64>,
+    pub total_ms: u64,
     /// The first phase that did not pass.
     pub failed_phase: Option<String>,
     pub error: Option<String>,
@@ -105,6 +128,7 @@ impl Report {
             proof_ms: None,
             guest_shutdown_ms: None,
             teardown_ms: None,
+            total_ms: 0,
             failed_phase: None,
             error: None,
             outcome: None,
@@ -151,6 +175,7 @@ impl Report {
                 None => println!("  {p:<15} {:>7}     {status}", "-"),
             }
         }
+        println!("  {:<15} {:>7} ms", "total", self.total_ms);
         if let Some(log) = &self.serial_log {
             println!("  serial log: {}", log.display());
         }
@@ -228,6 +253,8 @@ pub fn proof_line(nonce: u32) -> String {
 
 pub async fn run(args: Args) -> Result<(), crate::Error> {
     let start = Instant::now();
+    // Installed before anything is created, so no signal can leave a VM or its files behind.
+    let mut signals = Signals::new().map_err(|e| vm::Error::io("installing signal handlers", e))?;
     let ms = || start.elapsed().as_millis() as u64;
     let mut report = Report::new(&args.image);
     let (runtime_root, _tmp_root) = pick_runtime_root(args.runtime_dir.clone())?;
@@ -262,7 +289,7 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
         Duration::from_secs(args.timeout),
     );
 
-    let result = drive(&config, spec, nonce, &mut report, &ms).await;
+    let result = drive(&config, spec, nonce, &mut report, &ms, &mut signals).await;
     if args.keep {
         report.serial_log = Some(log_dir.join(format!("{name}.serial.log")));
     }
@@ -280,6 +307,7 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
         let _ = std::fs::remove_dir_all(&log_dir);
     }
     report.ok = report.failed_phase.is_none();
+    report.total_ms = ms();
     if args.json {
         println!(
             "{}",
@@ -299,6 +327,29 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
     }
 }
 
+/// Milestones in milliseconds since the command started, made monotonic, turned into the report's
+/// phase durations.
+fn fill_phases(report: &mut Report, at: [Option<u64>; 5], teardown: Option<u64>) {
+    let mut prev = 0;
+    let mut durations = [None; 5];
+    for (d, t) in durations.iter_mut().zip(at) {
+        let Some(t) = t else { break };
+        // A milestone noticed before the previous one (serial output before QMP answered) took
+        // no time of its own.
+        let t = t.max(prev);
+        *d = Some(t - prev);
+        prev = t;
+    }
+    [
+        report.spawn_ms,
+        report.qmp_ready_ms,
+        report.first_serial_ms,
+        report.proof_ms,
+        report.guest_shutdown_ms,
+    ] = durations;
+    report.teardown_ms = teardown;
+}
+
 /// Launches the VM and fills `report`. Errors before the VM runs are returned (they name a missing
 /// dependency or a broken image); failures after that are recorded as the failed phase.
 async fn drive(
@@ -307,58 +358,85 @@ async fn drive(
     nonce: u32,
     report: &mut Report,
     ms: &impl Fn() -> u64,
+    signals: &mut Signals,
 ) -> Result<(), vm::Error> {
-    let handle = vm::launch(config, spec).await?;
-    report.spawn_ms = Some(ms());
-    let spawn_ms = ms();
+    // Dropping the launch future on a signal removes whatever it made (probe VM, per-VM dir).
+    let handle = tokio::select! {
+        r = vm::launch(config, spec) => r?,
+        sig = signals.recv() => {
+            tracing::warn!("interrupted by {sig} before the VM started");
+            report.failed_phase = Some("spawn".into());
+            report.error = Some(format!("interrupted by {sig} before the VM started"));
+            return Ok(());
+        }
+    };
+    let spawn_at = ms();
     report.accel = Some(handle.accel().accel.to_string());
     report.accel_reason = Some(handle.accel().reason.clone());
     let stop = handle.stop_token();
     let mut watch = serial::SerialWatch::new(handle.serial_log());
     let expected = proof_line(nonce);
+    let mut proof_at = None;
+    let mut interrupted = None;
     let wait = handle.wait();
     tokio::pin!(wait);
     let exit = loop {
         tokio::select! {
             r = &mut wait => break r?,
             _ = tokio::time::sleep(Duration::from_millis(10)) => {
-                if report.proof_ms.is_none() && serial::contains(&watch.poll(), &expected) {
-                    report.proof_ms = Some(ms());
+                if proof_at.is_none() && serial::contains(&watch.poll(), &expected) {
+                    proof_at = Some(ms());
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
-                tracing::warn!("interrupted: stopping the VM");
+            sig = signals.recv(), if interrupted.is_none() => {
+                tracing::warn!("interrupted by {sig}: stopping the VM");
+                interrupted = Some(sig);
                 stop.cancel();
             }
         }
     };
-    if report.proof_ms.is_none() && serial::contains(&watch.poll(), &expected) {
-        // Found in the last bytes written before QEMU exited; the exact moment is not known.
-        report.proof_ms = exit.timings.shutdown_ms.map(|t| spawn_ms + t);
-    }
     let t = &exit.timings;
+    let since_start = |v: u64| spawn_at + v;
+    if proof_at.is_none() && serial::contains(&watch.poll(), &expected) {
+        // Found in the last bytes written before QEMU exited; the exact moment is not known.
+        proof_at = t.shutdown_ms.map(since_start);
+    }
+    let shutdown_at = match exit.outcome {
+        Outcome::GuestPoweredOff => t.shutdown_ms.map(since_start),
+        _ => None,
+    };
+    // The guest printed the proof before it shut down; polling may notice it a moment later.
+    if let (Some(p), Some(s)) = (proof_at, shutdown_at) {
+        proof_at = Some(p.min(s));
+    }
     report.qemu_version = exit.qemu_version.clone();
-    report.qmp_ready_ms = t.qmp_ready_ms.map(|v| spawn_ms + v);
-    report.first_serial_ms = t.first_serial_ms.map(|v| spawn_ms + v);
-    if exit.outcome == Outcome::GuestPoweredOff {
-        report.guest_shutdown_ms = t.shutdown_ms.map(|v| spawn_ms + v);
-        // The guest printed the proof before it shut down; polling may notice it a moment later.
-        if let (Some(p), Some(s)) = (report.proof_ms, report.guest_shutdown_ms) {
-            report.proof_ms = Some(p.min(s));
-        }
-    }
-    if exit.teardown_error.is_none() {
-        report.teardown_ms = Some(spawn_ms + t.torn_down_ms);
-    }
+    fill_phases(
+        report,
+        [
+            Some(spawn_at),
+            t.qmp_ready_ms.map(since_start),
+            t.first_serial_ms.map(since_start),
+            proof_at,
+            shutdown_at,
+        ],
+        exit.teardown_error
+            .is_none()
+            .then(|| t.torn_down_ms.saturating_sub(t.stop_decided_ms)),
+    );
     report.outcome = Some(exit.outcome.clone());
-    let why = match &exit.outcome {
-        Outcome::GuestPoweredOff => String::new(),
-        Outcome::GuestCrashed { reason } => format!("the guest crashed: {reason}"),
-        Outcome::DeadlineExceeded { stopped_by } => {
+    let why = match (&exit.outcome, interrupted) {
+        (_, Some(sig)) => format!("interrupted by {sig}: the VM was stopped and its files removed"),
+        (Outcome::GuestPoweredOff, _) => String::new(),
+        (Outcome::GuestCrashed { reason }, _) => format!("the guest crashed: {reason}"),
+        (Outcome::DeadlineExceeded { stopped_by }, _) => {
             format!("the VM did not finish within the timeout (stopped by {stopped_by:?})")
         }
-        Outcome::HostStopped { .. } => "interrupted".into(),
-        Outcome::QemuExited { status, detail } => format!("QEMU exited ({status}): {detail}"),
+        (Outcome::HostStopped { .. }, _) => "stopped by the host".into(),
+        (Outcome::QemuExited { status, detail }, _) => format!("QEMU exited ({status}): {detail}"),
+        (Outcome::InternalError { accel, detail }, _) => format!(
+            "QEMU stopped the guest in run state internal-error under {accel} (the accelerator \
+             cannot run this guest; `--accel tcg` avoids it): {detail}"
+        ),
     };
     let failed = PHASES.into_iter().find(|p| report.phase_ms(p).is_none());
     if let Some(phase) = failed {
@@ -372,6 +450,10 @@ async fn drive(
             ("first_serial", _) if why.is_empty() => "nothing on the serial console".into(),
             _ => why,
         });
+    } else if !why.is_empty() {
+        // Every phase passed, yet the run was interrupted (a signal right at the end).
+        report.failed_phase = Some("teardown".into());
+        report.error = Some(why);
     }
     Ok(())
 }
@@ -387,5 +469,29 @@ mod tests {
         assert_eq!(proof_line(12345), "fkr-boot-test: proof 86418");
         assert!(ud.starts_with("#cloud-config\nruncmd:\n- '"));
         assert!(ud.contains("power_state:\n  mode: poweroff\n"));
+    }
+
+    #[test]
+    fn phases_are_durations_that_add_up() {
+        let mut r = Report::new(Path::new("x.qcow2"));
+        // Serial output noticed before QMP answered counts as taking no time of its own.
+        fill_phases(
+            &mut r,
+            [Some(100), Some(400), Some(300), Some(2000), Some(2500)],
+            Some(40),
+        );
+        assert_eq!(r.spawn_ms, Some(100));
+        assert_eq!(r.qmp_ready_ms, Some(300));
+        assert_eq!(r.first_serial_ms, Some(0));
+        assert_eq!(r.proof_ms, Some(1600));
+        assert_eq!(r.guest_shutdown_ms, Some(500));
+        assert_eq!(r.teardown_ms, Some(40));
+        // A phase not reached ends the chain: later ones are not reached either.
+        let mut r = Report::new(Path::new("x.qcow2"));
+        fill_phases(&mut r, [Some(100), None, Some(300), None, None], None);
+        assert_eq!(
+            (r.spawn_ms, r.qmp_ready_ms, r.first_serial_ms),
+            (Some(100), None, None)
+        );
     }
 }

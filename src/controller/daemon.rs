@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -15,30 +14,8 @@ use super::job::{self, Report, Ticket};
 use super::queue::JobQueue;
 use super::{sweep, Config, Ctx, Error};
 use crate::forgejo::{self, Job, JobStatus};
+use crate::ops::signals::Signals;
 use crate::ops::{self, JobOutcome, Metrics, StatusBoard};
-
-/// SIGINT and SIGTERM as one stream.
-struct Signals {
-    int: Signal,
-    term: Signal,
-}
-
-impl Signals {
-    fn new() -> Result<Self, Error> {
-        let err = |e| Error::io("cannot install a signal handler for", "SIGINT/SIGTERM", e);
-        Ok(Self {
-            int: signal(SignalKind::interrupt()).map_err(err)?,
-            term: signal(SignalKind::terminate()).map_err(err)?,
-        })
-    }
-
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.int.recv() => "SIGINT",
-            _ = self.term.recv() => "SIGTERM",
-        }
-    }
-}
 
 /// The discovery queue and the jobs in flight.
 struct Scheduler {
@@ -161,6 +138,14 @@ impl Scheduler {
         match joined {
             Ok((handle, report)) => {
                 self.active.remove(&handle);
+                if let Some(q) = report.retry {
+                    let id = q.job.id;
+                    if self.queue.retry_front(q) {
+                        tracing::warn!("job {id} (handle={handle}): KVM failed its VM; retrying it once under TCG in a fresh VM");
+                        self.ctx.board.set_queued(self.queue.len());
+                        return;
+                    }
+                }
                 // A VM that powered off by itself ran its runner to the end even when no poll saw
                 // the job running (short jobs between polls).
                 let ran = report.picked_up
@@ -238,7 +223,8 @@ fn hostname() -> String {
 
 /// Runs the daemon until a signal ends it.
 pub async fn run(cfg: Config) -> Result<(), crate::Error> {
-    let mut signals = Signals::new()?;
+    let mut signals = Signals::new()
+        .map_err(|e| Error::io("cannot install a signal handler for", "SIGINT/SIGTERM", e))?;
     create_dir(&cfg.state_dir, 0o700)?;
     create_dir(&cfg.runtime_dir, 0o755)?;
     create_dir(&cfg.vm.log_dir, 0o700)?;

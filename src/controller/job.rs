@@ -39,6 +39,9 @@ pub(crate) struct Report {
     pub outcome: JobOutcome,
     /// The runner picked the job up (Forgejo showed it running).
     pub picked_up: bool,
+    /// The host's accelerator failed the guest under `accel = "auto"`: KVM is now marked broken,
+    /// and the job should get a fresh VM (under TCG) if it is still waiting.
+    pub retry: Option<super::queue::Queued>,
 }
 
 /// A job-level failure before or while launching (logged, then cleanup runs).
@@ -254,9 +257,14 @@ fn outcome_of(exit: &Outcome, picked_up: bool, boot_timeout: bool) -> JobOutcome
         Outcome::DeadlineExceeded { .. } => JobOutcome::Deadline,
         Outcome::HostStopped { .. } if boot_timeout => JobOutcome::BootFailure,
         Outcome::HostStopped { .. } => JobOutcome::Shutdown,
-        Outcome::GuestCrashed { .. } | Outcome::QemuExited { .. } if picked_up => {
+        Outcome::GuestCrashed { .. }
+        | Outcome::QemuExited { .. }
+        | Outcome::InternalError { .. }
+            if picked_up =>
+        {
             JobOutcome::Crashed
         }
+        Outcome::InternalError { .. } => JobOutcome::AccelFailed,
         Outcome::GuestCrashed { .. } | Outcome::QemuExited { .. } => JobOutcome::BootFailure,
     }
 }
@@ -265,7 +273,9 @@ fn removal_reason(o: JobOutcome) -> RemovalReason {
     match o {
         JobOutcome::Completed | JobOutcome::Crashed => RemovalReason::JobDone,
         JobOutcome::Deadline => RemovalReason::Deadline,
-        JobOutcome::BootFailure | JobOutcome::PrepareFailed => RemovalReason::BootFailure,
+        JobOutcome::BootFailure | JobOutcome::PrepareFailed | JobOutcome::AccelFailed => {
+            RemovalReason::BootFailure
+        }
         JobOutcome::Shutdown => RemovalReason::Shutdown,
     }
 }
@@ -304,6 +314,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
     let mut res = JobResources::new(ctx.clone(), name.to_string());
     let mut picked_up = false;
     let mut launched = false;
+    let mut kvm_failed = false;
     let outcome = match prepare_and_launch(&ctx, &ticket, &name, &mut res, dispatched).await {
         Err(e) => {
             tracing::error!(vm = %name, "job {job_id}: preparing the VM failed: {e}");
@@ -361,7 +372,19 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
                         tracing::warn!(vm = %name, "VM teardown: {e}");
                     }
                     let o = outcome_of(&exit.outcome, picked_up, boot_timeout);
-                    tracing::debug!(vm = %name, "VM outcome: {:?}", exit.outcome);
+                    match &exit.outcome {
+                        Outcome::InternalError { accel, detail } => {
+                            kvm_failed = accel == "kvm";
+                            tracing::error!(vm = %name, "job {job_id}: QEMU stopped the guest in run state internal-error under {accel} after {} ms: {detail}", exit.timings.stop_decided_ms);
+                        }
+                        Outcome::GuestCrashed { reason } => {
+                            tracing::warn!(vm = %name, "job {job_id}: the guest crashed: {reason}")
+                        }
+                        Outcome::QemuExited { status, detail } => {
+                            tracing::warn!(vm = %name, "job {job_id}: QEMU exited ({status}): {detail}")
+                        }
+                        other => tracing::debug!(vm = %name, "VM outcome: {other:?}"),
+                    }
                     o
                 }
                 Err(e) => {
@@ -406,7 +429,19 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
         outcome.as_str(),
         if failed == 0 { "complete".to_owned() } else { format!("left {failed} step(s) for the sweep") }
     );
-    Report { outcome, picked_up }
+    // Not the job's fault: the accelerator that `auto` picked failed. KVM is marked broken now,
+    // so the next VM of this job runs under TCG.
+    let retry =
+        (outcome == JobOutcome::AccelFailed && kvm_failed && ctx.cfg.vm.accel == vm::Accel::Auto)
+            .then(|| super::queue::Queued {
+                job: ticket.job.clone(),
+                seen_at: ticket.seen_at,
+            });
+    Report {
+        outcome,
+        picked_up,
+        retry,
+    }
 }
 
 async fn prepare_and_launch(
@@ -531,6 +566,17 @@ mod tests {
         };
         assert_eq!(outcome_of(&crash, true, false), JobOutcome::Crashed);
         assert_eq!(outcome_of(&crash, false, false), JobOutcome::BootFailure);
+        let internal = Outcome::InternalError {
+            accel: "kvm".into(),
+            detail: "KVM internal error. Suberror: 1".into(),
+        };
+        assert_eq!(outcome_of(&internal, false, false), JobOutcome::AccelFailed);
+        // Picked up: the runner had the job; Forgejo will fail it, a retry cannot help.
+        assert_eq!(outcome_of(&internal, true, false), JobOutcome::Crashed);
+        assert_eq!(
+            removal_reason(JobOutcome::AccelFailed),
+            RemovalReason::BootFailure
+        );
         assert_eq!(
             removal_reason(JobOutcome::Completed),
             RemovalReason::JobDone

@@ -33,6 +33,8 @@ pub(crate) struct JobQueue {
     known: HashSet<String>,
     /// Handles whose VMs ended without running the job, and how often.
     failures: HashMap<String, u32>,
+    /// Handles already given a second VM because the host's accelerator failed the first.
+    retried: HashSet<String>,
 }
 
 impl JobQueue {
@@ -68,6 +70,9 @@ impl JobQueue {
             });
         }
         self.failures.retain(|h, _| waiting.contains(h.as_str()));
+        let known = &self.known;
+        self.retried
+            .retain(|h| waiting.contains(h.as_str()) || known.contains(h));
         let known = &mut self.known;
         self.entries.retain(|q| {
             let keep = waiting.contains(q.job.handle.as_str());
@@ -110,6 +115,17 @@ impl JobQueue {
         let n = self.failures.entry(handle.to_owned()).or_insert(0);
         *n += 1;
         (*n >= MAX_ATTEMPTS).then_some(*n)
+    }
+
+    /// An in-flight job whose VM failed through the host's fault (the accelerator), not the job's:
+    /// back to the front of the queue, its handle still known, the attempt not counted. Once per
+    /// handle, so a host that keeps failing cannot loop. Returns whether it was queued again.
+    pub fn retry_front(&mut self, q: Queued) -> bool {
+        if !self.known.contains(&q.job.handle) || !self.retried.insert(q.job.handle.clone()) {
+            return false;
+        }
+        self.entries.push_front(q);
+        true
     }
 
     /// Forgets in-flight handles for which `alive` is false (tasks that panicked), keeping queued ones.
@@ -258,5 +274,41 @@ mod tests {
         q.clear();
         assert!(q.is_empty());
         assert_eq!(q.observe(&[waiting(2, "b")], now).new, [(2, "b".into())]);
+    }
+
+    #[test]
+    fn an_accelerator_failure_requeues_the_job_in_front_once_without_counting() {
+        let mut q = JobQueue::default();
+        let now = Instant::now();
+        q.observe(&[waiting(1, "a"), waiting(2, "b")], now);
+        let mut dropped = Vec::new();
+        let first = q.next_still_waiting(&h(&["a", "b"]), &mut dropped).unwrap();
+        let again = Queued {
+            job: first.job.clone(),
+            seen_at: first.seen_at,
+        };
+        assert!(q.retry_front(first));
+        // Ahead of "b", not duplicated by the next poll.
+        assert!(q
+            .observe(&[waiting(1, "a"), waiting(2, "b")], now)
+            .new
+            .is_empty());
+        let second = q.next_still_waiting(&h(&["a", "b"]), &mut dropped).unwrap();
+        assert_eq!(second.job.handle, "a");
+        // A second accelerator failure of the same job is an ordinary failed attempt.
+        assert!(!q.retry_front(again));
+        for _ in 1..MAX_ATTEMPTS {
+            assert_eq!(q.finished("a", false), None);
+            q.observe(&[waiting(1, "a")], now);
+            q.next_still_waiting(&h(&["a"]), &mut dropped).unwrap();
+        }
+        assert_eq!(q.finished("a", false), Some(MAX_ATTEMPTS));
+        // A job no longer in flight is never requeued by a late report.
+        let stale = Queued {
+            job: waiting(9, "z"),
+            seen_at: now,
+        };
+        assert!(!q.retry_front(stale));
+        assert!(dropped.is_empty());
     }
 }

@@ -50,16 +50,21 @@ pub enum JobOutcome {
     PrepareFailed,
     /// The daemon stopped the VM because it was shutting down.
     Shutdown,
+    /// QEMU's accelerator could not run the guest (run state `internal-error`, e.g. a KVM
+    /// emulation failure). Under `accel = "auto"` KVM is then marked broken and the job retried
+    /// under TCG.
+    AccelFailed,
 }
 
 impl JobOutcome {
-    pub const ALL: [JobOutcome; 6] = [
+    pub const ALL: [JobOutcome; 7] = [
         JobOutcome::Completed,
         JobOutcome::Crashed,
         JobOutcome::Deadline,
         JobOutcome::BootFailure,
         JobOutcome::PrepareFailed,
         JobOutcome::Shutdown,
+        JobOutcome::AccelFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +75,7 @@ impl JobOutcome {
             JobOutcome::BootFailure => "boot_failure",
             JobOutcome::PrepareFailed => "prepare_failed",
             JobOutcome::Shutdown => "shutdown",
+            JobOutcome::AccelFailed => "accel_failed",
         }
     }
 }

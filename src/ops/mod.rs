@@ -19,6 +19,7 @@ pub mod journal;
 pub mod metrics;
 pub mod paths;
 pub mod runtime;
+pub mod signals;
 pub mod status;
 pub mod systemd;
 

@@ -1,17 +1,25 @@
-//! Choosing KVM or TCG. `/dev/kvm` existing proves nothing (on some hosts it opens and answers
-//! `KVM_GET_API_VERSION`, yet QEMU aborts setting an MSR or the guest dies with a KVM internal error), so
-//! `auto` really runs a VM: QEMU with `-accel kvm -cpu host` on a 64 KiB BIOS whose reset vector writes
-//! to an `isa-debug-exit` port. Only if QEMU exits with that code did a vCPU execute guest code.
+//! Choosing KVM or TCG. `/dev/kvm` existing proves nothing, and neither does a tiny real-mode BIOS
+//! that runs: on some hosts QEMU aborts setting an MSR, on others the real-mode code runs yet OVMF
+//! dies at once with "KVM internal error" (QEMU then sits paused in run state `internal-error`). So
+//! `auto` runs what real guests run: the configured UEFI firmware under `-accel kvm -cpu host`, and
+//! takes KVM only if the firmware gets as far as printing on the serial console (which OVMF does from
+//! its 64-bit DXE phase) while QEMU still reports `running`. Decided within [`KVM_PROBE_TIMEOUT`].
+//!
+//! A KVM that passes the probe but fails a real guest later (run state `internal-error`) is marked
+//! broken with [`mark_kvm_broken`]; from then on `auto` picks TCG for that QEMU binary.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
-use super::{Accel, Error};
+use super::argv::path_opt;
+use super::qmp::QmpClient;
+use super::{Accel, Error, Firmware};
 
 /// The resolved accelerator and why it was chosen (for the log and `boot-test`'s report).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,22 +29,49 @@ pub struct AccelChoice {
     pub reason: String,
 }
 
-/// `isa-debug-exit` turns a written byte `v` into exit status `(v << 1) | 1`.
-const PROBE_VALUE: u8 = 0x2a;
-const PROBE_EXIT: i32 = ((PROBE_VALUE as i32) << 1) | 1;
-const PROBE_PORT: u8 = 0xf4;
-const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the KVM probe may take. OVMF under a working KVM reaches its first serial output in
+/// about a second; a broken one stops within milliseconds.
+pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// 128 MiB is too little for OVMF (it faults and hangs); 256 MiB boots it.
+const PROBE_MEMORY: &str = "256M";
+/// Run states in which a vCPU will never run guest code again without help.
+pub const DEAD_RUN_STATES: [&str; 3] = ["internal-error", "guest-panicked", "shutdown"];
 
-/// A 64 KiB BIOS image: at the reset vector (F000:FFF0) `mov al, 0x2a; out 0xf4, al; hlt; jmp $-1`.
-fn probe_bios() -> Vec<u8> {
-    let mut bios = vec![0u8; 64 * 1024];
-    let code = [0xB0, PROBE_VALUE, 0xE6, PROBE_PORT, 0xF4, 0xEB, 0xFD];
-    bios[0xFFF0..0xFFF0 + code.len()].copy_from_slice(&code);
-    bios
+fn spawn_error(qemu: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::QemuNotFound { path: qemu.into() }
+    } else {
+        Error::io(format!("running {}", qemu.display()), e)
+    }
 }
 
-/// Runs the probe VM under `accel` and says whether guest code ran, with the reason if not.
-pub async fn probe_accel(qemu: &Path, accel: Accel) -> Result<Result<(), String>, Error> {
+/// The first lines of QEMU's stderr, one line, for a reason string.
+fn stderr_lines(buf: &Mutex<Vec<u8>>, n: usize) -> String {
+    let b = buf.lock().unwrap_or_else(|e| e.into_inner());
+    String::from_utf8_lossy(&b)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .take(n)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn with_stderr(msg: String, stderr: &Mutex<Vec<u8>>) -> String {
+    match stderr_lines(stderr, 2) {
+        s if s.is_empty() => msg,
+        s => format!("{msg}: {s}"),
+    }
+}
+
+/// Boots `firmware` under `accel` with no disk and says whether it ran far enough: its first byte on
+/// the serial console while QEMU's run state is still `running`. `Ok(Err(reason))` when it did not.
+pub async fn probe_accel(
+    qemu: &Path,
+    firmware: &Firmware,
+    accel: Accel,
+    timeout: Duration,
+) -> Result<Result<(), String>, Error> {
     let (accel_name, cpu) = match accel {
         Accel::Kvm => ("kvm", "host"),
         _ => ("tcg", "max"),
@@ -45,11 +80,21 @@ pub async fn probe_accel(qemu: &Path, accel: Accel) -> Result<Result<(), String>
         .prefix("fkr-qemu-probe-")
         .tempdir()
         .map_err(|e| Error::io("creating the accelerator probe's directory", e))?;
-    let bios = dir.path().join("probe.bin");
-    std::fs::write(&bios, probe_bios()).map_err(|e| Error::io("writing the probe BIOS", e))?;
-    let child = Command::new(qemu)
+    let vars = dir.path().join("vars.fd");
+    std::fs::copy(&firmware.vars_template, &vars)
+        .map_err(|e| Error::io(format!("copying {}", firmware.vars_template.display()), e))?;
+    let serial = dir.path().join("serial.log");
+    let qmp_socket = dir.path().join("qmp.sock");
+    let mut child = Command::new(qemu)
         .args([
-            "-machine", "q35", "-accel", accel_name, "-cpu", cpu, "-m", "16M",
+            "-machine",
+            "q35",
+            "-accel",
+            accel_name,
+            "-cpu",
+            cpu,
+            "-m",
+            PROBE_MEMORY,
         ])
         .args([
             "-nodefaults",
@@ -58,95 +103,164 @@ pub async fn probe_accel(qemu: &Path, accel: Accel) -> Result<Result<(), String>
             "none",
             "-no-reboot",
         ])
-        .args(["-serial", "none", "-monitor", "none", "-bios"])
-        .arg(&bios)
-        .args([
-            "-device",
-            &format!("isa-debug-exit,iobase={PROBE_PORT:#x},iosize=0x04"),
-        ])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,unit=0,format={},readonly=on,file={}",
+            firmware.code_format,
+            path_opt(&firmware.code)
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,unit=1,format={},file={}",
+            firmware.vars_format,
+            path_opt(&vars)
+        ))
+        .arg("-chardev")
+        .arg(format!("file,id=serial0,path={}", path_opt(&serial)))
+        .args(["-serial", "chardev:serial0", "-chardev"])
+        .arg(format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            path_opt(&qmp_socket)
+        ))
+        .args(["-mon", "chardev=qmp0,mode=control"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        // A paused QEMU (internal error) never exits by itself: dropping the child kills it.
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::QemuNotFound { path: qemu.into() }
-            } else {
-                Error::io(format!("running {}", qemu.display()), e)
+        .map_err(|e| spawn_error(qemu, e))?;
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    if let Some(mut err) = child.stderr.take() {
+        let buf = stderr.clone();
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 1024];
+            while let Ok(n) = err.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
+                if b.len() < 8192 {
+                    b.extend_from_slice(&chunk[..n]);
+                }
             }
-        })?;
-    let out = match tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output()).await {
-        // kill_on_drop ends the probe QEMU (a KVM internal error leaves it paused, not exited).
-        Err(_) => {
-            return Ok(Err(format!(
-                "the {accel_name} probe VM did not finish within {}s",
-                PROBE_TIMEOUT.as_secs()
-            )))
-        }
-        Ok(r) => r.map_err(|e| Error::io("waiting for the probe VM", e))?,
-    };
-    if out.status.code() == Some(PROBE_EXIT) {
-        return Ok(Ok(()));
+        });
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let first = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    Ok(Err(format!(
-        "the {accel_name} probe VM did not run guest code ({}){}",
-        out.status,
-        if first.is_empty() {
-            String::new()
-        } else {
-            format!(": {first}")
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut qmp: Option<QmpClient> = None;
+    let verdict = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Err(with_stderr(
+                format!("the {accel_name} probe VM exited ({status})"),
+                &stderr,
+            ));
         }
-    )))
+        if qmp.is_none() {
+            // QEMU creates the socket within milliseconds; each try is short so the loop keeps
+            // watching the process meanwhile.
+            if let Ok((c, _events)) =
+                QmpClient::connect(&qmp_socket, Duration::from_millis(200)).await
+            {
+                qmp = Some(c);
+            }
+        }
+        let status = match &qmp {
+            Some(c) => c.query_status().await.ok(),
+            None => None,
+        };
+        if let Some(s) = status.as_deref().filter(|s| DEAD_RUN_STATES.contains(s)) {
+            break Err(with_stderr(
+                format!("the firmware stopped under {accel_name} in run state {s}"),
+                &stderr,
+            ));
+        }
+        let printed = std::fs::metadata(&serial).is_ok_and(|m| m.len() > 0);
+        if printed && status.as_deref() == Some("running") {
+            break Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break Err(with_stderr(
+                format!(
+                    "the firmware printed nothing under {accel_name} within {}s",
+                    timeout.as_secs()
+                ),
+                &stderr,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    Ok(verdict)
 }
 
-/// Whether KVM runs guests with this QEMU: probed once per QEMU binary per process (the answer does
-/// not change while the daemon runs, and every launch would otherwise pay for a probe VM).
-async fn kvm_works(qemu: &Path) -> Result<Result<(), String>, Error> {
-    static CACHE: Mutex<Option<HashMap<PathBuf, Result<(), String>>>> = Mutex::new(None);
-    let cached = CACHE
+/// What is known about KVM per QEMU binary for this process: the probe's verdict, or a later
+/// failure of a real guest. The answer does not change while the daemon runs, and every launch
+/// would otherwise pay for a probe VM.
+fn kvm_cache() -> &'static Mutex<HashMap<PathBuf, Result<(), String>>> {
+    static CACHE: std::sync::OnceLock<Mutex<HashMap<PathBuf, Result<(), String>>>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// Records that KVM failed a real guest with this QEMU binary (run state `internal-error`): `auto`
+/// picks TCG from now on, and a forced `kvm` is refused with `reason`.
+pub fn mark_kvm_broken(qemu: &Path, reason: &str) {
+    tracing::warn!(qemu = %qemu.display(), reason, "KVM marked broken for this QEMU: using TCG from now on");
+    kvm_cache()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .and_then(|m| m.get(qemu).cloned());
+        .insert(
+            qemu.into(),
+            Err(format!("KVM failed a guest earlier: {reason}")),
+        );
+}
+
+async fn kvm_works(qemu: &Path, firmware: &Firmware) -> Result<Result<(), String>, Error> {
+    let cached = kvm_cache()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(qemu)
+        .cloned();
     if let Some(r) = cached {
         return Ok(r);
     }
-    let r = if Path::new("/dev/kvm").exists() {
-        probe_accel(qemu, Accel::Kvm).await?
-    } else {
-        Err("/dev/kvm does not exist".into())
-    };
-    CACHE
+    // No shortcut on a missing /dev/kvm: QEMU says so itself ("Could not access KVM kernel
+    // module"), and a stand-in QEMU in tests needs no /dev/kvm at all.
+    let r = probe_accel(qemu, firmware, Accel::Kvm, KVM_PROBE_TIMEOUT).await?;
+    // A probe that ran concurrently may have finished first; a recorded failure wins.
+    Ok(kvm_cache()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert_with(HashMap::new)
-        .insert(qemu.into(), r.clone());
-    Ok(r)
+        .entry(qemu.into())
+        .or_insert(r)
+        .clone())
 }
 
-/// Resolves `auto` (KVM if the probe VM ran, else TCG, logged with the reason) and checks a forced
-/// `kvm`.
-pub async fn resolve_accel(qemu: &Path, wanted: Accel) -> Result<AccelChoice, Error> {
+/// Resolves `auto` (KVM if the firmware ran under it, else TCG, logged with the reason) and checks a
+/// forced `kvm`.
+pub async fn resolve_accel(
+    qemu: &Path,
+    firmware: &Firmware,
+    wanted: Accel,
+) -> Result<AccelChoice, Error> {
     match wanted {
         Accel::Tcg => Ok(AccelChoice {
             accel: Accel::Tcg,
             reason: "configured".into(),
         }),
-        Accel::Kvm => match kvm_works(qemu).await? {
+        Accel::Kvm => match kvm_works(qemu, firmware).await? {
             Ok(()) => Ok(AccelChoice {
                 accel: Accel::Kvm,
-                reason: "configured; a KVM probe VM ran".into(),
+                reason: "configured; the firmware ran under KVM".into(),
             }),
             Err(reason) => Err(Error::KvmUnavailable { reason }),
         },
         Accel::Auto => {
-            let choice = match kvm_works(qemu).await? {
+            let choice = match kvm_works(qemu, firmware).await? {
                 Ok(()) => AccelChoice {
                     accel: Accel::Kvm,
-                    reason: "a KVM probe VM ran".into(),
+                    reason: "the firmware ran under KVM".into(),
                 },
                 Err(reason) => AccelChoice {
                     accel: Accel::Tcg,
@@ -162,24 +276,37 @@ pub async fn resolve_accel(qemu: &Path, wanted: Accel) -> Result<AccelChoice, Er
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::{discover_firmware, VmConfig};
+
+    fn firmware() -> Firmware {
+        // OVMF is a CI dependency (.ci/setup).
+        discover_firmware(&VmConfig::default()).expect("OVMF installed")
+    }
 
     #[tokio::test]
-    async fn tcg_probe_runs_guest_code() {
-        // QEMU is a CI dependency (.ci/setup); TCG always works where QEMU is installed.
-        let r = probe_accel(Path::new("qemu-system-x86_64"), Accel::Tcg)
-            .await
-            .unwrap();
+    async fn tcg_probe_runs_the_firmware() {
+        // TCG always runs OVMF where QEMU is installed; under emulation on a loaded 2-core host its
+        // first serial output takes several seconds, hence the long timeout here.
+        let r = probe_accel(
+            Path::new("qemu-system-x86_64"),
+            &firmware(),
+            Accel::Tcg,
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
         assert_eq!(r, Ok(()));
     }
 
     #[tokio::test]
     async fn auto_agrees_with_a_forced_kvm_and_says_why() {
-        // Holds on any host: where KVM runs guests both pick it; elsewhere (like this CI machine,
-        // where /dev/kvm exists but guests cannot run) auto falls back to TCG with the reason and a
-        // forced kvm is refused with the same reason.
+        // Holds on any host: where KVM runs OVMF both pick it; elsewhere (like these CI machines,
+        // where /dev/kvm opens but OVMF dies or QEMU aborts) auto falls back to TCG with the reason
+        // and a forced kvm is refused with the same reason.
         let qemu = Path::new("qemu-system-x86_64");
-        let auto = resolve_accel(qemu, Accel::Auto).await.unwrap();
-        match resolve_accel(qemu, Accel::Kvm).await {
+        let fw = firmware();
+        let auto = resolve_accel(qemu, &fw, Accel::Auto).await.unwrap();
+        match resolve_accel(qemu, &fw, Accel::Kvm).await {
             Ok(c) => assert_eq!((c.accel, auto.accel), (Accel::Kvm, Accel::Kvm)),
             Err(Error::KvmUnavailable { reason }) => {
                 assert_eq!(auto.accel, Accel::Tcg);
@@ -191,10 +318,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_kvm_probe_decides_within_its_timeout() {
+        let started = std::time::Instant::now();
+        let _ = probe_accel(
+            Path::new("qemu-system-x86_64"),
+            &firmware(),
+            Accel::Kvm,
+            KVM_PROBE_TIMEOUT,
+        )
+        .await
+        .unwrap();
+        // The timeout plus killing and reaping the probe QEMU.
+        assert!(
+            started.elapsed() < KVM_PROBE_TIMEOUT + Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_guest_failure_marks_kvm_broken_for_that_qemu_only() {
+        let fw = firmware();
+        let qemu = Path::new("/opt/fkr-test/broken-kvm/qemu-system-x86_64");
+        // Pretend the probe said yes, then a real guest hit an internal error.
+        kvm_cache().lock().unwrap().insert(qemu.into(), Ok(()));
+        assert_eq!(
+            resolve_accel(qemu, &fw, Accel::Auto).await.unwrap().accel,
+            Accel::Kvm
+        );
+        mark_kvm_broken(qemu, "run state internal-error");
+        let auto = resolve_accel(qemu, &fw, Accel::Auto).await.unwrap();
+        assert_eq!(auto.accel, Accel::Tcg);
+        assert!(auto.reason.contains("internal-error"), "{}", auto.reason);
+        assert!(matches!(
+            resolve_accel(qemu, &fw, Accel::Kvm).await,
+            Err(Error::KvmUnavailable { .. })
+        ));
+        let other = Path::new("/opt/fkr-test/other/qemu-system-x86_64");
+        kvm_cache().lock().unwrap().insert(other.into(), Ok(()));
+        assert_eq!(
+            resolve_accel(other, &fw, Accel::Auto).await.unwrap().accel,
+            Accel::Kvm
+        );
+    }
+
+    #[tokio::test]
     async fn missing_qemu_is_named() {
-        let err = probe_accel(Path::new("/nonexistent/qemu-system-x86_64"), Accel::Tcg)
-            .await
-            .unwrap_err();
+        let err = probe_accel(
+            Path::new("/nonexistent/qemu-system-x86_64"),
+            &firmware(),
+            Accel::Tcg,
+            KVM_PROBE_TIMEOUT,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, Error::QemuNotFound { .. }));
         assert!(err.to_string().contains("apt-get install qemu-system-x86"));
     }

@@ -26,7 +26,7 @@ pub struct QemuPlan {
 }
 
 /// QEMU option values separate keys with `,`; a literal comma in a path is written `,,`.
-fn path_opt(p: &Path) -> String {
+pub(super) fn path_opt(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 

@@ -22,7 +22,7 @@ use super::firmware::discover_firmware;
 use super::qmp::{QmpClient, QmpEvent};
 use super::serial::{contains, SerialWatch, PANIC_MARKER};
 use super::sweep::kill_and_wait;
-use super::{files, Error, NetDevice, Seed, VmConfig, VmName, VmState};
+use super::{files, Accel, Error, NetDevice, Seed, VmConfig, VmName, VmState};
 
 /// What to run: one VM of one job.
 #[derive(Debug)]
@@ -83,6 +83,10 @@ pub enum Outcome {
     HostStopped { stopped_by: StopStep },
     /// QEMU exited without the guest shutting down (crash, start-up error, killed from outside).
     QemuExited { status: String, detail: String },
+    /// QEMU stopped the vCPUs in run state `internal-error`: the accelerator could not run the guest
+    /// (e.g. "KVM internal error … emulation failure"). QEMU stays paused then, so the driver ends it
+    /// at once. `detail` holds QEMU's last stderr lines.
+    InternalError { accel: String, detail: String },
 }
 
 /// Milliseconds since spawn at which each milestone was reached.
@@ -90,8 +94,13 @@ pub enum Outcome {
 pub struct Timings {
     pub qmp_ready_ms: Option<u64>,
     pub first_serial_ms: Option<u64>,
+    /// The guest's own `SHUTDOWN` event.
     pub shutdown_ms: Option<u64>,
+    /// The moment the VM's end was decided: the guest shut down, the host began the stop ladder,
+    /// a dead run state was seen, or QEMU exited unasked — whichever came first.
+    pub stop_decided_ms: u64,
     pub exited_ms: u64,
+    /// Every per-VM resource released (process reaped, files removed).
     pub torn_down_ms: u64,
 }
 
@@ -201,7 +210,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         path: config.qemu.clone(),
     })?;
     let firmware = discover_firmware(config)?;
-    let accel = resolve_accel(&qemu, config.accel).await?;
+    let accel = resolve_accel(&qemu, &firmware, config.accel).await?;
     let base = check_base_image(&config.qemu_img, &spec.base_image).await?;
 
     let vms = config.vms_dir();
@@ -420,10 +429,13 @@ impl PreparedVm {
             powerdown_grace: self.powerdown_grace,
             quit_grace: self.quit_grace,
             accel: self.accel.accel.to_string(),
+            qemu: self.qemu.clone(),
             stop,
             timings: Timings::default(),
+            stop_decided: None,
             shutdown_reason: None,
             crashed: None,
+            internal_error: None,
             qemu_version: None,
         };
         handle.task = Some(tokio::spawn(sup.run()));
@@ -516,6 +528,8 @@ enum StopCause {
     Deadline,
     Host,
     GuestPanic,
+    /// Run state `internal-error`: the accelerator gave up on the guest.
+    InternalError,
 }
 
 struct Supervisor {
@@ -534,10 +548,15 @@ struct Supervisor {
     powerdown_grace: Duration,
     quit_grace: Duration,
     accel: String,
+    /// The QEMU binary, to mark its KVM broken after an internal error.
+    qemu: PathBuf,
     stop: CancellationToken,
     timings: Timings,
+    stop_decided: Option<u64>,
     shutdown_reason: Option<(bool, String)>,
     crashed: Option<String>,
+    /// QEMU's stderr when the run state became `internal-error`.
+    internal_error: Option<String>,
     qemu_version: Option<String>,
 }
 
@@ -565,11 +584,74 @@ impl Supervisor {
         String::from_utf8_lossy(&b).trim().to_owned()
     }
 
+    /// Records the first moment the VM's end was decided.
+    fn decide_stop(&mut self) {
+        if self.stop_decided.is_none() {
+            self.stop_decided = Some(self.ms());
+        }
+    }
+
+    /// QEMU's error lines for one log line: those that say what failed ("KVM internal error …",
+    /// "emulation failure"), not the register dump after them; else the last `n` lines.
+    fn stderr_summary(&self, n: usize) -> String {
+        let all = self.stderr_tail();
+        let lines: Vec<&str> = all
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let telling: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                l.contains("error") || l.contains("failure") || l.contains("kvm")
+            })
+            .take(n)
+            .collect();
+        if telling.is_empty() {
+            lines[lines.len().saturating_sub(n)..].join(" | ")
+        } else {
+            telling.join(" | ")
+        }
+    }
+
+    /// After a `STOP` event (or at connect): a run state that no vCPU recovers from ends the VM.
+    async fn dead_run_state(&mut self, qmp: &QmpClient) -> Option<StopCause> {
+        let status = match tokio::time::timeout(Duration::from_secs(2), qmp.query_status()).await {
+            Ok(Ok(s)) => s,
+            _ => return None,
+        };
+        match status.as_str() {
+            "internal-error" => {
+                // QEMU prints the KVM register dump a moment after pausing; give it that moment.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let detail = self.stderr_summary(3);
+                tracing::error!(vm = %self.name, accel = %self.accel, stderr = %detail, "QEMU stopped in run state internal-error: the accelerator cannot run this guest");
+                if self.accel == Accel::Kvm.to_string() {
+                    super::accel::mark_kvm_broken(
+                        &self.qemu,
+                        &format!("run state internal-error ({detail})"),
+                    );
+                }
+                self.internal_error = Some(detail);
+                Some(StopCause::InternalError)
+            }
+            "guest-panicked" => {
+                self.crashed
+                    .get_or_insert("run state guest-panicked".into());
+                Some(StopCause::GuestPanic)
+            }
+            _ => None,
+        }
+    }
+
     fn on_event(&mut self, e: &QmpEvent) {
         match e {
             QmpEvent::Shutdown { guest, reason } => {
                 tracing::info!(vm = %self.name, guest, reason, "guest shutdown");
                 self.timings.shutdown_ms.get_or_insert(self.ms());
+                self.decide_stop();
                 self.shutdown_reason.get_or_insert((*guest, reason.clone()));
                 if reason == "guest-reset" || reason == "guest-panic" {
                     self.crashed
@@ -591,6 +673,7 @@ impl Supervisor {
         serial_task.abort();
         let exited_ms = self.ms();
         let (outcome, final_state) = result;
+        self.timings.stop_decided_ms = self.stop_decided.unwrap_or(exited_ms);
         if !self.state.is_final() {
             self.set_state(final_state);
         }
@@ -645,18 +728,25 @@ impl Supervisor {
         };
         self.timings.qmp_ready_ms = Some(self.ms());
         self.qemu_version = Some(qmp.greeting().to_string());
-        match qmp.query_status().await {
-            Ok(s) => {
-                tracing::debug!(vm = %self.name, status = %s, qemu = %qmp.greeting(), "QMP ready")
-            }
-            Err(e) => tracing::debug!(vm = %self.name, error = %e, "query-status failed"),
+        // A vCPU may have died before QMP was up (its STOP event went to nobody): ask once now.
+        if let Some(cause) = self.dead_run_state(&qmp).await {
+            self.set_state(VmState::Running);
+            return self
+                .stop_ladder(Some(&qmp), Some(&mut events), cause, None)
+                .await;
         }
+        tracing::debug!(vm = %self.name, qemu = %qmp.greeting(), "QMP ready");
         self.set_state(VmState::Running);
         // Phase 2: running until QEMU exits or we stop it.
         let mut events_open = true;
         loop {
             tokio::select! {
                 ev = events.recv(), if events_open => match ev {
+                    Some(QmpEvent::Stop) => {
+                        if let Some(cause) = self.dead_run_state(&qmp).await {
+                            return self.stop_ladder(Some(&qmp), Some(&mut events), cause, None).await;
+                        }
+                    }
                     Some(e) => self.on_event(&e),
                     None => events_open = false,
                 },
@@ -762,11 +852,13 @@ impl Supervisor {
         detail: Option<String>,
     ) -> (Outcome, VmState) {
         tracing::info!(vm = %self.name, ?cause, "stopping the VM");
+        self.decide_stop();
         self.set_state(VmState::Stopping);
         let mut step = StopStep::Kill;
         let mut done = false;
         if let Some(qmp) = qmp {
-            if !matches!(cause, StopCause::GuestPanic) {
+            // Nobody listens to the power button of a panicked or paused guest.
+            if !matches!(cause, StopCause::GuestPanic | StopCause::InternalError) {
                 // A stopped or wedged QEMU does not answer: bound every command by its rung's grace.
                 match tokio::time::timeout(self.powerdown_grace, qmp.system_powerdown())
                     .await
@@ -823,6 +915,13 @@ impl Supervisor {
             StopCause::GuestPanic => (
                 Outcome::GuestCrashed {
                     reason: self.crashed.clone().unwrap_or_else(|| "panic".into()),
+                },
+                VmState::Failed,
+            ),
+            StopCause::InternalError => (
+                Outcome::InternalError {
+                    accel: self.accel.clone(),
+                    detail: self.internal_error.clone().unwrap_or_default(),
                 },
                 VmState::Failed,
             ),

@@ -20,7 +20,7 @@ pub mod serial;
 mod state;
 mod sweep;
 
-pub use accel::{probe_accel, resolve_accel, AccelChoice};
+pub use accel::{mark_kvm_broken, probe_accel, resolve_accel, AccelChoice, KVM_PROBE_TIMEOUT};
 pub use argv::{build_argv, QemuPlan};
 pub use config::{Accel, VmConfig};
 pub use disk::{check_base_image, create_overlay};

@@ -131,3 +131,38 @@ pub fn assert_nothing_left(dir: &Path) {
         assert!(left.is_empty(), "left in the runtime root: {left:?}");
     }
 }
+
+/// A `qemu-system-x86_64` whose KVM passes the firmware probe and then fails every guest with run
+/// state `internal-error` (tests/fakes/qemu_kvm_internal_error.rs); under TCG it runs the real QEMU.
+/// A symlink of that name in `dir/fakebin`, since "our QEMU" is recognised by argv0.
+pub fn fake_qemu_kvm_internal_error(dir: &Path) -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_fkr-qemu"))
+        .parent()
+        .unwrap()
+        .join("examples/fake-qemu-kvm-internal-error");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test`/`nextest` build it; else `cargo build --examples`",
+        bin.display()
+    );
+    let fakebin = dir.join("fakebin");
+    std::fs::create_dir_all(&fakebin).unwrap();
+    let link = fakebin.join("qemu-system-x86_64");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&bin, &link).unwrap();
+    link
+}
+
+/// The Unix time in milliseconds at which the fake QEMU entered `internal-error`, from its stderr
+/// as the driver reports it.
+pub fn fake_internal_error_at(detail: &str) -> u128 {
+    let at = detail
+        .split("unix_ms=")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no unix_ms= in {detail:?}"));
+    at.chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}

@@ -1,0 +1,165 @@
+//! A stand-in for `qemu-system-x86_64` on a host whose KVM passes the firmware probe but then fails
+//! a real guest, as measured on some machines of ours: with `-accel kvm` it behaves like QEMU after
+//! "KVM internal error. Suberror: 1 … emulation failure" — it prints the firmware's first line on
+//! the serial console (so the accelerator probe passes), and after [`FAIL_AFTER`] pauses the vCPUs
+//! in run state `internal-error` (QMP `STOP` event, `query-status` says so, the error on stderr) and
+//! stays alive until told to `quit`, like the real one. With any other accelerator it `exec`s the
+//! real `qemu-system-x86_64` from `PATH` with the same arguments, so the TCG retry boots for real.
+//!
+//! Tests call it through a symlink named `qemu-system-x86_64` (the driver's rule for "our QEMU"
+//! looks at argv0). It reads only its arguments: the driver may clear the environment.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const FAIL_AFTER: Duration = Duration::from_millis(1500);
+
+/// `key=value` of a QEMU option string, with `,,` meaning a literal comma.
+fn opt(value: &str, key: &str) -> Option<String> {
+    let unescaped = value.replace(",,", "\u{0}");
+    unescaped
+        .split(',')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .map(|v| v.replace('\u{0}', ","))
+}
+
+fn real_qemu() -> PathBuf {
+    let me = std::env::current_exe().and_then(|p| p.canonicalize()).ok();
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|c| c.is_file() && c.canonicalize().ok() != me)
+        .expect("a real qemu-system-x86_64")
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+}
+
+struct Vm {
+    status: &'static str,
+    clients: Vec<UnixStream>,
+}
+
+fn send(stream: &mut UnixStream, v: serde_json::Value) {
+    let _ = writeln!(stream, "{v}");
+}
+
+fn timestamp() -> serde_json::Value {
+    let ms = now_ms();
+    serde_json::json!({"seconds": (ms / 1000) as u64, "microseconds": ((ms % 1000) * 1000) as u64})
+}
+
+fn serve_client(mut stream: UnixStream, vm: Arc<Mutex<Vm>>) {
+    send(
+        &mut stream,
+        serde_json::json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+            "package": "fake-kvm-internal-error"}, "capabilities": []}}),
+    );
+    if let Ok(c) = stream.try_clone() {
+        vm.lock().unwrap().clients.push(c);
+    }
+    let reader = BufReader::new(stream.try_clone().expect("clone"));
+    for line in reader.lines() {
+        let Ok(line) = line else { return };
+        let Ok(req) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let id = req.get("id").cloned().unwrap_or(serde_json::Value::Null);
+        let cmd = req.get("execute").and_then(|v| v.as_str()).unwrap_or("");
+        let status = vm.lock().unwrap().status;
+        match cmd {
+            "qmp_capabilities" | "system_powerdown" | "cont" => {
+                // A paused vCPU hears no power button: accepted, nothing happens.
+                send(&mut stream, serde_json::json!({"return": {}, "id": id}))
+            }
+            "query-status" => send(
+                &mut stream,
+                serde_json::json!({"return": {"status": status, "running": status == "running",
+                    "singlestep": false}, "id": id}),
+            ),
+            "quit" => {
+                send(&mut stream, serde_json::json!({"return": {}, "id": id}));
+                send(
+                    &mut stream,
+                    serde_json::json!({"event": "SHUTDOWN", "data": {"guest": false,
+                        "reason": "host-qmp-quit"}, "timestamp": timestamp()}),
+                );
+                std::process::exit(0);
+            }
+            other => send(
+                &mut stream,
+                serde_json::json!({"error": {"class": "CommandNotFound",
+                    "desc": format!("The command {other} has not been found")}, "id": id}),
+            ),
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value_of = |flag: &str| {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect::<Vec<_>>()
+    };
+    let accel = value_of("-accel").into_iter().next().unwrap_or_default();
+    if accel != "kvm" {
+        let err = std::process::Command::new(real_qemu()).args(&args).exec();
+        eprintln!("fake qemu: exec failed: {err}");
+        std::process::exit(1);
+    }
+    let chardevs = value_of("-chardev");
+    let serial = chardevs
+        .iter()
+        .filter(|c| c.starts_with("file,"))
+        .find_map(|c| opt(c, "path"))
+        .expect("a file chardev for the serial console");
+    let qmp = chardevs
+        .iter()
+        .filter(|c| c.starts_with("socket,"))
+        .find_map(|c| opt(c, "path"))
+        .expect("a socket chardev for QMP");
+    let listener = UnixListener::bind(Path::new(&qmp)).expect("bind the QMP socket");
+    // OVMF's first words, as the probe wants to see them.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&serial)
+        .and_then(|mut f| f.write_all(b"BdsDxe: fake firmware running under kvm\r\n"))
+        .expect("write the serial log");
+    let vm = Arc::new(Mutex::new(Vm {
+        status: "running",
+        clients: Vec::new(),
+    }));
+    let failing = vm.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(FAIL_AFTER);
+        let mut vm = failing.lock().unwrap();
+        vm.status = "internal-error";
+        // The moment, for tests that time how fast the driver notices.
+        eprintln!("KVM internal error. Suberror: 1");
+        eprintln!(
+            "emulation failure (fake qemu: internal-error at unix_ms={})",
+            now_ms()
+        );
+        let event = serde_json::json!({"event": "STOP", "timestamp": timestamp()});
+        for c in &mut vm.clients {
+            send(c, event.clone());
+        }
+    });
+    for stream in listener.incoming().flatten() {
+        let vm = vm.clone();
+        std::thread::spawn(move || serve_client(stream, vm));
+    }
+}
