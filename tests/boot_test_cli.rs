@@ -3,25 +3,54 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use common::guest::{assert_nothing_left, test_guest_image};
+use common::guest::{
+    assert_nothing_left, fake_internal_error_at, fake_qemu_kvm_internal_error, test_guest_image,
+};
 
-fn boot_test(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fkr-qemu"))
-        .arg("boot-test")
+fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fkr-qemu"));
+    c.arg("boot-test")
         .arg("--runtime-dir")
         .arg(dir.join("run"))
         .args(args)
         .env("FKR_LOG", "warn")
-        .output()
-        .expect("running fkr-qemu")
+        // boot-test keeps the serial log in a private dir under TMPDIR: watch that it goes too.
+        .env("TMPDIR", dir.join("tmp"));
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    c
 }
+
+fn boot_test(dir: &Path, args: &[&str]) -> Output {
+    command(dir, args).output().expect("running fkr-qemu")
+}
+
+/// Nothing under the test's TMPDIR (boot-test's serial log dir, probe dirs).
+fn assert_tmp_empty(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir.join("tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+}
+
+const PHASES: [&str; 6] = [
+    "spawn",
+    "qmp_ready",
+    "first_serial",
+    "proof",
+    "guest_shutdown",
+    "teardown",
+];
 
 #[test]
 fn vm_boot_test_passes_on_the_test_guest_and_reports_every_phase() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_guest_image();
+    let started = Instant::now();
     let out = boot_test(
         dir.path(),
         &[
@@ -34,6 +63,7 @@ fn vm_boot_test_passes_on_the_test_guest_and_reports_every_phase() {
             "256",
         ],
     );
+    let wall = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -43,26 +73,128 @@ fn vm_boot_test_passes_on_the_test_guest_and_reports_every_phase() {
     let r: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
     assert_eq!(r["ok"], true, "{r}");
     assert!(r["accel"] == "tcg" || r["accel"] == "kvm", "{r}");
-    let mut last = 0;
-    for phase in [
-        "spawn",
-        "qmp_ready",
-        "first_serial",
-        "proof",
-        "guest_shutdown",
-        "teardown",
-    ] {
-        let ms = r[format!("{phase}_ms")]
+    assert!(
+        !r["accel_reason"].as_str().unwrap_or("").is_empty(),
+        "auto says why: {r}"
+    );
+    // Each phase is a duration; together they fit in the command's wall time.
+    let mut sum = 0;
+    for phase in PHASES {
+        sum += r[format!("{phase}_ms")]
             .as_u64()
             .unwrap_or_else(|| panic!("{phase} missing: {r}"));
-        assert!(
-            ms >= last,
-            "{phase} at {ms} ms before the previous phase ({last} ms): {r}"
-        );
-        last = ms;
     }
+    let total = r["total_ms"].as_u64().unwrap();
+    assert!(sum <= total, "phases add up to {sum} ms > total {total} ms: {r}");
+    assert!(total <= wall.as_millis() as u64, "total {total} ms > wall time {wall:?}");
+    // Stopping a guest that powered itself off is reaping and removing files: no power-button wait.
+    assert!(r["teardown_ms"].as_u64().unwrap() < 5000, "{r}");
     assert!(r["failed_phase"].is_null());
     assert_nothing_left(dir.path());
+    assert_tmp_empty(dir.path());
+}
+
+/// SIGINT and SIGTERM alike, whether they arrive while the VM is being prepared (accelerator probe,
+/// overlay) or while it runs: the VM is stopped, every file removed, exit 1 naming the signal.
+#[test]
+fn vm_boot_test_stops_its_vm_on_sigint_and_sigterm() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let image = test_guest_image();
+    for (sig, name) in [(Signal::SIGTERM, "SIGTERM"), (Signal::SIGINT, "SIGINT")] {
+        for while_running in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let child = command(
+                dir.path(),
+                &[
+                    "--image",
+                    image.to_str().unwrap(),
+                    "--json",
+                    "--timeout",
+                    "240",
+                    "--memory",
+                    "256",
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+            if while_running {
+                // QEMU is up: its pid file exists in the per-VM dir.
+                let until = Instant::now() + Duration::from_secs(120);
+                while !std::fs::read_dir(dir.path().join("run/vms"))
+                    .map(|d| d.flatten().any(|e| e.path().join("qemu.pid").exists()))
+                    .unwrap_or(false)
+                {
+                    assert!(Instant::now() < until, "the VM never started");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            } else {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+            let out = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{name} (running: {while_running}): {stdout}\n{stderr}"
+            );
+            let r: serde_json::Value = serde_json::from_str(stdout.trim())
+                .unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+            assert_eq!(r["ok"], false);
+            assert!(
+                r["error"].as_str().unwrap().contains(&format!("interrupted by {name}")),
+                "{r}"
+            );
+            assert_nothing_left(dir.path());
+            assert_tmp_empty(dir.path());
+        }
+    }
+}
+
+/// A KVM that runs the firmware probe but fails the guest: boot-test reports the internal error
+/// with QEMU's words, ends within seconds (not at `--timeout`), and its teardown skips the power
+/// button a paused guest cannot hear.
+#[test]
+fn vm_boot_test_reports_an_accelerator_internal_error_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = fake_qemu_kvm_internal_error(dir.path());
+    let image = test_guest_image();
+    let started = Instant::now();
+    let out = boot_test(
+        dir.path(),
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--json",
+            "--accel",
+            "kvm",
+            "--qemu",
+            qemu.to_str().unwrap(),
+            "--timeout",
+            "240",
+            "--memory",
+            "256",
+        ],
+    );
+    let wall = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["accel"], "kvm", "{r}");
+    assert_eq!(r["failed_phase"], "proof", "{r}");
+    assert_eq!(r["outcome"]["kind"], "internal_error", "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("internal-error") && error.contains("KVM internal error"), "{r}");
+    fake_internal_error_at(error);
+    assert!(wall < Duration::from_secs(30), "{wall:?}: {r}");
+    assert!(r["teardown_ms"].as_u64().unwrap() < 2000, "{r}");
+    assert_nothing_left(dir.path());
+    assert_tmp_empty(dir.path());
 }
 
 /// Exactly one error line from the binary, naming `needle`.

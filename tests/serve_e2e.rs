@@ -3,8 +3,9 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use common::guest::fake_qemu_kvm_internal_error;
 use common::serve::{wait_for, Settings, World};
 use nix::sys::signal::Signal;
 
@@ -363,4 +364,60 @@ fn serve_vm_second_signal_stops_the_vms_and_cleans_up() {
     );
     assert_eq!(w.emu.job_status(id), "waiting");
     w.assert_clean("frank-tool-ci");
+}
+
+/// A host whose KVM passes the firmware probe but fails the guest (run state `internal-error`):
+/// the job's first VM ends at once, KVM is marked broken, the same job gets one fresh VM under TCG
+/// and completes; later jobs go straight to TCG. No job waits out its boot deadline.
+#[test]
+fn serve_vm_kvm_internal_error_retries_the_job_once_under_tcg() {
+    let fake = tempfile::tempdir().unwrap();
+    let w = World::new(Settings {
+        accel: "auto",
+        qemu: Some(fake_qemu_kvm_internal_error(fake.path())),
+        // Long enough that waiting it out would fail the timing below.
+        boot_deadline: "300s",
+        job_deadline: "400s",
+        ..Settings::default()
+    });
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let (id, handle) = w.emu.add_job("alice/kvm", "external-host");
+    let started = Instant::now();
+    serve.wait_log(
+        "accelerator chosen accel=kvm reason=the firmware ran under KVM",
+        Duration::from_secs(60),
+    );
+    serve.wait_log(
+        &format!("job {id}: QEMU stopped the guest in run state internal-error under kvm"),
+        Duration::from_secs(60),
+    );
+    serve.wait_log(
+        &format!("job {id}: failed (accel_failed)"),
+        Duration::from_secs(30),
+    );
+    serve.wait_log(
+        &format!("job {id} (handle={handle}): KVM failed its VM; retrying it once under TCG"),
+        Duration::from_secs(30),
+    );
+    serve.wait_log("accelerator chosen accel=tcg", Duration::from_secs(30));
+    serve.wait_log(&format!("job {id}: done (completed)"), BOOT);
+    assert!(started.elapsed() < Duration::from_secs(250), "{:?}", started.elapsed());
+    assert_eq!(w.emu.job_status(id), "success", "log:\n{}", serve.log_text());
+    assert_eq!(
+        serve.count(&format!("queue: dispatching job {id} ")),
+        2,
+        "one VM under KVM, one under TCG; log:\n{}",
+        serve.log_text()
+    );
+
+    let (id2, _) = w.emu.add_job("alice/kvm", "external-host");
+    serve.wait_log(&format!("job {id2}: done (completed)"), BOOT);
+    assert_eq!(w.emu.job_status(id2), "success");
+    assert_eq!(serve.count("internal-error under kvm"), 1, "KVM stays marked broken");
+    assert_eq!(serve.count(&format!("queue: dispatching job {id2} ")), 1);
+
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    w.assert_clean("alice-kvm-ci");
 }

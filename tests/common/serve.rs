@@ -188,6 +188,10 @@ pub struct Settings {
     pub boot_deadline: &'static str,
     pub job_deadline: &'static str,
     pub request_timeout_ms: u64,
+    /// `[vm] accel`.
+    pub accel: &'static str,
+    /// `[vm] qemu`, when not the one on `PATH`.
+    pub qemu: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -198,6 +202,8 @@ impl Default for Settings {
             boot_deadline: "90s",
             job_deadline: "120s",
             request_timeout_ms: 5000,
+            accel: "tcg",
+            qemu: None,
         }
     }
 }
@@ -258,7 +264,7 @@ retries = 1
 retry_backoff_ms = 100
 
 [vm]
-accel = "tcg"
+accel = "{accel}"{qemu}
 vcpus = 1
 memory_mib = 256
 powerdown_grace_secs = 3
@@ -277,6 +283,12 @@ dns_servers = ["{emu_addr}"]
                 url = emu.url,
                 timeout = s.request_timeout_ms,
                 emu_addr = Self::EMU_ADDR,
+                accel = s.accel,
+                qemu = s
+                    .qemu
+                    .as_ref()
+                    .map(|q| format!("\nqemu = \"{}\"", q.display()))
+                    .unwrap_or_default(),
             ),
         )
         .unwrap();
