@@ -14,6 +14,8 @@
 # 4. shows serve's log lines and the job's result, and removes everything it made.
 # Environment: FKR_DEMO_TIMEOUT (seconds to wait for the job, default 300), FKR_DEMO_KEEP=1 keeps the
 # temp dir (config, logs, serial log).
+# When the job does not finish, it says why: the VM's outcome, the accelerator and the reason it was
+# chosen, and the last 30 lines of the VM's serial console; then it exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -50,6 +52,34 @@ cleanup() {
   if [ "${FKR_DEMO_KEEP:-0}" = 1 ]; then echo "kept $tmp"; else rm -rf "$tmp"; fi
 }
 trap cleanup EXIT
+
+# Why the job did not finish, from serve's log and the kept serial logs.
+explain() {
+  set +e
+  echo
+  echo "demo.sh: the job did not finish. What serve saw:" >&2
+  local accel
+  accel=$(grep -h 'accelerator chosen' "$tmp/serve.log" | tail -n 1 | sed 's/.*accelerator chosen //')
+  echo "  accelerator: ${accel:-not chosen (no VM was started)}" >&2
+  local outcome
+  outcome=$(grep -hE "job ${job_id:-?}: |internal-error|QEMU exited|guest crashed|did not pick the job up|preparing the VM failed|KVM failed" \
+    "$tmp/serve.log" | grep -v 'accelerator chosen')
+  echo "  VM outcome:" >&2
+  if [ -n "$outcome" ]; then
+    printf '%s\n' "$outcome" | sed 's/^/    /' >&2
+  else
+    echo "    none yet: the VM was still running after ${FKR_DEMO_TIMEOUT:-300} s (FKR_DEMO_TIMEOUT)" >&2
+  fi
+  local log found=0
+  for log in "$tmp"/state/logs/*.serial.log; do
+    [ -f "$log" ] || continue
+    found=1
+    echo "  last 30 lines of the serial console ($log):" >&2
+    tail -n 30 "$log" | sed 's/\x1b\[[0-9;=]*[A-Za-z]//g; s/^/    /' >&2
+  done
+  [ "$found" = 1 ] || echo "  no serial log (no VM got as far as QEMU)" >&2
+  FKR_DEMO_KEEP=1
+}
 
 say "network namespaces: $host (fkr-qemu serve) and $up (the emulator on 203.0.113.1)"
 ip netns add "$host"
@@ -98,6 +128,7 @@ accel = "auto"
 vcpus = 1
 memory_mib = 256
 powerdown_grace_secs = 5
+keep_serial_log = true
 
 [net]
 dns_servers = ["203.0.113.1"]
@@ -115,8 +146,7 @@ tail_pid=$!
 until grep -q "finished (job $job_id)" "$tmp/serve.log"; do
   if ! kill -0 "$serve_pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
     kill "$tail_pid" 2>/dev/null
-    echo "demo.sh: the job did not finish; serve's log is above" >&2
-    FKR_DEMO_KEEP=1
+    explain
     exit 1
   fi
   sleep 1
@@ -136,4 +166,8 @@ status=$(ip netns exec "$host" curl -sSf "${url}_emulator/state" |
 say "job $job_id: ${status:-unknown}; serve exited with $rc"
 left=$(find "$tmp/run/vms" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
 echo "per-VM dirs left: $left; taps left: $(ip -n "$host" -o link | grep -c ' fr-' || true)"
-[ "$status" = success ] && [ "$rc" = 0 ] && [ "$left" = 0 ]
+if [ "$status" != success ]; then
+  explain
+  exit 1
+fi
+[ "$rc" = 0 ] && [ "$left" = 0 ]

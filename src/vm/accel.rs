@@ -45,20 +45,34 @@ fn spawn_error(qemu: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// The first lines of QEMU's stderr, one line, for a reason string.
-fn stderr_lines(buf: &Mutex<Vec<u8>>, n: usize) -> String {
-    let b = buf.lock().unwrap_or_else(|e| e.into_inner());
-    String::from_utf8_lossy(&b)
+/// QEMU's error lines from its stderr, joined for one log line: those that say what failed
+/// ("KVM internal error. Suberror: 1", "emulation failure", "failed to set MSR …"), not the register
+/// dump that follows them; if none says so, the last `n` lines.
+pub(super) fn error_lines(stderr: &str, n: usize) -> String {
+    let lines: Vec<&str> = stderr
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
+        .collect();
+    let telling: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("error") || l.contains("fail") || l.contains("kvm")
+        })
         .take(n)
-        .collect::<Vec<_>>()
-        .join(" | ")
+        .collect();
+    if telling.is_empty() {
+        lines[lines.len().saturating_sub(n)..].join(" | ")
+    } else {
+        telling.join(" | ")
+    }
 }
 
 fn with_stderr(msg: String, stderr: &Mutex<Vec<u8>>) -> String {
-    match stderr_lines(stderr, 2) {
+    let b = stderr.lock().unwrap_or_else(|e| e.into_inner());
+    match error_lines(&String::from_utf8_lossy(&b), 2) {
         s if s.is_empty() => msg,
         s => format!("{msg}: {s}"),
     }
@@ -360,6 +374,21 @@ mod tests {
             resolve_accel(other, &fw, Accel::Auto).await.unwrap().accel,
             Accel::Kvm
         );
+    }
+
+    #[test]
+    fn error_lines_skip_the_register_dump() {
+        let kvm = "KVM internal error. Suberror: 1\nextra data[0]: 0x0000000000000001\n\
+                   emulation failure\nRAX=0000000000000000 RBX=0000000000000000\nES =0000 00000000\n";
+        assert_eq!(
+            error_lines(kvm, 3),
+            "KVM internal error. Suberror: 1 | emulation failure"
+        );
+        let msr = "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x0\nqemu-system-x86_64: \
+                   ../target/i386/kvm/kvm.c:3021: kvm_buf_set_msrs: Assertion `ret == cpu->kvm_msr_buf->nmsrs' failed.\n";
+        assert!(error_lines(msr, 1).contains("failed to set MSR 0x10a"));
+        assert_eq!(error_lines("a\nb\nc\n", 2), "b | c");
+        assert_eq!(error_lines("", 2), "");
     }
 
     #[tokio::test]

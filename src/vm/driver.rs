@@ -591,31 +591,6 @@ impl Supervisor {
         }
     }
 
-    /// QEMU's error lines for one log line: those that say what failed ("KVM internal error …",
-    /// "emulation failure"), not the register dump after them; else the last `n` lines.
-    fn stderr_summary(&self, n: usize) -> String {
-        let all = self.stderr_tail();
-        let lines: Vec<&str> = all
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        let telling: Vec<&str> = lines
-            .iter()
-            .copied()
-            .filter(|l| {
-                let l = l.to_ascii_lowercase();
-                l.contains("error") || l.contains("failure") || l.contains("kvm")
-            })
-            .take(n)
-            .collect();
-        if telling.is_empty() {
-            lines[lines.len().saturating_sub(n)..].join(" | ")
-        } else {
-            telling.join(" | ")
-        }
-    }
-
     /// After a `STOP` event (or at connect): a run state that no vCPU recovers from ends the VM.
     async fn dead_run_state(&mut self, qmp: &QmpClient) -> Option<StopCause> {
         let status = match tokio::time::timeout(Duration::from_secs(2), qmp.query_status()).await {
@@ -626,7 +601,7 @@ impl Supervisor {
             "internal-error" => {
                 // QEMU prints the KVM register dump a moment after pausing; give it that moment.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let detail = self.stderr_summary(3);
+                let detail = super::accel::error_lines(&self.stderr_tail(), 3);
                 tracing::error!(vm = %self.name, accel = %self.accel, stderr = %detail, "QEMU stopped in run state internal-error: the accelerator cannot run this guest");
                 if self.accel == Accel::Kvm.to_string() {
                     super::accel::mark_kvm_broken(
