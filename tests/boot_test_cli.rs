@@ -85,8 +85,14 @@ fn vm_boot_test_passes_on_the_test_guest_and_reports_every_phase() {
             .unwrap_or_else(|| panic!("{phase} missing: {r}"));
     }
     let total = r["total_ms"].as_u64().unwrap();
-    assert!(sum <= total, "phases add up to {sum} ms > total {total} ms: {r}");
-    assert!(total <= wall.as_millis() as u64, "total {total} ms > wall time {wall:?}");
+    assert!(
+        sum <= total,
+        "phases add up to {sum} ms > total {total} ms: {r}"
+    );
+    assert!(
+        total <= wall.as_millis() as u64,
+        "total {total} ms > wall time {wall:?}"
+    );
     // Stopping a guest that powered itself off is reaping and removing files: no power-button wait.
     assert!(r["teardown_ms"].as_u64().unwrap() < 5000, "{r}");
     assert!(r["failed_phase"].is_null());
@@ -147,7 +153,10 @@ fn vm_boot_test_stops_its_vm_on_sigint_and_sigterm() {
                 .unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
             assert_eq!(r["ok"], false);
             assert!(
-                r["error"].as_str().unwrap().contains(&format!("interrupted by {name}")),
+                r["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("interrupted by {name}")),
                 "{r}"
             );
             assert_nothing_left(dir.path());
@@ -189,7 +198,10 @@ fn vm_boot_test_reports_an_accelerator_internal_error_at_once() {
     assert_eq!(r["failed_phase"], "proof", "{r}");
     assert_eq!(r["outcome"]["kind"], "internal_error", "{r}");
     let error = r["error"].as_str().unwrap();
-    assert!(error.contains("internal-error") && error.contains("KVM internal error"), "{r}");
+    assert!(
+        error.contains("internal-error") && error.contains("KVM internal error"),
+        "{r}"
+    );
     fake_internal_error_at(error);
     assert!(wall < Duration::from_secs(30), "{wall:?}: {r}");
     assert!(r["teardown_ms"].as_u64().unwrap() < 2000, "{r}");

@@ -402,8 +402,17 @@ fn serve_vm_kvm_internal_error_retries_the_job_once_under_tcg() {
     );
     serve.wait_log("accelerator chosen accel=tcg", Duration::from_secs(30));
     serve.wait_log(&format!("job {id}: done (completed)"), BOOT);
-    assert!(started.elapsed() < Duration::from_secs(250), "{:?}", started.elapsed());
-    assert_eq!(w.emu.job_status(id), "success", "log:\n{}", serve.log_text());
+    assert!(
+        started.elapsed() < Duration::from_secs(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        w.emu.job_status(id),
+        "success",
+        "log:\n{}",
+        serve.log_text()
+    );
     assert_eq!(
         serve.count(&format!("queue: dispatching job {id} ")),
         2,
@@ -414,7 +423,11 @@ fn serve_vm_kvm_internal_error_retries_the_job_once_under_tcg() {
     let (id2, _) = w.emu.add_job("alice/kvm", "external-host");
     serve.wait_log(&format!("job {id2}: done (completed)"), BOOT);
     assert_eq!(w.emu.job_status(id2), "success");
-    assert_eq!(serve.count("internal-error under kvm"), 1, "KVM stays marked broken");
+    assert_eq!(
+        serve.count("internal-error under kvm"),
+        1,
+        "KVM stays marked broken"
+    );
     assert_eq!(serve.count(&format!("queue: dispatching job {id2} ")), 1);
 
     serve.signal(Signal::SIGTERM);
