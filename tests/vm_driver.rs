@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::guest::{
-    assert_nothing_left, config, fake_internal_error_at, fake_qemu_kvm_internal_error,
-    reported_files, test_guest_image, user_data, WriteFile,
+    assert_nothing_left, assert_sandboxed, config, fake_internal_error_at,
+    fake_qemu_kvm_internal_error, reported_files, test_guest_image, user_data, WriteFile,
 };
 use fkr_qemu::vm::{self, serial, Accel, Error, Outcome, Seed, StopStep, VmName, VmSpec, VmState};
 
@@ -143,7 +143,9 @@ async fn vm_guest_applies_the_seed_and_powers_off() {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", handle.pid())).unwrap();
     assert!(!String::from_utf8_lossy(&cmdline).contains("very-secret"));
     let run_dir = handle.dir().to_owned();
-    assert!(run_dir.join("seed.img").exists() && run_dir.join("qemu.pid").exists());
+    let disk_dir = dir.path().join("disks").join(exit_name(&run_dir));
+    assert!(disk_dir.join("seed.img").exists() && run_dir.join("qemu.pid").exists());
+    assert_sandboxed(handle.pid(), &run_dir, &disk_dir);
     let exit = handle.wait().await.unwrap();
     let text = serial::strip_ansi(&String::from_utf8_lossy(&std::fs::read(&log).unwrap()));
     assert_eq!(exit.outcome, Outcome::GuestPoweredOff, "{text}");
@@ -161,8 +163,12 @@ async fn vm_guest_applies_the_seed_and_powers_off() {
         meta.contains(&format!("instance-id: {}", exit.name)),
         "{meta}"
     );
-    assert!(!run_dir.exists());
+    assert!(!run_dir.exists() && !disk_dir.exists());
     assert_nothing_left(dir.path());
+}
+
+fn exit_name(run_dir: &Path) -> String {
+    run_dir.file_name().unwrap().to_string_lossy().into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -368,13 +374,26 @@ fn vm_sweep_kills_only_our_qemu_and_removes_only_our_dirs() {
     let foreign = vms.join("something-else");
     std::fs::create_dir(&foreign).unwrap();
 
-    let report = vm::sweep(&root).unwrap();
+    // A leftover disk dir, and a disk dir entry that is not a VM's.
+    let disks = dir.path().join("disks");
+    let left_disk = disks.join(VmName::generate().as_str());
+    std::fs::create_dir_all(&left_disk).unwrap();
+    std::fs::write(left_disk.join("overlay.qcow2"), "x").unwrap();
+    std::fs::create_dir_all(disks.join("keep-me")).unwrap();
+    let cfg = vm::VmConfig {
+        runtime_root: root.clone(),
+        disk_dir: disks.clone(),
+        ..vm::VmConfig::default()
+    };
+    let report = vm::sweep(&cfg).unwrap();
+    assert!(!left_disk.exists());
+    assert!(disks.join("keep-me").exists());
     // The QEMU was our child: reap it so /proc forgets it.
     let mut qemu = qemu;
     let _ = qemu.wait();
     assert_eq!(report.killed.len(), 1, "{report:?}");
     assert_eq!(report.killed[0].1, qemu_pid);
-    assert_eq!(report.removed.len(), 2, "{report:?}");
+    assert_eq!(report.removed.len(), 3, "{report:?}");
     assert!(!ours.exists() && !decoy_dir.exists());
     assert!(
         foreign.exists(),

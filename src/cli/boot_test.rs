@@ -272,6 +272,8 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
         memory_mib: args.memory,
         runtime_root,
         log_dir: log_dir.clone(),
+        // Private to this run, beside the log: a daemon's sweep never takes it for its own.
+        disk_dir: log_dir.join("disks"),
         keep_serial_log: true,
         ..VmConfig::default()
     };
@@ -303,7 +305,9 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
             report.serial_tail = Some(tail);
         }
     }
-    if !args.keep {
+    if args.keep {
+        let _ = std::fs::remove_dir_all(log_dir.join("disks"));
+    } else {
         let _ = std::fs::remove_dir_all(&log_dir);
     }
     report.ok = report.failed_phase.is_none();
@@ -433,6 +437,9 @@ async fn drive(
         }
         (Outcome::HostStopped { .. }, _) => "stopped by the host".into(),
         (Outcome::QemuExited { status, detail }, _) => format!("QEMU exited ({status}): {detail}"),
+        (Outcome::DiskLimitExceeded { limit, used }, _) => {
+            format!("the VM's disk grew to {used} bytes on the host, past disk_max ({limit} bytes)")
+        }
         (Outcome::InternalError { accel, detail }, _) => format!(
             "QEMU stopped the guest in run state internal-error under {accel} (the accelerator \
              cannot run this guest; `--accel tcg` avoids it): {detail}"

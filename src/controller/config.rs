@@ -244,6 +244,7 @@ impl Config {
             ));
         }
         let log_dir_given = vm.contains_key("log_dir");
+        let disk_dir_given = vm.contains_key("disk_dir");
         if let Some(accel) = flags.accel {
             vm.insert("accel".into(), accel.to_string().into());
         }
@@ -252,6 +253,10 @@ impl Config {
         vm.runtime_root = top.runtime_dir.clone();
         if !log_dir_given {
             vm.log_dir = top.state_dir.join("logs");
+        }
+        // Overlays live on disk under the state dir, never in the runtime dir (tmpfs, i.e. RAM).
+        if !disk_dir_given {
+            vm.disk_dir = top.state_dir.join("disks");
         }
 
         if flags.admin_token_file.is_some() {

@@ -26,6 +26,8 @@ struct Scheduler {
     tasks: JoinSet<(String, Report)>,
     /// Cancelled on the second signal: every job stops its VM.
     stop_vms: CancellationToken,
+    /// The last dispatch round found no disk for another VM (logged once per episode).
+    waiting_for_disk: bool,
 }
 
 impl Scheduler {
@@ -36,6 +38,7 @@ impl Scheduler {
             active: HashMap::new(),
             tasks: JoinSet::new(),
             stop_vms: CancellationToken::new(),
+            waiting_for_disk: false,
         }
     }
 
@@ -108,9 +111,25 @@ impl Scheduler {
             .collect();
         let mut dropped = Vec::new();
         while self.tasks.len() < self.ctx.cfg.max_vms {
+            // Disk first: a VM is started only if every running VM and this one can grow to their
+            // disk_max. The reservation travels with the job to its VM.
+            let disk = match crate::vm::reserve_disk(&self.ctx.cfg.vm) {
+                Ok(d) => d,
+                Err(e) => {
+                    if !self.waiting_for_disk {
+                        tracing::warn!("queue: {} job(s) wait: {e}", self.queue.len());
+                    }
+                    self.waiting_for_disk = true;
+                    self.ctx.metrics.disk_admission_wait();
+                    break;
+                }
+            };
             let Some(q) = self.queue.next_still_waiting(&still_waiting, &mut dropped) else {
                 break;
             };
+            if std::mem::take(&mut self.waiting_for_disk) {
+                tracing::info!("queue: disk space for another VM is available again");
+            }
             tracing::info!(
                 "queue: dispatching job {} (handle={})",
                 q.job.id,
@@ -123,6 +142,7 @@ impl Scheduler {
                 job: q.job,
                 seen_at: q.seen_at,
                 picked_up: rx,
+                disk: Some(disk),
             };
             let ctx = self.ctx.clone();
             let stop = self.stop_vms.child_token();
@@ -228,6 +248,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     create_dir(&cfg.state_dir, 0o700)?;
     create_dir(&cfg.runtime_dir, 0o755)?;
     create_dir(&cfg.vm.log_dir, 0o700)?;
+    create_dir(&cfg.vm.disk_dir, 0o700)?;
     let metrics = Metrics::new();
     let board = StatusBoard::new(Some(metrics.clone()));
     let client = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone())?

@@ -31,6 +31,8 @@ pub(crate) struct Ticket {
     pub job: Job,
     pub seen_at: Instant,
     pub picked_up: watch::Receiver<bool>,
+    /// The disk space admitted for the job's VM.
+    pub disk: Option<vm::DiskReservation>,
 }
 
 /// What the scheduler learns when a job's task ends.
@@ -260,12 +262,15 @@ fn outcome_of(exit: &Outcome, picked_up: bool, boot_timeout: bool) -> JobOutcome
         Outcome::GuestCrashed { .. }
         | Outcome::QemuExited { .. }
         | Outcome::InternalError { .. }
+        | Outcome::DiskLimitExceeded { .. }
             if picked_up =>
         {
             JobOutcome::Crashed
         }
         Outcome::InternalError { .. } => JobOutcome::AccelFailed,
-        Outcome::GuestCrashed { .. } | Outcome::QemuExited { .. } => JobOutcome::BootFailure,
+        Outcome::GuestCrashed { .. }
+        | Outcome::QemuExited { .. }
+        | Outcome::DiskLimitExceeded { .. } => JobOutcome::BootFailure,
     }
 }
 
@@ -315,7 +320,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
     let mut picked_up = false;
     let mut launched = false;
     let mut kvm_failed = false;
-    let outcome = match prepare_and_launch(&ctx, &ticket, &name, &mut res, dispatched).await {
+    let disk = ticket.disk.take();
+    let outcome = match prepare_and_launch(&ctx, &ticket, &name, &mut res, dispatched, disk).await {
         Err(e) => {
             tracing::error!(vm = %name, "job {job_id}: preparing the VM failed: {e}");
             JobOutcome::PrepareFailed
@@ -379,6 +385,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
                         }
                         Outcome::GuestCrashed { reason } => {
                             tracing::warn!(vm = %name, "job {job_id}: the guest crashed: {reason}")
+                        }
+                        Outcome::DiskLimitExceeded { limit, used } => {
+                            tracing::warn!(vm = %name, "job {job_id}: the VM's disk grew to {used} bytes, past disk_max ({limit} bytes); stopped")
                         }
                         Outcome::QemuExited { status, detail } => {
                             tracing::warn!(vm = %name, "job {job_id}: QEMU exited ({status}): {detail}")
@@ -450,6 +459,7 @@ async fn prepare_and_launch(
     name: &VmName,
     res: &mut JobResources,
     dispatched: Instant,
+    disk: Option<vm::DiskReservation>,
 ) -> Result<vm::VmHandle, JobError> {
     let job = &ticket.job;
     let repo = ctx.forgejo.repository(job.repo_id).await?;
@@ -532,6 +542,7 @@ async fn prepare_and_launch(
         ctx.cfg.job_deadline,
     );
     spec.net = Some(net_device);
+    spec.disk = disk;
     spec.meta = BTreeMap::from([
         ("job_id".to_owned(), job.id.into()),
         ("owner".to_owned(), owner.clone().into()),

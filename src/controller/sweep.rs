@@ -1,7 +1,8 @@
 //! The startup sweep: what a crashed or killed daemon left behind, found by our names only.
 //!
 //! - VMs: `vm::sweep` kills the QEMUs named by `<runtime_dir>/vms/fr-*/qemu.pid` (only when that pid
-//!   really is a QEMU whose command line contains that VM dir) and removes the per-VM dirs.
+//!   really is a QEMU whose command line contains that VM dir) and removes the per-VM runtime and
+//!   disk dirs and the VM cgroups no process uses.
 //! - Network: `net::sweep` removes `fr-*` interfaces that are taps, and our nftables table.
 //! - Tokens: every `orch-*` token of every CI user in `ci-users.json` is revoked.
 //! - Runners: runners named like our VMs (`fr-<8 hex>`), not busy (status other than `active`), and
@@ -20,13 +21,16 @@ pub(crate) async fn startup_sweep(ctx: &Arc<Ctx>) {
     tracing::info!("startup sweep...");
     let mut found = Vec::new();
 
-    match crate::vm::sweep(&ctx.cfg.runtime_dir) {
+    match crate::vm::sweep(&ctx.cfg.vm) {
         Ok(r) => {
             for (name, pid) in &r.killed {
                 tracing::info!("sweep: killed QEMU {pid} of leftover VM {name}");
             }
             for name in &r.removed {
                 tracing::info!("sweep: removed the files of leftover VM {name}");
+            }
+            if r.cgroups > 0 {
+                tracing::info!("sweep: removed {} leftover VM cgroup(s)", r.cgroups);
             }
             for (path, why) in &r.failed {
                 tracing::warn!("sweep: cannot clean {}: {why}", path.display());

@@ -10,6 +10,7 @@
 //! | `fkr_qemu_jobs_seen_total` | counter | |
 //! | `fkr_qemu_jobs_dropped_total` | counter | (no longer waiting when their turn came) |
 //! | `fkr_qemu_jobs_dispatched_total` | counter | |
+//! | `fkr_qemu_disk_admission_waits_total` | counter | (a dispatch round held back: no disk for another VM's `disk_max`) |
 //! | `fkr_qemu_jobs_finished_total` | counter | `outcome` ([`JobOutcome`]) |
 //! | `fkr_qemu_jobs_queued` | gauge | |
 //! | `fkr_qemu_vms_running` | gauge | |
@@ -202,6 +203,7 @@ struct Inner {
     registry: Registry,
     jobs_seen: Counter,
     jobs_dropped: Counter,
+    disk_waits: Counter,
     jobs_dispatched: Counter,
     jobs_finished: Family<OutcomeLabels, Counter>,
     jobs_queued: Gauge,
@@ -240,6 +242,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("fkr_qemu");
         let jobs_seen = Counter::default();
         let jobs_dropped = Counter::default();
+        let disk_waits = Counter::default();
         let jobs_dispatched = Counter::default();
         let jobs_finished = Family::<OutcomeLabels, Counter>::default();
         let jobs_queued = Gauge::default();
@@ -268,6 +271,11 @@ impl Metrics {
             "jobs_dropped",
             "Queued jobs dropped because they were no longer waiting when their turn came",
             jobs_dropped.clone(),
+        );
+        registry.register(
+            "disk_admission_waits",
+            "Dispatch rounds that kept a job waiting because the disk could not hold another VM's disk_max",
+            disk_waits.clone(),
         );
         registry.register(
             "jobs_dispatched",
@@ -348,6 +356,7 @@ impl Metrics {
                 registry,
                 jobs_seen,
                 jobs_dropped,
+                disk_waits,
                 jobs_dispatched,
                 jobs_finished,
                 jobs_queued,
@@ -373,6 +382,11 @@ impl Metrics {
     /// A queued job was dropped because it was no longer waiting.
     pub fn job_dropped(&self) {
         self.inner.jobs_dropped.inc();
+    }
+
+    /// A dispatch round kept a job waiting: no disk for another VM (`vm::reserve_disk`).
+    pub fn disk_admission_wait(&self) {
+        self.inner.disk_waits.inc();
     }
 
     /// A job was dispatched to a VM; `queue_wait` is the time since it was seen.

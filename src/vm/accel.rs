@@ -17,8 +17,11 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
+use std::os::fd::AsRawFd;
+
 use super::argv::path_opt;
 use super::qmp::QmpClient;
+use super::sandbox::{ChildSetup, Identity};
 use super::{Accel, Error, Firmware};
 
 /// The resolved accelerator and why it was chosen (for the log and `boot-test`'s report).
@@ -80,11 +83,13 @@ fn with_stderr(msg: String, stderr: &Mutex<Vec<u8>>) -> String {
 
 /// Boots `firmware` under `accel` with no disk and says whether it ran far enough: its first byte on
 /// the serial console while QEMU's run state is still `running`. `Ok(Err(reason))` when it did not.
+/// It runs as `identity` when given (the VMs' own): KVM must work for the uid VMs run as.
 pub async fn probe_accel(
     qemu: &Path,
     firmware: &Firmware,
     accel: Accel,
     timeout: Duration,
+    identity: Option<&Identity>,
 ) -> Result<Result<(), String>, Error> {
     let (accel_name, cpu) = match accel {
         Accel::Kvm => ("kvm", "host"),
@@ -97,53 +102,100 @@ pub async fn probe_accel(
     let vars = dir.path().join("vars.fd");
     std::fs::copy(&firmware.vars_template, &vars)
         .map_err(|e| Error::io(format!("copying {}", firmware.vars_template.display()), e))?;
-    let serial = dir.path().join("serial.log");
+    let open = |p: &Path, write: bool| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(p)
+            .map_err(|e| Error::io(format!("opening {}", p.display()), e))
+    };
+    // Like a VM's QEMU, the probe opens nothing by path (its uid could not): descriptors only.
+    let code = open(&firmware.code, false)?;
+    let vars_rw = open(&vars, true)?;
+    let vars_ro = open(&vars, false)?;
     let qmp_socket = dir.path().join("qmp.sock");
-    let mut child = Command::new(qemu)
-        .args([
-            "-machine",
-            "q35",
-            "-accel",
-            accel_name,
-            "-cpu",
-            cpu,
-            "-m",
-            PROBE_MEMORY,
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,unit=0,format={},readonly=on,file={}",
-            firmware.code_format,
-            path_opt(&firmware.code)
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,unit=1,format={},file={}",
-            firmware.vars_format,
-            path_opt(&vars)
-        ))
-        .arg("-chardev")
-        .arg(format!("file,id=serial0,path={}", path_opt(&serial)))
-        .args(["-serial", "chardev:serial0", "-chardev"])
-        .arg(format!(
-            "socket,id=qmp0,path={},server=on,wait=off",
-            path_opt(&qmp_socket)
-        ))
-        .args(["-mon", "chardev=qmp0,mode=control"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        // A paused QEMU (internal error) never exits by itself: dropping the child kills it.
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| spawn_error(qemu, e))?;
+    let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_socket)
+        .map_err(|e| Error::io(format!("binding {}", qmp_socket.display()), e))?;
+    let label = path_opt(dir.path());
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        accel_name,
+        "-cpu",
+        cpu,
+        "-m",
+        PROBE_MEMORY,
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-add-fd")
+    .arg(format!(
+        "fd={},set=1,opaque={label}/firmware-code",
+        code.as_raw_fd()
+    ))
+    .arg("-add-fd")
+    .arg(format!(
+        "fd={},set=2,opaque={label}/vars",
+        vars_rw.as_raw_fd()
+    ))
+    .arg("-add-fd")
+    .arg(format!(
+        "fd={},set=2,opaque={label}/vars",
+        vars_ro.as_raw_fd()
+    ))
+    .arg("-drive")
+    .arg(format!(
+        "if=pflash,unit=0,format={},readonly=on,file=/dev/fdset/1",
+        firmware.code_format
+    ))
+    .arg("-drive")
+    .arg(format!(
+        "if=pflash,unit=1,format={},file=/dev/fdset/2",
+        firmware.vars_format
+    ))
+    .args([
+        "-chardev",
+        "stdio,id=serial0,signal=off",
+        "-serial",
+        "chardev:serial0",
+        "-chardev",
+    ])
+    .arg(format!(
+        "socket,id=qmp0,fd={},server=on,wait=off",
+        qmp_listener.as_raw_fd()
+    ))
+    .args(["-mon", "chardev=qmp0,mode=control"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    // A paused QEMU (internal error) never exits by itself: dropping the child kills it.
+    .kill_on_drop(true);
+    ChildSetup {
+        cgroup_procs: Vec::new(),
+        keep_fds: vec![
+            code.as_raw_fd(),
+            vars_rw.as_raw_fd(),
+            vars_ro.as_raw_fd(),
+            qmp_listener.as_raw_fd(),
+        ],
+        identity: identity.cloned(),
+    }
+    .apply(&mut cmd);
+    let mut child = cmd.spawn().map_err(|e| spawn_error(qemu, e))?;
+    drop((code, vars_rw, vars_ro, qmp_listener));
+    // Dropped first on every path, including the caller dropping this future (a signal during the
+    // probe): the probe QEMU is gone, not merely signalled, before its directory is removed.
+    let _reaper = ProbeReaper {
+        pid: child.id(),
+        dir: dir.path().to_owned(),
+    };
     let stderr = Arc::new(Mutex::new(Vec::new()));
     if let Some(mut err) = child.stderr.take() {
         let buf = stderr.clone();
@@ -160,6 +212,19 @@ pub async fn probe_accel(
             }
         });
     }
+    let printed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(mut out) = child.stdout.take() {
+        let printed = printed.clone();
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = out.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                printed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut qmp: Option<QmpClient> = None;
     let verdict = loop {
@@ -170,8 +235,7 @@ pub async fn probe_accel(
             ));
         }
         if qmp.is_none() {
-            // QEMU creates the socket within milliseconds; each try is short so the loop keeps
-            // watching the process meanwhile.
+            // Each try is short so the loop keeps watching the process meanwhile.
             if let Ok((c, _events)) =
                 QmpClient::connect(&qmp_socket, Duration::from_millis(200)).await
             {
@@ -188,8 +252,9 @@ pub async fn probe_accel(
                 &stderr,
             ));
         }
-        let printed = std::fs::metadata(&serial).is_ok_and(|m| m.len() > 0);
-        if printed && status.as_deref() == Some("running") {
+        if printed.load(std::sync::atomic::Ordering::Relaxed)
+            && status.as_deref() == Some("running")
+        {
             break Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
@@ -206,6 +271,20 @@ pub async fn probe_accel(
     let _ = child.start_kill();
     let _ = child.wait().await;
     Ok(verdict)
+}
+
+/// Kills the probe QEMU and waits until it is gone (its command line names the probe's directory).
+struct ProbeReaper {
+    pid: Option<u32>,
+    dir: PathBuf,
+}
+
+impl Drop for ProbeReaper {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid {
+            super::sweep::kill_and_wait(pid, &self.dir, Duration::from_secs(5));
+        }
+    }
 }
 
 /// What is known about KVM per QEMU binary for this process: the probe's verdict, or a later
@@ -230,7 +309,11 @@ pub fn mark_kvm_broken(qemu: &Path, reason: &str) {
         );
 }
 
-async fn kvm_works(qemu: &Path, firmware: &Firmware) -> Result<Result<(), String>, Error> {
+async fn kvm_works(
+    qemu: &Path,
+    firmware: &Firmware,
+    identity: Option<&Identity>,
+) -> Result<Result<(), String>, Error> {
     let cached = kvm_cache()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -241,7 +324,7 @@ async fn kvm_works(qemu: &Path, firmware: &Firmware) -> Result<Result<(), String
     }
     // No shortcut on a missing /dev/kvm: QEMU says so itself ("Could not access KVM kernel
     // module"), and a stand-in QEMU in tests needs no /dev/kvm at all.
-    let r = probe_accel(qemu, firmware, Accel::Kvm, KVM_PROBE_TIMEOUT).await?;
+    let r = probe_accel(qemu, firmware, Accel::Kvm, KVM_PROBE_TIMEOUT, identity).await?;
     // A probe that ran concurrently may have finished first; a recorded failure wins.
     Ok(kvm_cache()
         .lock()
@@ -257,13 +340,14 @@ pub async fn resolve_accel(
     qemu: &Path,
     firmware: &Firmware,
     wanted: Accel,
+    identity: Option<&Identity>,
 ) -> Result<AccelChoice, Error> {
     match wanted {
         Accel::Tcg => Ok(AccelChoice {
             accel: Accel::Tcg,
             reason: "configured".into(),
         }),
-        Accel::Kvm => match kvm_works(qemu, firmware).await? {
+        Accel::Kvm => match kvm_works(qemu, firmware, identity).await? {
             Ok(()) => Ok(AccelChoice {
                 accel: Accel::Kvm,
                 reason: "configured; the firmware ran under KVM".into(),
@@ -271,7 +355,7 @@ pub async fn resolve_accel(
             Err(reason) => Err(Error::KvmUnavailable { reason }),
         },
         Accel::Auto => {
-            let choice = match kvm_works(qemu, firmware).await? {
+            let choice = match kvm_works(qemu, firmware, identity).await? {
                 Ok(()) => AccelChoice {
                     accel: Accel::Kvm,
                     reason: "the firmware ran under KVM".into(),
@@ -306,6 +390,7 @@ mod tests {
             &firmware(),
             Accel::Tcg,
             Duration::from_secs(120),
+            None,
         )
         .await
         .unwrap();
@@ -319,8 +404,8 @@ mod tests {
         // and a forced kvm is refused with the same reason.
         let qemu = Path::new("qemu-system-x86_64");
         let fw = firmware();
-        let auto = resolve_accel(qemu, &fw, Accel::Auto).await.unwrap();
-        match resolve_accel(qemu, &fw, Accel::Kvm).await {
+        let auto = resolve_accel(qemu, &fw, Accel::Auto, None).await.unwrap();
+        match resolve_accel(qemu, &fw, Accel::Kvm, None).await {
             Ok(c) => assert_eq!((c.accel, auto.accel), (Accel::Kvm, Accel::Kvm)),
             Err(Error::KvmUnavailable { reason }) => {
                 assert_eq!(auto.accel, Accel::Tcg);
@@ -339,6 +424,7 @@ mod tests {
             &firmware(),
             Accel::Kvm,
             KVM_PROBE_TIMEOUT,
+            None,
         )
         .await
         .unwrap();
@@ -357,21 +443,27 @@ mod tests {
         // Pretend the probe said yes, then a real guest hit an internal error.
         kvm_cache().lock().unwrap().insert(qemu.into(), Ok(()));
         assert_eq!(
-            resolve_accel(qemu, &fw, Accel::Auto).await.unwrap().accel,
+            resolve_accel(qemu, &fw, Accel::Auto, None)
+                .await
+                .unwrap()
+                .accel,
             Accel::Kvm
         );
         mark_kvm_broken(qemu, "run state internal-error");
-        let auto = resolve_accel(qemu, &fw, Accel::Auto).await.unwrap();
+        let auto = resolve_accel(qemu, &fw, Accel::Auto, None).await.unwrap();
         assert_eq!(auto.accel, Accel::Tcg);
         assert!(auto.reason.contains("internal-error"), "{}", auto.reason);
         assert!(matches!(
-            resolve_accel(qemu, &fw, Accel::Kvm).await,
+            resolve_accel(qemu, &fw, Accel::Kvm, None).await,
             Err(Error::KvmUnavailable { .. })
         ));
         let other = Path::new("/opt/fkr-test/other/qemu-system-x86_64");
         kvm_cache().lock().unwrap().insert(other.into(), Ok(()));
         assert_eq!(
-            resolve_accel(other, &fw, Accel::Auto).await.unwrap().accel,
+            resolve_accel(other, &fw, Accel::Auto, None)
+                .await
+                .unwrap()
+                .accel,
             Accel::Kvm
         );
     }
@@ -398,6 +490,7 @@ mod tests {
             &firmware(),
             Accel::Tcg,
             KVM_PROBE_TIMEOUT,
+            None,
         )
         .await
         .unwrap_err();

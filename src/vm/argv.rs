@@ -6,6 +6,20 @@ use std::path::{Path, PathBuf};
 
 use super::{Accel, Firmware, VmName};
 
+/// The descriptors QEMU gets instead of paths (numbers as in the child; see `sandbox.rs`). Files QEMU
+/// writes come twice, read-write and read-only: QEMU picks from an fdset by access mode, and probes
+/// some images read-only first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFds {
+    pub code: RawFd,
+    pub vars_rw: RawFd,
+    pub vars_ro: RawFd,
+    pub base: RawFd,
+    pub overlay_rw: RawFd,
+    pub overlay_ro: RawFd,
+    pub seed: RawFd,
+}
+
 /// Everything one VM's command line is built from.
 #[derive(Debug, Clone)]
 pub struct QemuPlan {
@@ -14,14 +28,16 @@ pub struct QemuPlan {
     pub accel: Accel,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// TCG's translation cache (MiB): bounded, so QEMU's memory is guest RAM plus a known overhead.
+    pub tcg_tb_size_mib: u32,
     pub firmware: Firmware,
-    /// This VM's writable copy of the VARS template.
-    pub vars: PathBuf,
-    pub overlay: PathBuf,
-    pub seed: PathBuf,
-    pub serial_log: PathBuf,
-    pub qmp_socket: PathBuf,
-    /// The tap fd (as numbered in the child) and the NIC's MAC.
+    /// The per-VM runtime directory: it labels every descriptor (`opaque=<dir>/<role>`), so the
+    /// command line names the VM's directory and the sweep can tell this QEMU from any other.
+    pub vm_dir: PathBuf,
+    pub fds: DiskFds,
+    /// A listening Unix socket the daemon bound for QMP.
+    pub qmp_fd: RawFd,
+    /// The tap fd and the NIC's MAC.
     pub net: Option<(RawFd, String)>,
 }
 
@@ -30,21 +46,24 @@ pub(super) fn path_opt(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
-/// The arguments after the program name.
+/// The arguments after the program name. QEMU opens no file by path: every disk, the firmware and
+/// the VARS copy come as descriptors in fdsets, the serial console goes to stdout, QMP is a socket
+/// the daemon bound.
 pub fn build_argv(plan: &QemuPlan) -> Vec<String> {
     let (accel, cpu) = match plan.accel {
-        Accel::Kvm => ("kvm", "host"),
+        Accel::Kvm => ("kvm".to_owned(), "host"),
         // `Auto` never reaches here resolved; treat it like TCG, the one that always works.
-        Accel::Tcg | Accel::Auto => ("tcg", "max"),
+        Accel::Tcg | Accel::Auto => (format!("tcg,tb-size={}", plan.tcg_tb_size_mib), "max"),
     };
     let fw = &plan.firmware;
+    let f = &plan.fds;
     let mut a: Vec<String> = vec![
         "-name".into(),
         format!("{},debug-threads=on", plan.name),
         "-machine".into(),
         "q35".into(),
         "-accel".into(),
-        accel.into(),
+        accel,
         "-cpu".into(),
         cpu.into(),
         "-smp".into(),
@@ -59,46 +78,63 @@ pub fn build_argv(plan: &QemuPlan) -> Vec<String> {
         // No spawning helpers, no privilege changes, no obsolete syscalls, no scheduler games.
         "-sandbox".into(),
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
-        // UEFI: the shared code file read-only, the per-VM VARS copy writable.
+    ];
+    let dir = path_opt(&plan.vm_dir);
+    for (set, fd, role) in [
+        (1, f.code, "firmware-code"),
+        (2, f.vars_rw, "vars"),
+        (2, f.vars_ro, "vars"),
+        (3, f.base, "base-image"),
+        (4, f.overlay_rw, "overlay"),
+        (4, f.overlay_ro, "overlay"),
+        (5, f.seed, "seed"),
+    ] {
+        a.push("-add-fd".into());
+        a.push(format!("fd={fd},set={set},opaque={dir}/{role}"));
+    }
+    a.extend([
+        // UEFI: the shared code read-only, the per-VM VARS copy writable.
         "-drive".into(),
         format!(
-            "if=pflash,unit=0,format={},readonly=on,file={}",
-            fw.code_format,
-            path_opt(&fw.code)
+            "if=pflash,unit=0,format={},readonly=on,file=/dev/fdset/1",
+            fw.code_format
         ),
         "-drive".into(),
         format!(
-            "if=pflash,unit=1,format={},file={}",
-            fw.vars_format,
-            path_opt(&plan.vars)
+            "if=pflash,unit=1,format={},file=/dev/fdset/2",
+            fw.vars_format
         ),
-        // The overlay (its backing base is opened read-only by QEMU); throw-away, so no flushes.
-        "-drive".into(),
-        format!(
-            "if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap,file={}",
-            path_opt(&plan.overlay)
-        ),
+        // The base image read-only, given to the overlay as its backing node (the overlay's
+        // header names the base by path, which QEMU could not open).
+        "-blockdev".into(),
+        "driver=file,node-name=base-file,filename=/dev/fdset/3,read-only=on".into(),
+        "-blockdev".into(),
+        "driver=qcow2,node-name=base,file=base-file,read-only=on".into(),
+        // The overlay: throw-away, so no flushes. `disk0-file` is what grows on the host; its write
+        // threshold enforces disk_max.
+        "-blockdev".into(),
+        "driver=file,node-name=disk0-file,filename=/dev/fdset/4,cache.no-flush=on".into(),
+        "-blockdev".into(),
+        "driver=qcow2,node-name=disk0,file=disk0-file,backing=base,discard=unmap,cache.no-flush=on"
+            .into(),
         "-device".into(),
         "virtio-blk-pci,drive=disk0,bootindex=1".into(),
-        "-drive".into(),
-        format!(
-            "if=none,id=seed0,format=raw,readonly=on,file={}",
-            path_opt(&plan.seed)
-        ),
+        "-blockdev".into(),
+        "driver=file,node-name=seed0-file,filename=/dev/fdset/5,read-only=on".into(),
+        "-blockdev".into(),
+        "driver=raw,node-name=seed0,file=seed0-file,read-only=on".into(),
         "-device".into(),
         "virtio-blk-pci,drive=seed0".into(),
+        // The serial console on stdout: the daemon writes the log, capped.
         "-chardev".into(),
-        format!("file,id=serial0,path={}", path_opt(&plan.serial_log)),
+        "stdio,id=serial0,signal=off".into(),
         "-serial".into(),
         "chardev:serial0".into(),
         "-chardev".into(),
-        format!(
-            "socket,id=qmp0,path={},server=on,wait=off",
-            path_opt(&plan.qmp_socket)
-        ),
+        format!("socket,id=qmp0,fd={},server=on,wait=off", plan.qmp_fd),
         "-mon".into(),
         "chardev=qmp0,mode=control".into(),
-    ];
+    ]);
     if let Some((fd, mac)) = &plan.net {
         a.push("-netdev".into());
         a.push(format!("tap,id=net0,fd={fd}"));
@@ -114,12 +150,12 @@ mod tests {
     use super::*;
 
     fn plan(accel: Accel, net: Option<(RawFd, String)>) -> QemuPlan {
-        let dir = Path::new("/run/fkr-qemu/vms/fr-0123abcd");
         QemuPlan {
             name: VmName::parse("fr-0123abcd").unwrap(),
             accel,
             vcpus: 2,
             memory_mib: 1024,
+            tcg_tb_size_mib: 64,
             firmware: Firmware {
                 code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
                 code_format: "raw".into(),
@@ -127,11 +163,17 @@ mod tests {
                 vars_format: "raw".into(),
                 source: "test".into(),
             },
-            vars: dir.join("vars.fd"),
-            overlay: dir.join("overlay.qcow2"),
-            seed: dir.join("seed.img"),
-            serial_log: "/var/log/odd,dir/fr-0123abcd.serial.log".into(),
-            qmp_socket: dir.join("qmp.sock"),
+            vm_dir: "/run/odd,dir/vms/fr-0123abcd".into(),
+            fds: DiskFds {
+                code: 10,
+                vars_rw: 11,
+                vars_ro: 12,
+                base: 13,
+                overlay_rw: 14,
+                overlay_ro: 15,
+                seed: 16,
+            },
+            qmp_fd: 17,
             net,
         }
     }
@@ -144,7 +186,7 @@ mod tests {
     fn tcg_argv_has_everything_the_driver_relies_on() {
         let a = build_argv(&plan(Accel::Tcg, None));
         assert!(has_pair(&a, "-machine", "q35"));
-        assert!(has_pair(&a, "-accel", "tcg"));
+        assert!(has_pair(&a, "-accel", "tcg,tb-size=64"));
         assert!(has_pair(&a, "-cpu", "max"));
         assert!(has_pair(&a, "-m", "1024M"));
         assert!(has_pair(&a, "-smp", "2"));
@@ -159,27 +201,38 @@ mod tests {
         ));
         assert!(has_pair(
             &a,
-            "-drive",
-            "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"
+            "-add-fd",
+            "fd=14,set=4,opaque=/run/odd,,dir/vms/fr-0123abcd/overlay"
         ));
         assert!(has_pair(
             &a,
             "-drive",
-            "if=pflash,unit=1,format=raw,file=/run/fkr-qemu/vms/fr-0123abcd/vars.fd"
+            "if=pflash,unit=0,format=raw,readonly=on,file=/dev/fdset/1"
         ));
-        assert!(a
-            .iter()
-            .any(|x| x.contains("id=seed0,format=raw,readonly=on")));
-        assert!(a
-            .iter()
-            .any(|x| x.starts_with("if=none,id=disk0,format=qcow2")));
+        assert!(has_pair(
+            &a,
+            "-drive",
+            "if=pflash,unit=1,format=raw,file=/dev/fdset/2"
+        ));
+        assert!(has_pair(
+            &a,
+            "-blockdev",
+            "driver=qcow2,node-name=disk0,file=disk0-file,backing=base,discard=unmap,cache.no-flush=on"
+        ));
+        assert!(has_pair(&a, "-chardev", "stdio,id=serial0,signal=off"));
         assert!(has_pair(
             &a,
             "-chardev",
-            "file,id=serial0,path=/var/log/odd,,dir/fr-0123abcd.serial.log"
+            "socket,id=qmp0,fd=17,server=on,wait=off"
         ));
         assert!(has_pair(&a, "-mon", "chardev=qmp0,mode=control"));
         assert!(!a.iter().any(|x| x.contains("netdev")));
+        // No file by path: QEMU's uid could not open one.
+        assert!(
+            !a.iter()
+                .any(|x| x.contains("file=/") && !x.contains("file=/dev/fdset/")),
+            "{a:?}"
+        );
     }
 
     #[test]

@@ -51,6 +51,29 @@ pub struct VmConfig {
     pub powerdown_grace_secs: u64,
     /// Seconds between `quit` and SIGKILL.
     pub quit_grace_secs: u64,
+    /// Overlays, seeds and VARS copies: `<disk_dir>/<name>/` (disk-backed, never tmpfs; the
+    /// daemon's default is `<state_dir>/disks`).
+    pub disk_dir: PathBuf,
+    /// How far one VM's overlay may grow on the host (MiB); past it the VM is stopped.
+    pub disk_max_mib: u64,
+    /// All VMs' overlays together may claim at most this much (MiB); unset: the free space.
+    pub disk_budget_mib: Option<u64>,
+    /// QEMUs run as uids `uid_base .. uid_base + uid_count` (gid = uid) when the daemon is root.
+    pub uid_base: u32,
+    pub uid_count: u32,
+    /// The VM cgroup's `memory.max` is guest RAM plus this (MiB): QEMU itself, device buffers and
+    /// TCG's translation cache (`tcg_tb_size_mib` of it).
+    pub memory_overhead_mib: u32,
+    /// TCG's translation cache (MiB).
+    pub tcg_tb_size_mib: u32,
+    /// The VM cgroup's `pids.max` (QEMU's threads: vCPUs, I/O workers, …).
+    pub pids_max: u64,
+    /// The serial log keeps the first `serial_head_kib` KiB and the last `serial_tail_kib` KiB.
+    pub serial_head_kib: u64,
+    pub serial_tail_kib: u64,
+    /// Kept serial logs: at most this many, none older than `serial_logs_max_age_days`.
+    pub serial_logs_keep: usize,
+    pub serial_logs_max_age_days: u64,
 }
 
 impl Default for VmConfig {
@@ -72,6 +95,19 @@ impl Default for VmConfig {
             keep_serial_log: true,
             powerdown_grace_secs: 30,
             quit_grace_secs: 5,
+            disk_dir: "/var/lib/fkr-qemu/disks".into(),
+            // The runner image's 20 GiB virtual disk, fully written, plus qcow2 metadata.
+            disk_max_mib: 21 * 1024,
+            disk_budget_mib: None,
+            uid_base: 1_960_000_000,
+            uid_count: 256,
+            memory_overhead_mib: 320,
+            tcg_tb_size_mib: 128,
+            pids_max: 256,
+            serial_head_kib: 1024,
+            serial_tail_kib: 4096,
+            serial_logs_keep: 200,
+            serial_logs_max_age_days: 14,
         }
     }
 }
@@ -88,6 +124,19 @@ impl VmConfig {
     /// `<runtime_root>/vms`.
     pub fn vms_dir(&self) -> PathBuf {
         self.runtime_root.join("vms")
+    }
+
+    pub fn disk_max(&self) -> u64 {
+        self.disk_max_mib.saturating_mul(1 << 20)
+    }
+
+    pub fn disk_budget(&self) -> Option<u64> {
+        self.disk_budget_mib.map(|b| b.saturating_mul(1 << 20))
+    }
+
+    /// The VM cgroup's memory limit in bytes.
+    pub fn memory_max(&self) -> u64 {
+        (u64::from(self.memory_mib) + u64::from(self.memory_overhead_mib)) << 20
     }
 }
 

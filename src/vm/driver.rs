@@ -1,7 +1,8 @@
 //! Launching one VM and supervising it until it is gone.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,13 +17,18 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::accel::{resolve_accel, AccelChoice};
-use super::argv::{build_argv, QemuPlan};
-use super::disk::{check_base_image, create_overlay};
+use super::argv::{build_argv, DiskFds, QemuPlan};
+use super::cgroup::{self, Layout, VmCgroup};
+use super::disk::{
+    allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation,
+};
 use super::firmware::discover_firmware;
 use super::qmp::{QmpClient, QmpEvent};
-use super::serial::{contains, SerialWatch, PANIC_MARKER};
+use super::sandbox::{self, UidLease};
+use super::serial::{contains, CappedLog, PANIC_MARKER};
 use super::sweep::kill_and_wait;
 use super::{files, Accel, Error, NetDevice, Seed, VmConfig, VmName, VmState};
+use qapi::qmp;
 
 /// What to run: one VM of one job.
 #[derive(Debug)]
@@ -36,6 +42,8 @@ pub struct VmSpec {
     pub deadline: Duration,
     /// Extra fields for `vm.json` (job id, repository, address, …) read by `fkr-qemu list`.
     pub meta: BTreeMap<String, serde_json::Value>,
+    /// The disk space admitted for this VM ([`reserve_disk`]); taken at prepare when absent.
+    pub disk: Option<DiskReservation>,
 }
 
 impl VmSpec {
@@ -52,6 +60,7 @@ impl VmSpec {
             net: None,
             deadline,
             meta: BTreeMap::new(),
+            disk: None,
         }
     }
 }
@@ -83,6 +92,8 @@ pub enum Outcome {
     HostStopped { stopped_by: StopStep },
     /// QEMU exited without the guest shutting down (crash, start-up error, killed from outside).
     QemuExited { status: String, detail: String },
+    /// The overlay grew past `disk_max` on the host; the VM was stopped at once.
+    DiskLimitExceeded { limit: u64, used: u64 },
     /// QEMU stopped the vCPUs in run state `internal-error`: the accelerator could not run the guest
     /// (e.g. "KVM internal error … emulation failure"). QEMU stays paused then, so the driver ends it
     /// at once. `detail` holds QEMU's last stderr lines.
@@ -118,14 +129,20 @@ pub struct VmExit {
     pub teardown_error: Option<String>,
 }
 
-/// The per-VM directory and serial log; removes them (and kills the process, if one is recorded and
-/// still ours) when dropped — whatever path dropped it.
+/// Everything one VM holds on the host outside QEMU: its runtime dir (pid file, QMP socket,
+/// `vm.json`), its disk dir (overlay, seed, VARS copy), serial log, cgroup, uid and disk
+/// reservation. Released when dropped — whatever path dropped it: QEMU killed (if one is recorded and
+/// still ours), directories removed, cgroup removed, uid and disk reservation given back.
 #[derive(Debug)]
 struct VmDir {
     dir: PathBuf,
+    disk_dir: PathBuf,
     serial_log: PathBuf,
     keep_serial_log: bool,
     pid: Option<u32>,
+    cgroup: Option<VmCgroup>,
+    uid: Option<UidLease>,
+    disk: Option<DiskReservation>,
     done: bool,
 }
 
@@ -141,10 +158,22 @@ impl VmDir {
         if !self.keep_serial_log {
             let _ = std::fs::remove_file(&self.serial_log);
         }
-        match std::fs::remove_dir_all(&self.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("removing {}: {e}", self.dir.display())),
+        // QEMU is gone: its cgroup can go, and its uid and disk claim are free again.
+        self.cgroup.take();
+        self.uid.take();
+        let mut errors = Vec::new();
+        for d in [&self.disk_dir, &self.dir] {
+            match std::fs::remove_dir_all(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(format!("removing {}: {e}", d.display())),
+            }
+        }
+        self.disk.take();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
         }
     }
 }
@@ -157,6 +186,47 @@ impl Drop for VmDir {
     }
 }
 
+/// The files QEMU gets as descriptors (see `sandbox.rs`), open in the daemon until QEMU has its own.
+#[derive(Debug)]
+struct OpenFiles {
+    code: File,
+    vars_rw: File,
+    vars_ro: File,
+    base: File,
+    overlay_rw: File,
+    overlay_ro: File,
+    seed: File,
+    qmp: std::os::unix::net::UnixListener,
+}
+
+impl OpenFiles {
+    fn fds(&self) -> DiskFds {
+        DiskFds {
+            code: self.code.as_raw_fd(),
+            vars_rw: self.vars_rw.as_raw_fd(),
+            vars_ro: self.vars_ro.as_raw_fd(),
+            base: self.base.as_raw_fd(),
+            overlay_rw: self.overlay_rw.as_raw_fd(),
+            overlay_ro: self.overlay_ro.as_raw_fd(),
+            seed: self.seed.as_raw_fd(),
+        }
+    }
+
+    fn raw(&self) -> Vec<RawFd> {
+        let f = self.fds();
+        vec![
+            f.code,
+            f.vars_rw,
+            f.vars_ro,
+            f.base,
+            f.overlay_rw,
+            f.overlay_ro,
+            f.seed,
+            self.qmp.as_raw_fd(),
+        ]
+    }
+}
+
 /// A VM whose files exist (state `created`) but whose QEMU has not been started. Dropping it removes
 /// the files.
 #[derive(Debug)]
@@ -164,6 +234,8 @@ pub struct PreparedVm {
     name: VmName,
     dir: VmDir,
     plan: QemuPlan,
+    files: OpenFiles,
+    qmp_socket: PathBuf,
     qemu: PathBuf,
     accel: AccelChoice,
     net: Option<NetDevice>,
@@ -171,6 +243,8 @@ pub struct PreparedVm {
     meta: BTreeMap<String, serde_json::Value>,
     powerdown_grace: Duration,
     quit_grace: Duration,
+    serial_cap: (u64, u64),
+    disk_max: u64,
 }
 
 /// Resolves `qemu` like `execvp` would (a name without `/` is looked up in `PATH`).
@@ -203,34 +277,92 @@ fn write_private(path: &Path, content: &[u8]) -> Result<(), Error> {
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
-/// Everything before QEMU runs: checks (qemu, firmware, accelerator, base image), then the per-VM
-/// directory (0700) with overlay, seed (0600) and VARS copy. On error nothing is left behind.
+fn open_ro(path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
+fn open_rw(path: &Path) -> Result<File, Error> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
+/// The cgroup layout, found and prepared once per process.
+fn cgroup_layout() -> Result<Layout, Error> {
+    static LAYOUT: std::sync::OnceLock<Result<Layout, String>> = std::sync::OnceLock::new();
+    LAYOUT
+        .get_or_init(|| Layout::prepare().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Error::Cgroup)
+}
+
+/// Everything before QEMU runs: checks (qemu, firmware, base image, disk space), the VM's uid and
+/// cgroup, the accelerator (probed under that uid), then the runtime dir (0700) and the disk dir
+/// (0700) with overlay, seed (0600) and VARS copy, all opened for QEMU. On error nothing is left.
 pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Error> {
     let qemu = find_program(&config.qemu).ok_or_else(|| Error::QemuNotFound {
         path: config.qemu.clone(),
     })?;
     let firmware = discover_firmware(config)?;
-    let accel = resolve_accel(&qemu, &firmware, config.accel).await?;
     let base = check_base_image(&config.qemu_img, &spec.base_image).await?;
-
+    let disk = match spec.disk {
+        Some(d) => d,
+        None => reserve_disk(config)?,
+    };
     let vms = config.vms_dir();
     mkdir_0700(&vms, true)?;
+    mkdir_0700(&config.disk_dir, true)?;
+    mkdir_0700(&config.log_dir, true)?;
+    let uid = if sandbox::privileged() {
+        Some(sandbox::acquire_uid(
+            &config.runtime_root,
+            config.uid_base,
+            config.uid_count,
+        )?)
+    } else {
+        None
+    };
+    let identity = uid.as_ref().map(UidLease::identity);
+    let accel = resolve_accel(&qemu, &firmware, config.accel, identity.as_ref()).await?;
+
     let dir_path = vms.join(spec.name.as_str());
+    let disk_path = config.disk_dir.join(spec.name.as_str());
     mkdir_0700(&dir_path, false)?;
     let serial_log = config.log_dir.join(format!("{}.serial.log", spec.name));
     // From here on, the guard removes whatever was created if a later step fails.
-    let dir = VmDir {
+    let mut dir = VmDir {
         dir: dir_path.clone(),
+        disk_dir: disk_path.clone(),
         serial_log: serial_log.clone(),
         keep_serial_log: config.keep_serial_log,
         pid: None,
+        cgroup: None,
+        uid,
+        disk: None,
         done: false,
     };
-    let overlay = dir_path.join(files::OVERLAY);
+    mkdir_0700(&disk_path, false)?;
+    if sandbox::privileged() {
+        let limits = cgroup::Limits {
+            memory_bytes: config.memory_max(),
+            pids: config.pids_max,
+            cpus: config.vcpus,
+        };
+        dir.cgroup = Some(VmCgroup::create(
+            &cgroup_layout()?,
+            spec.name.as_str(),
+            limits,
+        )?);
+    }
+    let overlay = disk_path.join(files::OVERLAY);
     create_overlay(&config.qemu_img, &base, &overlay).await?;
-    let seed = dir_path.join(files::SEED);
+    disk.set_overlay(&overlay);
+    dir.disk = Some(disk);
+    let seed = disk_path.join(files::SEED);
     super::write_seed(&spec.seed, &seed)?;
-    let vars = dir_path.join(files::VARS);
+    let vars = disk_path.join(files::VARS);
     let template = std::fs::read(&firmware.vars_template).map_err(|e| {
         Error::io(
             format!("reading VARS template {}", firmware.vars_template.display()),
@@ -238,28 +370,38 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         )
     })?;
     write_private(&vars, &template)?;
-    mkdir_0700(&config.log_dir, true)?;
-    // Created here (0600, truncated) so that QEMU appends to a private file, and an old log of a
-    // reused name never mixes in.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&serial_log)
-        .map_err(|e| Error::io(format!("creating serial log {}", serial_log.display()), e))?;
+    let pruned = super::serial::prune_logs(
+        &config.log_dir,
+        config.serial_logs_keep,
+        Duration::from_secs(config.serial_logs_max_age_days * 86_400),
+    );
+    if pruned > 0 {
+        tracing::info!(pruned, dir = %config.log_dir.display(), "removed old serial logs");
+    }
+    let qmp_socket = dir_path.join(files::QMP);
+    let qmp = std::os::unix::net::UnixListener::bind(&qmp_socket)
+        .map_err(|e| Error::io(format!("binding {}", qmp_socket.display()), e))?;
+    let files = OpenFiles {
+        code: open_ro(&firmware.code)?,
+        vars_rw: open_rw(&vars)?,
+        vars_ro: open_ro(&vars)?,
+        base: open_ro(&base)?,
+        overlay_rw: open_rw(&overlay)?,
+        overlay_ro: open_ro(&overlay)?,
+        seed: open_ro(&seed)?,
+        qmp,
+    };
 
     let plan = QemuPlan {
         name: spec.name.clone(),
         accel: accel.accel,
         vcpus: config.vcpus,
         memory_mib: config.memory_mib,
+        tcg_tb_size_mib: config.tcg_tb_size_mib,
         firmware,
-        vars,
-        overlay,
-        seed,
-        serial_log,
-        qmp_socket: dir_path.join(files::QMP),
+        vm_dir: dir_path,
+        fds: files.fds(),
+        qmp_fd: files.qmp.as_raw_fd(),
         net: spec
             .net
             .as_ref()
@@ -269,6 +411,8 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         name: spec.name,
         dir,
         plan,
+        files,
+        qmp_socket,
         qemu,
         accel,
         net: spec.net,
@@ -276,6 +420,8 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         meta: spec.meta,
         powerdown_grace: config.powerdown_grace(),
         quit_grace: config.quit_grace(),
+        serial_cap: (config.serial_head_kib << 10, config.serial_tail_kib << 10),
+        disk_max: config.disk_max(),
     })
 }
 
@@ -291,6 +437,11 @@ impl PreparedVm {
 
     pub fn dir(&self) -> &Path {
         &self.dir.dir
+    }
+
+    /// The VM's disk directory (overlay, seed, VARS copy).
+    pub fn disk_dir(&self) -> &Path {
+        &self.dir.disk_dir
     }
 
     pub fn accel(&self) -> &AccelChoice {
@@ -315,28 +466,33 @@ impl PreparedVm {
         let mut cmd = Command::new(&self.qemu);
         cmd.args(self.argv())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Its own process group: a terminal's Ctrl+C reaches the daemon, which stops VMs in order,
             // instead of killing every QEMU at once.
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(net) = &self.net {
-            let fd = net.tap.as_raw_fd();
-            // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2), which
-            // is async-signal-safe; it allocates nothing and touches no shared state. It clears
-            // FD_CLOEXEC on exactly the tap fd so QEMU inherits it and no other descriptor.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::fcntl::fcntl(
-                        fd,
-                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-                    )
-                    .map(drop)
-                    .map_err(std::io::Error::from)
-                });
-            }
+        let mut keep_fds = self.files.raw();
+        keep_fds.extend(self.net.as_ref().map(|n| n.tap.as_raw_fd()));
+        let uid = self.dir.uid.as_ref().map(UidLease::uid);
+        sandbox::ChildSetup {
+            cgroup_procs: self
+                .dir
+                .cgroup
+                .as_ref()
+                .map(VmCgroup::procs_files)
+                .unwrap_or_default(),
+            keep_fds,
+            identity: self.dir.uid.as_ref().map(UidLease::identity),
         }
+        .apply(&mut cmd);
+        let serial = CappedLog::create(&self.dir.serial_log, self.serial_cap.0, self.serial_cap.1)
+            .map_err(|e| {
+                Error::io(
+                    format!("creating serial log {}", self.dir.serial_log.display()),
+                    e,
+                )
+            })?;
         let mut state = VmState::Created;
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -353,7 +509,7 @@ impl PreparedVm {
         };
         let spawned = Instant::now();
         state.transition(VmState::Starting)?;
-        // QEMU holds its own copy of the tap fd now.
+        // QEMU holds its own copies of the tap, the disks and the QMP socket now.
         drop(self.net.take());
         let pid = child.id().unwrap_or(0);
         self.dir.pid = Some(pid);
@@ -370,8 +526,22 @@ impl PreparedVm {
         meta.insert("accel".into(), self.accel.accel.to_string().into());
         meta.insert(
             "serial_log".into(),
-            self.plan.serial_log.to_string_lossy().into_owned().into(),
+            self.dir.serial_log.to_string_lossy().into_owned().into(),
         );
+        meta.insert(
+            "disk_dir".into(),
+            self.dir.disk_dir.to_string_lossy().into_owned().into(),
+        );
+        meta.insert("disk_max".into(), self.disk_max.into());
+        if let Some(uid) = uid {
+            meta.insert("uid".into(), uid.into());
+        }
+        if let Some(cg) = &self.dir.cgroup {
+            meta.insert(
+                "cgroup".into(),
+                cg.memory_dir().to_string_lossy().into_owned().into(),
+            );
+        }
         meta.insert(
             "created_at".into(),
             time::OffsetDateTime::now_utc()
@@ -385,7 +555,7 @@ impl PreparedVm {
                 .unwrap_or_default()
                 .as_bytes(),
         )?;
-        tracing::info!(vm = %self.name, pid, accel = %self.accel.accel, "QEMU started");
+        tracing::info!(vm = %self.name, pid, accel = %self.accel.accel, uid, "QEMU started");
 
         let stderr = Arc::new(Mutex::new(Vec::new()));
         if let Some(mut err) = child.stderr.take() {
@@ -403,26 +573,33 @@ impl PreparedVm {
                 }
             });
         }
+        let (serial_tx, serial_rx) = mpsc::unbounded_channel();
+        let pump = child
+            .stdout
+            .take()
+            .map(|out| tokio::spawn(pump_serial(out, serial, serial_tx)));
         let (state_tx, state_rx) = watch::channel(state);
         let stop = CancellationToken::new();
         let mut handle = VmHandle {
             name: self.name.clone(),
             pid,
-            serial_log: self.plan.serial_log.clone(),
+            serial_log: self.dir.serial_log.clone(),
             dir: self.dir.dir.clone(),
             accel: self.accel.clone(),
             state: state_rx,
             stop: stop.clone(),
             task: None,
         };
+        let overlay = self.dir.disk_dir.join(files::OVERLAY);
         let sup = Supervisor {
             name: self.name,
             state,
             state_tx,
             child,
             dir: self.dir,
-            qmp_socket: self.plan.qmp_socket,
-            serial_log: self.plan.serial_log,
+            qmp_socket: self.qmp_socket,
+            serial: serial_rx,
+            pump,
             stderr,
             spawned,
             deadline: spawned + self.deadline,
@@ -430,14 +607,19 @@ impl PreparedVm {
             quit_grace: self.quit_grace,
             accel: self.accel.accel.to_string(),
             qemu: self.qemu.clone(),
+            overlay,
+            disk_max: self.disk_max,
             stop,
             timings: Timings::default(),
             stop_decided: None,
             shutdown_reason: None,
             crashed: None,
             internal_error: None,
+            disk_exceeded: None,
             qemu_version: None,
         };
+        // The daemon's copies of QEMU's descriptors are not needed any more.
+        drop(self.files);
         handle.task = Some(tokio::spawn(sup.run()));
         Ok(handle)
     }
@@ -530,6 +712,8 @@ enum StopCause {
     GuestPanic,
     /// Run state `internal-error`: the accelerator gave up on the guest.
     InternalError,
+    /// The overlay passed `disk_max`.
+    DiskLimit,
 }
 
 struct Supervisor {
@@ -541,7 +725,9 @@ struct Supervisor {
     child: Child,
     dir: VmDir,
     qmp_socket: PathBuf,
-    serial_log: PathBuf,
+    /// First output and kernel panics, from the serial pump.
+    serial: mpsc::UnboundedReceiver<SerialNote>,
+    pump: Option<JoinHandle<()>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     spawned: Instant,
     deadline: Instant,
@@ -550,6 +736,9 @@ struct Supervisor {
     accel: String,
     /// The QEMU binary, to mark its KVM broken after an internal error.
     qemu: PathBuf,
+    /// The overlay and how far it may grow on the host.
+    overlay: PathBuf,
+    disk_max: u64,
     stop: CancellationToken,
     timings: Timings,
     stop_decided: Option<u64>,
@@ -557,12 +746,15 @@ struct Supervisor {
     crashed: Option<String>,
     /// QEMU's stderr when the run state became `internal-error`.
     internal_error: Option<String>,
+    /// The overlay's size when it passed `disk_max`.
+    disk_exceeded: Option<u64>,
     qemu_version: Option<String>,
 }
 
+/// How often the overlay's size is checked (besides QEMU's write-threshold event).
+const DISK_CHECK: Duration = Duration::from_secs(2);
 /// How long QEMU may take to answer on QMP (generous: a loaded 2-core host).
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-const SERIAL_POLL: Duration = Duration::from_millis(50);
 
 impl Supervisor {
     fn ms(&self) -> u64 {
@@ -589,6 +781,19 @@ impl Supervisor {
         if self.stop_decided.is_none() {
             self.stop_decided = Some(self.ms());
         }
+    }
+
+    /// Whether the overlay passed `disk_max` (QEMU's threshold event says by how much; otherwise
+    /// its allocated size tells).
+    fn over_disk_max(&mut self, exceeded_by: Option<u64>) -> bool {
+        let used = allocated_bytes(&self.overlay);
+        let over = exceeded_by.is_some() || used > self.disk_max;
+        if over {
+            let used = used.max(self.disk_max + exceeded_by.unwrap_or(0));
+            tracing::warn!(vm = %self.name, used, limit = self.disk_max, "the VM's disk passed disk_max: stopping it");
+            self.disk_exceeded = Some(used);
+        }
+        over
     }
 
     /// After a `STOP` event (or at connect): a run state that no vCPU recovers from ends the VM.
@@ -642,10 +847,13 @@ impl Supervisor {
     }
 
     async fn run(mut self) -> VmExit {
-        let (serial_tx, mut serial_rx) = mpsc::unbounded_channel();
-        let serial_task = tokio::spawn(watch_serial(self.serial_log.clone(), serial_tx));
+        let mut serial_rx = std::mem::replace(&mut self.serial, mpsc::unbounded_channel().1);
         let result = self.supervise(&mut serial_rx).await;
-        serial_task.abort();
+        // QEMU has exited: its stdout ends, and the pump writes the last bytes (a guest's final
+        // words before power-off) before the log is read or removed.
+        if let Some(pump) = self.pump.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+        }
         let exited_ms = self.ms();
         let (outcome, final_state) = result;
         self.timings.stop_decided_ms = self.stop_decided.unwrap_or(exited_ms);
@@ -703,6 +911,14 @@ impl Supervisor {
         };
         self.timings.qmp_ready_ms = Some(self.ms());
         self.qemu_version = Some(qmp.greeting().to_string());
+        // The overlay's host file may grow to disk_max: QEMU tells us the moment it passes.
+        let threshold = qmp::block_set_write_threshold {
+            node_name: "disk0-file".into(),
+            write_threshold: self.disk_max,
+        };
+        if let Err(e) = qmp.execute(threshold).await {
+            tracing::warn!(vm = %self.name, error = %e, "cannot set the disk write threshold; checking the overlay's size instead");
+        }
         // A vCPU may have died before QMP was up (its STOP event went to nobody): ask once now.
         if let Some(cause) = self.dead_run_state(&qmp).await {
             self.set_state(VmState::Running);
@@ -714,9 +930,20 @@ impl Supervisor {
         self.set_state(VmState::Running);
         // Phase 2: running until QEMU exits or we stop it.
         let mut events_open = true;
+        let mut disk_check = tokio::time::interval(DISK_CHECK);
         loop {
             tokio::select! {
+                _ = disk_check.tick() => {
+                    if self.over_disk_max(None) {
+                        return self.stop_ladder(Some(&qmp), Some(&mut events), StopCause::DiskLimit, None).await;
+                    }
+                }
                 ev = events.recv(), if events_open => match ev {
+                    Some(QmpEvent::WriteThreshold { amount_exceeded }) => {
+                        if self.over_disk_max(Some(amount_exceeded)) {
+                            return self.stop_ladder(Some(&qmp), Some(&mut events), StopCause::DiskLimit, None).await;
+                        }
+                    }
                     Some(QmpEvent::Stop) => {
                         if let Some(cause) = self.dead_run_state(&qmp).await {
                             return self.stop_ladder(Some(&qmp), Some(&mut events), cause, None).await;
@@ -725,7 +952,19 @@ impl Supervisor {
                     Some(e) => self.on_event(&e),
                     None => events_open = false,
                 },
-                status = self.child.wait() => return self.exited(status),
+                status = self.child.wait() => {
+                    // QEMU's last events (its SHUTDOWN) may still be on their way: read them to the
+                    // end of the socket before classifying the exit.
+                    if events_open {
+                        let drain = async {
+                            while let Some(e) = events.recv().await {
+                                self.on_event(&e);
+                            }
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+                    }
+                    return self.exited(status);
+                }
                 Some(note) = serial.recv() => {
                     if self.on_serial(note) {
                         return self.stop_ladder(Some(&qmp), Some(&mut events), StopCause::GuestPanic, None).await;
@@ -833,7 +1072,11 @@ impl Supervisor {
         let mut done = false;
         if let Some(qmp) = qmp {
             // Nobody listens to the power button of a panicked or paused guest.
-            if !matches!(cause, StopCause::GuestPanic | StopCause::InternalError) {
+            // A guest over its disk cap must not write on while it shuts down.
+            if !matches!(
+                cause,
+                StopCause::GuestPanic | StopCause::InternalError | StopCause::DiskLimit
+            ) {
                 // A stopped or wedged QEMU does not answer: bound every command by its rung's grace.
                 match tokio::time::timeout(self.powerdown_grace, qmp.system_powerdown())
                     .await
@@ -893,6 +1136,13 @@ impl Supervisor {
                 },
                 VmState::Failed,
             ),
+            StopCause::DiskLimit => (
+                Outcome::DiskLimitExceeded {
+                    limit: self.disk_max,
+                    used: self.disk_exceeded.unwrap_or_default(),
+                },
+                VmState::Failed,
+            ),
             StopCause::InternalError => (
                 Outcome::InternalError {
                     accel: self.accel.clone(),
@@ -909,24 +1159,41 @@ enum SerialNote {
     Panic,
 }
 
-/// Polls the serial log: reports the first byte once, and a kernel panic once.
-async fn watch_serial(path: PathBuf, tx: mpsc::UnboundedSender<SerialNote>) {
-    let mut w = SerialWatch::new(path);
-    let mut seen_output = false;
+/// Copies QEMU's stdout (the serial console) into the capped log, reporting the first byte once
+/// and a kernel panic once.
+async fn pump_serial(
+    mut out: tokio::process::ChildStdout,
+    mut log: CappedLog,
+    tx: mpsc::UnboundedSender<SerialNote>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut carry: Vec<u8> = Vec::new();
+    let (mut seen, mut panicked, mut write_failed) = (false, false, false);
     loop {
-        let chunk = w.poll();
-        if !chunk.is_empty() {
-            if !seen_output {
-                seen_output = true;
-                if tx.send(SerialNote::FirstOutput(Instant::now())).is_err() {
-                    return;
-                }
-            }
-            if contains(&chunk, PANIC_MARKER) {
-                let _ = tx.send(SerialNote::Panic);
-                return;
+        let n = match out.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        if !seen {
+            seen = true;
+            let _ = tx.send(SerialNote::FirstOutput(Instant::now()));
+        }
+        if let Err(e) = log.write(chunk) {
+            if !write_failed {
+                tracing::warn!(error = %e, "cannot write the serial log");
+                write_failed = true;
             }
         }
-        tokio::time::sleep(SERIAL_POLL).await;
+        if !panicked {
+            // A marker split across two reads is still found.
+            carry.extend_from_slice(chunk);
+            if contains(&carry, PANIC_MARKER) {
+                panicked = true;
+                let _ = tx.send(SerialNote::Panic);
+            }
+            let keep = carry.len().saturating_sub(PANIC_MARKER.len());
+            carry.drain(..keep);
+        }
     }
 }

@@ -47,10 +47,18 @@ pub enum Error {
     Tool { command: String, detail: String },
     #[error("QEMU exited during start-up ({status}): {stderr}")]
     EarlyExit { status: String, stderr: String },
+    #[error("VM cgroup: {0}")]
+    Cgroup(String),
     #[error("QMP: {0}")]
     Qmp(String),
     #[error("the supervisor of VM {name} ended abnormally: {detail}")]
     Supervisor { name: String, detail: String },
+    #[error("not enough disk space for another VM in {}: its overlay may grow to {needed} bytes (disk_max), and {available} bytes are left once the running VMs may grow to theirs (free space, disk_budget)", dir.display())]
+    DiskSpace {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error("boot-test failed at phase `{phase}`: {detail}")]
     BootTestFailed { phase: String, detail: String },
 }
@@ -80,7 +88,9 @@ impl Error {
             | Error::Tool { .. }
             | Error::EarlyExit { .. }
             | Error::Qmp(_)
-            | Error::Supervisor { .. } => exit::RUNTIME,
+            | Error::Supervisor { .. }
+            | Error::DiskSpace { .. }
+            | Error::Cgroup(_) => exit::RUNTIME,
         }
     }
 }

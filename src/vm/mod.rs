@@ -8,6 +8,7 @@
 
 mod accel;
 mod argv;
+pub mod cgroup;
 mod config;
 mod disk;
 mod driver;
@@ -15,15 +16,16 @@ mod error;
 mod firmware;
 mod name;
 pub mod qmp;
+pub mod sandbox;
 mod seed;
 pub mod serial;
 mod state;
 mod sweep;
 
 pub use accel::{mark_kvm_broken, probe_accel, resolve_accel, AccelChoice, KVM_PROBE_TIMEOUT};
-pub use argv::{build_argv, QemuPlan};
+pub use argv::{build_argv, DiskFds, QemuPlan};
 pub use config::{Accel, VmConfig};
-pub use disk::{check_base_image, create_overlay};
+pub use disk::{allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation};
 pub use driver::{launch, prepare, Outcome, PreparedVm, StopStep, VmExit, VmHandle, VmSpec};
 pub use error::Error;
 pub use firmware::{discover_firmware, select_descriptor, Firmware, FirmwareDescriptor};

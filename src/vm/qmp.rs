@@ -61,6 +61,10 @@ pub enum QmpEvent {
     GuestPanicked {
         action: String,
     },
+    /// `BLOCK_WRITE_THRESHOLD`: the overlay grew past the threshold by `amount_exceeded` bytes.
+    WriteThreshold {
+        amount_exceeded: u64,
+    },
     Other {
         name: String,
     },
@@ -144,6 +148,13 @@ fn parse_event(name: &str, data: &Value) -> QmpEvent {
         },
         "POWERDOWN" => QmpEvent::Powerdown,
         "STOP" => QmpEvent::Stop,
+        // A node's highest written offset passed the threshold we set (the overlay's disk_max).
+        "BLOCK_WRITE_THRESHOLD" => QmpEvent::WriteThreshold {
+            amount_exceeded: data
+                .get("amount-exceeded")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        },
         "RESUME" => QmpEvent::Resume,
         other => QmpEvent::Other {
             name: other.to_owned(),

@@ -20,6 +20,8 @@ pub struct SweepReport {
     pub removed: Vec<VmName>,
     /// Entries that could not be cleaned, with the reason.
     pub failed: Vec<(PathBuf, String)>,
+    /// VM cgroups removed.
+    pub cgroups: usize,
 }
 
 /// Whether `pid` is a QEMU started for `vm_dir` (argv[0] names qemu and an argument mentions the dir).
@@ -62,9 +64,37 @@ pub(crate) fn kill_and_wait(pid: u32, vm_dir: &Path, timeout: Duration) -> bool 
     false
 }
 
-/// Cleans `<runtime_root>/vms/`: kills our QEMUs, removes every `fr-…` directory. Entries whose name
-/// is not a VM name are never touched.
-pub fn sweep(runtime_root: &Path) -> Result<SweepReport, Error> {
+/// Cleans what VMs of a dead daemon left: kills our QEMUs (`<runtime_root>/vms/fr-…/qemu.pid`),
+/// removes every `fr-…` directory there and in `disk_dir`, and (as root) VM cgroups no process
+/// uses. Entries whose name is not a VM name are never touched.
+pub fn sweep(config: &super::VmConfig) -> Result<SweepReport, Error> {
+    let mut report = sweep_runtime(&config.runtime_root)?;
+    // Every QEMU of ours is gone now: no disk dir is in use.
+    if let Ok(entries) = std::fs::read_dir(&config.disk_dir) {
+        for e in entries.flatten() {
+            let Ok(name) = VmName::parse(&e.file_name().to_string_lossy()) else {
+                continue;
+            };
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => {
+                    tracing::info!(vm = %name, "sweep removed a leftover disk directory");
+                    if !report.removed.contains(&name) {
+                        report.removed.push(name);
+                    }
+                }
+                Err(err) => report.failed.push((e.path(), err.to_string())),
+            }
+        }
+    }
+    if super::sandbox::privileged() {
+        if let Ok(layout) = super::cgroup::Layout::prepare() {
+            report.cgroups = super::cgroup::sweep(&layout);
+        }
+    }
+    Ok(report)
+}
+
+fn sweep_runtime(runtime_root: &Path) -> Result<SweepReport, Error> {
     let vms = runtime_root.join("vms");
     let mut report = SweepReport::default();
     let entries = match std::fs::read_dir(&vms) {

@@ -7,9 +7,11 @@
 //! real `qemu-system-x86_64` from `PATH` with the same arguments, so the TCG retry boots for real.
 //!
 //! Tests call it through a symlink named `qemu-system-x86_64` (the driver's rule for "our QEMU"
-//! looks at argv0). It reads only its arguments: the driver may clear the environment.
+//! looks at argv0). It reads only its arguments and inherited descriptors, as QEMU does under the
+//! driver's sandbox (empty environment, QMP as `fd=N`, serial console on stdout).
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::FromRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -120,24 +122,39 @@ fn main() {
         std::process::exit(1);
     }
     let chardevs = value_of("-chardev");
-    let serial = chardevs
+    // QMP: a listening socket the caller bound and passed as `fd=N` (or a path to bind).
+    let qmp = chardevs
+        .iter()
+        .find(|c| c.starts_with("socket,"))
+        .expect("a socket chardev for QMP");
+    let listener = match opt(qmp, "fd") {
+        Some(fd) => {
+            let fd: i32 = fd.parse().expect("a descriptor number");
+            // SAFETY: the caller passed this descriptor for QMP; nothing else in this process owns it.
+            UnixListener::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        }
+        None => UnixListener::bind(Path::new(&opt(qmp, "path").expect("path="))).expect("bind"),
+    };
+    // The serial console: stdout (`stdio`) or a file chardev.
+    let mut serial: Box<dyn Write> = match chardevs
         .iter()
         .filter(|c| c.starts_with("file,"))
         .find_map(|c| opt(c, "path"))
-        .expect("a file chardev for the serial console");
-    let qmp = chardevs
-        .iter()
-        .filter(|c| c.starts_with("socket,"))
-        .find_map(|c| opt(c, "path"))
-        .expect("a socket chardev for QMP");
-    let listener = UnixListener::bind(Path::new(&qmp)).expect("bind the QMP socket");
+    {
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+                .expect("open the serial log"),
+        ),
+        None => Box::new(std::io::stdout()),
+    };
     // OVMF's first words, as the probe wants to see them.
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&serial)
-        .and_then(|mut f| f.write_all(b"BdsDxe: fake firmware running under kvm\r\n"))
-        .expect("write the serial log");
+    serial
+        .write_all(b"BdsDxe: fake firmware running under kvm\r\n")
+        .and_then(|()| serial.flush())
+        .expect("write the serial console");
     let vm = Arc::new(Mutex::new(Vm {
         status: "running",
         clients: Vec::new(),

@@ -1,0 +1,376 @@
+//! One cgroup per VM, with limits on memory, tasks and CPU, so one guest (or an escaped QEMU) cannot
+//! starve the host, the daemon or other VMs, and an out-of-memory kill ends that VM alone.
+//!
+//! cgroup v2 (`/sys/fs/cgroup/cgroup.controllers` exists): VMs live under `<parent>/vms/<name>`.
+//! `<parent>` is the daemon's own cgroup when it is not the root (systemd's `Delegate=yes` gives the
+//! service its subtree; the daemon moves itself into `<parent>/daemon` first, since v2 lets only leaf
+//! cgroups hold processes once controllers are enabled for children), else `/sys/fs/cgroup/fkr-qemu`.
+//! Limits: `memory.max`, `memory.swap.max = 0`, `memory.oom.group = 1`, `pids.max`, `cpu.max`.
+//!
+//! cgroup v1 (hybrid hosts): the `memory`, `pids` and `cpu` hierarchies each get
+//! `<daemon's cgroup>/fkr-qemu/<name>`, with `memory.limit_in_bytes`, `pids.max` and
+//! `cpu.cfs_quota_us`/`cpu.cfs_period_us`.
+//!
+//! QEMU joins its cgroups between fork and exec (it writes `0` to each `cgroup.procs`), so every
+//! byte it allocates is accounted. The directories are removed when the VM is torn down; the sweep
+//! removes those a crash left (`fr-…` names only).
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::Error;
+
+/// Where cgroup file systems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// CPU bandwidth period (the kernel's default).
+const CPU_PERIOD_US: u64 = 100_000;
+const V1_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// The limits of one VM's cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub pids: u64,
+    /// Whole CPUs (the VM's vCPUs): `cpu.max = vcpus × period`.
+    pub cpus: u32,
+}
+
+/// The cgroup layout found on this host, with the directory VM cgroups are created in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    V2 {
+        parent: PathBuf,
+    },
+    /// One parent per controller, in [`V1_CONTROLLERS`] order.
+    V1 {
+        parents: Vec<PathBuf>,
+    },
+}
+
+/// The cgroup path of this process in `hierarchy` ("" for v2) from `/proc/self/cgroup`.
+fn own_cgroup(proc_cgroup: &str, hierarchy: &str) -> Option<String> {
+    proc_cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        ctrls
+            .split(',')
+            .any(|c| c == hierarchy)
+            .then(|| path.to_owned())
+    })
+}
+
+fn write(path: &Path, value: &str) -> Result<(), Error> {
+    std::fs::write(path, value)
+        .map_err(|e| Error::io(format!("writing `{value}` to {}", path.display()), e))
+}
+
+fn mkdir(path: &Path) -> Result<(), Error> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::io(format!("creating cgroup {}", path.display()), e)),
+    }
+}
+
+fn join(root: &Path, cgroup: &str) -> PathBuf {
+    root.join(cgroup.trim_start_matches('/'))
+}
+
+impl Layout {
+    /// Finds the layout and prepares the parent of VM cgroups (once per process; idempotent).
+    pub fn prepare() -> Result<Layout, Error> {
+        Self::prepare_at(Path::new(CGROUP_ROOT), "/proc/self/cgroup")
+    }
+
+    fn prepare_at(root: &Path, proc_self: &str) -> Result<Layout, Error> {
+        let own = std::fs::read_to_string(proc_self)
+            .map_err(|e| Error::io(format!("reading {proc_self}"), e))?;
+        if root.join("cgroup.controllers").exists() {
+            let me = own_cgroup(&own, "").unwrap_or_else(|| "/".into());
+            let enable = "+memory +pids +cpu";
+            let parent = if me == "/" {
+                // No delegated subtree (no systemd unit): a subtree of our own at the top.
+                write(&root.join("cgroup.subtree_control"), enable)?;
+                let p = root.join("fkr-qemu");
+                mkdir(&p)?;
+                p
+            } else {
+                // A delegated subtree (systemd `Delegate=yes`): move ourselves into a leaf so that
+                // controllers can be enabled for the VMs beside it.
+                let p = join(root, &me);
+                let leaf = p.join("daemon");
+                mkdir(&leaf)?;
+                write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+                write(&p.join("cgroup.subtree_control"), enable)?;
+                p
+            };
+            let vms = parent.join("vms");
+            mkdir(&vms)?;
+            write(&vms.join("cgroup.subtree_control"), enable)?;
+            return Ok(Layout::V2 { parent: vms });
+        }
+        let mut parents = Vec::new();
+        for c in V1_CONTROLLERS {
+            let mount = root.join(c);
+            if !mount.join("cgroup.procs").exists() {
+                return Err(Error::Config(format!(
+                    "no cgroup v2 at {} and no cgroup v1 `{c}` hierarchy at {}: \
+                     VMs cannot be confined (mount cgroup2, or run under systemd)",
+                    root.display(),
+                    mount.display()
+                )));
+            }
+            let me = own_cgroup(&own, c).unwrap_or_else(|| "/".into());
+            let p = join(&mount, &me).join("fkr-qemu");
+            mkdir(&p)?;
+            parents.push(p);
+        }
+        Ok(Layout::V1 { parents })
+    }
+
+    /// The parent directories that hold VM cgroups (for the sweep).
+    pub fn parents(&self) -> Vec<PathBuf> {
+        match self {
+            Layout::V2 { parent } => vec![parent.clone()],
+            Layout::V1 { parents } => parents.clone(),
+        }
+    }
+}
+
+/// One VM's cgroup(s); removed when dropped (after QEMU is gone).
+#[derive(Debug)]
+pub struct VmCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl VmCgroup {
+    /// Creates `<parent>/<name>` with `limits`.
+    pub fn create(layout: &Layout, name: &str, limits: Limits) -> Result<VmCgroup, Error> {
+        let mut cg = VmCgroup { dirs: Vec::new() };
+        for parent in layout.parents() {
+            let dir = parent.join(name);
+            mkdir(&dir)?;
+            cg.dirs.push(dir);
+        }
+        let quota = u64::from(limits.cpus.max(1)) * CPU_PERIOD_US;
+        match layout {
+            Layout::V2 { .. } => {
+                let d = &cg.dirs[0];
+                write(&d.join("memory.max"), &limits.memory_bytes.to_string())?;
+                // Swap would let a VM exceed its limit on the host's disk.
+                if d.join("memory.swap.max").exists() {
+                    write(&d.join("memory.swap.max"), "0")?;
+                }
+                // An OOM kill takes the whole VM, never a part of QEMU.
+                write(&d.join("memory.oom.group"), "1")?;
+                write(&d.join("pids.max"), &limits.pids.to_string())?;
+                write(&d.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+            }
+            Layout::V1 { .. } => {
+                let [mem, pids, cpu] = [&cg.dirs[0], &cg.dirs[1], &cg.dirs[2]];
+                write(
+                    &mem.join("memory.limit_in_bytes"),
+                    &limits.memory_bytes.to_string(),
+                )?;
+                write(&pids.join("pids.max"), &limits.pids.to_string())?;
+                write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+        }
+        Ok(cg)
+    }
+
+    /// The `cgroup.procs` files QEMU writes itself into before exec.
+    pub(crate) fn procs_files(&self) -> Vec<CString> {
+        self.dirs
+            .iter()
+            .map(|d| {
+                CString::new(d.join("cgroup.procs").as_os_str().as_bytes())
+                    .expect("cgroup paths have no NUL byte")
+            })
+            .collect()
+    }
+
+    /// The memory cgroup's directory (v2: the one directory), for `status`.
+    pub fn memory_dir(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    /// Memory in use now, in bytes.
+    pub fn memory_current(&self) -> Option<u64> {
+        memory_current(self.memory_dir())
+    }
+
+    /// Removes the directories; a cgroup whose last process just exited may be busy for a moment.
+    pub fn remove(&mut self) {
+        for d in std::mem::take(&mut self.dirs) {
+            remove_dir(&d);
+        }
+    }
+}
+
+/// Memory in use by the cgroup at `dir` (v2 `memory.current`, v1 `memory.usage_in_bytes`).
+pub fn memory_current(dir: &Path) -> Option<u64> {
+    ["memory.current", "memory.usage_in_bytes"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// The memory limit of the cgroup at `dir`.
+pub fn memory_max(dir: &Path) -> Option<u64> {
+    ["memory.max", "memory.limit_in_bytes"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn remove_dir(d: &Path) {
+    for _ in 0..50 {
+        match std::fs::remove_dir(d) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    tracing::warn!(cgroup = %d.display(), "cannot remove the VM's cgroup (left for the sweep)");
+}
+
+impl Drop for VmCgroup {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Removes VM cgroups (`fr-…` names) that no process uses any more; returns how many.
+pub fn sweep(layout: &Layout) -> usize {
+    let mut n = 0;
+    for parent in layout.parents() {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if super::VmName::parse(&name.to_string_lossy()).is_err() {
+                continue;
+            }
+            let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() && std::fs::remove_dir(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_cgroup_reads_v1_and_v2_lines() {
+        let text = "9:name=systemd:/\n4:memory:/process_api/e20\n1:cpu,cpuacct:/a\n0::/system.slice/fkr-qemu.service\n";
+        assert_eq!(
+            own_cgroup(text, "memory").as_deref(),
+            Some("/process_api/e20")
+        );
+        assert_eq!(own_cgroup(text, "cpu").as_deref(), Some("/a"));
+        assert_eq!(
+            own_cgroup(text, "").as_deref(),
+            Some("/system.slice/fkr-qemu.service")
+        );
+        assert_eq!(own_cgroup(text, "pids"), None);
+    }
+
+    /// A v2 tree as files: the daemon in a delegated service cgroup.
+    #[test]
+    fn v2_delegated_subtree_gets_a_daemon_leaf_and_vm_limits() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::write(r.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        let svc = r.join("system.slice/fkr-qemu.service");
+        std::fs::create_dir_all(&svc).unwrap();
+        let proc_self = r.join("self-cgroup");
+        std::fs::write(&proc_self, "0::/system.slice/fkr-qemu.service\n").unwrap();
+        let layout = Layout::prepare_at(r, proc_self.to_str().unwrap()).unwrap();
+        assert_eq!(
+            layout,
+            Layout::V2 {
+                parent: svc.join("vms")
+            }
+        );
+        assert_eq!(
+            std::fs::read_to_string(svc.join("daemon/cgroup.procs")).unwrap(),
+            std::process::id().to_string()
+        );
+        assert_eq!(
+            std::fs::read_to_string(svc.join("cgroup.subtree_control")).unwrap(),
+            "+memory +pids +cpu"
+        );
+        let cg = VmCgroup::create(
+            &layout,
+            "fr-0123abcd",
+            Limits {
+                memory_bytes: 512 << 20,
+                pids: 128,
+                cpus: 2,
+            },
+        )
+        .unwrap();
+        let d = svc.join("vms/fr-0123abcd");
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+        assert_eq!(read("memory.max"), (512u64 << 20).to_string());
+        assert_eq!(read("memory.oom.group"), "1");
+        assert_eq!(read("pids.max"), "128");
+        assert_eq!(read("cpu.max"), "200000 100000");
+        assert_eq!(
+            cg.procs_files(),
+            vec![CString::new(d.join("cgroup.procs").to_str().unwrap()).unwrap()]
+        );
+        assert_eq!(memory_max(&d), Some(512 << 20));
+    }
+
+    #[test]
+    fn v1_hierarchies_each_get_the_vm() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        for c in V1_CONTROLLERS {
+            std::fs::create_dir_all(r.join(c).join("box")).unwrap();
+            std::fs::write(r.join(c).join("cgroup.procs"), "").unwrap();
+        }
+        let proc_self = r.join("self-cgroup");
+        std::fs::write(&proc_self, "4:memory:/box\n8:pids:/box\n1:cpu:/box\n").unwrap();
+        let layout = Layout::prepare_at(r, proc_self.to_str().unwrap()).unwrap();
+        let cg = VmCgroup::create(
+            &layout,
+            "fr-0123abcd",
+            Limits {
+                memory_bytes: 1 << 30,
+                pids: 64,
+                cpus: 1,
+            },
+        )
+        .unwrap();
+        let at = |c: &str, f: &str| {
+            std::fs::read_to_string(r.join(c).join("box/fkr-qemu/fr-0123abcd").join(f)).unwrap()
+        };
+        assert_eq!(
+            at("memory", "memory.limit_in_bytes"),
+            (1u64 << 30).to_string()
+        );
+        assert_eq!(at("pids", "pids.max"), "64");
+        assert_eq!(at("cpu", "cpu.cfs_quota_us"), "100000");
+        assert_eq!(cg.procs_files().len(), 3);
+    }
+
+    #[test]
+    fn no_cgroups_at_all_is_an_error_that_says_what_to_do() {
+        let root = tempfile::tempdir().unwrap();
+        let proc_self = root.path().join("self-cgroup");
+        std::fs::write(&proc_self, "0::/\n").unwrap();
+        let err = Layout::prepare_at(root.path(), proc_self.to_str().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("cannot be confined"), "{err}");
+    }
+}
