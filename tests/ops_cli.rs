@@ -75,6 +75,7 @@ fn vm(name: &str, state: VmState) -> VmInfo {
         accel: Some("tcg".into()),
         pid: Some(4242),
         serial_log: None,
+        limits: None,
     }
 }
 

@@ -141,6 +141,7 @@ mod tests {
             accel: Some("kvm".into()),
             pid: Some(4_194_304),
             serial_log: None,
+            limits: None,
         };
         let t = table(&[vm], now);
         for line in t.lines() {

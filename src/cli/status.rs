@@ -66,7 +66,31 @@ fn render(s: &DaemonStatus, now: OffsetDateTime) -> String {
         s.queued,
         s.running,
         last_error
-    )
+    ) + &vm_lines(s)
+}
+
+/// One line per VM: who its QEMU runs as, and its memory and disk against their limits.
+fn vm_lines(s: &DaemonStatus) -> String {
+    let mib = |b: Option<u64>| b.map_or("?".to_owned(), |b| (b >> 20).to_string());
+    s.vms
+        .iter()
+        .map(|v| match &v.limits {
+            Some(l) => format!(
+                "  {} ({}): uid {}, memory {}/{} MiB, disk {}/{} MiB, cgroup {}\n",
+                v.name,
+                v.state,
+                l.uid.map_or("-".to_owned(), |u| u.to_string()),
+                mib(l.memory_used),
+                mib(l.memory_max),
+                mib(l.disk_used),
+                l.disk_max >> 20,
+                l.cgroup
+                    .as_deref()
+                    .map_or("-".to_owned(), |c| c.display().to_string()),
+            ),
+            None => format!("  {} ({})\n", v.name, v.state),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use super::state::JobState;
 use super::userdata::{self, RegistryAuth, RunnerParams};
 use super::Ctx;
 use crate::forgejo::{self, Job, UserCreation, TOKEN_SCOPES};
-use crate::ops::{JobOutcome, RemovalReason, VmInfo, VmState};
+use crate::ops::{JobOutcome, RemovalReason, VmInfo, VmLimits, VmState};
 use crate::secret::Secret;
 use crate::vm::{self, Outcome, Seed, VmName, VmSpec};
 
@@ -312,6 +312,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
         accel: None,
         pid: None,
         serial_log: None,
+        limits: None,
     });
     ctx.metrics
         .job_dispatched(dispatched.saturating_duration_since(ticket.seen_at));
@@ -335,6 +336,16 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
                 v.pid = Some(handle.pid());
                 v.accel = Some(handle.accel().accel.to_string());
                 v.serial_log = Some(handle.serial_log().to_owned());
+                let r = handle.resources();
+                v.limits = Some(VmLimits {
+                    uid: r.uid,
+                    cgroup: r.cgroup.clone(),
+                    memory_used: None,
+                    memory_max: None,
+                    disk_used: None,
+                    disk_max: r.disk_max,
+                    overlay: r.overlay.clone(),
+                });
             });
             let started = Instant::now();
             let vm_stop = handle.stop_token();

@@ -387,6 +387,7 @@ mod tests {
             accel: Some("tcg".into()),
             pid: Some(1234),
             serial_log: None,
+            limits: None,
         });
         let server = ControlServer::bind(dir.path(), board.clone())
             .await

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 pub use control::{Client, ControlServer};
 pub use http::{MetricsConfig, MetricsServer};
 pub use metrics::{JobOutcome, Metrics, RemovalReason, SweepKind};
-pub use status::{DaemonStatus, LastError, StatusBoard, StatusSource, VmInfo, VmState};
+pub use status::{DaemonStatus, LastError, StatusBoard, StatusSource, VmInfo, VmLimits, VmState};
 
 /// Errors of the `ops` module.
 #[derive(Debug, thiserror::Error)]

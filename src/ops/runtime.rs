@@ -131,6 +131,7 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
             accel: meta.accel,
             pid,
             serial_log: Some(serial_log),
+            limits: None,
             name,
         });
     }

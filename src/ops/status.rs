@@ -73,6 +73,35 @@ pub struct VmInfo {
     pub pid: Option<u32>,
     /// The serial console log (`fkr-qemu console` reads it).
     pub serial_log: Option<PathBuf>,
+    /// Its sandbox and its use of memory and disk against their limits, once QEMU runs.
+    #[serde(default)]
+    pub limits: Option<VmLimits>,
+}
+
+/// Who a VM's QEMU runs as and what it may use; `*_used` are read when the status is asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmLimits {
+    /// QEMU's uid (`null` when the daemon is not root and QEMU runs as the daemon's user).
+    pub uid: Option<u32>,
+    /// The VM's memory cgroup directory.
+    pub cgroup: Option<PathBuf>,
+    pub memory_used: Option<u64>,
+    pub memory_max: Option<u64>,
+    /// The overlay's allocated bytes on the host, against `disk_max`.
+    pub disk_used: Option<u64>,
+    pub disk_max: u64,
+    pub overlay: PathBuf,
+}
+
+impl VmLimits {
+    /// Reads the live figures (cgroup memory, the overlay's allocated size).
+    pub fn refresh(&mut self) {
+        if let Some(cg) = &self.cgroup {
+            self.memory_used = crate::vm::cgroup::memory_current(cg);
+            self.memory_max = crate::vm::cgroup::memory_max(cg);
+        }
+        self.disk_used = Some(crate::vm::allocated_bytes(&self.overlay));
+    }
 }
 
 /// The last error a Forgejo call returned.
@@ -242,7 +271,11 @@ impl StatusBoard {
 
 impl StatusSource for StatusBoard {
     fn status(&self) -> DaemonStatus {
-        self.snapshot()
+        let mut s = self.snapshot();
+        for limits in s.vms.iter_mut().filter_map(|v| v.limits.as_mut()) {
+            limits.refresh();
+        }
+        s
     }
 }
 
@@ -262,6 +295,7 @@ mod tests {
             accel: None,
             pid: None,
             serial_log: None,
+            limits: None,
         }
     }
 

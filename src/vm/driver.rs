@@ -65,6 +65,17 @@ impl VmSpec {
     }
 }
 
+/// What a running VM holds on the host, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmResources {
+    /// QEMU's uid (none when the daemon is not root).
+    pub uid: Option<u32>,
+    /// The VM's memory cgroup directory.
+    pub cgroup: Option<PathBuf>,
+    pub overlay: PathBuf,
+    pub disk_max: u64,
+}
+
 /// Which rung of the stop ladder ended the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -586,6 +597,12 @@ impl PreparedVm {
             serial_log: self.dir.serial_log.clone(),
             dir: self.dir.dir.clone(),
             accel: self.accel.clone(),
+            resources: VmResources {
+                uid,
+                cgroup: self.dir.cgroup.as_ref().map(|c| c.memory_dir().to_owned()),
+                overlay: self.dir.disk_dir.join(files::OVERLAY),
+                disk_max: self.disk_max,
+            },
             state: state_rx,
             stop: stop.clone(),
             task: None,
@@ -635,6 +652,7 @@ pub struct VmHandle {
     serial_log: PathBuf,
     dir: PathBuf,
     accel: AccelChoice,
+    resources: VmResources,
     state: watch::Receiver<VmState>,
     stop: CancellationToken,
     task: Option<JoinHandle<VmExit>>,
@@ -660,6 +678,11 @@ impl VmHandle {
 
     pub fn accel(&self) -> &AccelChoice {
         &self.accel
+    }
+
+    /// Its uid, cgroup and overlay, for `status`.
+    pub fn resources(&self) -> &VmResources {
+        &self.resources
     }
 
     pub fn state(&self) -> VmState {

@@ -26,7 +26,9 @@ pub use accel::{mark_kvm_broken, probe_accel, resolve_accel, AccelChoice, KVM_PR
 pub use argv::{build_argv, DiskFds, QemuPlan};
 pub use config::{Accel, VmConfig};
 pub use disk::{allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation};
-pub use driver::{launch, prepare, Outcome, PreparedVm, StopStep, VmExit, VmHandle, VmSpec};
+pub use driver::{
+    launch, prepare, Outcome, PreparedVm, StopStep, VmExit, VmHandle, VmResources, VmSpec,
+};
 pub use error::Error;
 pub use firmware::{discover_firmware, select_descriptor, Firmware, FirmwareDescriptor};
 pub use name::VmName;
