@@ -206,10 +206,7 @@ async fn a_job_goes_only_to_matching_labels_and_only_once() {
     let late = Rpc::new(&emu, &c.register_runner("fr-4", "").await.unwrap());
     wrong.ok("Declare", json!({"labels": ["docker"]})).await;
     right
-        .ok(
-            "Declare",
-            json!({"labels": ["external-host", "docker"]}),
-        )
+        .ok("Declare", json!({"labels": ["external-host", "docker"]}))
         .await;
     late.ok("Declare", json!({"labels": ["external-host"]}))
         .await;
@@ -254,8 +251,17 @@ async fn a_label_with_its_scheme_does_not_match_the_job_label() {
         .await;
     name.ok("Declare", json!({"labels": ["external-host"]}))
         .await;
-    let labels: Vec<_> = c.runners().await.unwrap().into_iter().map(|r| r.labels).collect();
-    assert!(labels.contains(&vec!["external-host:host".to_owned()]), "stored as sent: {labels:?}");
+    let labels: Vec<_> = c
+        .runners()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.labels)
+        .collect();
+    assert!(
+        labels.contains(&vec!["external-host:host".to_owned()]),
+        "stored as sent: {labels:?}"
+    );
 
     for (method, body) in [
         ("FetchSingleTask", json!({"handle": job.handle})),
@@ -280,9 +286,7 @@ async fn a_job_without_runs_on_goes_to_no_runner() {
     let c = client(&emu);
     let r = Rpc::new(&emu, &c.register_runner("fr-1", "").await.unwrap());
     r.ok("Declare", json!({"labels": ["external-host"]})).await;
-    let v = r
-        .ok("FetchSingleTask", json!({"handle": job.handle}))
-        .await;
+    let v = r.ok("FetchSingleTask", json!({"handle": job.handle})).await;
     assert!(v.get("task").is_none(), "{v}");
     assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Waiting);
 }
@@ -293,9 +297,14 @@ async fn register_labels_count_until_declare_replaces_them() {
     let emu = Emulator::start_default().await;
     let token = emu.with_state(|s| s.registration_token.clone());
     let v: Value = reqwest::Client::new()
-        .post(format!("{}/api/actions/runner.v1.RunnerService/Register", emu.url()))
+        .post(format!(
+            "{}/api/actions/runner.v1.RunnerService/Register",
+            emu.url()
+        ))
         .header("content-type", "application/json")
-        .body(json!({"name": "long-lived", "token": token, "labels": ["external-host"]}).to_string())
+        .body(
+            json!({"name": "long-lived", "token": token, "labels": ["external-host"]}).to_string(),
+        )
         .send()
         .await
         .unwrap()
@@ -340,14 +349,20 @@ async fn an_unchanged_tasks_version_gets_no_task() {
     rpc.ok("Declare", json!({"labels": ["docker"]})).await;
     for method in ["FetchTask", "FetchSingleTask"] {
         let v = rpc
-            .ok(method, json!({"tasksVersion": latest, "handle": job.handle}))
+            .ok(
+                method,
+                json!({"tasksVersion": latest, "handle": job.handle}),
+            )
             .await;
         assert!(v.get("task").is_none(), "{method}: {v}");
         assert_eq!(v["tasksVersion"], json!(latest));
     }
     assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Waiting);
     let v = rpc
-        .ok("FetchSingleTask", json!({"tasksVersion": 0, "handle": job.handle}))
+        .ok(
+            "FetchSingleTask",
+            json!({"tasksVersion": 0, "handle": job.handle}),
+        )
         .await;
     assert!(v.get("task").is_some(), "{v}");
 
@@ -378,7 +393,10 @@ async fn update_task_keeps_a_finished_task_and_first_output_values() {
     let id = t["task"]["id"].clone();
 
     let v = rpc
-        .ok("UpdateTask", json!({"state": {"id": id}, "outputs": {"k": "first"}}))
+        .ok(
+            "UpdateTask",
+            json!({"state": {"id": id}, "outputs": {"k": "first"}}),
+        )
         .await;
     assert_eq!(v, json!({"state": {"id": id}, "sentOutputs": ["k"]}));
     let long = "x".repeat(256);
@@ -397,7 +415,10 @@ async fn update_task_keeps_a_finished_task_and_first_output_values() {
         s.jobs.iter_mut().find(|j| j.id == job.id).unwrap().status = JobStatus::Cancelled;
     });
     let v = rpc
-        .ok("UpdateTask", json!({"state": {"id": id, "result": "RESULT_SUCCESS"}}))
+        .ok(
+            "UpdateTask",
+            json!({"state": {"id": id, "result": "RESULT_SUCCESS"}}),
+        )
         .await;
     assert_eq!(v["state"]["result"], "RESULT_CANCELLED");
     assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Cancelled);
@@ -478,7 +499,11 @@ async fn rpc_errors() {
         .await;
     assert_eq!(
         (status, v["code"].as_str(), v["message"].as_str()),
-        (500, Some("internal"), Some("update task: resource does not exist"))
+        (
+            500,
+            Some("internal"),
+            Some("update task: resource does not exist")
+        )
     );
     let (status, v) = rpc.call("UpdateLog", json!({"taskId": "999"})).await;
     assert_eq!(

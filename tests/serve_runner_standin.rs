@@ -133,7 +133,11 @@ async fn standin_runs_the_job_of_its_handle_with_curl_and_with_busybox() {
         assert!(!text.contains(token.trim()), "token leaked: {text}");
         // It declared the label name (forgejo-runner's `ls.Names()`) and fetched with a request key.
         let runner = deleted_runner(&emu, &uuid);
-        assert_eq!(runner["labels"], serde_json::json!(["external-host"]), "{runner}");
+        assert_eq!(
+            runner["labels"],
+            serde_json::json!(["external-host"]),
+            "{runner}"
+        );
         let task = done.task_id;
         assert!(
             emu.with_state(|s| s.request_keys.values().any(|t| *t == task)),
@@ -154,7 +158,13 @@ fn deleted_runner(emu: &Emulator, uuid: &str) -> serde_json::Value {
 }
 
 /// The stand-in's command line for `handle`, without `--wait`, with these labels.
-fn one_job(emu: &Emulator, uuid: &str, token_url: &str, labels: &[&str], handle: &str) -> Vec<String> {
+fn one_job(
+    emu: &Emulator,
+    uuid: &str,
+    token_url: &str,
+    labels: &[&str],
+    handle: &str,
+) -> Vec<String> {
     let script = script();
     let mut args: Vec<String> = [
         script.to_str().unwrap(),
@@ -209,7 +219,11 @@ async fn standin_declares_every_label_name_and_refuses_malformed_labels() {
     let (uuid, token_file) = runner(&emu, dir.path(), "fr-000000b2").await;
     let token_url = format!("file:{}", token_file.display());
     emu.clear_requests();
-    for bad in ["external-host:host:arg", "external-host:vm", " external-host"] {
+    for bad in [
+        "external-host:host:arg",
+        "external-host:vm",
+        " external-host",
+    ] {
         let out = run_sh(&one_job(&emu, &uuid, &token_url, &[bad], "h")).await;
         let text = stdout(&out);
         assert_eq!(out.status.code(), Some(1), "{bad:?}: {text}");
@@ -233,7 +247,13 @@ async fn standin_does_not_retry_declare() {
         Some(1),
     );
     emu.clear_requests();
-    let mut args = one_job(&emu, &uuid, &token_url, &["external-host:host"], &job.handle);
+    let mut args = one_job(
+        &emu,
+        &uuid,
+        &token_url,
+        &["external-host:host"],
+        &job.handle,
+    );
     args.push("--wait".into());
     let out = run_sh(&args).await;
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
@@ -255,7 +275,13 @@ async fn standin_fetch_failure_is_exit_2_and_the_report_is_retried() {
     let job = emu.add_job("alice/web", &["external-host"], "build");
     let (uuid, token_file) = runner(&emu, dir.path(), "fr-000000d1").await;
     let token_url = format!("file:{}", token_file.display());
-    let args = one_job(&emu, &uuid, &token_url, &["external-host:host"], &job.handle);
+    let args = one_job(
+        &emu,
+        &uuid,
+        &token_url,
+        &["external-host:host"],
+        &job.handle,
+    );
 
     emu.inject(
         "POST",
