@@ -111,12 +111,14 @@ async fn one_job_end_to_end_and_the_ephemeral_runner_is_gone() {
         (fkr_qemu::forgejo::JobStatus::Running, task_id)
     );
     assert!(c.waiting_jobs(&["external-host"]).await.unwrap().is_empty());
-    assert_eq!(c.runners().await.unwrap()[0].status, "active");
+    // Forgejo counts a runner active only after it reports (`UpdateTask`/`UpdateLog`).
+    assert_eq!(c.runners().await.unwrap()[0].status, "idle");
 
     let ack = rpc
         .ok("UpdateLog", json!({"taskId": task_id.to_string(), "index": "0", "rows": [{"content": "hello"}, {"content": "world"}]}))
         .await;
     assert_eq!(ack, json!({"ackIndex": "2"}));
+    assert_eq!(c.runners().await.unwrap()[0].status, "active");
     // A retried upload of the same rows plus one new row keeps each row once.
     let ack = rpc
         .ok("UpdateLog", json!({"task_id": task_id, "index": 1, "rows": [{"content": "world"}, {"content": "bye"}], "noMore": true}))
@@ -173,7 +175,8 @@ async fn a_non_ephemeral_runner_survives_its_job() {
             ephemeral: false,
             labels: Vec::new(),
             version: String::new(),
-            seen: false,
+            last_online: None,
+            last_active: None,
             tasks: Vec::new(),
         });
         RegisteredRunner {
@@ -578,4 +581,35 @@ async fn register_with_the_registration_token() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
+}
+
+/// A runner's status is Forgejo's clock, not its job's state: `offline` until its first call and a
+/// minute after its last, `active` only within 10 s of an `UpdateTask`/`UpdateLog`.
+#[tokio::test]
+async fn runner_status_follows_its_calls_not_its_job() {
+    let emu = Emulator::start_default().await;
+    let job = emu.add_job("acme/widget", &["external-host"], "build");
+    let c = client(&emu);
+    let r = c.register_runner("fr-1", "").await.unwrap();
+    let status = || async { c.runners().await.unwrap()[0].status.clone() };
+    assert_eq!(status().await, "offline");
+    let rpc = Rpc::new(&emu, &r);
+    rpc.ok("Declare", json!({"labels": ["external-host"]}))
+        .await;
+    assert_eq!(status().await, "idle");
+    let t = rpc
+        .ok("FetchSingleTask", json!({"handle": job.handle}))
+        .await;
+    assert_eq!(status().await, "idle", "running a job is not being active");
+    rpc.ok("UpdateTask", json!({"state": {"id": t["task"]["id"]}}))
+        .await;
+    assert_eq!(status().await, "active");
+
+    // Its job still runs, but the runner went quiet.
+    let ago = |secs| Some(std::time::SystemTime::now() - std::time::Duration::from_secs(secs));
+    emu.with_state(|s| s.runners[0].last_active = ago(11));
+    assert_eq!(status().await, "idle");
+    emu.with_state(|s| s.runners[0].last_online = ago(61));
+    assert_eq!(status().await, "offline");
+    assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Running);
 }

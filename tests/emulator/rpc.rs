@@ -4,6 +4,8 @@
 //! name or number); answers are written the way protojson writes them (lowerCamelCase, int64 as
 //! strings, enums by name, fields with default values left out).
 
+use std::time::SystemTime;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -104,7 +106,7 @@ fn rpc(
             .find(|r| r.uuid == uuid && r.token == token && !uuid.is_empty())
         {
             Some(r) => {
-                r.seen = true;
+                r.last_online = Some(SystemTime::now());
                 Some(r.id)
             }
             None => return connect_error("unauthenticated", "unregistered runner"),
@@ -353,7 +355,9 @@ async fn register(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Respons
             // Kept as given: they are the runner's labels until its first `Declare` replaces them.
             labels: strings(field(req, "labels")),
             version: string(field(req, "version")),
-            seen: true,
+            // `Register` is not intercepted: the runner stays offline until its first call.
+            last_online: None,
+            last_active: None,
             tasks: Vec::new(),
         };
         let msg = runner_message(&runner);
@@ -454,6 +458,14 @@ fn own_task(st: &Emu, runner: i64, task_id: i64, update_task: bool) -> Result<us
         .expect("job of task exists"))
 }
 
+/// Forgejo's interceptor marks a runner active on every `UpdateTask` and `UpdateLog`, before the call
+/// is handled (so even when it then fails).
+fn mark_active(st: &mut Emu, runner: i64) {
+    if let Some(r) = st.runners.iter_mut().find(|r| r.id == runner) {
+        r.last_active = Some(SystemTime::now());
+    }
+}
+
 /// Forgejo ignores (logs) an output whose key is longer than 255 bytes or whose value exceeds 1 MiB.
 fn output_accepted(key: &str, value: &str) -> bool {
     key.len() <= 255 && value.len() <= 1024 * 1024
@@ -462,6 +474,7 @@ fn output_accepted(key: &str, value: &str) -> bool {
 async fn update_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
+        mark_active(st, id);
         let state = field(req, "state")
             .ok_or_else(|| RpcError("invalid_argument", "state is required".into()))?;
         let task_id = int64(field(state, "id"))?;
@@ -519,6 +532,7 @@ async fn update_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Resp
 async fn update_log(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
+        mark_active(st, id);
         let task_id = int64(field(req, "task_id"))?;
         let index = int64(field(req, "index"))?;
         let job = own_task(st, id, task_id, false)?;

@@ -85,6 +85,10 @@ pub enum RunnerScope {
     Repo(i64),
 }
 
+/// Forgejo's `RunnerOfflineTime` and `RunnerIdleTime` (models/actions/runner.go).
+pub const RUNNER_OFFLINE_TIME: Duration = Duration::from_secs(60);
+pub const RUNNER_IDLE_TIME: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct Runner {
     pub id: i64,
@@ -98,8 +102,10 @@ pub struct Runner {
     /// verbatim like Forgejo's `AgentLabels`; empty for a runner registered through the REST API.
     pub labels: Vec<String>,
     pub version: String,
-    /// Contacted the RPC side at least once.
-    pub seen: bool,
+    /// Forgejo's `LastOnline`: the runner's last authenticated RPC call (`Register` is not one).
+    pub last_online: Option<SystemTime>,
+    /// Forgejo's `LastActive`: its last `UpdateTask` or `UpdateLog` call.
+    pub last_active: Option<SystemTime>,
     /// Tasks handed out to it.
     pub tasks: Vec<i64>,
 }
@@ -747,20 +753,19 @@ impl State {
         })
     }
 
+    /// Forgejo's `ActionRunner.Status`, from time alone: `offline` a minute after the last call,
+    /// `idle` 10 s after the last `UpdateTask`/`UpdateLog`, else `active` (whatever its job's state).
     pub fn runner_status(&self, r: &Runner) -> &'static str {
-        let busy = r.tasks.iter().any(|t| {
-            self.tasks
-                .iter()
-                .find(|task| task.id == *t)
-                .and_then(|task| self.jobs.iter().find(|j| j.id == task.job_id))
-                .is_some_and(|j| j.status == JobStatus::Running)
-        });
-        if busy {
-            "active"
-        } else if r.seen {
+        let within = |t: Option<SystemTime>, d: Duration| {
+            t.and_then(|t| t.elapsed().ok())
+                .is_some_and(|elapsed| elapsed <= d)
+        };
+        if !within(r.last_online, RUNNER_OFFLINE_TIME) {
+            "offline"
+        } else if !within(r.last_active, RUNNER_IDLE_TIME) {
             "idle"
         } else {
-            "offline"
+            "active"
         }
     }
 
