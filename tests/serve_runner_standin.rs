@@ -194,7 +194,7 @@ async fn run_sh(args: &[String]) -> Output {
 /// A job whose `runs-on` is two labels, a runner given both with schemes: it declares both names and
 /// gets the job (the emulator matches whole strings, as Forgejo).
 #[tokio::test]
-async fn standin_declares_every_label_name_and_refuses_malformed_labels() {
+async fn standin_declares_every_label_name_and_refuses_malformed_arguments() {
     let emu = Emulator::start_default().await;
     let dir = tempfile::tempdir().unwrap();
     let job = emu.add_job("alice/web", &["external-host", "big"], "build");
@@ -228,6 +228,15 @@ async fn standin_declares_every_label_name_and_refuses_malformed_labels() {
         let text = stdout(&out);
         assert_eq!(out.status.code(), Some(1), "{bad:?}: {text}");
         assert!(text.contains("malformed label"), "{bad:?}: {text}");
+    }
+    // So does a URL that is not http(s), or a uuid that is not a UUID.
+    let good = one_job(&emu, &uuid, &token_url, &["external-host:host"], "h");
+    for (flag, bad) in [("--url", "ftp://127.0.0.1/"), ("--uuid", "fr-000000b2")] {
+        let mut args = good.clone();
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = bad.to_owned();
+        let out = run_sh(&args).await;
+        assert_eq!(out.status.code(), Some(1), "{flag} {bad}: {}", stdout(&out));
     }
     assert!(emu.requests().is_empty(), "{:?}", emu.requests());
 }

@@ -493,7 +493,7 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
     let url = url::Url::parse(&format!("http://{GATEWAY}:{FORGEJO_PORT}/")).unwrap();
     let runner_token = Secret::new("runner-token-0123456789abcdef");
     let registry_token = Secret::new("orch-42-registry-token");
-    let (uuid, handle) = ("6f1c0de4-runner-uuid", "job-handle-42");
+    let (uuid, handle) = ("6f1c0de4-0000-4000-8000-000000000042", "job-handle-42");
     let registry = RegistryAuth {
         host: RegistryAuth::host_of(&url),
         username: "alice-web-ci",
