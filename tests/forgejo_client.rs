@@ -150,7 +150,8 @@ async fn running_jobs_are_listed_but_not_waiting() {
             ephemeral: true,
             labels: vec!["external-host".into()],
             version: String::new(),
-            seen: true,
+            last_online: None,
+            last_active: None,
             tasks: Vec::new(),
         });
         s.assign(id, a.id);

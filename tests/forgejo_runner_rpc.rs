@@ -58,7 +58,8 @@ impl<'a> Rpc<'a> {
     }
 }
 
-/// What the stand-in runner does: declare, fetch by handle, log, report the final result.
+/// What the stand-in runner does: declare (label names, as forgejo-runner), fetch by handle, log,
+/// report the final result.
 #[tokio::test]
 async fn one_job_end_to_end_and_the_ephemeral_runner_is_gone() {
     let emu = Emulator::start_default().await;
@@ -70,7 +71,7 @@ async fn one_job_end_to_end_and_the_ephemeral_runner_is_gone() {
     let declared = rpc
         .ok(
             "Declare",
-            json!({"version": "stand-in", "labels": ["external-host:host"]}),
+            json!({"version": "stand-in", "labels": ["external-host"]}),
         )
         .await;
     assert_eq!(
@@ -78,7 +79,7 @@ async fn one_job_end_to_end_and_the_ephemeral_runner_is_gone() {
         json!(runner.id.to_string()),
         "int64 as string"
     );
-    assert_eq!(declared["runner"]["labels"], json!(["external-host:host"]));
+    assert_eq!(declared["runner"]["labels"], json!(["external-host"]));
     assert_eq!(
         declared["runner"]["token"],
         json!(runner.token.expose()),
@@ -110,12 +111,14 @@ async fn one_job_end_to_end_and_the_ephemeral_runner_is_gone() {
         (fkr_qemu::forgejo::JobStatus::Running, task_id)
     );
     assert!(c.waiting_jobs(&["external-host"]).await.unwrap().is_empty());
-    assert_eq!(c.runners().await.unwrap()[0].status, "active");
+    // Forgejo counts a runner active only after it reports (`UpdateTask`/`UpdateLog`).
+    assert_eq!(c.runners().await.unwrap()[0].status, "idle");
 
     let ack = rpc
         .ok("UpdateLog", json!({"taskId": task_id.to_string(), "index": "0", "rows": [{"content": "hello"}, {"content": "world"}]}))
         .await;
     assert_eq!(ack, json!({"ackIndex": "2"}));
+    assert_eq!(c.runners().await.unwrap()[0].status, "active");
     // A retried upload of the same rows plus one new row keeps each row once.
     let ack = rpc
         .ok("UpdateLog", json!({"task_id": task_id, "index": 1, "rows": [{"content": "world"}, {"content": "bye"}], "noMore": true}))
@@ -172,7 +175,8 @@ async fn a_non_ephemeral_runner_survives_its_job() {
             ephemeral: false,
             labels: Vec::new(),
             version: String::new(),
-            seen: false,
+            last_online: None,
+            last_active: None,
             tasks: Vec::new(),
         });
         RegisteredRunner {
@@ -205,10 +209,7 @@ async fn a_job_goes_only_to_matching_labels_and_only_once() {
     let late = Rpc::new(&emu, &c.register_runner("fr-4", "").await.unwrap());
     wrong.ok("Declare", json!({"labels": ["docker"]})).await;
     right
-        .ok(
-            "Declare",
-            json!({"labels": ["external-host:host", "docker"]}),
-        )
+        .ok("Declare", json!({"labels": ["external-host", "docker"]}))
         .await;
     late.ok("Declare", json!({"labels": ["external-host"]}))
         .await;
@@ -226,17 +227,205 @@ async fn a_job_goes_only_to_matching_labels_and_only_once() {
         .ok("FetchSingleTask", json!({"handle": job.handle}))
         .await;
     assert!(v.get("task").is_none(), "handed out once only: {v}");
-    // An unknown handle is no task either, and a missing one is an error.
+    // An unknown handle is no task either.
     assert!(late
         .ok("FetchSingleTask", json!({"handle": "nope"}))
         .await
         .get("task")
         .is_none());
-    let (status, v) = late.call("FetchSingleTask", json!({})).await;
-    assert_eq!(
-        (status, v["code"].as_str()),
-        (400, Some("invalid_argument"))
+    // Without a handle (or with an empty one) Forgejo hands out any job the runner may take.
+    let other = emu.add_job("acme/widget", &["external-host"], "other");
+    let v = late.ok("FetchSingleTask", json!({"handle": ""})).await;
+    assert!(v.get("task").is_some(), "{v}");
+    assert_eq!(emu.job(other.id).unwrap().status, JobStatus::Running);
+}
+
+/// Forgejo stores declared labels as sent and hands a job only to a runner holding every `runs-on`
+/// entry as a whole string (`ItRunsOn`): `external-host:host` is not `external-host`.
+#[tokio::test]
+async fn a_label_with_its_scheme_does_not_match_the_job_label() {
+    let emu = Emulator::start_default().await;
+    let job = emu.add_job("acme/widget", &["external-host"], "build");
+    let c = client(&emu);
+    let scheme = Rpc::new(&emu, &c.register_runner("fr-1", "").await.unwrap());
+    let name = Rpc::new(&emu, &c.register_runner("fr-2", "").await.unwrap());
+    scheme
+        .ok("Declare", json!({"labels": ["external-host:host"]}))
+        .await;
+    name.ok("Declare", json!({"labels": ["external-host"]}))
+        .await;
+    let labels: Vec<_> = c
+        .runners()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.labels)
+        .collect();
+    assert!(
+        labels.contains(&vec!["external-host:host".to_owned()]),
+        "stored as sent: {labels:?}"
     );
+
+    for (method, body) in [
+        ("FetchSingleTask", json!({"handle": job.handle})),
+        ("FetchTask", json!({})),
+    ] {
+        let v = scheme.ok(method, body).await;
+        assert!(v.get("task").is_none(), "{method}: {v}");
+    }
+    assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Waiting);
+    let v = name
+        .ok("FetchSingleTask", json!({"handle": job.handle}))
+        .await;
+    assert!(v.get("task").is_some(), "{v}");
+    assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Running);
+}
+
+/// `ItRunsOn` is false for a job without `runs-on`, whatever the runner's labels.
+#[tokio::test]
+async fn a_job_without_runs_on_goes_to_no_runner() {
+    let emu = Emulator::start_default().await;
+    let job = emu.add_job("acme/widget", &[], "build");
+    let c = client(&emu);
+    let r = Rpc::new(&emu, &c.register_runner("fr-1", "").await.unwrap());
+    r.ok("Declare", json!({"labels": ["external-host"]})).await;
+    let v = r.ok("FetchSingleTask", json!({"handle": job.handle})).await;
+    assert!(v.get("task").is_none(), "{v}");
+    assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Waiting);
+}
+
+/// The labels given to the RPC `Register` are the runner's labels until a `Declare` replaces them.
+#[tokio::test]
+async fn register_labels_count_until_declare_replaces_them() {
+    let emu = Emulator::start_default().await;
+    let token = emu.with_state(|s| s.registration_token.clone());
+    let v: Value = reqwest::Client::new()
+        .post(format!(
+            "{}/api/actions/runner.v1.RunnerService/Register",
+            emu.url()
+        ))
+        .header("content-type", "application/json")
+        .body(
+            json!({"name": "long-lived", "token": token, "labels": ["external-host"]}).to_string(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rpc = Rpc {
+        url: emu.url(),
+        uuid: v["runner"]["uuid"].as_str().unwrap().to_owned(),
+        token: v["runner"]["token"].as_str().unwrap().to_owned(),
+        http: reqwest::Client::new(),
+    };
+    let first = emu.add_job("acme/widget", &["external-host"], "first");
+    let t = rpc.ok("FetchTask", json!({})).await;
+    assert!(t.get("task").is_some(), "registered labels match: {t}");
+    assert_eq!(emu.job(first.id).unwrap().status, JobStatus::Running);
+
+    rpc.ok("Declare", json!({"labels": ["docker"]})).await;
+    let second = emu.add_job("acme/widget", &["external-host"], "second");
+    let t = rpc.ok("FetchTask", json!({})).await;
+    assert!(t.get("task").is_none(), "Declare replaced them: {t}");
+    assert_eq!(emu.job(second.id).unwrap().status, JobStatus::Waiting);
+}
+
+/// Forgejo looks for a job only when the runner's `tasksVersion` differs from the latest of its
+/// scope; the one-job runner always sends 0, which never is the latest.
+#[tokio::test]
+async fn an_unchanged_tasks_version_gets_no_task() {
+    let emu = Emulator::start_default().await;
+    let c = client(&emu);
+    let r = c.register_runner("fr-1", "").await.unwrap();
+    let rpc = Rpc::new(&emu, &r);
+    rpc.ok("Declare", json!({"labels": ["external-host"]}))
+        .await;
+    let job = emu.add_job("acme/widget", &["docker"], "build");
+    let v = rpc.ok("FetchTask", json!({"tasksVersion": 0})).await;
+    assert!(v.get("task").is_none(), "{v}");
+    let latest = v["tasksVersion"].as_str().unwrap().to_owned();
+    assert_ne!(latest, "0");
+
+    // Now the runner could take the job, but its version is the latest: Forgejo does not look.
+    rpc.ok("Declare", json!({"labels": ["docker"]})).await;
+    for method in ["FetchTask", "FetchSingleTask"] {
+        let v = rpc
+            .ok(
+                method,
+                json!({"tasksVersion": latest, "handle": job.handle}),
+            )
+            .await;
+        assert!(v.get("task").is_none(), "{method}: {v}");
+        assert_eq!(v["tasksVersion"], json!(latest));
+    }
+    assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Waiting);
+    let v = rpc
+        .ok(
+            "FetchSingleTask",
+            json!({"tasksVersion": 0, "handle": job.handle}),
+        )
+        .await;
+    assert!(v.get("task").is_some(), "{v}");
+
+    // A new waiting job raises the version: the old one fetches again.
+    let next = emu.add_job("acme/widget", &["docker"], "next");
+    let v = Rpc::new(&emu, &c.register_runner("fr-2", "").await.unwrap());
+    v.ok("Declare", json!({"labels": ["docker"]})).await;
+    let got = v.ok("FetchTask", json!({"tasksVersion": latest})).await;
+    assert!(got.get("task").is_some(), "{got}");
+    assert_eq!(emu.job(next.id).unwrap().status, JobStatus::Running);
+}
+
+/// `UpdateTask` as Forgejo's `UpdateTaskByState` and output handling: a finished task stays as it
+/// is, the first value of an output wins, `sentOutputs` lists every stored key, and an ephemeral
+/// runner is deleted on any final result it reports.
+#[tokio::test]
+async fn update_task_keeps_a_finished_task_and_first_output_values() {
+    let emu = Emulator::start_default().await;
+    let job = emu.add_job("acme/widget", &["external-host"], "build");
+    let c = client(&emu);
+    let r = c.register_runner("fr-1", "").await.unwrap();
+    let rpc = Rpc::new(&emu, &r);
+    rpc.ok("Declare", json!({"labels": ["external-host"]}))
+        .await;
+    let t = rpc
+        .ok("FetchSingleTask", json!({"handle": job.handle}))
+        .await;
+    let id = t["task"]["id"].clone();
+
+    let v = rpc
+        .ok(
+            "UpdateTask",
+            json!({"state": {"id": id}, "outputs": {"k": "first"}}),
+        )
+        .await;
+    assert_eq!(v, json!({"state": {"id": id}, "sentOutputs": ["k"]}));
+    let long = "x".repeat(256);
+    let v = rpc
+        .ok(
+            "UpdateTask",
+            json!({"state": {"id": id}, "outputs": {"k": "second", "k2": "v", long.clone(): "v"}}),
+        )
+        .await;
+    assert_eq!(v["sentOutputs"], json!(["k", "k2"]));
+    assert_eq!(emu.job(job.id).unwrap().outputs["k"], "first");
+
+    // The task was cancelled meanwhile (as from the web UI): a success report changes nothing, yet the
+    // ephemeral runner that reports it is deleted.
+    emu.with_state(|s| {
+        s.jobs.iter_mut().find(|j| j.id == job.id).unwrap().status = JobStatus::Cancelled;
+    });
+    let v = rpc
+        .ok(
+            "UpdateTask",
+            json!({"state": {"id": id, "result": "RESULT_SUCCESS"}}),
+        )
+        .await;
+    assert_eq!(v["state"]["result"], "RESULT_CANCELLED");
+    assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Cancelled);
+    assert!(c.runners().await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -275,6 +464,11 @@ async fn fetch_task_request_key_replay_and_one_task_per_ephemeral_runner() {
         first["task"]["id"], again["task"]["id"],
         "same key, same task"
     );
+    assert!(first.get("tasksVersion").is_some());
+    assert!(
+        again.get("tasksVersion").is_none(),
+        "a recovered task comes with tasks version 0: {again}"
+    );
     assert_eq!(emu.job(a.id).unwrap().status, JobStatus::Running);
     let other = fetch("7c0a5e0e-0000-4000-8000-000000000002").await;
     assert!(
@@ -306,9 +500,39 @@ async fn rpc_errors() {
             json!({"state": {"id": "999", "result": "RESULT_SUCCESS"}}),
         )
         .await;
-    assert_eq!((status, v["code"].as_str()), (500, Some("internal")));
+    assert_eq!(
+        (status, v["code"].as_str(), v["message"].as_str()),
+        (
+            500,
+            Some("internal"),
+            Some("update task: resource does not exist")
+        )
+    );
     let (status, v) = rpc.call("UpdateLog", json!({"taskId": "999"})).await;
-    assert_eq!((status, v["code"].as_str()), (500, Some("internal")));
+    assert_eq!(
+        (status, v["code"].as_str(), v["message"].as_str()),
+        (
+            500,
+            Some("internal"),
+            Some("get task: task with id 999: resource does not exist")
+        )
+    );
+    // Another runner's task.
+    let job = emu.add_job("acme/widget", &["external-host"], "build");
+    let owner = Rpc::new(&emu, &c.register_runner("fr-2", "").await.unwrap());
+    owner
+        .ok("Declare", json!({"labels": ["external-host"]}))
+        .await;
+    let t = owner
+        .ok("FetchSingleTask", json!({"handle": job.handle}))
+        .await;
+    let (status, v) = rpc
+        .call("UpdateTask", json!({"state": {"id": t["task"]["id"]}}))
+        .await;
+    assert_eq!(
+        (status, v["message"].as_str()),
+        (500, Some("update task: invalid runner for task"))
+    );
     let resp = reqwest::Client::new()
         .post(format!(
             "{}/api/actions/runner.v1.RunnerService/Declare",
@@ -344,6 +568,11 @@ async fn register_with_the_registration_token() {
     assert_eq!(v["runner"]["name"], "legacy");
     assert_eq!(v["runner"]["token"].as_str().unwrap().len(), 40);
     assert_eq!(v["runner"]["ephemeral"], true);
+    assert_eq!(v["runner"]["labels"], json!(["external-host"]));
+    assert!(
+        v["runner"].get("status").is_none(),
+        "Forgejo's Register answer sets no status: {v}"
+    );
     let resp = http
         .post(&url)
         .header("content-type", "application/json")
@@ -352,4 +581,35 @@ async fn register_with_the_registration_token() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
+}
+
+/// A runner's status is Forgejo's clock, not its job's state: `offline` until its first call and a
+/// minute after its last, `active` only within 10 s of an `UpdateTask`/`UpdateLog`.
+#[tokio::test]
+async fn runner_status_follows_its_calls_not_its_job() {
+    let emu = Emulator::start_default().await;
+    let job = emu.add_job("acme/widget", &["external-host"], "build");
+    let c = client(&emu);
+    let r = c.register_runner("fr-1", "").await.unwrap();
+    let status = || async { c.runners().await.unwrap()[0].status.clone() };
+    assert_eq!(status().await, "offline");
+    let rpc = Rpc::new(&emu, &r);
+    rpc.ok("Declare", json!({"labels": ["external-host"]}))
+        .await;
+    assert_eq!(status().await, "idle");
+    let t = rpc
+        .ok("FetchSingleTask", json!({"handle": job.handle}))
+        .await;
+    assert_eq!(status().await, "idle", "running a job is not being active");
+    rpc.ok("UpdateTask", json!({"state": {"id": t["task"]["id"]}}))
+        .await;
+    assert_eq!(status().await, "active");
+
+    // Its job still runs, but the runner went quiet.
+    let ago = |secs| Some(std::time::SystemTime::now() - std::time::Duration::from_secs(secs));
+    emu.with_state(|s| s.runners[0].last_active = ago(11));
+    assert_eq!(status().await, "idle");
+    emu.with_state(|s| s.runners[0].last_online = ago(61));
+    assert_eq!(status().await, "offline");
+    assert_eq!(emu.job(job.id).unwrap().status, JobStatus::Running);
 }

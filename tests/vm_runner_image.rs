@@ -493,7 +493,7 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
     let url = url::Url::parse(&format!("http://{GATEWAY}:{FORGEJO_PORT}/")).unwrap();
     let runner_token = Secret::new("runner-token-0123456789abcdef");
     let registry_token = Secret::new("orch-42-registry-token");
-    let (uuid, handle) = ("6f1c0de4-runner-uuid", "job-handle-42");
+    let (uuid, handle) = ("6f1c0de4-0000-4000-8000-000000000042", "job-handle-42");
     let registry = RegistryAuth {
         host: RegistryAuth::host_of(&url),
         username: "alice-web-ci",
@@ -548,10 +548,11 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
     );
 
     // cloud-init ran the runner with exactly serve's arguments: the stand-in read the token file,
-    // declared `<label>:host` as the runner's uuid, fetched the task of this handle from the URL.
+    // was given `--label <label>:host` and declared the label name (as forgejo-runner does) as the
+    // runner's uuid, fetched the task of this handle from the URL.
     for marker in [
         format!("fkr: starting forgejo-runner for job handle {handle}"),
-        format!("fkr-runner: declared labels external-host:host as runner {uuid}"),
+        format!("fkr-runner: declared labels external-host as runner {uuid}"),
         format!("fkr-runner: got task 7 for handle {handle}"),
         "fkr-runner: task 7 finished: success".to_owned(),
         "fkr: forgejo-runner exited with status 0".to_owned(),

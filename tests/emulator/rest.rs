@@ -748,7 +748,8 @@ async fn register_runner(
             ephemeral: o.ephemeral.unwrap_or(false),
             labels: Vec::new(),
             version: String::new(),
-            seen: false,
+            last_online: None,
+            last_active: None,
             tasks: Vec::new(),
         };
         let body = json!({"id": runner.id, "uuid": runner.uuid, "token": runner.token});

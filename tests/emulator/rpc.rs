@@ -4,6 +4,8 @@
 //! name or number); answers are written the way protojson writes them (lowerCamelCase, int64 as
 //! strings, enums by name, fields with default values left out).
 
+use std::time::SystemTime;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -104,7 +106,7 @@ fn rpc(
             .find(|r| r.uuid == uuid && r.token == token && !uuid.is_empty())
         {
             Some(r) => {
-                r.seen = true;
+                r.last_online = Some(SystemTime::now());
                 Some(r.id)
             }
             None => return connect_error("unauthenticated", "unregistered runner"),
@@ -186,21 +188,13 @@ fn put(m: &mut Map<String, Value>, key: &str, value: Value) {
     }
 }
 
-/// `runner.v1.Runner`.
-fn runner_message(st: &Emu, r: &Runner, with_token: bool) -> Value {
-    let status = match st.runner_status(r) {
-        "active" => "RUNNER_STATUS_ACTIVE",
-        "idle" => "RUNNER_STATUS_IDLE",
-        _ => "RUNNER_STATUS_OFFLINE",
-    };
+/// `runner.v1.Runner` as Forgejo's `Register` and `Declare` fill it: with the token, without a status.
+fn runner_message(r: &Runner) -> Value {
     let mut m = Map::new();
     put(&mut m, "id", json!(r.id.to_string()));
     put(&mut m, "uuid", json!(r.uuid));
-    if with_token {
-        put(&mut m, "token", json!(r.token));
-    }
+    put(&mut m, "token", json!(r.token));
     put(&mut m, "name", json!(r.name));
-    put(&mut m, "status", json!(status));
     put(&mut m, "version", json!(r.version));
     put(&mut m, "labels", json!(r.labels));
     put(&mut m, "ephemeral", json!(r.ephemeral));
@@ -268,41 +262,67 @@ fn task_message(st: &Emu, task_id: i64) -> Value {
     Value::Object(m)
 }
 
-fn tasks_version(st: &Emu) -> String {
-    st.jobs.len().to_string()
-}
-
 /// The answer of the fetch calls: `{"task"?, "tasksVersion"}`.
-fn fetch_answer(st: &Emu, task: Option<i64>) -> Value {
+fn fetch_answer(st: &Emu, task: Option<i64>, tasks_version: i64) -> Value {
     let mut m = Map::new();
     if let Some(t) = task {
         m.insert("task".into(), task_message(st, t));
     }
-    put(&mut m, "tasksVersion", json!(tasks_version(st)));
+    put(&mut m, "tasksVersion", json!(tasks_version.to_string()));
     Value::Object(m)
 }
 
-/// A task handed out earlier under the same `x-runner-request-key` (the runner retries a fetch
-/// whose answer it lost with the same key and must get the same task).
-fn replayed_task(st: &Emu, runner: i64, key: Option<&str>) -> Option<i64> {
-    let task = *st.request_keys.get(&(runner, key?.to_owned()))?;
-    let job = st
-        .tasks
-        .iter()
-        .find(|t| t.id == task)
-        .and_then(|t| st.jobs.iter().find(|j| j.id == t.job_id))?;
-    (job.status == JobStatus::Running).then_some(task)
-}
-
-fn remember_key(st: &mut Emu, runner: i64, key: Option<&str>, task: i64) {
-    if let Some(k) = key {
-        st.request_keys.insert((runner, k.to_owned()), task);
+/// Forgejo's `FetchTask`/`FetchSingleTask` for `runner`: a task handed out earlier under the same
+/// `x-runner-request-key` is handed out again (whatever its state; answered with tasks version 0);
+/// otherwise, only when the runner's `tasks_version` differs from the latest one of its scope, the
+/// first waiting job it may take (`PickTask`: never a second one for an ephemeral runner; scope;
+/// `ItRunsOn`; and the job of `handle` when one is given).
+fn fetch(
+    st: &mut Emu,
+    runner: i64,
+    tasks_version: i64,
+    handle: Option<&str>,
+    key: Option<&str>,
+) -> Value {
+    if let Some(&t) = key.and_then(|k| st.request_keys.get(&(runner, k.to_owned()))) {
+        return fetch_answer(st, Some(t), 0);
     }
+    let r = st
+        .runners
+        .iter()
+        .find(|r| r.id == runner)
+        .expect("authenticated runner exists")
+        .clone();
+    let latest = st.latest_tasks_version(&r.scope);
+    if tasks_version == latest || exhausted(&r) {
+        return fetch_answer(st, None, latest);
+    }
+    let job = st
+        .jobs
+        .iter()
+        .find(|j| {
+            j.status == JobStatus::Waiting
+                && handle.map_or(true, |h| j.handle == h)
+                && st.runner_matches(&r, j)
+        })
+        .map(|j| j.id);
+    let task = job.map(|j| st.assign(runner, j));
+    if let (Some(t), Some(k)) = (task, key) {
+        st.request_keys.insert((runner, k.to_owned()), t);
+    }
+    fetch_answer(st, task, latest)
 }
 
 /// An ephemeral runner gets one task in its life.
 fn exhausted(r: &Runner) -> bool {
     r.ephemeral && !r.tasks.is_empty()
+}
+
+fn request_key(h: &HeaderMap) -> Option<String> {
+    h.get("x-runner-request-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
 }
 
 async fn register(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
@@ -332,12 +352,15 @@ async fn register(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Respons
             ephemeral: field(req, "ephemeral")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            // Kept as given: they are the runner's labels until its first `Declare` replaces them.
             labels: strings(field(req, "labels")),
             version: string(field(req, "version")),
-            seen: true,
+            // `Register` is not intercepted: the runner stays offline until its first call.
+            last_online: None,
+            last_active: None,
             tasks: Vec::new(),
         };
-        let msg = runner_message(st, &runner, true);
+        let msg = runner_message(&runner);
         st.runners.push(runner);
         Ok(json!({"runner": msg}))
     })
@@ -351,85 +374,31 @@ async fn declare(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response
             .iter_mut()
             .find(|r| r.id == id)
             .expect("authenticated runner exists");
+        // Replaces whatever `Register` or an earlier `Declare` stored; stored as sent, not parsed.
         r.labels = strings(field(req, "labels"));
         r.version = string(field(req, "version"));
-        let r = r.clone();
-        // Forgejo's Declare answer carries the runner's token too.
-        Ok(json!({"runner": runner_message(st, &r, true)}))
+        Ok(json!({"runner": runner_message(r)}))
     })
 }
 
 async fn fetch_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
-    let key = h
-        .get("x-runner-request-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let key = request_key(&h);
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
-        int64(field(req, "tasks_version"))?;
-        if let Some(t) = replayed_task(st, id, key.as_deref()) {
-            return Ok(fetch_answer(st, Some(t)));
-        }
-        let r = st
-            .runners
-            .iter()
-            .find(|r| r.id == id)
-            .expect("authenticated runner exists")
-            .clone();
-        if exhausted(&r) {
-            return Ok(fetch_answer(st, None));
-        }
-        let job = st
-            .jobs
-            .iter()
-            .find(|j| j.status == JobStatus::Waiting && st.runner_matches(&r, j))
-            .map(|j| j.id);
-        let task = job.map(|j| st.assign(id, j));
-        if let Some(t) = task {
-            remember_key(st, id, key.as_deref(), t);
-        }
-        Ok(fetch_answer(st, task))
+        let tasks_version = int64(field(req, "tasks_version"))?;
+        Ok(fetch(st, id, tasks_version, None, key.as_deref()))
     })
 }
 
 async fn fetch_single_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
-    let key = h
-        .get("x-runner-request-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let key = request_key(&h);
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
-        int64(field(req, "tasks_version"))?;
+        let tasks_version = int64(field(req, "tasks_version"))?;
+        // As Forgejo: no handle (or an empty one) means any job the runner may take.
         let handle = string(field(req, "handle"));
-        if handle.is_empty() {
-            return Err(RpcError("invalid_argument", "handle is required".into()));
-        }
-        if let Some(t) = replayed_task(st, id, key.as_deref()) {
-            return Ok(fetch_answer(st, Some(t)));
-        }
-        let r = st
-            .runners
-            .iter()
-            .find(|r| r.id == id)
-            .expect("authenticated runner exists")
-            .clone();
-        if exhausted(&r) {
-            return Ok(fetch_answer(st, None));
-        }
-        // Only a waiting job, only to a runner whose declared labels (and level) match; a job
-        // already handed out is not handed out again.
-        let job = st
-            .jobs
-            .iter()
-            .find(|j| {
-                j.handle == handle && j.status == JobStatus::Waiting && st.runner_matches(&r, j)
-            })
-            .map(|j| j.id);
-        let task = job.map(|j| st.assign(id, j));
-        if let Some(t) = task {
-            remember_key(st, id, key.as_deref(), t);
-        }
-        Ok(fetch_answer(st, task))
+        let handle = (!handle.is_empty()).then_some(handle.as_str());
+        Ok(fetch(st, id, tasks_version, handle, key.as_deref()))
     })
 }
 
@@ -462,21 +431,25 @@ fn parse_result(v: Option<&Value>) -> Result<Option<JobStatus>, RpcError> {
     })
 }
 
-/// The task `task_id` of `runner`, and its job's index.
-fn own_task(st: &Emu, runner: i64, task_id: i64) -> Result<usize, RpcError> {
-    let task = st
-        .tasks
-        .iter()
-        .find(|t| t.id == task_id)
-        // Forgejo answers both with CodeInternal.
-        .ok_or_else(|| {
-            RpcError(
-                "internal",
-                format!("get task: task with id {task_id} does not exist"),
-            )
-        })?;
+/// The task `task_id` of `runner`, and its job's index. Forgejo answers a missing task and another
+/// runner's task with `internal`; `UpdateTask` (`UpdateTaskByState`) and `UpdateLog` (`GetTaskByID`)
+/// word it differently.
+fn own_task(st: &Emu, runner: i64, task_id: i64, update_task: bool) -> Result<usize, RpcError> {
+    let Some(task) = st.tasks.iter().find(|t| t.id == task_id) else {
+        let msg = if update_task {
+            "update task: resource does not exist".to_owned()
+        } else {
+            format!("get task: task with id {task_id}: resource does not exist")
+        };
+        return Err(RpcError("internal", msg));
+    };
     if task.runner_id != runner {
-        return Err(RpcError("internal", "invalid runner for task".into()));
+        let msg = if update_task {
+            "update task: invalid runner for task"
+        } else {
+            "invalid runner for task"
+        };
+        return Err(RpcError("internal", msg.into()));
     }
     Ok(st
         .jobs
@@ -485,13 +458,27 @@ fn own_task(st: &Emu, runner: i64, task_id: i64) -> Result<usize, RpcError> {
         .expect("job of task exists"))
 }
 
+/// Forgejo's interceptor marks a runner active on every `UpdateTask` and `UpdateLog`, before the call
+/// is handled (so even when it then fails).
+fn mark_active(st: &mut Emu, runner: i64) {
+    if let Some(r) = st.runners.iter_mut().find(|r| r.id == runner) {
+        r.last_active = Some(SystemTime::now());
+    }
+}
+
+/// Forgejo ignores (logs) an output whose key is longer than 255 bytes or whose value exceeds 1 MiB.
+fn output_accepted(key: &str, value: &str) -> bool {
+    key.len() <= 255 && value.len() <= 1024 * 1024
+}
+
 async fn update_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
+        mark_active(st, id);
         let state = field(req, "state")
             .ok_or_else(|| RpcError("invalid_argument", "state is required".into()))?;
         let task_id = int64(field(state, "id"))?;
-        let job = own_task(st, id, task_id)?;
+        let job = own_task(st, id, task_id, true)?;
         let result = parse_result(field(state, "result"))?;
         let outputs: Vec<(String, String)> = field(req, "outputs")
             .and_then(Value::as_object)
@@ -501,19 +488,26 @@ async fn update_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Resp
                     .collect()
             })
             .unwrap_or_default();
-        let sent: Vec<String> = outputs.iter().map(|(k, _)| k.clone()).collect();
         let j = &mut st.jobs[job];
-        j.outputs.extend(outputs);
-        let mut final_result = None;
+        // A finished task is final: a later state changes nothing (`UpdateTaskByState`).
         if j.status == JobStatus::Running {
             if let Some(r) = result {
                 // A final result finishes the job: it leaves the jobs list.
                 j.status = r;
-                final_result = Some(r);
             }
         }
+        // `InsertTaskOutputIfNotExist`: the first value of a key stays, even after the task ended.
+        for (k, v) in outputs {
+            if output_accepted(&k, &v) {
+                j.outputs.entry(k).or_insert(v);
+            }
+        }
+        // Every key stored for the task, not only those of this request.
+        let sent: Vec<String> = j.outputs.keys().cloned().collect();
         let current = j.status;
-        if final_result.is_some() && st.runners.iter().any(|r| r.id == id && r.ephemeral) {
+        // Forgejo deletes an ephemeral runner on any final result it reports, even for a task that
+        // had already finished (e.g. cancelled).
+        if result.is_some() && st.runners.iter().any(|r| r.id == id && r.ephemeral) {
             st.delete_runner(id, "ephemeral runner finished its task");
         }
         let result_name = match current {
@@ -538,9 +532,10 @@ async fn update_task(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Resp
 async fn update_log(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Response {
     rpc(&s, &h, &body, true, |st, runner, req| {
         let id = runner.expect("authenticated");
+        mark_active(st, id);
         let task_id = int64(field(req, "task_id"))?;
         let index = int64(field(req, "index"))?;
-        let job = own_task(st, id, task_id)?;
+        let job = own_task(st, id, task_id, false)?;
         let rows: Vec<String> = field(req, "rows")
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|r| string(field(r, "content"))).collect())

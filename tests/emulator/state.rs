@@ -85,6 +85,10 @@ pub enum RunnerScope {
     Repo(i64),
 }
 
+/// Forgejo's `RunnerOfflineTime` and `RunnerIdleTime` (models/actions/runner.go).
+pub const RUNNER_OFFLINE_TIME: Duration = Duration::from_secs(60);
+pub const RUNNER_IDLE_TIME: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct Runner {
     pub id: i64,
@@ -94,11 +98,14 @@ pub struct Runner {
     pub description: String,
     pub scope: RunnerScope,
     pub ephemeral: bool,
-    /// Declared labels (full `name[:scheme[:arg]]` strings); empty until `Declare`.
+    /// Labels as the runner sent them (`Register`, then replaced by each `Declare`), stored and matched
+    /// verbatim like Forgejo's `AgentLabels`; empty for a runner registered through the REST API.
     pub labels: Vec<String>,
     pub version: String,
-    /// Contacted the RPC side at least once.
-    pub seen: bool,
+    /// Forgejo's `LastOnline`: the runner's last authenticated RPC call (`Register` is not one).
+    pub last_online: Option<SystemTime>,
+    /// Forgejo's `LastActive`: its last `UpdateTask` or `UpdateLog` call.
+    pub last_active: Option<SystemTime>,
     /// Tasks handed out to it.
     pub tasks: Vec<i64>,
 }
@@ -306,6 +313,8 @@ pub struct State {
     pub registration_token: String,
     /// `x-runner-request-key` → task handed out under it, so a retried fetch gets the same task.
     pub request_keys: HashMap<(i64, String), i64>,
+    /// Forgejo's `action_tasks_version` rows: (owner id, repo id) → version; (0, 0) is the instance.
+    pub tasks_versions: HashMap<(i64, i64), i64>,
     pub admin_id: i64,
 }
 
@@ -387,14 +396,6 @@ pub fn valid_username(name: &str) -> bool {
             .any(|(a, b)| punct(a) && punct(b))
 }
 
-/// The label names of a runner (`name[:scheme[:arg]]` → `name`): Forgejo matches on names only.
-pub fn label_names(labels: &[String]) -> Vec<String> {
-    labels
-        .iter()
-        .map(|l| l.split(':').next().unwrap_or_default().to_owned())
-        .collect()
-}
-
 impl State {
     pub fn new(opts: Options) -> Self {
         let mut s = Self {
@@ -411,6 +412,7 @@ impl State {
             requests: Vec::new(),
             registration_token: random_hex(20),
             request_keys: HashMap::new(),
+            tasks_versions: HashMap::new(),
             admin_id: 0,
         };
         let login = s.opts.admin_login.clone();
@@ -539,6 +541,8 @@ impl State {
             log_closed: false,
             outputs: BTreeMap::new(),
         });
+        // As Forgejo's `InsertRun` for a run with a waiting job.
+        self.increase_tasks_version(owner_id, repo_id);
         (id, handle, repo_id)
     }
 
@@ -749,20 +753,19 @@ impl State {
         })
     }
 
+    /// Forgejo's `ActionRunner.Status`, from time alone: `offline` a minute after the last call,
+    /// `idle` 10 s after the last `UpdateTask`/`UpdateLog`, else `active` (whatever its job's state).
     pub fn runner_status(&self, r: &Runner) -> &'static str {
-        let busy = r.tasks.iter().any(|t| {
-            self.tasks
-                .iter()
-                .find(|task| task.id == *t)
-                .and_then(|task| self.jobs.iter().find(|j| j.id == task.job_id))
-                .is_some_and(|j| j.status == JobStatus::Running)
-        });
-        if busy {
-            "active"
-        } else if r.seen {
+        let within = |t: Option<SystemTime>, d: Duration| {
+            t.and_then(|t| t.elapsed().ok())
+                .is_some_and(|elapsed| elapsed <= d)
+        };
+        if !within(r.last_online, RUNNER_OFFLINE_TIME) {
+            "offline"
+        } else if !within(r.last_active, RUNNER_IDLE_TIME) {
             "idle"
         } else {
-            "offline"
+            "active"
         }
     }
 
@@ -814,10 +817,50 @@ impl State {
         }
     }
 
-    /// Whether `runner` may run `job`: scope, and every `runs-on` label among its declared names.
+    /// Whether `runner` may run `job`: its scope covers the job, and Forgejo's `ItRunsOn`: every
+    /// `runs-on` entry is one of the runner's labels, compared as whole strings (`external-host:host`
+    /// is not `external-host`); a runner without labels or a job without `runs-on` never matches.
     pub fn runner_matches(&self, runner: &Runner, job: &Job) -> bool {
-        let names = label_names(&runner.labels);
-        self.scope_covers_job(&runner.scope, job) && job.runs_on.iter().all(|l| names.contains(l))
+        self.scope_covers_job(&runner.scope, job)
+            && !runner.labels.is_empty()
+            && !job.runs_on.is_empty()
+            && job.runs_on.iter().all(|l| runner.labels.contains(l))
+    }
+
+    /// Forgejo's `IncreaseTaskVersion`: bumps the instance's version and those of the owner and the
+    /// repository (a missing row starts at 1).
+    pub fn increase_tasks_version(&mut self, owner_id: i64, repo_id: i64) {
+        let mut keys = vec![(0, 0)];
+        if owner_id > 0 {
+            keys.push((owner_id, 0));
+        }
+        if repo_id > 0 {
+            keys.push((0, repo_id));
+        }
+        for k in keys {
+            let v = self.tasks_versions.entry(k).or_insert(0);
+            *v += 1;
+        }
+    }
+
+    /// The tasks version a runner of `scope` sees (Forgejo's `getLatestTasksVersion`: never 0, since a
+    /// runner reads 0 as "server without tasks versions").
+    pub fn latest_tasks_version(&mut self, scope: &RunnerScope) -> i64 {
+        let (owner_id, repo_id) = match scope {
+            RunnerScope::Instance => (0, 0),
+            RunnerScope::Owner(o) => (*o, 0),
+            RunnerScope::Repo(r) => (0, *r),
+        };
+        let v = self
+            .tasks_versions
+            .get(&(owner_id, repo_id))
+            .copied()
+            .unwrap_or(0);
+        if v == 0 {
+            self.increase_tasks_version(owner_id, repo_id);
+            return 1;
+        }
+        v
     }
 
     /// Hands `job_id` to `runner_id` as a new task; the job turns `running`.
