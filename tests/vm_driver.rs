@@ -603,3 +603,113 @@ async fn vm_internal_error_ends_the_vm_within_a_second_and_auto_then_picks_tcg()
     }
     assert_nothing_left(dir.path());
 }
+
+/// A guest that writes past `disk_max` is stopped at once (no power button: it would write on
+/// while shutting down), and its overlay never grew much past the cap on the host.
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_guest_writing_past_disk_max_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vm::VmConfig {
+        disk_max_mib: 4,
+        ..config(dir.path())
+    };
+    // The test guest runs from its initramfs: its disk can be overwritten (30 MiB of 36).
+    let ud = user_data(
+        &[],
+        &[
+            "echo fkr-test: writing",
+            "dd if=/dev/zero of=/dev/vda bs=1M count=30 conv=fsync",
+            "echo fkr-test: wrote it all",
+        ],
+        true,
+    );
+    let handle = vm::launch(&cfg, spec(ud, Duration::from_secs(240)))
+        .await
+        .unwrap();
+    let log = handle.serial_log().to_owned();
+    let exit = handle.wait().await.unwrap();
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    let Outcome::DiskLimitExceeded { limit, used } = exit.outcome else {
+        panic!("{exit:?}\n{text}");
+    };
+    assert_eq!(limit, 4 << 20);
+    // QEMU reports the moment the overlay passes the cap; the VM is gone within moments.
+    assert!(used < limit + (16 << 20), "the overlay grew to {used} bytes");
+    assert!(text.contains("fkr-test: writing"), "{text}");
+    assert!(!text.contains("fkr-test: wrote it all"), "{text}");
+    assert_eq!(exit.state, VmState::Failed);
+    assert_nothing_left(dir.path());
+}
+
+/// A guest that floods its serial console leaves a log no larger than the cap: its first bytes,
+/// a line saying how much was dropped, and its last words.
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_serial_flood_is_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vm::VmConfig {
+        serial_head_kib: 32,
+        serial_tail_kib: 64,
+        ..config(dir.path())
+    };
+    let ud = user_data(
+        &[],
+        &[
+            "i=0; while [ $i -lt 4000 ]; do echo \"fkr-flood $i ...............................................\"; i=$((i+1)); done > /dev/console",
+            "echo fkr-test: last words > /dev/console",
+        ],
+        true,
+    );
+    let handle = vm::launch(&cfg, spec(ud, Duration::from_secs(300)))
+        .await
+        .unwrap();
+    let log = handle.serial_log().to_owned();
+    let exit = handle.wait().await.unwrap();
+    assert_eq!(exit.outcome, Outcome::GuestPoweredOff, "{exit:?}");
+    let bytes = std::fs::read(&log).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        bytes.len() <= (32 + 64) * 1024 + 100,
+        "serial log of {} bytes",
+        bytes.len()
+    );
+    assert!(text.contains("bytes dropped so far"), "no cut marker");
+    assert!(text.contains("fkr-flood 3999"), "the latest output is kept");
+    assert!(text.contains("fkr-test: last words"));
+    assert!(!text.contains("fkr-flood 2000 "), "the middle was dropped");
+    assert!(text.contains("BdsDxe"), "the head (firmware) is kept");
+    assert_nothing_left(dir.path());
+}
+
+/// A guest that uses more memory than its cgroup allows takes only its own QEMU down (the OOM
+/// killer acts inside the VM's cgroup); this process and its files are fine, and the outcome says
+/// QEMU was killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_guest_over_its_memory_limit_dies_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vm::VmConfig {
+        // memory.max = guest RAM exactly: QEMU's own overhead has no room once the guest fills up.
+        memory_overhead_mib: 0,
+        ..config(dir.path())
+    };
+    let ud = user_data(
+        &[],
+        &[
+            "echo fkr-test: filling memory",
+            "dd if=/dev/zero of=/tmp/fill bs=1M count=170",
+            "echo fkr-test: still alive",
+        ],
+        true,
+    );
+    let handle = vm::launch(&cfg, spec(ud, Duration::from_secs(240)))
+        .await
+        .unwrap();
+    let log = handle.serial_log().to_owned();
+    let exit = handle.wait().await.unwrap();
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    match &exit.outcome {
+        Outcome::QemuExited { status, .. } => assert!(status.contains("SIGKILL"), "{exit:?}"),
+        other => panic!("{other:?}\n{text}"),
+    }
+    assert!(!text.contains("fkr-test: still alive"), "{text}");
+    assert_nothing_left(dir.path());
+}

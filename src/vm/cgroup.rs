@@ -174,6 +174,11 @@ impl VmCgroup {
                     &mem.join("memory.limit_in_bytes"),
                     &limits.memory_bytes.to_string(),
                 )?;
+                // With swap accounting, memory+swap gets the same limit: no escape into swap.
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &limits.memory_bytes.to_string())?;
+                }
                 write(&pids.join("pids.max"), &limits.pids.to_string())?;
                 write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                 write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
