@@ -143,6 +143,7 @@ mod tests {
             needs: vec![],
             task_id: 0,
             status,
+            run_id: 0,
         }
     }
 
