@@ -50,7 +50,7 @@ fn count(emu: &Emulator, method: &str, route: &str) -> usize {
 
 /// A CI user created through the client, with its password.
 async fn ci_user(c: &Client, owner: &str, repo: &str) -> NewUser {
-    let u = c.new_ci_user(&format!("{owner}-{repo}-ci"));
+    let u = c.new_ci_user(&format!("{owner}-{repo}-ci"), "fkr-qemu:repo:1");
     assert!(matches!(
         c.create_user(&u).await.unwrap(),
         UserCreation::Created(_)
@@ -286,7 +286,7 @@ async fn ci_user_is_created_usable_with_an_undeliverable_address() {
     let mut cfg = config(emu.url());
     cfg.ci_user_visibility = Visibility::Private;
     let c = Client::new(cfg, Secret::new(emu.admin_token())).unwrap();
-    let u = c.new_ci_user("acme-widget-ci");
+    let u = c.new_ci_user("acme-widget-ci", "fkr-qemu:repo:1");
     assert_eq!(u.username, "acme-widget-ci");
     assert_eq!(u.email, "acme-widget-ci@fkr-qemu.invalid");
     let UserCreation::Created(created) = c.create_user(&u).await.unwrap() else {
@@ -313,7 +313,7 @@ async fn existing_user_or_email_is_a_state_to_reconcile() {
     let emu = Emulator::start_default().await;
     let c = client(&emu);
     let u = ci_user(&c, "acme", "widget").await;
-    let again = c.new_ci_user("acme-widget-ci");
+    let again = c.new_ci_user("acme-widget-ci", "fkr-qemu:repo:1");
     match c.create_user(&again).await.unwrap() {
         UserCreation::AlreadyExists { message } => {
             assert!(message.contains("already exists"), "{message}")
@@ -329,7 +329,7 @@ async fn existing_user_or_email_is_a_state_to_reconcile() {
         UserCreation::AlreadyExists { .. }
     ));
     // Reconcile: take the user back with a new password; the old one stops working.
-    c.set_user_password(&u.username, &again.password)
+    c.set_user_password(&u.username, &again.password, "fkr-qemu:repo:1")
         .await
         .unwrap();
     c.create_token(&u.username, &again.password, &token_name(2), &TOKEN_SCOPES)
@@ -362,7 +362,9 @@ async fn user_who_must_change_password_is_refused_everywhere() {
         );
     }
     // Clearing the flag (what set_user_password does) lets the user in.
-    c.set_user_password("stale-ci", &pw).await.unwrap();
+    c.set_user_password("stale-ci", &pw, "fkr-qemu:repo:1")
+        .await
+        .unwrap();
     assert!(c.list_tokens("stale-ci", &pw).await.unwrap().is_empty());
 }
 
@@ -651,7 +653,7 @@ async fn non_idempotent_calls_are_not_retried() {
     );
     let c = client(&emu);
     assert_eq!(
-        c.create_user(&c.new_ci_user("a-b-ci"))
+        c.create_user(&c.new_ci_user("a-b-ci", "fkr-qemu:repo:1"))
             .await
             .unwrap_err()
             .status(),

@@ -52,7 +52,7 @@ async fn exercise(version: &str) -> Vec<LoggedRequest> {
     emu.add_job("forgejo-admin/own", &["external-host"], "own");
 
     // Users.
-    let u = c.new_ci_user("acme-widget-ci");
+    let u = c.new_ci_user("acme-widget-ci", "fkr-qemu:repo:1");
     assert!(matches!(
         c.create_user(&u).await.unwrap(),
         UserCreation::Created(_)
@@ -63,8 +63,10 @@ async fn exercise(version: &str) -> Vec<LoggedRequest> {
     ));
     c.user(&u.username).await.unwrap().unwrap();
     assert!(c.user("nobody").await.unwrap().is_none());
-    c.set_user_password(&u.username, &u.password).await.unwrap();
-    c.set_user_password("nobody", &u.password)
+    c.set_user_password(&u.username, &u.password, "fkr-qemu:repo:1")
+        .await
+        .unwrap();
+    c.set_user_password("nobody", &u.password, "fkr-qemu:repo:1")
         .await
         .unwrap_err();
 
