@@ -77,7 +77,7 @@ pub(crate) struct JobResources {
 }
 
 impl JobResources {
-    fn new(ctx: Arc<Ctx>, vm_name: String) -> Self {
+    pub(crate) fn new(ctx: Arc<Ctx>, vm_name: String) -> Self {
         Self {
             ctx,
             vm_name,
@@ -90,7 +90,7 @@ impl JobResources {
     }
 
     /// Releases everything, each step regardless of the others; returns how many steps failed.
-    async fn release(&mut self) -> usize {
+    pub(crate) async fn release(&mut self) -> usize {
         let mut failed = 0;
         if let Some(t) = self.token.take() {
             if let Err(e) = revoke_token(&self.ctx, self.repo_id, &t).await {
@@ -346,6 +346,50 @@ pub(crate) async fn ensure_ci_user(
         why,
     }
     .into())
+}
+
+/// The job's registry login: its CI user and a fresh `orch-…` token whose scopes follow
+/// [`token_access`]; `None` when the policy gives no token (then no CI user is needed either). The
+/// token goes into `res`, which revokes it.
+pub(crate) async fn registry_login(
+    ctx: &Ctx,
+    job: &Job,
+    repo: &Repository,
+    res: &mut JobResources,
+) -> Result<Option<(String, Secret)>, JobError> {
+    let access = token_access(ctx, job, repo).await;
+    let scopes: &[&str] = match access {
+        TokenAccess::Write => &TOKEN_SCOPES,
+        TokenAccess::Read => &READ_TOKEN_SCOPES,
+        TokenAccess::None => {
+            ctx.metrics.job_token(access);
+            return Ok(None);
+        }
+    };
+    let (username, mut password) = ensure_ci_user(ctx, repo).await?;
+    let token_name = forgejo::token_name(job.id);
+    let minted = match ctx
+        .forgejo
+        .create_token(&username, &password, &token_name, scopes)
+        .await
+    {
+        Err(e) if e.status() == Some(401) => {
+            password = reset_password(ctx, repo.id, &username).await?;
+            ctx.forgejo
+                .create_token(&username, &password, &token_name, scopes)
+                .await?
+        }
+        other => other?,
+    };
+    res.repo_id = repo.id;
+    res.token = Some(TokenRef {
+        username: username.clone(),
+        password,
+        id: minted.id,
+        name: minted.name.clone(),
+    });
+    ctx.metrics.job_token(access);
+    Ok(Some((username, minted.token)))
 }
 
 /// What the job's registry token may do: write, unless Forgejo treats the job's run as untrusted
@@ -607,38 +651,7 @@ async fn prepare_and_launch(
         v.repo.clone_from(&repo_name);
     });
 
-    let access = token_access(ctx, job, &repo).await;
-    let scopes: &[&str] = match access {
-        TokenAccess::Write => &TOKEN_SCOPES,
-        TokenAccess::Read => &READ_TOKEN_SCOPES,
-        TokenAccess::None => &[],
-    };
-    let mut registry_login = None;
-    if !scopes.is_empty() {
-        let (username, mut password) = ensure_ci_user(ctx, &repo).await?;
-        let token_name = forgejo::token_name(job.id);
-        let minted = match ctx
-            .forgejo
-            .create_token(&username, &password, &token_name, scopes)
-            .await
-        {
-            Err(e) if e.status() == Some(401) => {
-                password = reset_password(ctx, repo.id, &username).await?;
-                ctx.forgejo
-                    .create_token(&username, &password, &token_name, scopes)
-                    .await?
-            }
-            other => other?,
-        };
-        res.token = Some(TokenRef {
-            username: username.clone(),
-            password,
-            id: minted.id,
-            name: minted.name.clone(),
-        });
-        registry_login = Some((username, minted.token));
-    }
-    ctx.metrics.job_token(access);
+    let registry_login = registry_login(ctx, job, &repo, res).await?;
 
     let description = format!("{} job {} {owner}/{repo_name}", ctx.runner_marker, job.id);
     let runner = ctx

@@ -9,6 +9,8 @@ pub mod config;
 pub mod daemon;
 pub mod duration;
 mod job;
+#[cfg(test)]
+mod prepare_tests;
 mod queue;
 pub mod state;
 mod sweep;
