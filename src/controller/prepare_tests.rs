@@ -17,7 +17,7 @@ use crate::forgejo::{self, Job, JobStatus, Repository};
 use crate::ops::{Metrics, StatusBoard};
 use crate::secret::Secret;
 
-#[allow(dead_code, unused_imports)]
+// The emulator allows its own unused items (it serves many test crates).
 #[path = "../../tests/emulator/mod.rs"]
 mod emulator;
 
