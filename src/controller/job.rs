@@ -293,7 +293,7 @@ pub(crate) async fn ensure_ci_user(
                 {
                     Some(Some(id)) if id == repo_id => {
                         // Ours for this repository (state lost or another host): take it back.
-                        tracing::info!("CI user {username} exists already (marked for repository id {repo_id}); resetting its password");
+                        tracing::info!("CI user {username} exists already; resetting its password (it carries our marker for repository id {repo_id})");
                         ctx.forgejo
                             .set_user_password(&username, &password, &marker(repo_id))
                             .await?;
