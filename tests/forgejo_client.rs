@@ -798,3 +798,84 @@ async fn observer_sees_route_templates_and_statuses() {
         ]
     );
 }
+
+#[tokio::test]
+async fn runs_are_listed_across_pages_and_filtered_by_status() {
+    let emu = Emulator::start_default().await;
+    let c = client(&emu);
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let trigger = if i == 37 {
+            common::emulator::RunTrigger::fork_pull_request()
+        } else {
+            common::emulator::RunTrigger::push()
+        };
+        ids.push(emu.add_job_in_run("acme/widget", &["external-host"], "b", trigger));
+    }
+    // One finished run drops out of the waiting/running list.
+    emu.with_state(|s| {
+        s.jobs
+            .iter_mut()
+            .find(|j| j.id == ids[0].id)
+            .unwrap()
+            .status = common::emulator::JobStatus::Success
+    });
+    let runs = c
+        .action_runs("acme", "widget", &["waiting", "running"])
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 59);
+    assert_eq!(runs.iter().filter(|r| r.is_untrusted()).count(), 1);
+    assert!(!runs.iter().any(|r| r.id == ids[0].run_id));
+    assert_eq!(
+        count(&emu, "GET", "/repos/{owner}/{repo}/actions/runs"),
+        2,
+        "two pages of 50"
+    );
+    let fork = c
+        .action_run("acme", "widget", ids[37].run_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(fork.is_fork_pull_request && fork.is_untrusted());
+    assert_eq!(fork.event, "pull_request");
+    // A run id of another repository is not this repository's run.
+    let other = emu.add_job("acme/other", &["external-host"], "b");
+    assert!(c
+        .action_run("acme", "widget", other.run_id)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn only_admins_see_the_login_name_marker() {
+    let emu = Emulator::start_default().await;
+    let c = client(&emu);
+    let mut u = c.new_ci_user("acme-widget-ci", "fkr-qemu:repo:7");
+    u.visibility = fkr_qemu::forgejo::Visibility::Public;
+    c.create_user(&u).await.unwrap();
+    let seen = c.user("acme-widget-ci").await.unwrap().unwrap();
+    assert_eq!(
+        (seen.login_name.as_str(), seen.source_id),
+        ("fkr-qemu:repo:7", 0)
+    );
+    // A password reset keeps the marker (the client resends it).
+    c.set_user_password("acme-widget-ci", &u.password, "fkr-qemu:repo:7")
+        .await
+        .unwrap();
+    // Another signed-in user sees the account, not the marker.
+    emu.add_user("someone", "someone-password", false);
+    let basic: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/users/acme-widget-ci", emu.url()))
+        .basic_auth("someone", Some("someone-password"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(basic["login_name"], "");
+    let again = c.user("acme-widget-ci").await.unwrap().unwrap();
+    assert_eq!(again.login_name, "fkr-qemu:repo:7");
+}
