@@ -50,7 +50,7 @@ fn count(emu: &Emulator, method: &str, route: &str) -> usize {
 
 /// A CI user created through the client, with its password.
 async fn ci_user(c: &Client, owner: &str, repo: &str) -> NewUser {
-    let u = c.new_ci_user(&format!("{owner}-{repo}-ci"));
+    let u = c.new_ci_user(&format!("{owner}-{repo}-ci"), "fkr-qemu:repo:1");
     assert!(matches!(
         c.create_user(&u).await.unwrap(),
         UserCreation::Created(_)
@@ -287,7 +287,7 @@ async fn ci_user_is_created_usable_with_an_undeliverable_address() {
     let mut cfg = config(emu.url());
     cfg.ci_user_visibility = Visibility::Private;
     let c = Client::new(cfg, Secret::new(emu.admin_token())).unwrap();
-    let u = c.new_ci_user("acme-widget-ci");
+    let u = c.new_ci_user("acme-widget-ci", "fkr-qemu:repo:1");
     assert_eq!(u.username, "acme-widget-ci");
     assert_eq!(u.email, "acme-widget-ci@fkr-qemu.invalid");
     let UserCreation::Created(created) = c.create_user(&u).await.unwrap() else {
@@ -314,7 +314,7 @@ async fn existing_user_or_email_is_a_state_to_reconcile() {
     let emu = Emulator::start_default().await;
     let c = client(&emu);
     let u = ci_user(&c, "acme", "widget").await;
-    let again = c.new_ci_user("acme-widget-ci");
+    let again = c.new_ci_user("acme-widget-ci", "fkr-qemu:repo:1");
     match c.create_user(&again).await.unwrap() {
         UserCreation::AlreadyExists { message } => {
             assert!(message.contains("already exists"), "{message}")
@@ -330,7 +330,7 @@ async fn existing_user_or_email_is_a_state_to_reconcile() {
         UserCreation::AlreadyExists { .. }
     ));
     // Reconcile: take the user back with a new password; the old one stops working.
-    c.set_user_password(&u.username, &again.password)
+    c.set_user_password(&u.username, &again.password, "fkr-qemu:repo:1")
         .await
         .unwrap();
     c.create_token(&u.username, &again.password, &token_name(2), &TOKEN_SCOPES)
@@ -363,7 +363,9 @@ async fn user_who_must_change_password_is_refused_everywhere() {
         );
     }
     // Clearing the flag (what set_user_password does) lets the user in.
-    c.set_user_password("stale-ci", &pw).await.unwrap();
+    c.set_user_password("stale-ci", &pw, "fkr-qemu:repo:1")
+        .await
+        .unwrap();
     assert!(c.list_tokens("stale-ci", &pw).await.unwrap().is_empty());
 }
 
@@ -652,7 +654,7 @@ async fn non_idempotent_calls_are_not_retried() {
     );
     let c = client(&emu);
     assert_eq!(
-        c.create_user(&c.new_ci_user("a-b-ci"))
+        c.create_user(&c.new_ci_user("a-b-ci", "fkr-qemu:repo:1"))
             .await
             .unwrap_err()
             .status(),
@@ -796,4 +798,85 @@ async fn observer_sees_route_templates_and_statuses() {
             ("/admin/actions/runners/{runner_id}", 404),
         ]
     );
+}
+
+#[tokio::test]
+async fn runs_are_listed_across_pages_and_filtered_by_status() {
+    let emu = Emulator::start_default().await;
+    let c = client(&emu);
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let trigger = if i == 37 {
+            common::emulator::RunTrigger::fork_pull_request()
+        } else {
+            common::emulator::RunTrigger::push()
+        };
+        ids.push(emu.add_job_in_run("acme/widget", &["external-host"], "b", trigger));
+    }
+    // One finished run drops out of the waiting/running list.
+    emu.with_state(|s| {
+        s.jobs
+            .iter_mut()
+            .find(|j| j.id == ids[0].id)
+            .unwrap()
+            .status = common::emulator::JobStatus::Success
+    });
+    let runs = c
+        .action_runs("acme", "widget", &["waiting", "running"])
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 59);
+    assert_eq!(runs.iter().filter(|r| r.is_untrusted()).count(), 1);
+    assert!(!runs.iter().any(|r| r.id == ids[0].run_id));
+    assert_eq!(
+        count(&emu, "GET", "/repos/{owner}/{repo}/actions/runs"),
+        2,
+        "two pages of 50"
+    );
+    let fork = c
+        .action_run("acme", "widget", ids[37].run_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(fork.is_fork_pull_request && fork.is_untrusted());
+    assert_eq!(fork.event, "pull_request");
+    // A run id of another repository is not this repository's run.
+    let other = emu.add_job("acme/other", &["external-host"], "b");
+    assert!(c
+        .action_run("acme", "widget", other.run_id)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn only_admins_see_the_login_name_marker() {
+    let emu = Emulator::start_default().await;
+    let c = client(&emu);
+    let mut u = c.new_ci_user("acme-widget-ci", "fkr-qemu:repo:7");
+    u.visibility = fkr_qemu::forgejo::Visibility::Public;
+    c.create_user(&u).await.unwrap();
+    let seen = c.user("acme-widget-ci").await.unwrap().unwrap();
+    assert_eq!(
+        (seen.login_name.as_str(), seen.source_id),
+        ("fkr-qemu:repo:7", 0)
+    );
+    // A password reset keeps the marker (the client resends it).
+    c.set_user_password("acme-widget-ci", &u.password, "fkr-qemu:repo:7")
+        .await
+        .unwrap();
+    // Another signed-in user sees the account, not the marker.
+    emu.add_user("someone", "someone-password", false);
+    let basic: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/users/acme-widget-ci", emu.url()))
+        .basic_auth("someone", Some("someone-password"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(basic["login_name"], "");
+    let again = c.user("acme-widget-ci").await.unwrap().unwrap();
+    assert_eq!(again.login_name, "fkr-qemu:repo:7");
 }

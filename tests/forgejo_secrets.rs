@@ -65,7 +65,7 @@ fn no_secret_in_logs_errors_or_debug() {
         shown.push(format!("{c:?} {cfg:?}"));
         c.probe().await.unwrap();
 
-        let u = c.new_ci_user("acme-widget-ci");
+        let u = c.new_ci_user("acme-widget-ci", "fkr-qemu:repo:1");
         secrets.push(u.password.expose().to_owned());
         shown.push(format!("{u:?}"));
         assert!(matches!(
@@ -76,7 +76,7 @@ fn no_secret_in_logs_errors_or_debug() {
         shown.push(format!("{again:?}"));
         let new_password = generate_password();
         secrets.push(new_password.expose().to_owned());
-        c.set_user_password(&u.username, &new_password)
+        c.set_user_password(&u.username, &new_password, "fkr-qemu:repo:1")
             .await
             .unwrap();
 

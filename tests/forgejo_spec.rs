@@ -8,7 +8,7 @@ mod swagger;
 
 use std::collections::BTreeSet;
 
-use common::emulator::{Emulator, LoggedRequest, Options};
+use common::emulator::{Emulator, LoggedRequest, Options, RunTrigger};
 use fkr_qemu::forgejo::{token_name, Client, ClientConfig, Level, UserCreation, TOKEN_SCOPES};
 use fkr_qemu::secret::Secret;
 use serde_json::{json, Value};
@@ -52,7 +52,7 @@ async fn exercise(version: &str) -> Vec<LoggedRequest> {
     emu.add_job("forgejo-admin/own", &["external-host"], "own");
 
     // Users.
-    let u = c.new_ci_user("acme-widget-ci");
+    let u = c.new_ci_user("acme-widget-ci", "fkr-qemu:repo:1");
     assert!(matches!(
         c.create_user(&u).await.unwrap(),
         UserCreation::Created(_)
@@ -63,8 +63,10 @@ async fn exercise(version: &str) -> Vec<LoggedRequest> {
     ));
     c.user(&u.username).await.unwrap().unwrap();
     assert!(c.user("nobody").await.unwrap().is_none());
-    c.set_user_password(&u.username, &u.password).await.unwrap();
-    c.set_user_password("nobody", &u.password)
+    c.set_user_password(&u.username, &u.password, "fkr-qemu:repo:1")
+        .await
+        .unwrap();
+    c.set_user_password("nobody", &u.password, "fkr-qemu:repo:1")
         .await
         .unwrap_err();
 
@@ -95,6 +97,29 @@ async fn exercise(version: &str) -> Vec<LoggedRequest> {
     // Repositories.
     c.repository(job.repo_id).await.unwrap();
     c.repository(99_999).await.unwrap_err();
+
+    // Runs: a fork pull request's run beside the push run of `job`; every page, by id, missing.
+    emu.add_job_in_run(
+        "acme/widget",
+        &["external-host"],
+        "pr",
+        RunTrigger::fork_pull_request(),
+    );
+    let runs = c
+        .action_runs("acme", "widget", &["waiting", "running"])
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.iter().any(|r| r.is_untrusted()));
+    let run = c.action_run("acme", "widget", job.run_id).await.unwrap();
+    assert!(!run.unwrap().is_untrusted());
+    assert!(c
+        .action_run("acme", "widget", 99_999)
+        .await
+        .unwrap()
+        .is_none());
+    c.action_runs("acme", "nope", &[]).await.unwrap_err();
+    assert!(c.verify_password(&u.username, &u.password).await.unwrap());
 
     // Jobs and runners at every level; a picked-up job so that the list is not empty.
     for level in [
@@ -165,6 +190,14 @@ async fn exercise(version: &str) -> Vec<LoggedRequest> {
     )
     .await
     .unwrap();
+    for q in ["status=bogus", "event=pull_request&page=1&limit=1"] {
+        get(
+            &format!("/repos/acme/widget/actions/runs?{q}"),
+            Some(format!("token {}", emu.admin_token())),
+        )
+        .await
+        .unwrap();
+    }
     emu.add_user("stale", "stale-password", true);
     use base64::Engine;
     let basic = base64::engine::general_purpose::STANDARD.encode("stale:stale-password");
@@ -209,6 +242,8 @@ const CLIENT_ROUTES: &[&str] = &[
     "GET /users/{username}/tokens",
     "DELETE /users/{username}/tokens/{token}",
     "GET /repositories/{id}",
+    "GET /repos/{owner}/{repo}/actions/runs",
+    "GET /repos/{owner}/{repo}/actions/runs/{run_id}",
     "GET /admin/actions/runners/jobs",
     "GET /orgs/{org}/actions/runners/jobs",
     "GET /repos/{owner}/{repo}/actions/runners/jobs",

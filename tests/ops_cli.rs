@@ -221,16 +221,13 @@ fn ci_users_never_shows_passwords() {
     let mut store = CiUserStore::open(&path).unwrap();
     for (i, (owner, repo)) in [("alice", "web"), ("bob", "api")].into_iter().enumerate() {
         store
-            .put(
-                owner,
-                repo,
-                CiUser {
-                    username: format!("{owner}-{repo}-ci"),
-                    repository: format!("{owner}/{repo}"),
-                    password: Secret::new(passwords[i]),
-                    created_at: time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
-                },
-            )
+            .put(CiUser {
+                username: format!("{owner}-{repo}-ci"),
+                repository: format!("{owner}/{repo}"),
+                repo_id: i as i64 + 1,
+                password: Secret::new(passwords[i]),
+                created_at: time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            })
             .unwrap();
     }
     assert!(std::fs::read_to_string(&path)

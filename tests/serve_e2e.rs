@@ -115,6 +115,55 @@ fn serve_vm_end_to_end_runs_a_job_and_cleans_up() {
     }
 }
 
+#[test]
+fn serve_vm_fork_pull_request_gets_pull_only_credentials_and_squatters_fail_the_job() {
+    let w = World::new(Settings::default());
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+
+    // A push job, then a pull request from a fork of the same repository.
+    let (push, _) = w.emu.add_job("alice/web", "external-host");
+    serve.wait_log(&format!("job {push}: done (completed)"), BOOT);
+    let (pr, _) = w
+        .emu
+        .add_fork_pull_request_job("alice/web", "external-host");
+    serve.wait_log(&format!("job {pr}: run "), Duration::from_secs(60));
+    serve.wait_log(&format!("job {pr}: done (completed)"), BOOT);
+    assert_eq!(
+        w.emu.job_status(pr),
+        "success",
+        "log:\n{}",
+        serve.log_text()
+    );
+    let line = serve.wait_log(&format!("job {pr}: run "), Duration::from_secs(1));
+    assert!(line.ends_with("registry access read"), "{line}");
+    assert_eq!(
+        w.emu.token_scopes_requested("alice-web-ci"),
+        vec![
+            vec!["write:package".to_string(), "read:package".to_string()],
+            vec!["read:package".to_string()]
+        ],
+        "the push job writes, the fork's pull request only reads"
+    );
+
+    // Someone registered the next repository's CI user name, with the derived address.
+    w.emu.register_user(
+        "bob-api-ci",
+        "bob-api-ci@fkr-qemu.invalid",
+        "squatter-pw-123",
+    );
+    let (squatted, _) = w.emu.add_job("bob/api", "external-host");
+    let line = serve.wait_log(
+        &format!("job {squatted}: preparing the VM failed: CI user bob-api-ci for bob/api"),
+        Duration::from_secs(60),
+    );
+    assert!(line.contains("never takes over"), "{line}");
+    assert!(w.emu.token_scopes_requested("bob-api-ci").is_empty());
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(60)).success());
+    w.assert_clean("alice-web-ci");
+}
+
 /// The status of every job, from one emulator snapshot.
 fn statuses(w: &World, ids: &[i64]) -> Vec<String> {
     let s = w.emu.state();

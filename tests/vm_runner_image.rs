@@ -507,7 +507,7 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
             label: "external-host",
             handle,
         },
-        &registry,
+        Some(&registry),
     )
     .expect("render user-data");
     let auth = userdata::registry_auth_json(&registry);

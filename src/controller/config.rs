@@ -43,6 +43,38 @@ struct FileTop {
     runtime_dir: PathBuf,
     net: NetConfig,
     metrics: MetricsConfig,
+    tokens: TokenPolicy,
+}
+
+/// What a job whose run is a pull request from a fork gets instead of a `write:package` token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForkAccess {
+    /// A `read:package` token: the job can pull the CI user's images, not push.
+    #[default]
+    Read,
+    /// No token and no registry credentials in the VM.
+    None,
+}
+
+/// `[tokens]`: how far the registry token of a job is trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenPolicy {
+    /// Jobs of runs that Forgejo itself treats as untrusted (`is_fork_pull_request`, except
+    /// `pull_request_target`) get this.
+    pub fork_pull_requests: ForkAccess,
+    /// `owner/repo` (case-insensitive) whose fork pull requests get `write:package` anyway.
+    pub fork_write_repos: Vec<String>,
+}
+
+impl TokenPolicy {
+    /// Whether `full_name` (`owner/repo`) is on the allow-list.
+    pub fn fork_write_allowed(&self, full_name: &str) -> bool {
+        self.fork_write_repos
+            .iter()
+            .any(|r| r.eq_ignore_ascii_case(full_name))
+    }
 }
 
 impl Default for FileTop {
@@ -58,6 +90,7 @@ impl Default for FileTop {
             runtime_dir: PathBuf::from("/run/fkr-qemu"),
             net: NetConfig::default(),
             metrics: MetricsConfig::default(),
+            tokens: TokenPolicy::default(),
         }
     }
 }
@@ -93,6 +126,7 @@ pub struct Config {
     pub vm: VmConfig,
     pub net: NetConfig,
     pub metrics: MetricsConfig,
+    pub tokens: TokenPolicy,
 }
 
 /// Values given as command-line flags (highest precedence). Never carries the token itself.
@@ -285,6 +319,7 @@ impl Config {
             vm,
             net: top.net,
             metrics: top.metrics,
+            tokens: top.tokens,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -341,6 +376,11 @@ impl Config {
         self.metrics
             .validate()
             .map_err(|e| Error::Config(e.to_string()))?;
+        for r in &self.tokens.fork_write_repos {
+            if r.split('/').count() != 2 || r.split('/').any(str::is_empty) {
+                return bad(format!("tokens.fork_write_repos: {r:?} is not owner/repo"));
+            }
+        }
         Ok(())
     }
 
@@ -387,6 +427,12 @@ impl Config {
         top.insert(
             "net".into(),
             toml::Table::try_from(&self.net).unwrap_or_default().into(),
+        );
+        top.insert(
+            "tokens".into(),
+            toml::Table::try_from(&self.tokens)
+                .unwrap_or_default()
+                .into(),
         );
         let mut text =
             toml::to_string_pretty(&top).unwrap_or_else(|e| format!("# unprintable: {e}\n"));
@@ -516,6 +562,33 @@ mod tests {
             Path::new("/var/lib/fkr-qemu/ci-users.json")
         );
         assert_eq!(c.runner_url().as_str(), "http://f.example/");
+        assert_eq!(c.tokens.fork_pull_requests, ForkAccess::Read);
+        assert!(c.tokens.fork_write_repos.is_empty());
+        assert_eq!(
+            c.forgejo.ci_user_visibility,
+            crate::forgejo::Visibility::Private
+        );
+    }
+
+    #[test]
+    fn token_policy_section() {
+        let c =
+            parse("[tokens]\nfork_pull_requests = \"none\"\nfork_write_repos = [\"Acme/Web\"]\n")
+                .unwrap();
+        assert_eq!(c.tokens.fork_pull_requests, ForkAccess::None);
+        assert!(c.tokens.fork_write_allowed("acme/web"));
+        assert!(!c.tokens.fork_write_allowed("acme/web2"));
+        assert!(!c.tokens.fork_write_allowed("acme"));
+        let text = c.to_redacted_toml();
+        assert!(text.contains("fork_pull_requests = \"none\""), "{text}");
+        for bad in [
+            "[tokens]\nfork_pull_requests = \"write\"\n",
+            "[tokens]\nfork_write_repos = [\"acme\"]\n",
+            "[tokens]\nfork_write_repos = [\"a/b/c\"]\n",
+            "[tokens]\nbogus = 1\n",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -551,7 +624,7 @@ mod tests {
     #[test]
     fn sections_are_the_modules_configs() {
         let c = parse(
-            "[forgejo]\nlevel = { org = \"acme\" }\nci_user_visibility = \"private\"\n\
+            "[forgejo]\nlevel = { org = \"acme\" }\nci_user_visibility = \"public\"\n\
              runner_url = \"http://10.0.0.2:3000/\"\n[vm]\naccel = \"tcg\"\nmemory_mib = 512\n\
              [net]\nbridge = \"br-ci\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
         )
@@ -559,7 +632,7 @@ mod tests {
         assert_eq!(c.forgejo.level, crate::forgejo::Level::Org("acme".into()));
         assert_eq!(
             c.forgejo.ci_user_visibility,
-            crate::forgejo::Visibility::Private
+            crate::forgejo::Visibility::Public
         );
         assert_eq!(c.runner_url().as_str(), "http://10.0.0.2:3000/");
         assert_eq!(c.vm.accel, Accel::Tcg);

@@ -17,12 +17,13 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::ciuser::{ci_username, CiUser};
+use super::ciuser::{candidate_usernames, marked_repo, marker, CiUser};
+use super::config::ForkAccess;
 use super::state::JobState;
 use super::userdata::{self, RegistryAuth, RunnerParams};
 use super::Ctx;
-use crate::forgejo::{self, Job, UserCreation, TOKEN_SCOPES};
-use crate::ops::{JobOutcome, RemovalReason, VmInfo, VmLimits, VmState};
+use crate::forgejo::{self, Job, Repository, UserCreation, READ_TOKEN_SCOPES, TOKEN_SCOPES};
+use crate::ops::{JobOutcome, RemovalReason, TokenAccess, VmInfo, VmLimits, VmState};
 use crate::secret::Secret;
 use crate::vm::{self, Outcome, Seed, VmName, VmSpec};
 
@@ -72,7 +73,8 @@ struct TokenRef {
 pub(crate) struct JobResources {
     ctx: Arc<Ctx>,
     vm_name: String,
-    owner_repo: (String, String),
+    /// The job's repository id (whose CI user holds the token).
+    repo_id: i64,
     token: Option<TokenRef>,
     runner_id: Option<i64>,
     tap: Option<crate::net::Tap>,
@@ -80,11 +82,11 @@ pub(crate) struct JobResources {
 }
 
 impl JobResources {
-    fn new(ctx: Arc<Ctx>, vm_name: String) -> Self {
+    pub(crate) fn new(ctx: Arc<Ctx>, vm_name: String) -> Self {
         Self {
             ctx,
             vm_name,
-            owner_repo: Default::default(),
+            repo_id: 0,
             token: None,
             runner_id: None,
             tap: None,
@@ -93,10 +95,10 @@ impl JobResources {
     }
 
     /// Releases everything, each step regardless of the others; returns how many steps failed.
-    async fn release(&mut self) -> usize {
+    pub(crate) async fn release(&mut self) -> usize {
         let mut failed = 0;
         if let Some(t) = self.token.take() {
-            if let Err(e) = revoke_token(&self.ctx, &self.owner_repo, &t).await {
+            if let Err(e) = revoke_token(&self.ctx, self.repo_id, &t).await {
                 tracing::warn!(vm = %self.vm_name, "cannot revoke token {} of {}: {e} (left for the startup sweep)", t.name, t.username);
                 failed += 1;
             }
@@ -124,9 +126,9 @@ impl Drop for JobResources {
             return;
         }
         // Only reached when the job's task was cancelled or panicked before `release`.
-        let (ctx, owner_repo, token, runner) = (
+        let (ctx, repo_id, token, runner) = (
             self.ctx.clone(),
-            self.owner_repo.clone(),
+            self.repo_id,
             self.token.take(),
             self.runner_id.take(),
         );
@@ -135,7 +137,7 @@ impl Drop for JobResources {
             Ok(rt) => {
                 rt.spawn(async move {
                     if let Some(t) = token {
-                        if let Err(e) = revoke_token(&ctx, &owner_repo, &t).await {
+                        if let Err(e) = revoke_token(&ctx, repo_id, &t).await {
                             tracing::warn!(vm = %vm_name, "cannot revoke token {}: {e} (left for the startup sweep)", t.name);
                         }
                     }
@@ -154,12 +156,8 @@ impl Drop for JobResources {
 }
 
 /// Revokes a job token; when the stored password no longer works (someone changed it), takes the
-/// user back with a new password and retries once.
-async fn revoke_token(
-    ctx: &Ctx,
-    owner_repo: &(String, String),
-    t: &TokenRef,
-) -> Result<(), JobError> {
+/// user back with a new password (only with proof it is ours) and retries once.
+async fn revoke_token(ctx: &Ctx, repo_id: i64, t: &TokenRef) -> Result<(), JobError> {
     match ctx
         .forgejo
         .delete_token(&t.username, &t.password, t.id)
@@ -167,7 +165,7 @@ async fn revoke_token(
     {
         Ok(_) => Ok(()),
         Err(e) if e.status() == Some(401) => {
-            let password = reset_password(ctx, &owner_repo.0, &owner_repo.1, &t.username).await?;
+            let password = reset_password(ctx, repo_id, &t.username).await?;
             ctx.forgejo
                 .delete_token(&t.username, &password, t.id)
                 .await?;
@@ -177,80 +175,304 @@ async fn revoke_token(
     }
 }
 
-/// Sets a new password for a CI user we own and stores it.
+/// Sets a new password for the stored CI user of repository `repo_id` and stores it — only when
+/// the Forgejo account of that name still carries our marker for that repository. (A stored name
+/// proves nothing once the account may have been deleted and registered again by someone else.)
 pub(crate) async fn reset_password(
     ctx: &Ctx,
-    owner: &str,
-    repo: &str,
+    repo_id: i64,
     username: &str,
 ) -> Result<Secret, JobError> {
     let mut store = ctx.users.lock().await;
-    let password = forgejo::generate_password();
-    ctx.forgejo.set_user_password(username, &password).await?;
-    let created_at = store
-        .get(owner, repo)
-        .map_or_else(OffsetDateTime::now_utc, |u| u.created_at);
-    store.put(
-        owner,
-        repo,
-        CiUser {
+    let Some(stored) = store.get(repo_id).cloned() else {
+        return Err(super::Error::InvalidInput(format!(
+            "no CI user of repository id {repo_id} in {}",
+            store.path().display()
+        ))
+        .into());
+    };
+    let existing = ctx.forgejo.user(username).await?;
+    let proven = existing
+        .as_ref()
+        .and_then(|u| marked_repo(&u.login_name, u.source_id))
+        == Some(repo_id);
+    if !proven {
+        ctx.metrics.ci_user_refused();
+        return Err(super::Error::CiUserRefused {
             username: username.to_owned(),
-            repository: format!("{owner}/{repo}"),
-            password: password.clone(),
-            created_at,
-        },
-    )?;
+            repository: stored.repository.clone(),
+            repo_id,
+            why: match existing {
+                None => "the account no longer exists in Forgejo".to_owned(),
+                Some(_) => "its stored password is refused and the account does not carry \
+                            fkr-qemu's marker for this repository"
+                    .to_owned(),
+            },
+        }
+        .into());
+    }
+    let password = forgejo::generate_password();
+    ctx.forgejo
+        .set_user_password(username, &password, &marker(repo_id))
+        .await?;
+    store.put(CiUser {
+        password: password.clone(),
+        ..stored
+    })?;
     tracing::info!("reset the password of CI user {username} (the stored one was refused)");
     Ok(password)
 }
 
-/// The CI user of `owner/repo`, created on first use. Concurrent jobs of one repository create it
-/// once (the store's lock is held across the creation).
+/// The CI user of `repo`, created on first use (see `ciuser` for the rule and the proof an
+/// existing account must carry). Concurrent jobs of one repository create it once (the store's
+/// lock is held across the creation).
 pub(crate) async fn ensure_ci_user(
     ctx: &Ctx,
-    owner: &str,
-    repo: &str,
+    repo: &Repository,
 ) -> Result<(String, Secret), JobError> {
+    let (owner, name, repo_id) = (repo.owner.as_str(), repo.name.as_str(), repo.id);
+    let full_name = format!("{owner}/{name}");
     let mut store = ctx.users.lock().await;
-    if let Some(u) = store.get(owner, repo) {
-        return Ok((u.username.clone(), u.password.clone()));
+    if let Some(u) = store.get(repo_id).cloned() {
+        if u.repository != full_name {
+            // Renamed or transferred: same id, same user; keep the record readable.
+            tracing::info!(
+                "repository id {repo_id} is now {full_name} (was {}); it keeps CI user {}",
+                u.repository,
+                u.username
+            );
+            store.put(CiUser {
+                repository: full_name.clone(),
+                ..u.clone()
+            })?;
+        }
+        return Ok((u.username, u.password));
     }
-    let username = ci_username(owner, repo);
-    let new = ctx.forgejo.new_ci_user(&username);
-    let (email, password) = (new.email.clone(), new.password.clone());
-    tracing::info!("creating CI user {username} for {owner}/{repo}");
-    match ctx.forgejo.create_user(&new).await? {
-        UserCreation::Created(_) => {}
-        UserCreation::AlreadyExists { message } => {
-            // We lost its password (state dir wiped, another host). Take it back only if it is
-            // recognisably ours: our e-mail address. A human's account of that name is left alone.
-            let existing = ctx.forgejo.user(&username).await?;
-            match existing {
-                Some(u) if u.email.eq_ignore_ascii_case(&email) => {
-                    tracing::info!("CI user {username} exists already; resetting its password");
-                    ctx.forgejo.set_user_password(&username, &password).await?;
-                }
-                _ => {
-                    return Err(super::Error::InvalidInput(format!(
-                        "cannot create CI user {username} for {owner}/{repo}: {message}; an account of \
-                         that name exists and is not one of ours (its e-mail is not {email})"
-                    ))
-                    .into())
+    if let Some(old) = store.unbound(owner, name).cloned() {
+        // A version-1 entry: bind it to this id only if its password still works (only we know
+        // it), and mark the account so that it can be proven later without the file.
+        if ctx
+            .forgejo
+            .verify_password(&old.username, &old.password)
+            .await?
+        {
+            ctx.forgejo
+                .set_user_password(&old.username, &old.password, &marker(repo_id))
+                .await?;
+            tracing::info!(
+                "bound CI user {} to {full_name} (repository id {repo_id})",
+                old.username
+            );
+            let bound = CiUser {
+                repo_id,
+                repository: full_name,
+                ..old
+            };
+            store.put(bound.clone())?;
+            return Ok((bound.username, bound.password));
+        }
+        tracing::warn!(
+            "the stored password of CI user {} ({full_name}, from an older state file) is refused; \
+             not using it",
+            old.username
+        );
+    }
+    let mut refusal = None;
+    for username in candidate_usernames(owner, name, repo_id) {
+        if let Some(holder) = store.held_by_other(&username, repo_id) {
+            tracing::info!(
+                "CI user name {username} belongs to {holder}; trying the next name for {full_name}"
+            );
+            continue;
+        }
+        let new = ctx.forgejo.new_ci_user(&username, &marker(repo_id));
+        let password = new.password.clone();
+        tracing::info!("creating CI user {username} for {full_name}");
+        match ctx.forgejo.create_user(&new).await? {
+            UserCreation::Created(_) => {}
+            UserCreation::AlreadyExists { message } => {
+                let existing = ctx.forgejo.user(&username).await?;
+                match existing
+                    .as_ref()
+                    .map(|u| marked_repo(&u.login_name, u.source_id))
+                {
+                    Some(Some(id)) if id == repo_id => {
+                        // Ours for this repository (state lost or another host): take it back.
+                        tracing::info!("CI user {username} exists already; resetting its password (it carries our marker for repository id {repo_id})");
+                        ctx.forgejo
+                            .set_user_password(&username, &password, &marker(repo_id))
+                            .await?;
+                    }
+                    Some(Some(other)) => {
+                        tracing::info!("CI user name {username} belongs to repository id {other}; trying the next name for {full_name}");
+                        continue;
+                    }
+                    Some(None) => {
+                        refusal = Some((
+                            username.clone(),
+                            "a Forgejo account of that name exists without fkr-qemu's marker \
+                             (its login_name is not fkr-qemu:repo:<id> of this repository)"
+                                .to_owned(),
+                        ));
+                        break;
+                    }
+                    None => {
+                        refusal = Some((
+                            username.clone(),
+                            format!("Forgejo refused to create it ({message}) and shows no account of that name (the name is reserved or its e-mail address {} is taken)", new.email),
+                        ));
+                        break;
+                    }
                 }
             }
         }
-    }
-    store.put(
-        owner,
-        repo,
-        CiUser {
+        store.put(CiUser {
             username: username.clone(),
-            repository: format!("{owner}/{repo}"),
+            repository: full_name,
+            repo_id,
             password: password.clone(),
             created_at: OffsetDateTime::now_utc(),
+        })?;
+        return Ok((username, password));
+    }
+    let (username, why) = refusal.unwrap_or_else(|| {
+        (
+            candidate_usernames(owner, name, repo_id)
+                .pop()
+                .unwrap_or_default(),
+            "every name the rule gives is held by another repository".to_owned(),
+        )
+    });
+    ctx.metrics.ci_user_refused();
+    Err(super::Error::CiUserRefused {
+        username,
+        repository: full_name,
+        repo_id,
+        why,
+    }
+    .into())
+}
+
+/// The job's registry login: its CI user and a fresh `orch-…` token whose scopes follow
+/// [`token_access`]; `None` when the policy gives no token (then no CI user is needed either). The
+/// token goes into `res`, which revokes it.
+pub(crate) async fn registry_login(
+    ctx: &Ctx,
+    job: &Job,
+    repo: &Repository,
+    res: &mut JobResources,
+) -> Result<Option<(String, Secret)>, JobError> {
+    let access = token_access(ctx, job, repo).await;
+    let scopes: &[&str] = match access {
+        TokenAccess::Write => &TOKEN_SCOPES,
+        TokenAccess::Read => &READ_TOKEN_SCOPES,
+        TokenAccess::None => {
+            ctx.metrics.job_token(access);
+            return Ok(None);
+        }
+    };
+    let (username, mut password) = ensure_ci_user(ctx, repo).await?;
+    let token_name = forgejo::token_name(job.id);
+    let minted = match ctx
+        .forgejo
+        .create_token(&username, &password, &token_name, scopes)
+        .await
+    {
+        Err(e) if e.status() == Some(401) => {
+            password = reset_password(ctx, repo.id, &username).await?;
+            ctx.forgejo
+                .create_token(&username, &password, &token_name, scopes)
+                .await?
+        }
+        other => other?,
+    };
+    res.repo_id = repo.id;
+    res.token = Some(TokenRef {
+        username: username.clone(),
+        password,
+        id: minted.id,
+        name: minted.name.clone(),
+    });
+    ctx.metrics.job_token(access);
+    Ok(Some((username, minted.token)))
+}
+
+/// What the job's registry token may do: write, unless Forgejo treats the job's run as untrusted
+/// (a pull request from a fork) and the repository is not on `tokens.fork_write_repos`.
+async fn token_access(ctx: &Ctx, job: &Job, repo: &Repository) -> TokenAccess {
+    let (untrusted, why) = run_is_untrusted(ctx, job, repo).await;
+    if !untrusted {
+        return TokenAccess::Write;
+    }
+    if ctx.cfg.tokens.fork_write_allowed(&repo.full_name) {
+        tracing::info!(
+            "job {}: {why}; {} is on tokens.fork_write_repos: write token",
+            job.id,
+            repo.full_name
+        );
+        return TokenAccess::Write;
+    }
+    let access = match ctx.cfg.tokens.fork_pull_requests {
+        ForkAccess::Read => TokenAccess::Read,
+        ForkAccess::None => TokenAccess::None,
+    };
+    tracing::info!("job {}: {why}: registry access {}", job.id, access.as_str());
+    access
+}
+
+/// Whether the job's run is untrusted, with the reason. The run comes from the job's `run_id`
+/// when the server lists it (v16+); otherwise from the repository's waiting and running runs,
+/// where any untrusted run (or none at all, or an error) makes the job untrusted: which of them
+/// is this job's cannot be told.
+async fn run_is_untrusted(ctx: &Ctx, job: &Job, repo: &Repository) -> (bool, String) {
+    if job.run_id > 0 {
+        return match ctx
+            .forgejo
+            .action_run(&repo.owner, &repo.name, job.run_id)
+            .await
+        {
+            Ok(Some(run)) if run.is_untrusted() => (
+                true,
+                format!(
+                    "run {} is a pull request from a fork ({})",
+                    run.id, run.event
+                ),
+            ),
+            Ok(Some(_)) => (false, String::new()),
+            Ok(None) => (
+                true,
+                format!("run {} not found: treated as a fork", job.run_id),
+            ),
+            Err(e) => (
+                true,
+                format!("cannot read run {}: {e}; treated as a fork", job.run_id),
+            ),
+        };
+    }
+    match ctx
+        .forgejo
+        .action_runs(&repo.owner, &repo.name, &["waiting", "running"])
+        .await
+    {
+        Ok(runs) if runs.is_empty() => (
+            true,
+            "no waiting or running run of the repository: treated as a fork".to_owned(),
+        ),
+        Ok(runs) => match runs.iter().find(|r| r.is_untrusted()) {
+            Some(r) => (
+                true,
+                format!(
+                    "run {} of the repository is a pull request from a fork, and the job's run cannot be told apart",
+                    r.id
+                ),
+            ),
+            None => (false, String::new()),
         },
-    )?;
-    Ok((username, password))
+        Err(e) => (
+            true,
+            format!("cannot list the repository's runs: {e}; treated as a fork"),
+        ),
+    }
 }
 
 fn outcome_of(exit: &Outcome, picked_up: bool, boot_timeout: bool) -> JobOutcome {
@@ -479,33 +701,13 @@ async fn prepare_and_launch(
         "dispatch job {} for {owner}/{repo_name} (vm={name})",
         job.id
     );
-    res.owner_repo = (owner.clone(), repo_name.clone());
+    res.repo_id = repo.id;
     ctx.board.vm_update(name.as_str(), |v| {
         v.owner.clone_from(&owner);
         v.repo.clone_from(&repo_name);
     });
 
-    let (username, mut password) = ensure_ci_user(ctx, &owner, &repo_name).await?;
-    let token_name = forgejo::token_name(job.id);
-    let minted = match ctx
-        .forgejo
-        .create_token(&username, &password, &token_name, &TOKEN_SCOPES)
-        .await
-    {
-        Err(e) if e.status() == Some(401) => {
-            password = reset_password(ctx, &owner, &repo_name, &username).await?;
-            ctx.forgejo
-                .create_token(&username, &password, &token_name, &TOKEN_SCOPES)
-                .await?
-        }
-        other => other?,
-    };
-    res.token = Some(TokenRef {
-        username: username.clone(),
-        password,
-        id: minted.id,
-        name: minted.name.clone(),
-    });
+    let registry_login = registry_login(ctx, job, &repo, res).await?;
 
     let description = format!("{} job {} {owner}/{repo_name}", ctx.runner_marker, job.id);
     let runner = ctx
@@ -534,11 +736,14 @@ async fn prepare_and_launch(
             label: &ctx.cfg.label,
             handle: &job.handle,
         },
-        &RegistryAuth {
-            host: RegistryAuth::host_of(runner_url),
-            username: &username,
-            token: &minted.token,
-        },
+        registry_login
+            .as_ref()
+            .map(|(username, token)| RegistryAuth {
+                host: RegistryAuth::host_of(runner_url),
+                username,
+                token,
+            })
+            .as_ref(),
     )?;
     let seed = Seed {
         instance_id: name.to_string(),

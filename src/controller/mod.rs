@@ -9,6 +9,8 @@ pub mod config;
 pub mod daemon;
 pub mod duration;
 mod job;
+#[cfg(test)]
+mod prepare_tests;
 mod queue;
 pub mod state;
 mod sweep;
@@ -64,6 +66,20 @@ pub enum Error {
     Missing(String),
     #[error("Forgejo check failed: {0}")]
     ForgejoCheck(String),
+    /// The CI user's name is held by a Forgejo account with no proof that fkr-qemu created it for
+    /// this repository (README.md, "CI users"): never adopted.
+    #[error(
+        "CI user {username} for {repository} (repository id {repo_id}) cannot be used: {why}. \
+         fkr-qemu never takes over an account it cannot prove it created for this repository. \
+         A site admin checks that account and deletes or renames it (e.g. DELETE \
+         /api/v1/admin/users/{username}); the next job then creates the CI user"
+    )]
+    CiUserRefused {
+        username: String,
+        repository: String,
+        repo_id: i64,
+        why: String,
+    },
 }
 
 impl Error {
@@ -85,6 +101,7 @@ impl Error {
             Error::Io { .. }
             | Error::StateCorrupt { .. }
             | Error::InvalidInput(_)
+            | Error::CiUserRefused { .. }
             | Error::InvalidTransition { .. } => exit::RUNTIME,
         }
     }

@@ -159,6 +159,7 @@ mod tests {
             needs: vec![],
             task_id: 0,
             status,
+            run_id: 0,
         }
     }
 

@@ -65,27 +65,20 @@ pub(crate) async fn startup_sweep(ctx: &Arc<Ctx>) {
 }
 
 async fn sweep_tokens(ctx: &Arc<Ctx>) -> usize {
-    let users: Vec<(String, String, String, crate::secret::Secret)> = {
+    let users: Vec<(i64, String, crate::secret::Secret)> = {
         let store = ctx.users.lock().await;
         store
             .users()
-            .filter_map(|u| {
-                let (owner, repo) = u.repository.split_once('/')?;
-                Some((
-                    owner.to_owned(),
-                    repo.to_owned(),
-                    u.username.clone(),
-                    u.password.clone(),
-                ))
-            })
+            .map(|u| (u.repo_id, u.username.clone(), u.password.clone()))
             .collect()
     };
     let mut revoked = 0;
-    for (owner, repo, username, mut password) in users {
+    for (repo_id, username, mut password) in users {
         let tokens: Vec<AccessToken> = match ctx.forgejo.list_tokens(&username, &password).await {
             Ok(t) => t,
-            Err(e) if e.status() == Some(401) => {
-                match reset_password(ctx, &owner, &repo, &username).await {
+            // An unbound entry (older state file) is never taken back: no proof it is still ours.
+            Err(e) if e.status() == Some(401) && repo_id > 0 => {
+                match reset_password(ctx, repo_id, &username).await {
                     Ok(p) => password = p,
                     Err(e) => {
                         tracing::warn!("sweep: cannot take CI user {username} back: {e}");

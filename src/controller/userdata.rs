@@ -4,7 +4,9 @@
 //! - `/etc/fkr/runner-token` (root, 0600): the ephemeral runner's token, read by the runner through
 //!   `--token-url file:/etc/fkr/runner-token`, so it never appears in a process's argv.
 //! - Registry auth for the Forgejo host, with the CI user and the job's `orch-…` token, so workflows push
-//!   `<host>/<owner>-<repo>-ci/<image>:<tag>` without a login step:
+//!   `<host>/<ci user>/<image>:<tag>` without a login step (a pull request from a fork gets a
+//!   `read:package` token here, which pulls but cannot push; with `fork_pull_requests = "none"` no
+//!   registry files are written at all):
 //!   - Docker: `/root/.docker/config.json` (root, 0600);
 //!   - Podman/containers: `/root/.config/containers/auth.json` (root, 0600) — the per-user file that
 //!     containers-auth.json(5) reads when `$XDG_RUNTIME_DIR/containers/auth.json` does not exist (it never
@@ -102,25 +104,34 @@ pub fn runner_command(r: &RunnerParams<'_>) -> String {
 }
 
 /// Renders the user-data. The result contains secrets (the runner token, the registry token): it goes
-/// only into the VM's 0600 seed image.
-pub fn render(runner: &RunnerParams<'_>, registry: &RegistryAuth<'_>) -> Result<String, Error> {
+/// only into the VM's 0600 seed image. Without `registry`, no registry auth files are written.
+pub fn render(
+    runner: &RunnerParams<'_>,
+    registry: Option<&RegistryAuth<'_>>,
+) -> Result<String, Error> {
     for (what, v) in [
         ("the runner uuid", runner.runner_uuid),
         ("the runner token", runner.runner_token.expose()),
         ("the label", runner.label),
         ("the job handle", runner.handle),
-        ("the registry host", registry.host.as_str()),
-        ("the CI user name", registry.username),
-        ("the registry token", registry.token.expose()),
     ] {
         check_one_line(what, v)?;
     }
-    let auth = registry_auth_json(registry);
-    let files = [
-        (RUNNER_TOKEN_PATH, runner.runner_token.expose().to_owned()),
-        (DOCKER_CONFIG_PATH, auth.clone()),
-        (CONTAINERS_AUTH_PATH, auth),
-    ];
+    if let Some(registry) = registry {
+        for (what, v) in [
+            ("the registry host", registry.host.as_str()),
+            ("the CI user name", registry.username),
+            ("the registry token", registry.token.expose()),
+        ] {
+            check_one_line(what, v)?;
+        }
+    }
+    let mut files = vec![(RUNNER_TOKEN_PATH, runner.runner_token.expose().to_owned())];
+    if let Some(registry) = registry {
+        let auth = registry_auth_json(registry);
+        files.push((DOCKER_CONFIG_PATH, auth.clone()));
+        files.push((CONTAINERS_AUTH_PATH, auth));
+    }
     let copy_for_runner = "if id runner >/dev/null 2>&1; then \
         for f in .docker/config.json .config/containers/auth.json; do \
         d=/home/runner/$(dirname $f); mkdir -p $d && chmod 0700 $d && cp /root/$f /home/runner/$f \
@@ -141,7 +152,11 @@ pub fn render(runner: &RunnerParams<'_>, registry: &RegistryAuth<'_>) -> Result<
         ));
     }
     out.push_str("runcmd:\n");
-    for cmd in [copy_for_runner, run.as_str()] {
+    let cmds: Vec<&str> = match registry {
+        Some(_) => vec![copy_for_runner, run.as_str()],
+        None => vec![run.as_str()],
+    };
+    for cmd in cmds {
         out.push_str(&format!("- {}\n", yaml_single(cmd)));
     }
     out.push_str("power_state:\n  mode: poweroff\n  timeout: 30\n  condition: true\n");
@@ -164,11 +179,11 @@ mod tests {
                 label: "external-host",
                 handle,
             },
-            &RegistryAuth {
+            Some(&RegistryAuth {
                 host: RegistryAuth::host_of(&url),
                 username: "alice-web-ci",
                 token: &reg,
-            },
+            }),
         )
         .unwrap()
     }
@@ -294,13 +309,40 @@ mod tests {
                 label: "l",
                 handle: "a\nb",
             },
-            &RegistryAuth {
+            Some(&RegistryAuth {
                 host: "h".into(),
                 username: "u",
                 token: &tok,
-            },
+            }),
         )
         .unwrap_err();
         assert!(e.to_string().contains("handle"), "{e}");
+    }
+
+    #[test]
+    fn without_registry_auth_no_credentials_are_written() {
+        let url = Url::parse("http://10.0.0.1:3000/").unwrap();
+        let tok = Secret::new("runner-token-abc");
+        let doc = render(
+            &RunnerParams {
+                forgejo_url: &url,
+                runner_uuid: "1234-uuid",
+                runner_token: &tok,
+                label: "external-host",
+                handle: "h-1",
+            },
+            None,
+        )
+        .unwrap();
+        let (files, cmds, power) = parse(&doc);
+        let paths: Vec<_> = files.iter().map(|f| f.0.as_str()).collect();
+        assert_eq!(paths, [RUNNER_TOKEN_PATH]);
+        assert_eq!(cmds.len(), 1);
+        assert!(cmds[0].contains("forgejo-runner one-job"), "{}", cmds[0]);
+        assert!(
+            !doc.contains(".docker") && !doc.contains("containers"),
+            "{doc}"
+        );
+        assert_eq!(power.len(), 3);
     }
 }

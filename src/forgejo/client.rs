@@ -12,12 +12,12 @@ use serde::Serialize;
 use url::Url;
 
 use super::types::{
-    AccessTokenWire, CreateTokenBody, CreateUserBody, EditUserBody, RegisterRunnerBody,
-    RepositoryWire, ServerVersionWire,
+    AccessTokenWire, ActionRunListWire, CreateTokenBody, CreateUserBody, EditUserBody,
+    RegisterRunnerBody, RepositoryWire, ServerVersionWire,
 };
 use super::{
-    ci_email, generate_password, AccessToken, ClientConfig, Error, Job, JobStatus, Level,
-    MintedToken, NewUser, RegisteredRunner, Repository, Runner, User, UserCreation,
+    ci_email, generate_password, AccessToken, ActionRun, ClientConfig, Error, Job, JobStatus,
+    Level, MintedToken, NewUser, RegisteredRunner, Repository, Runner, User, UserCreation,
 };
 use crate::secret::Secret;
 
@@ -321,16 +321,72 @@ impl Client {
         Ok(repo)
     }
 
+    // ---------------------------------------------------------------- runs
+
+    /// One run of `owner/repo`; `None` when there is none of that id in that repository.
+    pub async fn action_run(
+        &self,
+        owner: &str,
+        repo: &str,
+        run_id: i64,
+    ) -> Result<Option<ActionRun>, Error> {
+        let id = run_id.to_string();
+        match self
+            .get_json(Request::new(
+                Method::GET,
+                "/repos/{owner}/{repo}/actions/runs/{run_id}",
+                vec!["repos", owner, repo, "actions", "runs", &id],
+            ))
+            .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The runs of `owner/repo` in any of `statuses` (e.g. `waiting`, `running`), all pages.
+    pub async fn action_runs(
+        &self,
+        owner: &str,
+        repo: &str,
+        statuses: &[&str],
+    ) -> Result<Vec<ActionRun>, Error> {
+        const ROUTE: &str = "/repos/{owner}/{repo}/actions/runs";
+        let mut all = Vec::new();
+        for page in 1..=1_000u32 {
+            let mut req = Request::new(
+                Method::GET,
+                ROUTE,
+                vec!["repos", owner, repo, "actions", "runs"],
+            );
+            for s in statuses {
+                req = req.query("status", s);
+            }
+            let req = req.query("page", page).query("limit", PAGE_LIMIT);
+            let list: ActionRunListWire = self.get_json(req).await?;
+            let got = list.workflow_runs.len();
+            all.extend(list.workflow_runs);
+            // The body carries the total; no Link header is needed.
+            if got == 0 || all.len() as i64 >= list.total_count {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
     // ---------------------------------------------------------------- users
 
     /// A CI user to create under `username` (the controller derives it from `owner/repo`): an e-mail
-    /// address that cannot receive mail, a fresh strong password and the configured visibility.
-    pub fn new_ci_user(&self, username: &str) -> NewUser {
+    /// address that cannot receive mail, a fresh strong password, the configured visibility and
+    /// `login_name` (the controller's ownership marker, which only site admins can set).
+    pub fn new_ci_user(&self, username: &str, login_name: &str) -> NewUser {
         NewUser {
             email: ci_email(username, &self.inner.config.ci_user_email_domain),
             username: username.to_owned(),
             password: generate_password(),
             visibility: self.inner.config.ci_user_visibility,
+            login_name: login_name.to_owned(),
         }
     }
 
@@ -350,6 +406,17 @@ impl Client {
         }
     }
 
+    /// Whether `password` is `username`'s password (`GET /user` with HTTP Basic auth): proof that
+    /// whoever holds it set it.
+    pub async fn verify_password(&self, username: &str, password: &Secret) -> Result<bool, Error> {
+        let req = Request::new(Method::GET, "/user", vec!["user"]).basic(username, password);
+        match self.send(req).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(401) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Creates a user with `must_change_password: false` (Forgejo's default is true, and such a user
     /// is refused on every API call) and no notification mail. A 422 (name or e-mail taken) is
     /// [`UserCreation::AlreadyExists`], for the caller to reconcile.
@@ -361,6 +428,9 @@ impl Client {
             must_change_password: false,
             send_notify: false,
             visibility: user.visibility.as_str(),
+            login_name: &user.login_name,
+            // A local user: only then is `login_name` a field nobody but an admin can write.
+            source_id: 0,
         };
         let req = Request::new(Method::POST, "/admin/users", vec!["admin", "users"]).json(&body);
         match self.send(req).await {
@@ -379,15 +449,19 @@ impl Client {
     }
 
     /// Sets a user's password (and clears `must_change_password`): how an existing CI user whose
-    /// password was lost is taken back.
+    /// password was lost is taken back. `login_name` is written again with it (Forgejo v15 clears
+    /// it on any edit that leaves it out): pass the user's marker.
     pub async fn set_user_password(
         &self,
         username: &str,
         password: &Secret,
+        login_name: &str,
     ) -> Result<User, Error> {
         let body = EditUserBody {
             password: password.expose(),
             must_change_password: false,
+            login_name,
+            source_id: 0,
         };
         let req = Request::new(
             Method::PATCH,

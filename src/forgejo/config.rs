@@ -36,8 +36,9 @@ impl Level {
 pub enum Visibility {
     Public,
     /// Signed-in users only.
-    #[default]
     Limited,
+    /// The CI user itself and site admins only: a private repository's images stay private.
+    #[default]
     Private,
 }
 
@@ -135,14 +136,14 @@ mod tests {
         let c: ClientConfig = toml::from_str(r#"url = "https://f.example/""#).unwrap();
         assert_eq!(c.level, Level::Instance);
         assert_eq!(c.request_timeout(), Duration::from_secs(30));
-        assert_eq!(c.ci_user_visibility, Visibility::Limited);
+        assert_eq!(c.ci_user_visibility, Visibility::Private);
         assert_eq!(c.ci_user_email_domain, "fkr-qemu.invalid");
     }
 
     #[test]
     fn levels_parse_from_toml() {
         let c: ClientConfig = toml::from_str(
-            "url = \"https://f.example/\"\nci_user_visibility = \"private\"\n[level.repo]\nowner = \"o\"\nrepo = \"r\"\n",
+            "url = \"https://f.example/\"\nci_user_visibility = \"limited\"\n[level.repo]\nowner = \"o\"\nrepo = \"r\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -152,7 +153,7 @@ mod tests {
                 repo: "r".into()
             }
         );
-        assert_eq!(c.ci_user_visibility, Visibility::Private);
+        assert_eq!(c.ci_user_visibility, Visibility::Limited);
         let c: ClientConfig =
             toml::from_str("url = \"https://f.example/\"\nlevel = { org = \"acme\" }\n").unwrap();
         assert_eq!(c.level, Level::Org("acme".into()));

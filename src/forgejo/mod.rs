@@ -20,6 +20,6 @@ pub use config::{ClientConfig, Level, Visibility};
 pub use error::Error;
 pub use names::{ci_email, generate_password, token_name, TOKEN_PREFIX};
 pub use types::{
-    AccessToken, Job, JobStatus, MintedToken, NewUser, RegisteredRunner, Repository, Runner, User,
-    UserCreation, TOKEN_SCOPES,
+    AccessToken, ActionRun, Job, JobStatus, MintedToken, NewUser, RegisteredRunner, Repository,
+    Runner, User, UserCreation, READ_TOKEN_SCOPES, TOKEN_SCOPES,
 };

@@ -1,6 +1,6 @@
 //! Names and credentials the orchestrator creates on Forgejo: CI users' e-mail addresses and
 //! passwords, and token names. Deterministic where the startup sweep must recognise them. The CI
-//! user's *name* is the controller's business (`controller::ciuser::ci_username`, one documented rule).
+//! user's *name* and its ownership marker are the controller's business (`controller::ciuser`).
 
 use crate::secret::Secret;
 use rand::seq::SliceRandom;

@@ -9,6 +9,9 @@ use super::Visibility;
 /// Scopes of the tokens minted for CI users: push and pull the CI user's own packages.
 pub const TOKEN_SCOPES: [&str; 2] = ["write:package", "read:package"];
 
+/// Scopes of the tokens minted for untrusted runs (pull requests from forks): pull only.
+pub const READ_TOKEN_SCOPES: [&str; 1] = ["read:package"];
+
 /// Reads JSON `null` as the type's default (Go writes nil slices as `null`).
 pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
@@ -61,6 +64,42 @@ pub struct Job {
     #[serde(default)]
     pub task_id: i64,
     pub status: JobStatus,
+    /// The job's run; only the development branch (v16+) lists it, 0 when absent.
+    #[serde(default)]
+    pub run_id: i64,
+}
+
+/// `ActionRun`: the fields that decide how far a job's code is trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ActionRun {
+    pub id: i64,
+    /// The webhook event, e.g. `push`, `pull_request`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub event: String,
+    /// The `on:` event of the workflow that matched, e.g. `pull_request_target`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub trigger_event: String,
+    /// A pull request from a fork or from an untrusted user.
+    #[serde(default)]
+    pub is_fork_pull_request: bool,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub status: String,
+}
+
+impl ActionRun {
+    /// Forgejo's own rule (`GetSecretsOfTask`): a fork pull request's run gets no secrets and a
+    /// read-only token, except under `pull_request_target`, which runs the base branch's workflow.
+    pub fn is_untrusted(&self) -> bool {
+        self.is_fork_pull_request && self.trigger_event != "pull_request_target"
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ActionRunListWire {
+    #[serde(default)]
+    pub total_count: i64,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub workflow_runs: Vec<ActionRun>,
 }
 
 /// What the orchestrator needs of a repository.
@@ -98,6 +137,13 @@ pub struct User {
     pub visibility: String,
     #[serde(default)]
     pub is_admin: bool,
+    /// The external login name; only site admins can set it (and see it), so fkr-qemu marks its CI
+    /// users with it (see `controller::ciuser`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub login_name: String,
+    /// The authentication source; 0 = local (password) users.
+    #[serde(default)]
+    pub source_id: i64,
 }
 
 /// A CI user to create.
@@ -107,6 +153,9 @@ pub struct NewUser {
     pub email: String,
     pub password: Secret,
     pub visibility: Visibility,
+    /// Written to `login_name` at creation: the proof that fkr-qemu created the user, and for
+    /// which repository.
+    pub login_name: String,
 }
 
 /// Outcome of [`Client::create_user`](super::Client::create_user).
@@ -190,12 +239,18 @@ pub(crate) struct CreateUserBody<'a> {
     pub must_change_password: bool,
     pub send_notify: bool,
     pub visibility: &'a str,
+    pub login_name: &'a str,
+    pub source_id: i64,
 }
 
+/// Every edit carries `login_name` and `source_id`: Forgejo v15's `EditUser` writes `login_name`
+/// even when the field is absent (clearing our marker), newer versions want both or neither.
 #[derive(Serialize)]
 pub(crate) struct EditUserBody<'a> {
     pub password: &'a str,
     pub must_change_password: bool,
+    pub login_name: &'a str,
+    pub source_id: i64,
 }
 
 #[derive(Serialize)]

@@ -23,6 +23,8 @@
 //! | `fkr_qemu_forgejo_requests_total` | counter | `route`, `status` (0 = no HTTP answer) |
 //! | `fkr_qemu_forgejo_request_duration_seconds` | histogram | `route` |
 //! | `fkr_qemu_sweep_findings_total` | counter | `kind` ([`SweepKind`]) |
+//! | `fkr_qemu_ci_user_refusals_total` | counter | (a Forgejo account holds the CI user's name without proof it is ours) |
+//! | `fkr_qemu_job_tokens_total` | counter | `access` ([`TokenAccess`]: `write`, `read`, `none`) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -151,6 +153,29 @@ impl SweepKind {
     }
 }
 
+/// What a job's registry token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenAccess {
+    /// `write:package`: push and pull.
+    Write,
+    /// `read:package` only: a pull request from a fork.
+    Read,
+    /// No token at all (`fork_pull_requests = "none"`).
+    None,
+}
+
+impl TokenAccess {
+    pub const ALL: [TokenAccess; 3] = [TokenAccess::Write, TokenAccess::Read, TokenAccess::None];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenAccess::Write => "write",
+            TokenAccess::Read => "read",
+            TokenAccess::None => "none",
+        }
+    }
+}
+
 macro_rules! label_value_via_as_str {
     ($($t:ty),*) => {$(
         impl EncodeLabelValue for $t {
@@ -160,7 +185,12 @@ macro_rules! label_value_via_as_str {
         }
     )*};
 }
-label_value_via_as_str!(JobOutcome, RemovalReason, SweepKind);
+label_value_via_as_str!(JobOutcome, RemovalReason, SweepKind, TokenAccess);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AccessLabels {
+    access: TokenAccess,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -217,6 +247,8 @@ struct Inner {
     forgejo_requests: Family<RouteStatusLabels, Counter>,
     forgejo_latency: Family<RouteLabels, Histogram, ForgejoLatencyBuckets>,
     sweep_findings: Family<KindLabels, Counter>,
+    ci_user_refusals: Counter,
+    job_tokens: Family<AccessLabels, Counter>,
 }
 
 /// The daemon's metrics. Clone it freely: clones share the same counters.
@@ -261,6 +293,8 @@ impl Metrics {
         let forgejo_requests = Family::<RouteStatusLabels, Counter>::default();
         let forgejo_latency = Family::new_with_constructor(ForgejoLatencyBuckets);
         let sweep_findings = Family::<KindLabels, Counter>::default();
+        let ci_user_refusals = Counter::default();
+        let job_tokens = Family::<AccessLabels, Counter>::default();
 
         registry.register(
             "jobs_seen",
@@ -339,6 +373,17 @@ impl Metrics {
             sweep_findings.clone(),
         );
 
+        registry.register(
+            "ci_user_refusals",
+            "Jobs failed because a Forgejo account holds their CI user's name without proof that fkr-qemu created it for that repository",
+            ci_user_refusals.clone(),
+        );
+        registry.register(
+            "job_tokens",
+            "Registry tokens given to jobs, by access (read: pull requests from forks)",
+            job_tokens.clone(),
+        );
+
         // Create every labelled series up front so scrapes show zeros instead of missing series
         // (rate() and alerts behave better on series that exist from the start).
         for outcome in JobOutcome::ALL {
@@ -349,6 +394,9 @@ impl Metrics {
         }
         for kind in SweepKind::ALL {
             drop(sweep_findings.get_or_create(&KindLabels { kind }));
+        }
+        for access in TokenAccess::ALL {
+            drop(job_tokens.get_or_create(&AccessLabels { access }));
         }
 
         Metrics {
@@ -370,8 +418,23 @@ impl Metrics {
                 forgejo_requests,
                 forgejo_latency,
                 sweep_findings,
+                ci_user_refusals,
+                job_tokens,
             }),
         }
+    }
+
+    /// A job failed because its CI user's name is held by an account that is not provably ours.
+    pub fn ci_user_refused(&self) {
+        self.inner.ci_user_refusals.inc();
+    }
+
+    /// A job got a registry token of `access` (or none).
+    pub fn job_token(&self, access: TokenAccess) {
+        self.inner
+            .job_tokens
+            .get_or_create(&AccessLabels { access })
+            .inc();
     }
 
     /// A waiting job entered the queue.

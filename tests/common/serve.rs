@@ -114,6 +114,49 @@ impl Emulator {
         )
     }
 
+    /// Adds a waiting job whose run is a `pull_request` from a fork; returns (id, handle).
+    pub fn add_fork_pull_request_job(&self, repo: &str, label: &str) -> (i64, String) {
+        let run = serde_json::json!({"event": "pull_request", "trigger_event": "pull_request",
+            "is_fork_pull_request": true});
+        let v = self.post(
+            "jobs",
+            &serde_json::json!({"repo": repo, "labels": [label], "run": run}),
+        );
+        (
+            v["id"].as_i64().unwrap(),
+            v["handle"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// A user who signed up by themselves (not through the admin API), with `email`.
+    pub fn register_user(&self, login: &str, email: &str, password: &str) {
+        let v = self.post(
+            "users",
+            &serde_json::json!({"login": login, "password": password, "email": email}),
+        );
+        assert!(v["id"].as_i64().is_some(), "{v}");
+    }
+
+    /// The scopes requested by each token creation for `login`, in order (from the request log:
+    /// tokens are revoked when their job ends).
+    pub fn token_scopes_requested(&self, login: &str) -> Vec<Vec<String>> {
+        let path = format!("/api/v1/users/{login}/tokens");
+        self.state()["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["method"] == "POST" && r["path"] == path.as_str() && r["status"] == 201)
+            .map(|r| {
+                r["request_body"]["scopes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Makes `method route` fail (`kind` = `{"kind": "status", "status": 500}` etc.) until cleared.
     pub fn fault(&self, method: &str, route: &str, kind: Value) {
         let mut body = serde_json::json!({"method": method, "route": route});

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::state::Fault;
+use super::state::{Fault, RunTrigger};
 use super::Shared;
 
 pub fn router() -> Router<Shared> {
@@ -45,6 +45,9 @@ struct AddJob {
     labels: Vec<String>,
     #[serde(default = "default_job_name")]
     name: String,
+    /// The run's trigger; a `push` run when absent.
+    #[serde(default)]
+    run: Option<RunTrigger>,
 }
 
 fn default_job_name() -> String {
@@ -56,18 +59,22 @@ async fn add_job(
     body: Result<Json<AddJob>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(Json(j)) = body else {
-        return bad_request("body: {\"repo\": \"owner/name\", \"labels\": [..], \"name\"?}");
+        return bad_request(
+            "body: {\"repo\": \"owner/name\", \"labels\": [..], \"name\"?, \"run\"?: \
+             {\"event\", \"trigger_event\", \"is_fork_pull_request\"}}",
+        );
     };
     let Some((owner, repo)) = j.repo.split_once('/') else {
         return bad_request("repo must be owner/name");
     };
-    let (id, handle, repo_id) = s
+    let trigger = j.run.unwrap_or_else(RunTrigger::push);
+    let (id, handle, repo_id, run_id) = s
         .lock()
         .expect("emulator state lock")
-        .add_job(owner, repo, &j.labels, &j.name);
+        .add_job_in_run(owner, repo, &j.labels, &j.name, trigger);
     (
         StatusCode::CREATED,
-        Json(json!({"id": id, "handle": handle, "repo_id": repo_id})),
+        Json(json!({"id": id, "handle": handle, "repo_id": repo_id, "run_id": run_id})),
     )
         .into_response()
 }
@@ -100,6 +107,9 @@ struct AddUser {
     must_change_password: bool,
     #[serde(default)]
     admin: bool,
+    /// The address a self-registered user chose (default `<login>@users.forgejo.emulator`).
+    #[serde(default)]
+    email: Option<String>,
 }
 
 async fn add_user(
@@ -108,14 +118,24 @@ async fn add_user(
 ) -> Response {
     let Ok(Json(u)) = body else {
         return bad_request(
-            "body: {\"login\", \"password\", \"must_change_password\"?, \"admin\"?}",
+            "body: {\"login\", \"password\", \"must_change_password\"?, \"admin\"?, \"email\"?}",
         );
     };
     let mut st = s.lock().expect("emulator state lock");
     if st.user_by_login(&u.login).is_some() {
         return bad_request(format!("user {} exists", u.login));
     }
-    let email = format!("{}@users.forgejo.emulator", u.login);
+    let email = u
+        .email
+        .clone()
+        .unwrap_or_else(|| format!("{}@users.forgejo.emulator", u.login));
+    if st
+        .users
+        .iter()
+        .any(|x| x.email.eq_ignore_ascii_case(&email))
+    {
+        return bad_request(format!("e-mail {email} is in use"));
+    }
     let id = st.insert_user(
         &u.login,
         &email,

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
 
-pub use state::{Fault, FaultKind, JobStatus, LoggedRequest};
+pub use state::{Fault, FaultKind, JobStatus, LoggedRequest, RunTrigger};
 
 pub type Shared = Arc<Mutex<state::State>>;
 
@@ -49,6 +49,8 @@ pub struct Options {
     pub admin_token_routes: Option<bool>,
     /// `owner/name` repositories to create at start.
     pub repos: Vec<String>,
+    /// The jobs search lists `run_id` (Forgejo's development branch); v15 does not.
+    pub job_run_id: bool,
 }
 
 impl Default for Options {
@@ -61,6 +63,7 @@ impl Default for Options {
             admin_scopes: ADMIN_SCOPES.iter().map(|s| s.to_string()).collect(),
             admin_token_routes: None,
             repos: Vec::new(),
+            job_run_id: false,
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct AddedJob {
     pub id: i64,
     pub handle: String,
     pub repo_id: i64,
+    /// The job's run (each added job gets a run of its own).
+    pub run_id: i64,
 }
 
 /// A running emulator; stops when dropped.
@@ -113,6 +118,7 @@ impl Emulator {
             admin_scopes: opts.admin_scopes.clone(),
             admin_token_routes,
             public_url: url.clone(),
+            job_run_id: opts.job_run_id,
         });
         for r in &opts.repos {
             if let Some((o, n)) = r.split_once('/') {
@@ -161,14 +167,33 @@ impl Emulator {
 
     /// Adds a waiting job to `owner/name` with `runs-on: labels`.
     pub fn add_job(&self, repo: &str, labels: &[&str], name: &str) -> AddedJob {
+        self.add_job_in_run(repo, labels, name, state::RunTrigger::push())
+    }
+
+    /// Adds a waiting job in a new run triggered by `trigger` (e.g. a pull request from a fork).
+    pub fn add_job_in_run(
+        &self,
+        repo: &str,
+        labels: &[&str],
+        name: &str,
+        trigger: state::RunTrigger,
+    ) -> AddedJob {
         let (owner, repo) = repo.split_once('/').expect("repo is owner/name");
         let labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        let (id, handle, repo_id) = self.with_state(|s| s.add_job(owner, repo, &labels, name));
+        let (id, handle, repo_id, run_id) =
+            self.with_state(|s| s.add_job_in_run(owner, repo, &labels, name, trigger));
         AddedJob {
             id,
             handle,
             repo_id,
+            run_id,
         }
+    }
+
+    /// A user who signed up by themselves with `email` (not created through the admin API: no
+    /// `login_name`), e.g. someone squatting a CI user's name.
+    pub fn register_user(&self, login: &str, email: &str, password: &str) -> i64 {
+        self.with_state(|s| s.insert_user(login, email, password, false, false))
     }
 
     /// Adds a user directly (e.g. one with `must_change_password`).

@@ -77,7 +77,12 @@ pub fn router(admin_token_routes: bool) -> Router<Shared> {
             "/api/v1/users/:username/tokens/:token",
             axum::routing::delete(delete_token),
         )
-        .route("/api/v1/repositories/:id", get(get_repository));
+        .route("/api/v1/repositories/:id", get(get_repository))
+        .route("/api/v1/repos/:owner/:repo/actions/runs", get(list_runs))
+        .route(
+            "/api/v1/repos/:owner/:repo/actions/runs/:run_id",
+            get(get_run),
+        );
     if admin_token_routes {
         r = r
             .route(
@@ -219,7 +224,7 @@ async fn current_user(State(s): State<Shared>, h: HeaderMap) -> Response {
         st.require_scope(p, "read:user")?;
         let id = st.require_signed_in(p)?;
         let u = st.user(id).expect("principal exists").clone();
-        Ok(Reply::json(200, st.user_json(&u)))
+        Ok(Reply::json(200, st.user_json_authed(&u, true)))
     })
 }
 
@@ -242,7 +247,8 @@ async fn get_user(State(s): State<Shared>, h: HeaderMap, Path(username): Path<St
         if !visible {
             return Err(ApiError::not_found());
         }
-        Ok(Reply::json(200, st.user_json(&u)))
+        let authed = viewer_admin || p.user_id() == Some(u.id);
+        Ok(Reply::json(200, st.user_json_authed(&u, authed)))
     })
 }
 
@@ -253,6 +259,94 @@ async fn get_repository(State(s): State<Shared>, h: HeaderMap, Path(id): Path<St
         let id: i64 = id.parse().map_err(|_| ApiError::not_found())?;
         let r = st.repo(id).cloned().ok_or_else(ApiError::not_found)?;
         Ok(Reply::json(200, st.repo_json(&r)))
+    })
+}
+
+// ---------------------------------------------------------------------- runs
+
+/// The statuses Forgejo's `StatusFromString` knows.
+const RUN_STATUSES: &[&str] = &[
+    "unknown",
+    "waiting",
+    "running",
+    "success",
+    "failure",
+    "cancelled",
+    "skipped",
+    "blocked",
+];
+
+/// Repeated query keys (`status=a&status=b`), which `Query<HashMap>` would collapse.
+fn query_all(raw: Option<&str>, key: &str) -> Vec<String> {
+    url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+/// `GET /repos/{owner}/{repo}/actions/runs`: `read:repository`; 404 unknown repository; `status`
+/// and `event` filters (repeatable; an unknown status is a 400 `unknown status: …`); `page`,
+/// `limit`; newest first; `{"total_count", "workflow_runs"}`.
+async fn list_runs(
+    State(s): State<Shared>,
+    h: HeaderMap,
+    Path((owner, repo)): Path<(String, String)>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    call(&s, &h, |st, p| {
+        st.require_scope(p, "read:repository")?;
+        let repo_id = st
+            .repo_by_name(&owner, &repo)
+            .map(|r| r.id)
+            .ok_or_else(ApiError::not_found)?;
+        let statuses = query_all(raw.as_deref(), "status");
+        if let Some(bad) = statuses
+            .iter()
+            .find(|s| !RUN_STATUSES.contains(&s.as_str()))
+        {
+            return Err(ApiError::new(400, format!("unknown status: {bad}")));
+        }
+        let events = query_all(raw.as_deref(), "event");
+        let mut runs: Vec<_> = st
+            .runs
+            .iter()
+            .filter(|r| r.repo_id == repo_id)
+            .filter(|r| statuses.is_empty() || statuses.iter().any(|s| s == st.run_status(r)))
+            .filter(|r| events.is_empty() || events.contains(&r.trigger.event))
+            .cloned()
+            .collect();
+        runs.reverse();
+        let total = runs.len();
+        let (page, _) = paginate(runs, &q, "", "");
+        let entries: Vec<Value> = page.iter().map(|r| st.run_json(r)).collect();
+        Ok(Reply::json(
+            200,
+            json!({"total_count": total, "workflow_runs": entries}),
+        ))
+    })
+}
+
+/// `GET /repos/{owner}/{repo}/actions/runs/{run_id}`: 404 unless the run is that repository's.
+async fn get_run(
+    State(s): State<Shared>,
+    h: HeaderMap,
+    Path((owner, repo, run_id)): Path<(String, String, String)>,
+) -> Response {
+    call(&s, &h, |st, p| {
+        st.require_scope(p, "read:repository")?;
+        let repo_id = st
+            .repo_by_name(&owner, &repo)
+            .map(|r| r.id)
+            .ok_or_else(ApiError::not_found)?;
+        let id: i64 = run_id.parse().map_err(|_| ApiError::not_found())?;
+        let run = st
+            .runs
+            .iter()
+            .find(|r| r.id == id && r.repo_id == repo_id)
+            .cloned()
+            .ok_or_else(ApiError::not_found)?;
+        Ok(Reply::json(200, st.run_json(&run)))
     })
 }
 
@@ -267,6 +361,20 @@ struct CreateUserOption {
     visibility: Option<String>,
     #[allow(dead_code)]
     send_notify: Option<bool>,
+    login_name: Option<String>,
+    source_id: Option<i64>,
+}
+
+/// The emulator has no authentication sources: only 0 (local) exists. Forgejo's `parseAuthSource`
+/// answers an unknown source with 422.
+fn check_source(id: Option<i64>) -> Result<(), ApiError> {
+    match id {
+        None | Some(0) => Ok(()),
+        Some(id) => Err(ApiError::new(
+            422,
+            format!("login source does not exist [id: {id}]"),
+        )),
+    }
 }
 
 fn check_password(pw: &str) -> Result<(), ApiError> {
@@ -329,6 +437,7 @@ async fn create_user(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Resp
         check_password(&password)?;
         let visibility = o.visibility.unwrap_or_else(|| "public".into());
         check_visibility(&visibility)?;
+        check_source(o.source_id)?;
         // Forgejo's default: the new user must change the password at first sign-in.
         let must_change = o.must_change_password.unwrap_or(true);
         let id = st.insert_user(&username, &email, &password, false, must_change);
@@ -338,8 +447,9 @@ async fn create_user(State(s): State<Shared>, h: HeaderMap, body: Bytes) -> Resp
             .find(|u| u.id == id)
             .expect("just inserted");
         u.visibility = visibility;
+        u.login_name = o.login_name.unwrap_or_default();
         let u = u.clone();
-        Ok(Reply::json(201, st.user_json(&u)))
+        Ok(Reply::json(201, st.user_json_authed(&u, true)))
     })
 }
 
@@ -349,6 +459,8 @@ struct EditUserOption {
     must_change_password: Option<bool>,
     visibility: Option<String>,
     email: Option<String>,
+    login_name: Option<String>,
+    source_id: Option<i64>,
 }
 
 async fn edit_user(
@@ -371,6 +483,15 @@ async fn edit_user(
         if let Some(v) = &o.visibility {
             check_visibility(v)?;
         }
+        // Forgejo's EditUser: both or neither (an older EditUser even cleared login_name when it
+        // was left out; the client always sends both).
+        if o.login_name.is_some() != o.source_id.is_some() {
+            return Err(ApiError::new(
+                422,
+                "source_id and login_name must be specified together",
+            ));
+        }
+        check_source(o.source_id)?;
         if let Some(e) = &o.email {
             if st
                 .users
@@ -400,8 +521,11 @@ async fn edit_user(
         if let Some(e) = o.email {
             u.email = e;
         }
+        if let Some(l) = o.login_name {
+            u.login_name = l;
+        }
         let u = u.clone();
-        Ok(Reply::json(200, st.user_json(&u)))
+        Ok(Reply::json(200, st.user_json_authed(&u, true)))
     })
 }
 

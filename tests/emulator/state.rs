@@ -57,6 +57,10 @@ pub struct User {
     /// An organisation (owns repositories, cannot sign in).
     pub is_org: bool,
     pub created: String,
+    /// Set only through the admin API (create/edit); shown only to site admins and the user.
+    pub login_name: String,
+    /// Always 0 (local users): the emulator has no external authentication sources.
+    pub source_id: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -146,11 +150,54 @@ pub struct Job {
     pub status: JobStatus,
     pub task_id: i64,
     pub runner_id: Option<i64>,
+    /// The run this job belongs to (listed by the jobs search only with `Options::job_run_id`).
+    pub run_id: i64,
     /// Log lines the runner uploaded, in order.
     pub log: Vec<String>,
     /// The runner sent `noMore`: further rows are refused.
     pub log_closed: bool,
     pub outputs: BTreeMap<String, String>,
+}
+
+/// What triggered a run (`ActionRun`'s `event`, `trigger_event`, `is_fork_pull_request`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunTrigger {
+    /// The webhook event: `push`, `pull_request`, …
+    pub event: String,
+    /// The workflow's `on:` event that matched (`pull_request_target` for that event).
+    pub trigger_event: String,
+    /// A pull request from a fork (or from an untrusted user), as Forgejo marks it.
+    pub is_fork_pull_request: bool,
+}
+
+impl RunTrigger {
+    pub fn push() -> Self {
+        Self {
+            event: "push".into(),
+            trigger_event: "push".into(),
+            is_fork_pull_request: false,
+        }
+    }
+
+    /// A `pull_request` run from a fork.
+    pub fn fork_pull_request() -> Self {
+        Self {
+            event: "pull_request".into(),
+            trigger_event: "pull_request".into(),
+            is_fork_pull_request: true,
+        }
+    }
+}
+
+/// `ActionRun`: one workflow run; its status follows its jobs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub id: i64,
+    pub repo_id: i64,
+    /// `index_in_repo`: 1, 2, … per repository.
+    pub index: i64,
+    pub trigger: RunTrigger,
+    pub created: String,
 }
 
 #[derive(Debug, Clone)]
@@ -295,6 +342,8 @@ pub struct Options {
     pub admin_token_routes: bool,
     /// Base URL that the emulator puts into bodies (`html_url`, …).
     pub public_url: String,
+    /// The jobs search lists each job's `run_id` (Forgejo's development branch does; v15 does not).
+    pub job_run_id: bool,
 }
 
 pub struct State {
@@ -306,6 +355,9 @@ pub struct State {
     pub runners: Vec<Runner>,
     pub deleted_runners: Vec<(Runner, String)>,
     pub jobs: Vec<Job>,
+    /// Runs have their own id sequence, as in Forgejo (a table of their own).
+    pub runs: Vec<Run>,
+    next_run_id: i64,
     pub tasks: Vec<Task>,
     pub faults: Vec<Fault>,
     pub requests: Vec<LoggedRequest>,
@@ -407,6 +459,8 @@ impl State {
             runners: Vec::new(),
             deleted_runners: Vec::new(),
             jobs: Vec::new(),
+            runs: Vec::new(),
+            next_run_id: 1,
             tasks: Vec::new(),
             faults: Vec::new(),
             requests: Vec::new(),
@@ -461,6 +515,8 @@ impl State {
             visibility: "public".into(),
             is_org: false,
             created: now_rfc3339(),
+            login_name: String::new(),
+            source_id: 0,
         });
         id
     }
@@ -514,7 +570,8 @@ impl State {
         id
     }
 
-    /// A waiting job of `repo` whose `runs-on` is `labels`; returns (id, handle).
+    /// A waiting job of `repo` whose `runs-on` is `labels`, in a new `push` run; returns (id,
+    /// handle, repo id).
     pub fn add_job(
         &mut self,
         owner: &str,
@@ -522,8 +579,32 @@ impl State {
         labels: &[String],
         name: &str,
     ) -> (i64, String, i64) {
+        let (id, handle, repo_id, _) =
+            self.add_job_in_run(owner, repo, labels, name, RunTrigger::push());
+        (id, handle, repo_id)
+    }
+
+    /// A waiting job in a new run triggered by `trigger`; returns (id, handle, repo id, run id).
+    pub fn add_job_in_run(
+        &mut self,
+        owner: &str,
+        repo: &str,
+        labels: &[String],
+        name: &str,
+        trigger: RunTrigger,
+    ) -> (i64, String, i64, i64) {
         let repo_id = self.ensure_repo(owner, repo);
         let owner_id = self.repo(repo_id).expect("ensured").owner_id;
+        let run_id = self.next_run_id;
+        self.next_run_id += 1;
+        let index = 1 + self.runs.iter().filter(|r| r.repo_id == repo_id).count() as i64;
+        self.runs.push(Run {
+            id: run_id,
+            repo_id,
+            index,
+            trigger,
+            created: now_rfc3339(),
+        });
         let id = self.id();
         let handle = random_uuid();
         self.jobs.push(Job {
@@ -537,13 +618,27 @@ impl State {
             status: JobStatus::Waiting,
             task_id: 0,
             runner_id: None,
+            run_id,
             log: Vec::new(),
             log_closed: false,
             outputs: BTreeMap::new(),
         });
         // As Forgejo's `InsertRun` for a run with a waiting job.
         self.increase_tasks_version(owner_id, repo_id);
-        (id, handle, repo_id)
+        (id, handle, repo_id, run_id)
+    }
+
+    /// A run's status as Forgejo aggregates it from its jobs: `running` while any job runs,
+    /// else `waiting` while any waits, else the first job's result.
+    pub fn run_status(&self, run: &Run) -> &'static str {
+        let jobs: Vec<&Job> = self.jobs.iter().filter(|j| j.run_id == run.id).collect();
+        if jobs.iter().any(|j| j.status == JobStatus::Running) {
+            "running"
+        } else if jobs.iter().any(|j| j.status == JobStatus::Waiting) {
+            "waiting"
+        } else {
+            jobs.first().map_or("unknown", |j| j.status.as_str())
+        }
     }
 
     /// Resolves the `Authorization` header. `Err` = 401.
@@ -639,12 +734,25 @@ impl State {
 
     // ------------------------------------------------------------------ JSON shapes
 
+    /// `User` as seen by someone who is neither a site admin nor the user (Forgejo's `toUser`
+    /// with `authed = false`: no `login_name`/`source_id`).
     pub fn user_json(&self, u: &User) -> Value {
+        self.user_json_authed(u, false)
+    }
+
+    /// `User`; with `authed` (the viewer is a site admin or the user) including `login_name` and
+    /// `source_id`.
+    pub fn user_json_authed(&self, u: &User, authed: bool) -> Value {
+        let (login_name, source_id) = if authed {
+            (u.login_name.clone(), u.source_id)
+        } else {
+            (String::new(), 0)
+        };
         json!({
             "id": u.id,
             "login": u.login,
-            "login_name": "",
-            "source_id": 0,
+            "login_name": login_name,
+            "source_id": source_id,
             "full_name": "",
             "email": u.email,
             "avatar_url": format!("{}/avatars/{}", self.opts.public_url, random_hex(4)),
@@ -739,6 +847,14 @@ impl State {
     }
 
     pub fn job_json(&self, j: &Job) -> Value {
+        let mut v = self.job_json_v15(j);
+        if self.opts.job_run_id {
+            v["run_id"] = json!(j.run_id);
+        }
+        v
+    }
+
+    fn job_json_v15(&self, j: &Job) -> Value {
         json!({
             "id": j.id,
             "handle": j.handle,
@@ -750,6 +866,40 @@ impl State {
             "runs_on": j.runs_on,
             "task_id": j.task_id,
             "status": j.status.as_str(),
+        })
+    }
+
+    /// `ActionRun` (Forgejo's `ToActionRun`); the trigger user is shown as to a non-admin.
+    pub fn run_json(&self, run: &Run) -> Value {
+        let repo = self.repo(run.repo_id).expect("run's repo exists").clone();
+        let owner = self.user(repo.owner_id).expect("repo owner exists");
+        let base = &self.opts.public_url;
+        let status = self.run_status(run);
+        let done = !matches!(status, "waiting" | "running");
+        json!({
+            "id": run.id,
+            "title": format!("{} run {}", run.trigger.event, run.index),
+            "repository": self.repo_json(&repo),
+            "workflow_id": "ci.yml",
+            "index_in_repo": run.index,
+            "trigger_user": self.user_json(owner),
+            "ScheduleID": 0,
+            "prettyref": "main",
+            "is_ref_deleted": false,
+            "commit_sha": "0000000000000000000000000000000000000000",
+            "is_fork_pull_request": run.trigger.is_fork_pull_request,
+            "need_approval": false,
+            "approved_by": 0,
+            "event": run.trigger.event,
+            "event_payload": "{}",
+            "trigger_event": run.trigger.trigger_event,
+            "status": status,
+            "started": if status == "waiting" { "0001-01-01T00:00:00Z".to_owned() } else { run.created.clone() },
+            "stopped": if done { run.created.clone() } else { "0001-01-01T00:00:00Z".to_owned() },
+            "created": run.created,
+            "updated": run.created,
+            "duration": 0,
+            "html_url": format!("{base}/{}/{}/actions/runs/{}", owner.login, repo.name, run.index),
         })
     }
 
@@ -928,6 +1078,7 @@ impl State {
                 json!({
                     "id": u.id, "login": u.login, "email": u.email, "is_admin": u.is_admin, "is_org": u.is_org,
                     "must_change_password": u.must_change_password, "visibility": u.visibility,
+                    "login_name": u.login_name,
                 })
             })
             .collect();
@@ -972,6 +1123,11 @@ impl State {
             "runners": runners,
             "deleted_runners": deleted,
             "jobs": self.jobs,
+            "runs": self.runs.iter().map(|r| {
+                let mut v = json!(r);
+                v["status"] = json!(self.run_status(r));
+                v
+            }).collect::<Vec<_>>(),
             "faults": self.faults,
             "requests": self.requests,
         })

@@ -1,0 +1,475 @@
+//! Attacks on a job's Forgejo side (CI user and registry token) against the in-memory Forgejo
+//! emulator: the real `registry_login`/`ensure_ci_user` code, no VM. Each test plays a hostile
+//! repository owner or a stranger with an account of their own.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::Engine;
+use url::Url;
+
+use super::ciuser::{marker, CiUserStore};
+use super::config::Overrides;
+use super::job::{ensure_ci_user, registry_login, JobError, JobResources};
+use super::userdata::{self, RegistryAuth, RunnerParams};
+use super::{Config, Ctx};
+use crate::forgejo::{self, Job, JobStatus, Repository};
+use crate::ops::{Metrics, StatusBoard};
+use crate::secret::Secret;
+
+// The emulator allows its own unused items (it serves many test crates).
+#[path = "../../tests/emulator/mod.rs"]
+mod emulator;
+
+use emulator::{Emulator, Options, RunTrigger};
+
+struct World {
+    emu: Emulator,
+    ctx: Arc<Ctx>,
+    _state: tempfile::TempDir,
+}
+
+async fn world_with(opts: Options, tokens_toml: &str) -> World {
+    let emu = Emulator::start(opts).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let ctx = ctx_for(&emu, state.path(), tokens_toml);
+    World {
+        emu,
+        ctx,
+        _state: state,
+    }
+}
+
+async fn world() -> World {
+    world_with(Options::default(), "").await
+}
+
+/// A controller context as `serve` builds it, on `state_dir` (a second one on another directory
+/// is "another host" or "the state file was lost").
+fn ctx_for(emu: &Emulator, state_dir: &Path, tokens_toml: &str) -> Arc<Ctx> {
+    let text = format!(
+        "state_dir = {:?}\n[forgejo]\nurl = {:?}\nretries = 0\n{tokens_toml}",
+        state_dir.display().to_string(),
+        emu.url()
+    );
+    let token = emu.admin_token().to_owned();
+    let env = move |k: &str| (k == "FORGEJO_ADMIN_TOKEN").then(|| token.clone());
+    let cfg = Config::from_parts(&text, Path::new("test.toml"), &env, &Overrides::default())
+        .expect("test config");
+    let forgejo = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone()).unwrap();
+    let users = CiUserStore::open(cfg.ci_users_path()).unwrap();
+    let metrics = Metrics::new();
+    Arc::new(Ctx {
+        cfg,
+        forgejo,
+        users: tokio::sync::Mutex::new(users),
+        net: None,
+        board: StatusBoard::new(Some(metrics.clone())),
+        metrics,
+        runner_marker: "fkr-qemu@test".into(),
+    })
+}
+
+fn job_of(added: &emulator::AddedJob, with_run_id: bool) -> Job {
+    Job {
+        id: added.id,
+        handle: added.handle.clone(),
+        attempt: 1,
+        repo_id: added.repo_id,
+        owner_id: 0,
+        name: "build".into(),
+        runs_on: vec!["external-host".into()],
+        needs: vec![],
+        task_id: 0,
+        status: JobStatus::Waiting,
+        run_id: if with_run_id { added.run_id } else { 0 },
+    }
+}
+
+async fn repo(ctx: &Ctx, id: i64) -> Repository {
+    ctx.forgejo.repository(id).await.unwrap()
+}
+
+/// Runs the job's Forgejo preparation; returns the login (if any) and the resources holding the
+/// token (release them to revoke it).
+async fn login(
+    ctx: &Arc<Ctx>,
+    job: &Job,
+) -> (Result<Option<(String, Secret)>, JobError>, JobResources) {
+    let mut res = JobResources::new(ctx.clone(), format!("fr-test{}", job.id));
+    let r = repo(ctx, job.repo_id).await;
+    let out = registry_login(ctx, job, &r, &mut res).await;
+    (out, res)
+}
+
+/// The scopes of the token `name` of user `login`, as Forgejo stored them.
+fn token_scopes(emu: &Emulator, login: &str, name_prefix: &str) -> Vec<Vec<String>> {
+    emu.with_state(|s| {
+        let uid = s.user_by_login(login).map(|u| u.id);
+        s.tokens
+            .iter()
+            .filter(|t| Some(t.user_id) == uid && t.name.starts_with(name_prefix))
+            .map(|t| t.scopes.clone())
+            .collect()
+    })
+}
+
+/// The registry credentials the VM's user-data carries: `user:token` of each auth file.
+fn seed_registry_auth(login: Option<&(String, Secret)>) -> Vec<String> {
+    let url = Url::parse("http://10.0.0.1:3000/").unwrap();
+    let runner_token = Secret::new("runner-token");
+    let auth = login.map(|(u, t)| RegistryAuth {
+        host: RegistryAuth::host_of(&url),
+        username: u,
+        token: t,
+    });
+    let doc = userdata::render(
+        &RunnerParams {
+            forgejo_url: &url,
+            runner_uuid: "uuid",
+            runner_token: &runner_token,
+            label: "external-host",
+            handle: "h",
+        },
+        auth.as_ref(),
+    )
+    .unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut pairs = Vec::new();
+    let mut path = "";
+    for line in doc.lines() {
+        if let Some(p) = line.strip_prefix("- path: ") {
+            path = p;
+        } else if let Some(c) = line.strip_prefix("  content: ") {
+            if path == userdata::DOCKER_CONFIG_PATH || path == userdata::CONTAINERS_AUTH_PATH {
+                let json: serde_json::Value =
+                    serde_json::from_slice(&b64.decode(c).unwrap()).unwrap();
+                let pair = json["auths"]["10.0.0.1:3000"]["auth"].as_str().unwrap();
+                pairs.push(String::from_utf8(b64.decode(pair).unwrap()).unwrap());
+            }
+        }
+    }
+    pairs
+}
+
+fn refusals(ctx: &Ctx) -> String {
+    ctx.metrics
+        .encode()
+        .lines()
+        .find(|l| l.starts_with("fkr_qemu_ci_user_refusals_total "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn dash_ambiguous_repositories_never_share_a_ci_user_in_either_order() {
+    for first_is_dashed_owner in [false, true] {
+        let w = world().await;
+        let a = w.emu.add_job("acme/my-app", &["external-host"], "build");
+        let b = w.emu.add_job("acme-my/app", &["external-host"], "build");
+        let order = if first_is_dashed_owner {
+            [&b, &a]
+        } else {
+            [&a, &b]
+        };
+        let mut logins = Vec::new();
+        let mut held = Vec::new();
+        for added in order {
+            let (out, res) = login(&w.ctx, &job_of(added, false)).await;
+            let (user, token) = out.unwrap().expect("a push job gets a token");
+            logins.push((added.repo_id, user.clone(), token));
+            held.push(res);
+        }
+        let (ua, ub) = (&logins[0].1, &logins[1].1);
+        assert_ne!(
+            ua, ub,
+            "order {first_is_dashed_owner}: one CI user for two repositories"
+        );
+        // Each token authenticates as its own repository's user, marked for that repository id.
+        for (repo_id, user, token) in &logins {
+            let (owner_login, marked) = w.emu.with_state(|s| {
+                let t = s
+                    .tokens
+                    .iter()
+                    .find(|t| t.secret == token.expose())
+                    .unwrap();
+                let u = s.user(t.user_id).unwrap();
+                (u.login.clone(), u.login_name.clone())
+            });
+            assert_eq!(&owner_login, user);
+            assert_eq!(marked, marker(*repo_id));
+        }
+        let names: Vec<&str> = logins.iter().map(|l| l.1.as_str()).collect();
+        assert!(names.contains(&"acme-my-app-ci"), "{names:?}");
+        assert!(
+            names.contains(&format!("acme-my-app-{}_ci", b.repo_id).as_str()),
+            "{names:?}"
+        );
+        for mut r in held {
+            assert_eq!(r.release().await, 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_recreated_repository_does_not_inherit_the_renamed_ones_ci_user() {
+    let w = world().await;
+    let old = w.emu.add_job("acme/app", &["external-host"], "build");
+    let (out, mut res) = login(&w.ctx, &job_of(&old, false)).await;
+    assert_eq!(out.unwrap().unwrap().0, "acme-app-ci");
+    res.release().await;
+    // The owner renames acme/app and someone (here: the same org) creates a new acme/app.
+    w.emu.with_state(|s| {
+        s.repos
+            .iter_mut()
+            .find(|r| r.id == old.repo_id)
+            .unwrap()
+            .name = "app-old".into()
+    });
+    let new = w.emu.add_job("acme/app", &["external-host"], "build");
+    assert_ne!(new.repo_id, old.repo_id);
+    // Another host, or this one after losing its state file: only Forgejo's marker decides.
+    let other_host = tempfile::tempdir().unwrap();
+    for ctx in [w.ctx.clone(), ctx_for(&w.emu, other_host.path(), "")] {
+        let (out, mut res) = login(&ctx, &job_of(&new, false)).await;
+        let user = out.unwrap().unwrap().0;
+        assert_eq!(user, format!("acme-app-{}_ci", new.repo_id));
+        res.release().await;
+    }
+    // The renamed repository keeps its user.
+    let (out, mut res) = login(&w.ctx, &job_of(&old, false)).await;
+    assert_eq!(out.unwrap().unwrap().0, "acme-app-ci");
+    res.release().await;
+}
+
+#[tokio::test]
+async fn a_squatter_with_the_name_and_the_derived_email_is_never_adopted() {
+    let w = world().await;
+    // A stranger signs up first with the CI user's name and exactly the address fkr-qemu derives.
+    w.emu.register_user(
+        "acme-web-ci",
+        "acme-web-ci@fkr-qemu.invalid",
+        "squatter-password",
+    );
+    let added = w.emu.add_job("acme/web", &["external-host"], "build");
+    let (out, _res) = login(&w.ctx, &job_of(&added, false)).await;
+    let e = out.unwrap_err().to_string();
+    assert!(
+        e.contains("CI user acme-web-ci for acme/web")
+            && e.contains("never takes over")
+            && e.contains("DELETE /api/v1/admin/users/acme-web-ci"),
+        "{e}"
+    );
+    assert!(!e.contains("squatter-password"), "{e}");
+    // Untouched: same password, no token, nothing stored.
+    let (pw, tokens) = w.emu.with_state(|s| {
+        let u = s.user_by_login("acme-web-ci").unwrap();
+        (
+            u.password.clone(),
+            s.tokens.iter().filter(|t| t.user_id == u.id).count(),
+        )
+    });
+    assert_eq!((pw.as_str(), tokens), ("squatter-password", 0));
+    assert!(w.ctx.users.lock().await.get(added.repo_id).is_none());
+    assert_eq!(refusals(&w.ctx), "fkr_qemu_ci_user_refusals_total 1");
+}
+
+#[tokio::test]
+async fn a_deleted_and_reregistered_ci_user_is_not_taken_back_from_the_state_file() {
+    let w = world().await;
+    let added = w.emu.add_job("acme/web", &["external-host"], "build");
+    let (out, mut res) = login(&w.ctx, &job_of(&added, false)).await;
+    assert_eq!(out.unwrap().unwrap().0, "acme-web-ci");
+    res.release().await;
+    // An admin deletes the CI user; a stranger registers the name. The state file still has it.
+    w.emu
+        .with_state(|s| s.users.retain(|u| u.login != "acme-web-ci"));
+    w.emu.register_user(
+        "acme-web-ci",
+        "acme-web-ci@fkr-qemu.invalid",
+        "squatter-password",
+    );
+    let (out, _res) = login(&w.ctx, &job_of(&added, false)).await;
+    let e = out.unwrap_err().to_string();
+    assert!(e.contains("never takes over"), "{e}");
+    let pw = w
+        .emu
+        .with_state(|s| s.user_by_login("acme-web-ci").unwrap().password.clone());
+    assert_eq!(pw, "squatter-password");
+}
+
+#[tokio::test]
+async fn our_marked_user_is_taken_back_when_the_state_file_is_lost() {
+    let w = world().await;
+    let added = w.emu.add_job("acme/web", &["external-host"], "build");
+    let (out, mut res) = login(&w.ctx, &job_of(&added, false)).await;
+    assert_eq!(out.unwrap().unwrap().0, "acme-web-ci");
+    res.release().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = ctx_for(&w.emu, dir.path(), "");
+    let r = repo(&fresh, added.repo_id).await;
+    let (user, password) = ensure_ci_user(&fresh, &r).await.unwrap();
+    assert_eq!(user, "acme-web-ci");
+    assert!(fresh
+        .forgejo
+        .verify_password(&user, &password)
+        .await
+        .unwrap());
+    // The marker survived the password reset (Forgejo's EditUser rewrites login_name).
+    let marked = w
+        .emu
+        .with_state(|s| s.user_by_login("acme-web-ci").unwrap().login_name.clone());
+    assert_eq!(marked, marker(added.repo_id));
+}
+
+#[tokio::test]
+async fn fork_pull_requests_get_a_read_only_token_and_push_jobs_write() {
+    // v15 (the run is found among the repository's runs) and the development branch (`run_id`).
+    for job_run_id in [false, true] {
+        let w = world_with(
+            Options {
+                job_run_id,
+                ..Options::default()
+            },
+            "",
+        )
+        .await;
+        let push = w.emu.add_job("acme/web", &["external-host"], "build");
+        let (out, mut res) = login(&w.ctx, &job_of(&push, job_run_id)).await;
+        let push_login = out.unwrap().unwrap();
+        let prefix = format!("orch-{}-", push.id);
+        assert_eq!(
+            token_scopes(&w.emu, "acme-web-ci", &prefix),
+            vec![vec!["write:package".to_string()]]
+        );
+        assert_eq!(
+            seed_registry_auth(Some(&push_login)),
+            vec![format!("acme-web-ci:{}", push_login.1.expose()); 2]
+        );
+        res.release().await;
+        // The push job is done; a fork's pull request runs next.
+        w.emu.with_state(|s| {
+            s.jobs.iter_mut().find(|j| j.id == push.id).unwrap().status =
+                emulator::JobStatus::Success
+        });
+        let pr = w.emu.add_job_in_run(
+            "acme/web",
+            &["external-host"],
+            "build",
+            RunTrigger::fork_pull_request(),
+        );
+        let (out, mut res) = login(&w.ctx, &job_of(&pr, job_run_id)).await;
+        let pr_login = out.unwrap().unwrap();
+        let scopes = token_scopes(&w.emu, "acme-web-ci", &format!("orch-{}-", pr.id));
+        assert_eq!(
+            scopes,
+            vec![vec!["read:package".to_string()]],
+            "run_id {job_run_id}"
+        );
+        assert!(!scopes[0].iter().any(|s| s.starts_with("write:")));
+        assert_eq!(
+            seed_registry_auth(Some(&pr_login)),
+            vec![format!("acme-web-ci:{}", pr_login.1.expose()); 2]
+        );
+        res.release().await;
+    }
+}
+
+#[tokio::test]
+async fn an_ambiguous_run_is_treated_as_a_fork() {
+    // v15: no run_id; a push run and a fork's run wait side by side.
+    let w = world().await;
+    let push = w.emu.add_job("acme/web", &["external-host"], "build");
+    w.emu.add_job_in_run(
+        "acme/web",
+        &["external-host"],
+        "build",
+        RunTrigger::fork_pull_request(),
+    );
+    let (out, mut res) = login(&w.ctx, &job_of(&push, false)).await;
+    out.unwrap().unwrap();
+    assert_eq!(
+        token_scopes(&w.emu, "acme-web-ci", &format!("orch-{}-", push.id)),
+        vec![vec!["read:package".to_string()]]
+    );
+    res.release().await;
+    // A run id the repository does not have: not trusted either.
+    let mut stranger = job_of(&push, false);
+    stranger.run_id = 99_999;
+    let (out, mut res) = login(&w.ctx, &stranger).await;
+    out.unwrap().unwrap();
+    assert_eq!(
+        token_scopes(&w.emu, "acme-web-ci", &format!("orch-{}-", push.id)).len(),
+        1,
+        "the first token was revoked"
+    );
+    assert_eq!(
+        token_scopes(&w.emu, "acme-web-ci", &format!("orch-{}-", push.id))[0],
+        vec!["read:package".to_string()]
+    );
+    res.release().await;
+}
+
+#[tokio::test]
+async fn pull_request_target_and_the_allow_list_get_write_and_none_gets_nothing() {
+    let w = world_with(
+        Options {
+            job_run_id: true,
+            ..Options::default()
+        },
+        "[tokens]\nfork_write_repos = [\"Acme/Trusted\"]\n",
+    )
+    .await;
+    let target = w.emu.add_job_in_run(
+        "acme/web",
+        &["external-host"],
+        "build",
+        RunTrigger {
+            event: "pull_request".into(),
+            trigger_event: "pull_request_target".into(),
+            is_fork_pull_request: true,
+        },
+    );
+    let allowed = w.emu.add_job_in_run(
+        "acme/trusted",
+        &["external-host"],
+        "build",
+        RunTrigger::fork_pull_request(),
+    );
+    for (added, user) in [(&target, "acme-web-ci"), (&allowed, "acme-trusted-ci")] {
+        let (out, mut res) = login(&w.ctx, &job_of(added, true)).await;
+        out.unwrap().unwrap();
+        assert_eq!(
+            token_scopes(&w.emu, user, &format!("orch-{}-", added.id)),
+            vec![vec!["write:package".to_string()]]
+        );
+        res.release().await;
+    }
+
+    let w = world_with(
+        Options {
+            job_run_id: true,
+            ..Options::default()
+        },
+        "[tokens]\nfork_pull_requests = \"none\"\n",
+    )
+    .await;
+    let pr = w.emu.add_job_in_run(
+        "acme/web",
+        &["external-host"],
+        "build",
+        RunTrigger::fork_pull_request(),
+    );
+    let (out, _res) = login(&w.ctx, &job_of(&pr, true)).await;
+    assert!(out.unwrap().is_none());
+    assert!(seed_registry_auth(None).is_empty());
+    // No CI user was even created for it.
+    assert!(w
+        .emu
+        .with_state(|s| s.user_by_login("acme-web-ci").is_none()));
+    let metrics = w.ctx.metrics.encode();
+    assert!(
+        metrics.contains("fkr_qemu_job_tokens_total{access=\"none\"} 1"),
+        "{metrics}"
+    );
+}
