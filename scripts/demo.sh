@@ -138,7 +138,9 @@ cat "$tmp/config.toml"
 
 say "fkr-qemu serve (in $host)"
 # The token goes through the environment, never argv.
-FORGEJO_ADMIN_TOKEN=$token ip netns exec "$host" "$bin" serve --config "$tmp/config.toml" >"$tmp/serve.log" 2>&1 &
+# nsenter, not `ip netns exec`: that would mount a fresh sysfs and hide the cgroup file systems that
+# serve puts each QEMU into.
+FORGEJO_ADMIN_TOKEN=$token nsenter --net="/run/netns/$host" -- "$bin" serve --config "$tmp/config.toml" >"$tmp/serve.log" 2>&1 &
 serve_pid=$!
 deadline=$((SECONDS + ${FKR_DEMO_TIMEOUT:-300}))
 tail -n +1 -f "$tmp/serve.log" --pid "$serve_pid" 2>/dev/null &

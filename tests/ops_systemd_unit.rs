@@ -105,7 +105,12 @@ fn unit_keeps_vms_safe_and_uses_credentials() {
     }
     let families = value(UNIT, "RestrictAddressFamilies").unwrap();
     assert!(families.contains("AF_NETLINK") && families.contains("AF_UNIX"));
-    assert!(value(UNIT, "CapabilityBoundingSet")
-        .unwrap()
-        .contains("CAP_NET_ADMIN"));
+    let caps = value(UNIT, "CapabilityBoundingSet").unwrap();
+    for cap in ["CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL"] {
+        assert!(caps.contains(cap), "{cap} missing: {caps}");
+    }
+    assert!(!caps.contains("CAP_SYS_ADMIN"), "{caps}");
+    // QEMUs go into the service's own cgroup subtree, which must be delegated and writable.
+    assert_eq!(value(UNIT, "Delegate").as_deref(), Some("yes"));
+    assert_eq!(value(UNIT, "ProtectControlGroups"), None);
 }

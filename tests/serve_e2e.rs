@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::guest::fake_qemu_kvm_internal_error;
+use common::guest::{assert_sandboxed, fake_qemu_kvm_internal_error};
 use common::serve::{wait_for, Settings, World};
 use nix::sys::signal::Signal;
 
@@ -482,4 +482,63 @@ fn serve_vm_kvm_internal_error_retries_the_job_once_under_tcg() {
     serve.signal(Signal::SIGTERM);
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
     w.assert_clean("alice-kvm-ci");
+}
+
+/// While serve runs a job, its QEMU is confined: a VM uid, no capability, no environment (so no
+/// admin token), its own cgroup with limits, files only root can open; `status` shows the uid, the
+/// cgroup and memory and disk use against their limits.
+#[test]
+fn serve_vm_qemu_is_sandboxed_and_status_shows_its_limits() {
+    let w = World::new(Settings::default());
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let (id, _) = w.emu.add_job("alice/box", "external-host");
+    let vm = wait_for("a running VM in status", BOOT, || {
+        let s = w.status()?;
+        let vm = s["vms"].as_array()?.first()?.clone();
+        (vm["pid"].is_u64() && vm["limits"].is_object()).then_some(vm)
+    });
+    let pid = vm["pid"].as_u64().unwrap() as u32;
+    let name = vm["name"].as_str().unwrap();
+    let run_dir = w.runtime_dir().join("vms").join(name);
+    let disk_dir = w.state_dir().join("disks").join(name);
+    assert_sandboxed(pid, &run_dir, &disk_dir);
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains(&w.emu.admin_token));
+    let l = &vm["limits"];
+    assert!(l["uid"].as_u64().unwrap() >= 1_960_000_000, "{vm}");
+    // Refreshed at each status: the overlay's allocated bytes, the cgroup's memory.
+    assert_eq!(l["memory_max"].as_u64(), Some((256 + 320) << 20), "{vm}");
+    assert!(l["memory_used"].as_u64().unwrap() > 0, "{vm}");
+    assert_eq!(l["disk_max"].as_u64(), Some(21 * 1024 << 20), "{vm}");
+    assert!(l["disk_used"].is_u64(), "{vm}");
+    assert!(l["cgroup"].as_str().unwrap().ends_with(name), "{vm}");
+    serve.wait_log(&format!("job {id}: done (completed)"), BOOT);
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    assert!(!disk_dir.exists());
+}
+
+/// With room for one VM's disk_max only, the second job waits for disk instead of starting a VM
+/// that could fill the disk; it runs once the first VM is gone.
+#[test]
+fn serve_vm_a_job_waits_for_disk_space() {
+    let w = World::new(Settings {
+        vm_extra: "disk_max_mib = 64\ndisk_budget_mib = 100",
+        ..Settings::default()
+    });
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let (a, _) = w.emu.add_job("alice/disk", "external-host");
+    let (b, _) = w.emu.add_job("alice/disk", "external-host");
+    serve.wait_log("wait: not enough disk space for another VM", Duration::from_secs(60));
+    serve.wait_log(&format!("job {a}: done (completed)"), BOOT);
+    serve.wait_log(&format!("job {b}: done (completed)"), BOOT);
+    let log = serve.log_text();
+    // Never two VMs at once: the second was dispatched after the first finished.
+    let first_done = log.find(&format!("job {a}: done")).unwrap();
+    let second_dispatched = log.find(&format!("queue: dispatching job {b} ")).unwrap();
+    assert!(second_dispatched > first_done, "log:\n{log}");
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
 }

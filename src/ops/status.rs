@@ -336,7 +336,7 @@ mod tests {
                 "vms": [{
                     "name": "fr-0000000a", "job_id": 7, "owner": "alice", "repo": "proj",
                     "state": "preparing", "address": null, "started_at": "1970-01-01T00:00:00Z",
-                    "accel": null, "pid": null, "serial_log": null
+                    "accel": null, "pid": null, "serial_log": null, "limits": null
                 }]
             })
         );

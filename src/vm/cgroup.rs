@@ -115,7 +115,7 @@ impl Layout {
         for c in V1_CONTROLLERS {
             let mount = root.join(c);
             if !mount.join("cgroup.procs").exists() {
-                return Err(Error::Config(format!(
+                return Err(Error::Cgroup(format!(
                     "no cgroup v2 at {} and no cgroup v1 `{c}` hierarchy at {}: \
                      VMs cannot be confined (mount cgroup2, or run under systemd)",
                     root.display(),

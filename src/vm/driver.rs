@@ -304,7 +304,12 @@ fn open_rw(path: &Path) -> Result<File, Error> {
 fn cgroup_layout() -> Result<Layout, Error> {
     static LAYOUT: std::sync::OnceLock<Result<Layout, String>> = std::sync::OnceLock::new();
     LAYOUT
-        .get_or_init(|| Layout::prepare().map_err(|e| e.to_string()))
+        .get_or_init(|| {
+            Layout::prepare().map_err(|e| match e {
+                Error::Cgroup(m) => m,
+                other => other.to_string(),
+            })
+        })
         .clone()
         .map_err(Error::Cgroup)
 }

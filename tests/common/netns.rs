@@ -70,10 +70,14 @@ impl NetNs {
         })
     }
 
-    /// A command that runs inside this namespace (`ip netns exec`).
+    /// A command that runs inside this namespace. `nsenter --net`, not `ip netns exec`: the latter
+    /// also mounts a fresh sysfs, which hides the host's cgroup file systems under /sys/fs/cgroup —
+    /// and `serve` puts each QEMU into a cgroup, as it does on a real host.
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
         cmd
     }
 

@@ -235,6 +235,8 @@ pub struct Settings {
     pub accel: &'static str,
     /// `[vm] qemu`, when not the one on `PATH`.
     pub qemu: Option<PathBuf>,
+    /// More `[vm]` lines.
+    pub vm_extra: &'static str,
 }
 
 impl Default for Settings {
@@ -247,6 +249,7 @@ impl Default for Settings {
             request_timeout_ms: 5000,
             accel: "tcg",
             qemu: None,
+            vm_extra: "",
         }
     }
 }
@@ -308,6 +311,7 @@ retry_backoff_ms = 100
 
 [vm]
 accel = "{accel}"{qemu}
+{vm_extra}
 vcpus = 1
 memory_mib = 256
 powerdown_grace_secs = 3
@@ -327,6 +331,7 @@ dns_servers = ["{emu_addr}"]
                 timeout = s.request_timeout_ms,
                 emu_addr = Self::EMU_ADDR,
                 accel = s.accel,
+                vm_extra = s.vm_extra,
                 qemu = s
                     .qemu
                     .as_ref()
@@ -380,6 +385,16 @@ dns_servers = ["{emu_addr}"]
                 .collect(),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// `fkr-qemu status --json` against this world's daemon (the control socket needs no netns).
+    pub fn status(&self) -> Option<Value> {
+        let out = std::process::Command::new(serve_bin())
+            .args(["status", "--json", "--runtime-dir"])
+            .arg(self.runtime_dir())
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
     }
 
     /// `fr-*` interfaces in the host namespace.
