@@ -168,13 +168,11 @@ fn vm_guests_reach_upstream_through_nat_but_not_host_peers_or_private_ranges() {
         let go = HttpServer::start(&topo.host, at(gw, HOST_OPEN_PORT), "wait");
 
         let names = [VmName::generate(), VmName::generate()];
-        let taps = names
-            .each_ref()
-            .map(|n| hn.create_tap(n.as_str()).expect("tap"));
         let leases = [
             hn.allocate_address().expect("address"),
             hn.allocate_address().expect("address"),
         ];
+        let taps = [0, 1].map(|i| hn.create_tap(names[i].as_str(), &leases[i]).expect("tap"));
         let addrs = leases.each_ref().map(|l| l.address());
 
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -227,7 +227,6 @@ fn enable_ip_forwarding() -> Result<(), Error> {
     Ok(())
 }
 
-
 /// What [`sweep`] removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {

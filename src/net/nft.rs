@@ -459,7 +459,10 @@ mod tests {
             "{}",
             port.render("delete")
         );
-        assert!(port.render("delete").lines().all(|l| l.starts_with("delete element")));
+        assert!(port
+            .render("delete")
+            .lines()
+            .all(|l| l.starts_with("delete element")));
     }
 
     #[test]
