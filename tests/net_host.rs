@@ -571,8 +571,9 @@ fn connection_limits_hold_one_vm_and_not_its_neighbour() {
         let passed = open_flows(&mut evil, (gw_mac, gw), &sock, 20000, 200);
         let elapsed = start.elapsed().as_secs_f64();
         eprintln!("MEASURE rate {rate}/s: {passed} of 200 new flows passed in {elapsed:.2}s");
-        // Token bucket: at most rate + burst (2 × rate) at once, plus the rate while sending.
-        let bound = (3 * rate) as f64 + f64::from(rate) * elapsed + 1.0;
+        // Token bucket: at most the burst (2 × rate) at once, plus the rate while sending
+        // (measured: 10 of 200 in 0.7 s at 5/s).
+        let bound = (2 * rate) as f64 + f64::from(rate) * elapsed + 1.0;
         assert!(
             passed >= rate as usize && (passed as f64) <= bound,
             "{passed} new flows passed in {elapsed:.2}s, bound {bound:.1}"
