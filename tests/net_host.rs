@@ -84,6 +84,13 @@ fn tap_is_created_attached_isolated_and_removed() {
         // The fd QEMU gets keeps a tap alive on its own: Drop must still remove the interface.
         let tap2 = Tap::create("fr-0123abce", hn.bridge()).expect("second tap");
         let qemu_fd = tap2.fd_for_qemu().expect("dup");
+        // Unbound (as the VM driver's tests use taps on their own bridges): isolated only, so the
+        // bridge still learns where its VM is.
+        let port2 = host.exec("bridge", &["-d", "link", "show", "dev", "fr-0123abce"]);
+        assert!(
+            port2.contains("isolated on") && port2.contains("learning on"),
+            "{port2}"
+        );
         assert_eq!(vm_tap_links(host).len(), 2);
         drop(tap2);
         drop(tap);

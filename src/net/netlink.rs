@@ -162,21 +162,31 @@ impl Netlink {
         self.ack(RouteNetlinkMessage::DelLink(msg), 0)
     }
 
-    /// Makes a bridge port a VM port: isolated (isolated ports only talk to non-isolated ones,
-    /// the bridge itself, never to each other), no address learning (a guest flooding random
-    /// source MACs cannot grow the FDB; the VM's MAC gets a static entry instead), and no
-    /// flooding of unknown unicast into it (a VM never sees frames meant for an address that is
-    /// not its own). No ioctl exists for these flags.
-    pub fn set_vm_port_flags(&mut self, index: u32) -> io::Result<()> {
+    /// Puts a bridge port into isolated mode: isolated ports only talk to non-isolated ones (the
+    /// bridge itself), never to each other. No ioctl exists for this flag.
+    pub fn set_port_isolated(&mut self, index: u32) -> io::Result<()> {
+        self.set_port_flags(index, vec![InfoBridgePort::Isolated(true)])
+    }
+
+    /// Locks a VM port to its static FDB entry: no address learning (a guest flooding random
+    /// source MACs cannot grow the FDB) and no flooding of unknown unicast into it (a VM never
+    /// sees frames meant for an address that is not its own).
+    pub fn set_port_locked(&mut self, index: u32) -> io::Result<()> {
+        self.set_port_flags(
+            index,
+            vec![
+                InfoBridgePort::Learning(false),
+                InfoBridgePort::UnicastFlood(false),
+            ],
+        )
+    }
+
+    fn set_port_flags(&mut self, index: u32, flags: Vec<InfoBridgePort>) -> io::Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::PortKind(InfoPortKind::Bridge),
-            LinkInfo::PortData(InfoPortData::BridgePort(vec![
-                InfoBridgePort::Isolated(true),
-                InfoBridgePort::Learning(false),
-                InfoBridgePort::UnicastFlood(false),
-            ])),
+            LinkInfo::PortData(InfoPortData::BridgePort(flags)),
         ]));
         self.ack(RouteNetlinkMessage::NewLink(msg), 0)
     }

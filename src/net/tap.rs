@@ -23,8 +23,8 @@ pub fn is_tap_name(name: &str) -> bool {
         })
 }
 
-/// A VM's tap: created through `/dev/net/tun`, a port of the bridge (isolated, no learning, no
-/// unknown-unicast flooding), up. Bound to a lease ([`super::HostNetwork::create_tap`]), it also
+/// A VM's tap: created through `/dev/net/tun`, an isolated port of the bridge, up. Bound to a lease
+/// ([`super::HostNetwork::create_tap`]), the port also stops learning and flooding, and the tap
 /// owns the VM's static FDB entry, its permanent neighbour entry on the bridge and its elements in
 /// the anti-spoofing sets. The tap is owned here: Drop removes all that and deletes the interface
 /// (even if QEMU still holds a duplicate of the fd) and closes our fd.
@@ -93,7 +93,7 @@ impl Tap {
         ioctl::bridge_add_port(bridge, index)
             .map_err(|e| Error::io(format!("attaching the tap {vm_name} to {bridge}"), e))?;
         tap.netlink
-            .set_vm_port_flags(index)
+            .set_port_isolated(index)
             .map_err(|e| Error::io(format!("isolating the bridge port {vm_name}"), e))?;
         ioctl::set_up(vm_name)
             .map_err(|e| Error::io(format!("bringing up the tap {vm_name}"), e))?;
@@ -118,6 +118,10 @@ impl Tap {
         self.netlink
             .add_static_fdb(self.index, mac)
             .map_err(|e| Error::io(format!("adding the FDB entry of {name} ({mac})"), e))?;
+        // After the static entry: the bridge never has a moment without a way to the VM.
+        self.netlink
+            .set_port_locked(self.index)
+            .map_err(|e| Error::io(format!("locking the bridge port {name}"), e))?;
         self.netlink
             .set_permanent_neighbour(bridge_index, address, mac)
             .map_err(|e| Error::io(format!("pinning {address} to {mac} on the bridge"), e))?;
