@@ -148,8 +148,25 @@ fn nft_table_exists_while_set_up_and_is_gone_after_teardown_and_sweep() {
         assert!(!net::nft::table_exists().unwrap(), "gone after teardown");
         assert!(!host.exec("nft", &["list", "tables"]).contains("fkr_qemu"));
 
-        // A crash (no teardown) leaves the table; the sweep removes it.
+        // A crash (no teardown, no Drop of the VM's tap) leaves the tables, the tap and the
+        // pinned neighbour entry; the sweep removes them.
         let crashed = HostNetwork::setup(&cfg).expect("setup");
+        let lease = crashed.allocate_address().unwrap();
+        let addr = lease.address();
+        std::mem::forget(crashed.create_tap("fr-0000dead", &lease).unwrap());
+        std::mem::forget(lease);
+        // Someone else's permanent entry outside our subnet stays.
+        host.ip(&[
+            "neigh",
+            "add",
+            "192.0.2.9",
+            "lladdr",
+            "02:00:00:00:00:09",
+            "dev",
+            "fkr0",
+            "nud",
+            "permanent",
+        ]);
         drop(crashed);
         assert!(
             net::nft::table_exists().unwrap(),
@@ -157,7 +174,12 @@ fn nft_table_exists_while_set_up_and_is_gone_after_teardown_and_sweep() {
         );
         let report = net::sweep(&cfg).expect("sweep");
         assert!(report.table_removed);
+        assert_eq!(report.taps_removed, vec!["fr-0000dead"]);
+        assert_eq!(report.neighbours_removed, vec![addr]);
         assert!(!net::nft::table_exists().unwrap(), "gone after sweep");
+        let neigh = host.ip(&["-4", "neigh", "show", "dev", "fkr0"]);
+        assert!(!neigh.contains(&format!("{addr} ")), "{neigh}");
+        assert!(neigh.contains("192.0.2.9 "), "{neigh}");
         let report = net::sweep(&cfg).expect("second sweep");
         assert!(!report.table_removed);
     });
@@ -220,7 +242,25 @@ fn allocation_ignores_neighbours_and_skips_leases_and_bridge_addresses() {
             hn.allocate_address().unwrap().address(),
             Ipv4Addr::new(10, 88, 0, 10)
         );
-        drop((tap, lease, kept, got));
+        // A later VM pinned the address to its own MAC: dropping the old tap leaves that entry.
+        host.ip(&[
+            "neigh",
+            "replace",
+            "10.88.0.2",
+            "lladdr",
+            "02:00:00:00:00:77",
+            "dev",
+            "fkr0",
+            "nud",
+            "permanent",
+        ]);
+        drop(tap);
+        let neigh = host.ip(&["-4", "neigh", "show", "10.88.0.2", "dev", "fkr0"]);
+        assert!(
+            neigh.contains("lladdr 02:00:00:00:00:77 PERMANENT"),
+            "{neigh}"
+        );
+        drop((lease, kept, got));
         hn.teardown().expect("teardown");
     });
 }

@@ -231,11 +231,14 @@ fn enable_ip_forwarding() -> Result<(), Error> {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
     pub taps_removed: Vec<String>,
+    /// VM addresses whose pinned (permanent) neighbour entry on the bridge was removed.
+    pub neighbours_removed: Vec<Ipv4Addr>,
     pub table_removed: bool,
 }
 
-/// Startup sweep: removes leftover VM taps (named `fr-…` AND really taps; nothing else) and our
-/// nftables table. The bridge stays: it holds no per-VM state.
+/// Startup sweep: removes leftover VM taps (named `fr-…` AND really taps; nothing else), the
+/// permanent neighbour entries of our subnet on our bridge (pinned for VMs of a crashed run), and
+/// our nftables tables. The bridge itself stays.
 pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
     let mut netlink = Netlink::open().map_err(|e| Error::io("opening a netlink socket", e))?;
     let links = netlink
@@ -255,6 +258,22 @@ pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
         }
         tracing::info!(tap = %link.name, bridge = %config.bridge, "removed a leftover tap");
         report.taps_removed.push(link.name.clone());
+    }
+    // Addresses pinned for VMs of a crashed run: in our subnet, on our bridge, permanent.
+    let bridge = netlink
+        .link_by_name(&config.bridge)
+        .map_err(|e| Error::io(format!("looking up {}", config.bridge), e))?;
+    if let Some(bridge) = bridge.filter(|b| b.kind == Some(InfoKind::Bridge)) {
+        let pinned = netlink
+            .permanent_neighbours(bridge.index)
+            .map_err(|e| Error::io("reading the bridge's neighbour table", e))?;
+        for addr in pinned.into_iter().filter(|a| config.subnet.contains(*a)) {
+            netlink
+                .delete_neighbour(bridge.index, addr)
+                .map_err(|e| Error::io(format!("removing the neighbour entry of {addr}"), e))?;
+            tracing::info!(address = %addr, bridge = %config.bridge, "removed a leftover neighbour entry");
+            report.neighbours_removed.push(addr);
+        }
     }
     if nft::table_exists()? {
         nft::remove()?;

@@ -304,6 +304,68 @@ impl Netlink {
         )
     }
 
+    /// IPv4 addresses with a permanent neighbour entry on interface `index`.
+    pub fn permanent_neighbours(&mut self, index: u32) -> io::Result<Vec<Ipv4Addr>> {
+        Ok(self
+            .neighbours(index)?
+            .into_iter()
+            .filter(|(_, state, _)| *state == NeighbourState::Permanent)
+            .map(|(a, _, _)| a)
+            .collect())
+    }
+
+    /// Removes the entry for `address` on interface `index` only while it still maps to `mac`
+    /// (a later VM with the same address pins its own MAC; that entry must stay).
+    pub fn delete_neighbour_of(
+        &mut self,
+        index: u32,
+        address: Ipv4Addr,
+        mac: MacAddr,
+    ) -> io::Result<()> {
+        let ours = self
+            .neighbours(index)?
+            .into_iter()
+            .any(|(a, _, m)| a == address && m == Some(mac));
+        if ours {
+            self.delete_neighbour(index, address)?;
+        }
+        Ok(())
+    }
+
+    /// IPv4 neighbour entries on interface `index`: address, state, MAC.
+    fn neighbours(
+        &mut self,
+        index: u32,
+    ) -> io::Result<Vec<(Ipv4Addr, NeighbourState, Option<MacAddr>)>> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        let replies = self.request(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        for reply in replies {
+            let RouteNetlinkMessage::NewNeighbour(n) = reply else {
+                continue;
+            };
+            if n.header.ifindex != index {
+                continue;
+            }
+            let mut addr = None;
+            let mut mac = None;
+            for attr in &n.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(*a),
+                    NeighbourAttribute::LinkLayerAddress(l) => {
+                        mac = <[u8; 6]>::try_from(l.as_slice()).ok().map(MacAddr);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(a) = addr {
+                out.push((a, n.header.state, mac));
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes the neighbour entry for `address` on interface `index` (absent: not an error).
     pub fn delete_neighbour(&mut self, index: u32, address: Ipv4Addr) -> io::Result<()> {
         match self.ack(

@@ -183,10 +183,11 @@ impl Drop for Tap {
                     tracing::warn!(tap = %self.name, error = %e, "could not unregister the VM port");
                 }
             }
-            // The next VM with this address pins its own MAC anyway; removing the entry keeps the
-            // table free of dead VMs.
             if b.neighbour {
-                if let Err(e) = self.netlink.delete_neighbour(b.bridge_index, b.address) {
+                let r = self
+                    .netlink
+                    .delete_neighbour_of(b.bridge_index, b.address, self.mac);
+                if let Err(e) = r {
                     tracing::warn!(address = %b.address, error = %e, "could not remove the neighbour entry");
                 }
             }
