@@ -352,7 +352,7 @@ while :; do
 done
 say "ok=$ok"
 say "bad=$bad"
-say "gateway=$(ip neigh show 10.88.0.1 dev eth0 | tr -s ' ' | cut -d ' ' -f 3)"
+say "gateway=$(ip neigh show 10.88.0.1 | sed -n 's/.*lladdr \([0-9a-f:]*\).*/\1/p')"
 say done
 "#;
 
@@ -626,6 +626,12 @@ fn vm_hostile_guest_cannot_spoof_flood_or_starve_its_neighbour() {
     );
     let ok: u32 = m.get("ok").and_then(|v| v.parse().ok()).unwrap_or(0);
     assert!(ok >= 3, "victim: {m:?}");
+    // The attacker's gratuitous ARP for the gateway never reached the victim.
+    assert_eq!(
+        m.get("gateway"),
+        Some(&cfg.bridge_mac().to_string()),
+        "victim's gateway entry: {m:?}"
+    );
     assert!(
         upstream
             .clients()
