@@ -60,8 +60,9 @@ pub enum Error {
     #[error("the nft tool is missing: install the nftables package (apt-get install nftables)")]
     NftMissing,
     #[error(
-        "{action}: the kernel lacks nftables support: load the nf_tables, nft_chain_nat, nft_ct \
-         and nft_masq modules (or install the kernel's modules package): {stderr}"
+        "{action}: the kernel lacks nftables support: load the nf_tables, nft_chain_nat, nft_ct, \
+         nft_masq, nft_limit and nft_connlimit modules and bridge-family nftables (or install \
+         the kernel's modules package): {stderr}"
     )]
     NftKernel {
         action: &'static str,
