@@ -1,4 +1,4 @@
-//! The host side shared by all VMs: bridge, forwarding, nftables table; and the startup sweep.
+//! The host side shared by all VMs: bridge, forwarding, nftables tables; and the startup sweep.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
