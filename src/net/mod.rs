@@ -6,7 +6,8 @@
 //! Everything here acts on the network namespace of the calling thread at the time of the call
 //! (the daemon's whole process lives in one); objects that must later act on the same namespace
 //! (a [`Tap`] deleting itself, [`HostNetwork`]'s neighbour lookups) keep a netlink socket opened
-//! in it. The calls are synchronous and short (a few syscalls, one `nft` run at setup/teardown).
+//! in it. The calls are synchronous and short (a few syscalls; one `nft` run at setup/teardown and
+//! one each time a VM's tap is bound or dropped).
 
 mod addr;
 mod config;
