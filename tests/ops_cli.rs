@@ -169,15 +169,22 @@ fn console_prints_the_log_and_follows_until_the_vm_ends() {
     let boot = b"\x1b[2J\x1b[01;01HBdsDxe: starting Boot0001\xff\r\nLinux version 6.1\n";
     std::fs::write(&log, boot).unwrap();
 
+    let o = d.fkr(&["console", "--raw", name]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(o.stdout, boot, "--raw shows an ended VM's kept log as is");
+    // By default the guest's control characters never reach the terminal.
     let o = d.fkr(&["console", name]);
     assert!(o.status.success(), "{o:?}");
-    assert_eq!(o.stdout, boot, "an ended VM's kept log is shown as is");
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap(),
+        "\\x1b[2J\\x1b[01;01HBdsDxe: starting Boot0001\\xff\r\nLinux version 6.1\n"
+    );
 
     // A live VM: its dir exists, qemu not spawned yet (no pid file) counts as alive.
     let vm_dir = d.run().join("vms").join(name);
     std::fs::create_dir_all(&vm_dir).unwrap();
     let mut child = d
-        .command(&["console", "--follow", name])
+        .command(&["console", "--follow", "--raw", name])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()

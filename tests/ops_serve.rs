@@ -172,10 +172,19 @@ fn ops_vm_commands_and_metrics_against_serve() {
             "{marker:?} not streamed:\n{streamed}"
         );
     }
-    // The ended VM's log is kept: plain `console` prints it whole, the same bytes.
-    let o = fkr(&cfg, &["console", &name]);
+    // The ended VM's log is kept: `console --raw` prints it whole, the same bytes; plain
+    // `console` shows the firmware's escape sequences as text.
+    let o = fkr(&cfg, &["console", "--raw", &name]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(o.stdout, std::fs::read(&log_path).unwrap());
+    let o = fkr(&cfg, &["console", &name]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !o.stdout
+            .iter()
+            .any(|b| *b == 0x1b || (*b < 0x20 && !b"\n\t\r".contains(b))),
+        "a control character reached the terminal"
+    );
     assert!(String::from_utf8_lossy(&o.stdout).contains("fkr-guest: poweroff"));
 
     // The counters moved by exactly this one job.

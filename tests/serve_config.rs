@@ -68,6 +68,25 @@ async fn serve_check_config_validates_and_prints_the_redacted_config() {
     assert!(t.contains("Forgejo 15."), "{t}");
     assert!(t.contains("# configuration OK"), "{t}");
     assert!(!t.contains(emu.admin_token()), "the token leaked: {t}");
+    assert!(
+        !t.contains("WARNING"),
+        "plain http to loopback is fine: {t}"
+    );
+
+    // A runner_url in plain http to a public address is accepted, with a warning (check-config
+    // never contacts runner_url).
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
+        "request_timeout_ms = 5000\n",
+        "request_timeout_ms = 5000\nrunner_url = \"http://203.0.113.5:3000/\"\n",
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let out = check(&cfg, emu.admin_token()).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("# WARNING: forgejo.runner_url http://203.0.113.5:3000/ is plain http"),
+        "{t}"
+    );
 
     // A wrong token is a Forgejo failure (exit 4), never echoed.
     let out = check(&cfg, "not-the-token-0123456789").await;

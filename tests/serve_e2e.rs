@@ -531,7 +531,10 @@ fn serve_vm_a_job_waits_for_disk_space() {
     serve.wait_log("entering discovery loop", Duration::from_secs(30));
     let (a, _) = w.emu.add_job("alice/disk", "external-host");
     let (b, _) = w.emu.add_job("alice/disk", "external-host");
-    serve.wait_log("wait: not enough disk space for another VM", Duration::from_secs(60));
+    serve.wait_log(
+        "wait: not enough disk space for another VM",
+        Duration::from_secs(60),
+    );
     serve.wait_log(&format!("job {a}: done (completed)"), BOOT);
     serve.wait_log(&format!("job {b}: done (completed)"), BOOT);
     let log = serve.log_text();

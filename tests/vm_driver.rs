@@ -634,7 +634,10 @@ async fn vm_guest_writing_past_disk_max_is_stopped() {
     };
     assert_eq!(limit, 4 << 20);
     // QEMU reports the moment the overlay passes the cap; the VM is gone within moments.
-    assert!(used < limit + (16 << 20), "the overlay grew to {used} bytes");
+    assert!(
+        used < limit + (16 << 20),
+        "the overlay grew to {used} bytes"
+    );
     assert!(text.contains("fkr-test: writing"), "{text}");
     assert!(!text.contains("fkr-test: wrote it all"), "{text}");
     assert_eq!(exit.state, VmState::Failed);

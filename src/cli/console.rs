@@ -11,6 +11,11 @@ pub struct Args {
     /// After the output so far, keep printing new output until the VM ends (or Ctrl+C).
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// Copy the guest's bytes unchanged. By default, control characters other than newline and
+    /// tab (escape sequences included), a CR outside CRLF, invalid UTF-8 and bidi overrides are
+    /// shown as visible escapes such as `\x1b`: the guest must not drive your terminal.
+    #[arg(long)]
+    pub raw: bool,
     #[command(flatten)]
     pub dirs: DirArgs,
 }
@@ -45,7 +50,7 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
         let _ = tokio::signal::ctrl_c().await;
     };
     let mut stdout = tokio::io::stdout();
-    match console::stream(&log, &mut stdout, args.follow, alive, stop).await? {
+    match console::stream(&log, &mut stdout, args.follow, args.raw, alive, stop).await? {
         End::VmEnded => eprintln!("\n[fkr-qemu: {} has ended]", args.name),
         End::EndOfLog | End::Stopped | End::OutputClosed => {}
     }

@@ -154,6 +154,10 @@ pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
         )),
     }
 
+    for w in cfg.plain_http_warnings() {
+        tracing::warn!("{w}");
+        notes.push(format!("WARNING: {w}"));
+    }
     print!("{}", cfg.to_redacted_toml());
     for n in notes {
         println!("# {n}");

@@ -384,6 +384,49 @@ impl Config {
         Ok(())
     }
 
+    /// Warnings for plain-http URLs that may cross an untrusted network: the admin token (Forgejo
+    /// URL) and each job's runner and registry tokens (`runner_url`) travel in clear text. Only an
+    /// IP literal can be known to stay local (loopback, private, link-local, CGNAT, unique local);
+    /// a host name is warned about unless it is `localhost` (it is not resolved here).
+    pub fn plain_http_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut urls = vec![("forgejo.url", &self.forgejo.url)];
+        if let Some(u) = &self.runner_url {
+            urls.push(("forgejo.runner_url", u));
+        }
+        for (key, u) in urls {
+            if u.scheme() != "http" {
+                continue;
+            }
+            let local = match u.host() {
+                Some(url::Host::Ipv4(a)) => {
+                    a.is_loopback()
+                        || a.is_private()
+                        || a.is_link_local()
+                        || (a.octets()[0] == 100 && a.octets()[1] & 0xc0 == 64)
+                }
+                Some(url::Host::Ipv6(a)) => {
+                    a.is_loopback()
+                        || (a.segments()[0] & 0xfe00) == 0xfc00
+                        || (a.segments()[0] & 0xffc0) == 0xfe80
+                }
+                Some(url::Host::Domain(d)) => {
+                    let d = d.trim_end_matches('.').to_ascii_lowercase();
+                    d == "localhost" || d.ends_with(".localhost")
+                }
+                None => true,
+            };
+            if !local {
+                out.push(format!(
+                    "{key} {u} is plain http to an address that is not loopback or private: \
+                     tokens cross the network unencrypted; use https (ignore this if the host \
+                     is only reachable on a private network)"
+                ));
+            }
+        }
+        out
+    }
+
     /// The URL the guests use for the runner and the registry.
     pub fn runner_url(&self) -> &Url {
         self.runner_url.as_ref().unwrap_or(&self.forgejo.url)
@@ -818,6 +861,46 @@ mod tests {
             let mut bad = c.clone();
             f(&mut bad);
             assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn plain_http_to_public_addresses_is_warned_about() {
+        let mut c = parse("").unwrap();
+        let warned = |c: &Config| c.plain_http_warnings();
+        for (url, warn) in [
+            ("http://127.0.0.1:3000/", false),
+            ("http://localhost/", false),
+            ("http://192.168.1.10:3000/", false),
+            ("http://10.0.0.2/", false),
+            ("http://100.64.1.1/", false),
+            ("http://[::1]/", false),
+            ("http://[fd00::1]/", false),
+            ("https://203.0.113.5/", false),
+            ("https://forgejo.example/", false),
+            ("http://203.0.113.5/", true),
+            ("http://100.128.0.1/", true),
+            ("http://forgejo.example/", true),
+            ("http://[2001:db8::1]/", true),
+        ] {
+            c.forgejo.url = Url::parse(url).unwrap();
+            c.runner_url = None;
+            let w = warned(&c);
+            assert_eq!(w.len(), usize::from(warn), "{url}: {w:?}");
+            if warn {
+                assert!(w[0].starts_with("forgejo.url "), "{w:?}");
+            }
+            // The same URL as runner_url (behind an https Forgejo URL).
+            c.forgejo.url = Url::parse("https://f.example/").unwrap();
+            c.runner_url = Some(Url::parse(url).unwrap());
+            let w = warned(&c);
+            assert_eq!(w.len(), usize::from(warn), "runner_url {url}: {w:?}");
+            if warn {
+                assert!(
+                    w[0].contains("forgejo.runner_url") && w[0].contains("https"),
+                    "{w:?}"
+                );
+            }
         }
     }
 

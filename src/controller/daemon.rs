@@ -245,6 +245,9 @@ fn hostname() -> String {
 pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     let mut signals = Signals::new()
         .map_err(|e| Error::io("cannot install a signal handler for", "SIGINT/SIGTERM", e))?;
+    for w in cfg.plain_http_warnings() {
+        tracing::warn!("{w}");
+    }
     create_dir(&cfg.state_dir, 0o700)?;
     create_dir(&cfg.runtime_dir, 0o755)?;
     create_dir(&cfg.vm.log_dir, 0o700)?;

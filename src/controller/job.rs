@@ -718,7 +718,7 @@ async fn prepare_and_launch(
 
     let lease = ctx.net().allocate_address()?;
     let address = lease.address();
-    let tap = ctx.net().create_tap(name.as_str())?;
+    let tap = ctx.net().create_tap(name.as_str(), &lease)?;
     let mac = tap.mac();
     let network_config = ctx.net().network_config(&lease, mac);
     let net_device = tap.net_device()?;

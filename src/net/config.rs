@@ -32,7 +32,19 @@ pub struct NetConfig {
     /// Interface VM traffic leaves through (masqueraded). Default: the interface of the IPv4 default
     /// route.
     pub uplink: Option<String>,
+    /// New connections (conntrack entries: TCP, UDP flows, pings) one VM may open per second, on
+    /// average; bursts of twice as many pass. Excess new packets are dropped (TCP retries them).
+    pub conn_rate_per_sec: u32,
+    /// Connections one VM may have tracked at a time (TCP in TIME_WAIT/CLOSE not counted); further
+    /// new ones are rejected. Keeps one guest from filling the host's conntrack table.
+    pub max_conns_per_vm: u32,
 }
+
+/// Default of `net.conn_rate_per_sec`: far above what package managers and `docker pull` need,
+/// far below what fills a conntrack table.
+pub const DEFAULT_CONN_RATE_PER_SEC: u32 = 50;
+/// Default of `net.max_conns_per_vm`.
+pub const DEFAULT_MAX_CONNS_PER_VM: u32 = 1024;
 
 impl Default for NetConfig {
     fn default() -> Self {
@@ -47,6 +59,8 @@ impl Default for NetConfig {
             allow: Vec::new(),
             host_ports: Vec::new(),
             uplink: None,
+            conn_rate_per_sec: DEFAULT_CONN_RATE_PER_SEC,
+            max_conns_per_vm: DEFAULT_MAX_CONNS_PER_VM,
         }
     }
 }
@@ -81,6 +95,19 @@ impl NetConfig {
         }
         if self.host_ports.contains(&0) {
             return Err(Error::Config("net.host_ports: port 0 is not a port".into()));
+        }
+        // nft's `limit rate` takes a 32-bit packet count; the burst is twice the rate.
+        if self.conn_rate_per_sec == 0 || self.conn_rate_per_sec > u32::MAX / 2 {
+            return Err(Error::Config(format!(
+                "net.conn_rate_per_sec {}: must be between 1 and {}",
+                self.conn_rate_per_sec,
+                u32::MAX / 2
+            )));
+        }
+        if self.max_conns_per_vm == 0 {
+            return Err(Error::Config(
+                "net.max_conns_per_vm 0: a VM needs at least one connection".into(),
+            ));
         }
         Ok(())
     }
@@ -391,6 +418,8 @@ mod tests {
             allow = ["192.168.1.10:3000", "10.1.0.0/16"]
             host_ports = [3128]
             uplink = "eth0"
+            conn_rate_per_sec = 20
+            max_conns_per_vm = 256
             "#,
         )
         .unwrap();
@@ -400,6 +429,7 @@ mod tests {
         assert_eq!(c.allow[0].to_string(), "192.168.1.10/32:3000");
         assert_eq!(c.allow[1].to_string(), "10.1.0.0/16");
         assert_eq!(c.bridge_mac().to_string(), "02:00:00:00:00:01");
+        assert_eq!((c.conn_rate_per_sec, c.max_conns_per_vm), (20, 256));
         assert!(toml::from_str::<NetConfig>("bogus = 1").is_err());
         assert!(toml::from_str::<NetConfig>("subnet = \"10.88.0.1\"").is_err());
     }
@@ -420,6 +450,14 @@ mod tests {
         assert!(c.validate().is_err());
         c.bridge = "a-very-long-bridge-name".into();
         assert!(c.validate().is_err());
+        for (rate, max) in [(0, 10), (10, 0), (u32::MAX, 10)] {
+            let c = NetConfig {
+                conn_rate_per_sec: rate,
+                max_conns_per_vm: max,
+                ..NetConfig::default()
+            };
+            assert!(c.validate().is_err(), "{rate} {max}");
+        }
     }
 
     #[test]

@@ -1,7 +1,6 @@
-//! The host side shared by all VMs: bridge, forwarding, nftables table; and the startup sweep.
+//! The host side shared by all VMs: bridge, forwarding, nftables tables; and the startup sweep.
 
 use std::net::Ipv4Addr;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -10,7 +9,7 @@ use netlink_packet_route::link::InfoKind;
 use super::addr::{render_network_config, AddressPool, Lease};
 use super::config::{MacAddr, NetConfig};
 use super::netlink::Netlink;
-use super::{ioctl, is_tap_name, nft, Error, Tap};
+use super::{current_netns, ioctl, is_tap_name, nft, Error, Tap};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -57,6 +56,8 @@ impl HostNetwork {
             dns_servers: &dns_servers,
             allow: &config.allow,
             host_ports: &config.host_ports,
+            conn_rate_per_sec: config.conn_rate_per_sec,
+            max_conns_per_vm: config.max_conns_per_vm,
         };
         nft::install(&rules)?;
         let nl_err = |e| Error::io(format!("looking up {bridge}"), e);
@@ -135,24 +136,23 @@ impl HostNetwork {
         self.netlink.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Creates the VM's tap on our bridge.
-    pub fn create_tap(&self, vm_name: &str) -> Result<Tap, Error> {
-        Tap::create(vm_name, &self.config.bridge)
+    /// Creates the VM's tap on our bridge, bound to the VM's lease: only frames with the VM's MAC
+    /// and address pass it, and the host pins the address to that MAC (see [`Tap`]).
+    pub fn create_tap(&self, vm_name: &str, lease: &Lease) -> Result<Tap, Error> {
+        let mut tap = Tap::create(vm_name, &self.config.bridge)?;
+        tap.bind(self.bridge_index, lease.address())?;
+        Ok(tap)
     }
 
-    /// Leases a VM address that is neither leased nor seen alive on the bridge (its neighbour
-    /// table catches addresses still used by VMs this process does not know about).
+    /// Leases a VM address that is neither leased nor one of the bridge's own. What guests
+    /// announce (the neighbour table) never counts: a guest could otherwise claim every free
+    /// address and starve new VMs.
     pub fn allocate_address(&self) -> Result<Lease, Error> {
-        let mut netlink = self.netlink();
-        let mut busy = netlink
-            .live_neighbours(self.bridge_index)
-            .map_err(|e| Error::io("reading the bridge's neighbour table", e))?;
-        // Any other address someone put on the bridge is not ours to hand out either.
-        let own = netlink
+        let own = self
+            .netlink()
             .addresses(self.bridge_index)
             .map_err(|e| Error::io("reading the bridge's addresses", e))?;
-        drop(netlink);
-        busy.extend(own.iter().map(|a| a.address));
+        let busy: Vec<Ipv4Addr> = own.iter().map(|a| a.address).collect();
         self.pool.allocate(&busy)
     }
 
@@ -227,22 +227,18 @@ fn enable_ip_forwarding() -> Result<(), Error> {
     Ok(())
 }
 
-/// The calling thread's network namespace (device and inode of its nsfs file).
-fn current_netns() -> Result<(u64, u64), Error> {
-    let meta = std::fs::metadata("/proc/thread-self/ns/net")
-        .map_err(|e| Error::io("reading /proc/thread-self/ns/net", e))?;
-    Ok((meta.dev(), meta.ino()))
-}
-
 /// What [`sweep`] removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
     pub taps_removed: Vec<String>,
+    /// VM addresses whose pinned (permanent) neighbour entry on the bridge was removed.
+    pub neighbours_removed: Vec<Ipv4Addr>,
     pub table_removed: bool,
 }
 
-/// Startup sweep: removes leftover VM taps (named `fr-…` AND really taps; nothing else) and our
-/// nftables table. The bridge stays: it holds no per-VM state.
+/// Startup sweep: removes leftover VM taps (named `fr-…` AND really taps; nothing else), the
+/// permanent neighbour entries of our subnet on our bridge (pinned for VMs of a crashed run), and
+/// our nftables tables. The bridge itself stays.
 pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
     let mut netlink = Netlink::open().map_err(|e| Error::io("opening a netlink socket", e))?;
     let links = netlink
@@ -262,6 +258,22 @@ pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
         }
         tracing::info!(tap = %link.name, bridge = %config.bridge, "removed a leftover tap");
         report.taps_removed.push(link.name.clone());
+    }
+    // Addresses pinned for VMs of a crashed run: in our subnet, on our bridge, permanent.
+    let bridge = netlink
+        .link_by_name(&config.bridge)
+        .map_err(|e| Error::io(format!("looking up {}", config.bridge), e))?;
+    if let Some(bridge) = bridge.filter(|b| b.kind == Some(InfoKind::Bridge)) {
+        let pinned = netlink
+            .permanent_neighbours(bridge.index)
+            .map_err(|e| Error::io("reading the bridge's neighbour table", e))?;
+        for addr in pinned.into_iter().filter(|a| config.subnet.contains(*a)) {
+            netlink
+                .delete_neighbour(bridge.index, addr)
+                .map_err(|e| Error::io(format!("removing the neighbour entry of {addr}"), e))?;
+            tracing::info!(address = %addr, bridge = %config.bridge, "removed a leftover neighbour entry");
+            report.neighbours_removed.push(addr);
+        }
     }
     if nft::table_exists()? {
         nft::remove()?;

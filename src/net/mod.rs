@@ -1,11 +1,13 @@
 //! Host networking without libvirt: a bridge with the VMs' gateway address, one isolated tap per VM,
-//! static addressing written into the NoCloud seed, and an nftables table for NAT and isolation.
+//! static addressing written into the NoCloud seed, an nftables `inet` table for NAT, isolation and
+//! per-VM connection limits, and a `bridge` table that lets a VM's tap pass only its own MAC/IP.
 //! See ARCHITECTURE.md ("Networking") for the packet path and the choices.
 //!
 //! Everything here acts on the network namespace of the calling thread at the time of the call
 //! (the daemon's whole process lives in one); objects that must later act on the same namespace
 //! (a [`Tap`] deleting itself, [`HostNetwork`]'s neighbour lookups) keep a netlink socket opened
-//! in it. The calls are synchronous and short (a few syscalls, one `nft` run at setup/teardown).
+//! in it. The calls are synchronous and short (a few syscalls; one `nft` run at setup/teardown and
+//! one each time a VM's tap is bound or dropped).
 
 mod addr;
 mod config;
@@ -20,7 +22,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 pub use addr::{mac_for, render_network_config, AddressPool, Lease};
-pub use config::{resolvers_from_file, AllowedDestination, Ipv4Cidr, MacAddr, NetConfig};
+pub use config::{
+    resolvers_from_file, AllowedDestination, Ipv4Cidr, MacAddr, NetConfig,
+    DEFAULT_CONN_RATE_PER_SEC, DEFAULT_MAX_CONNS_PER_VM,
+};
 pub use host::{sweep, HostNetwork, SweepReport};
 pub use tap::{is_tap_name, Tap};
 
@@ -56,8 +61,9 @@ pub enum Error {
     #[error("the nft tool is missing: install the nftables package (apt-get install nftables)")]
     NftMissing,
     #[error(
-        "{action}: the kernel lacks nftables support: load the nf_tables, nft_chain_nat, nft_ct \
-         and nft_masq modules (or install the kernel's modules package): {stderr}"
+        "{action}: the kernel lacks nftables support: load the nf_tables, nft_chain_nat, nft_ct, \
+         nft_masq, nft_limit and nft_connlimit modules and bridge-family nftables (or install \
+         the kernel's modules package): {stderr}"
     )]
     NftKernel {
         action: &'static str,
@@ -84,6 +90,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// The calling thread's network namespace (device and inode of its nsfs file).
+pub(crate) fn current_netns() -> Result<(u64, u64), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|e| Error::io("reading /proc/thread-self/ns/net", e))?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 impl Error {

@@ -1,5 +1,6 @@
 //! A small synchronous rtnetlink client for what the old ioctls cannot do: interface addresses,
-//! bridge port flags, route/neighbour/link dumps and link deletion.
+//! bridge port flags, static FDB and permanent neighbour entries, route/link dumps and link
+//! deletion.
 //!
 //! A netlink socket belongs to the network namespace it was opened in, whatever thread uses it
 //! later; owners that must act on "their" namespace (a `Tap` deleting itself) keep their socket.
@@ -17,13 +18,13 @@ use netlink_packet_route::link::{
     LinkMessage,
 };
 use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-use super::config::Ipv4Cidr;
+use super::config::{Ipv4Cidr, MacAddr};
 
 /// What a link dump tells us about one interface.
 #[derive(Debug, Clone)]
@@ -164,13 +165,28 @@ impl Netlink {
     /// Puts a bridge port into isolated mode: isolated ports only talk to non-isolated ones (the
     /// bridge itself), never to each other. No ioctl exists for this flag.
     pub fn set_port_isolated(&mut self, index: u32) -> io::Result<()> {
+        self.set_port_flags(index, vec![InfoBridgePort::Isolated(true)])
+    }
+
+    /// Locks a VM port to its static FDB entry: no address learning (a guest flooding random
+    /// source MACs cannot grow the FDB) and no flooding of unknown unicast into it (a VM never
+    /// sees frames meant for an address that is not its own).
+    pub fn set_port_locked(&mut self, index: u32) -> io::Result<()> {
+        self.set_port_flags(
+            index,
+            vec![
+                InfoBridgePort::Learning(false),
+                InfoBridgePort::UnicastFlood(false),
+            ],
+        )
+    }
+
+    fn set_port_flags(&mut self, index: u32, flags: Vec<InfoBridgePort>) -> io::Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::PortKind(InfoPortKind::Bridge),
-            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::Isolated(
-                true,
-            )])),
+            LinkInfo::PortData(InfoPortData::BridgePort(flags)),
         ]));
         self.ack(RouteNetlinkMessage::NewLink(msg), 0)
     }
@@ -251,8 +267,76 @@ impl Netlink {
         Ok(best.map(|(_, oif)| oif))
     }
 
-    /// IPv4 neighbour entries on an interface that are (or recently were) alive.
-    pub fn live_neighbours(&mut self, index: u32) -> io::Result<Vec<Ipv4Addr>> {
+    /// Sets a static FDB entry: frames to `mac` go out through the port `index` (`bridge fdb add
+    /// MAC dev TAP master static`). With learning off on the port, this is the only way the
+    /// bridge knows where the VM is; the kernel removes it with the port.
+    pub fn add_static_fdb(&mut self, index: u32, mac: MacAddr) -> io::Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        // NUD_NOARP is "static" for the bridge; NUD_PERMANENT would mean "local to the bridge".
+        msg.header.state = NeighbourState::Noarp;
+        msg.header.flags = NeighbourFlags::Controller;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        self.ack(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    /// Pins `address` to `mac` in the neighbour table of interface `index` (NUD_PERMANENT): the
+    /// kernel never replaces a permanent entry from received ARP, so no guest can redirect
+    /// another VM's traffic by announcing its address.
+    pub fn set_permanent_neighbour(
+        &mut self,
+        index: u32,
+        address: Ipv4Addr,
+        mac: MacAddr,
+    ) -> io::Result<()> {
+        let mut msg = neighbour_v4(index, address);
+        msg.header.state = NeighbourState::Permanent;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        self.ack(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    /// IPv4 addresses with a permanent neighbour entry on interface `index`.
+    pub fn permanent_neighbours(&mut self, index: u32) -> io::Result<Vec<Ipv4Addr>> {
+        Ok(self
+            .neighbours(index)?
+            .into_iter()
+            .filter(|(_, state, _)| *state == NeighbourState::Permanent)
+            .map(|(a, _, _)| a)
+            .collect())
+    }
+
+    /// Removes the entry for `address` on interface `index` only while it still maps to `mac`
+    /// (a later VM with the same address pins its own MAC; that entry must stay).
+    pub fn delete_neighbour_of(
+        &mut self,
+        index: u32,
+        address: Ipv4Addr,
+        mac: MacAddr,
+    ) -> io::Result<()> {
+        let ours = self
+            .neighbours(index)?
+            .into_iter()
+            .any(|(a, _, m)| a == address && m == Some(mac));
+        if ours {
+            self.delete_neighbour(index, address)?;
+        }
+        Ok(())
+    }
+
+    /// IPv4 neighbour entries on interface `index`: address, state, MAC.
+    fn neighbours(
+        &mut self,
+        index: u32,
+    ) -> io::Result<Vec<(Ipv4Addr, NeighbourState, Option<MacAddr>)>> {
         let mut msg = NeighbourMessage::default();
         msg.header.family = AddressFamily::Inet;
         let replies = self.request(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_DUMP)?;
@@ -261,22 +345,48 @@ impl Netlink {
             let RouteNetlinkMessage::NewNeighbour(n) = reply else {
                 continue;
             };
-            if n.header.ifindex != index
-                || matches!(
-                    n.header.state,
-                    NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
-                )
-            {
+            if n.header.ifindex != index {
                 continue;
             }
+            let mut addr = None;
+            let mut mac = None;
             for attr in &n.attributes {
-                if let NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) = attr {
-                    out.push(*a);
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(*a),
+                    NeighbourAttribute::LinkLayerAddress(l) => {
+                        mac = <[u8; 6]>::try_from(l.as_slice()).ok().map(MacAddr);
+                    }
+                    _ => {}
                 }
+            }
+            if let Some(a) = addr {
+                out.push((a, n.header.state, mac));
             }
         }
         Ok(out)
     }
+
+    /// Removes the neighbour entry for `address` on interface `index` (absent: not an error).
+    pub fn delete_neighbour(&mut self, index: u32, address: Ipv4Addr) -> io::Result<()> {
+        match self.ack(
+            RouteNetlinkMessage::DelNeighbour(neighbour_v4(index, address)),
+            0,
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+fn neighbour_v4(index: u32, address: Ipv4Addr) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.ifindex = index;
+    msg.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            address,
+        )));
+    msg
 }
 
 fn link_from(msg: LinkMessage) -> Link {

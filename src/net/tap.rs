@@ -2,13 +2,14 @@
 
 use std::fs::File;
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
 
 use netlink_packet_route::link::InfoKind;
 
 use super::config::MacAddr;
 use super::netlink::Netlink;
-use super::{ioctl, mac_for, Error, TAP_PREFIX};
+use super::{current_netns, ioctl, mac_for, nft, Error, TAP_PREFIX};
 
 /// Whether `name` is a VM tap name: `fr-` then lowercase letters or digits, within the 15-byte
 /// interface name limit.
@@ -22,9 +23,11 @@ pub fn is_tap_name(name: &str) -> bool {
         })
 }
 
-/// A VM's tap: created through `/dev/net/tun`, a port of the bridge in isolated mode, up.
-/// The tap is owned here: Drop deletes the interface (even if QEMU still holds a duplicate of the
-/// fd) and closes our fd.
+/// A VM's tap: created through `/dev/net/tun`, an isolated port of the bridge, up. Bound to a lease
+/// ([`super::HostNetwork::create_tap`]), the port also stops learning and flooding, and the tap
+/// owns the VM's static FDB entry, its permanent neighbour entry on the bridge and its elements in
+/// the anti-spoofing sets. The tap is owned here: Drop removes all that and deletes the interface
+/// (even if QEMU still holds a duplicate of the fd) and closes our fd.
 #[derive(Debug)]
 pub struct Tap {
     name: String,
@@ -33,6 +36,20 @@ pub struct Tap {
     file: File,
     /// Opened in the tap's network namespace, so Drop deletes the right interface from any thread.
     netlink: Netlink,
+    binding: Option<Binding>,
+}
+
+/// What [`Tap::bind`] set up, so Drop undoes exactly that.
+#[derive(Debug)]
+struct Binding {
+    address: Ipv4Addr,
+    bridge_index: u32,
+    neighbour: bool,
+    nft: bool,
+    /// `nft` acts on the namespace of the thread that runs it: Drop only removes the elements
+    /// when it runs in the tap's namespace (elsewhere the elements are left to die with the table:
+    /// tap names are never reused).
+    netns: (u64, u64),
 }
 
 impl Tap {
@@ -71,6 +88,7 @@ impl Tap {
             mac: mac_for(vm_name),
             file,
             netlink,
+            binding: None,
         };
         ioctl::bridge_add_port(bridge, index)
             .map_err(|e| Error::io(format!("attaching the tap {vm_name} to {bridge}"), e))?;
@@ -81,6 +99,49 @@ impl Tap {
             .map_err(|e| Error::io(format!("bringing up the tap {vm_name}"), e))?;
         tracing::debug!(tap = vm_name, bridge, mac = %tap.mac, "tap created");
         Ok(tap)
+    }
+
+    /// Binds the tap to the VM's address: a static FDB entry for the VM's MAC on this port, the
+    /// address pinned to that MAC in the bridge's neighbour table (`bridge_index`), and the
+    /// tap/MAC/address triple in the anti-spoofing sets (until then the tap passes nothing).
+    pub(crate) fn bind(&mut self, bridge_index: u32, address: Ipv4Addr) -> Result<(), Error> {
+        let name = self.name.clone();
+        let mac = self.mac;
+        let binding = self.binding.insert(Binding {
+            address,
+            bridge_index,
+            neighbour: false,
+            nft: false,
+            netns: current_netns()?,
+        });
+        // Each step is atomic; the flags record what Drop has to undo.
+        self.netlink
+            .add_static_fdb(self.index, mac)
+            .map_err(|e| Error::io(format!("adding the FDB entry of {name} ({mac})"), e))?;
+        // After the static entry: the bridge never has a moment without a way to the VM.
+        self.netlink
+            .set_port_locked(self.index)
+            .map_err(|e| Error::io(format!("locking the bridge port {name}"), e))?;
+        self.netlink
+            .set_permanent_neighbour(bridge_index, address, mac)
+            .map_err(|e| Error::io(format!("pinning {address} to {mac} on the bridge"), e))?;
+        binding.neighbour = true;
+        nft::add_vm_port(&nft::VmPort {
+            tap: &name,
+            mac,
+            address,
+        })?;
+        binding.nft = true;
+        tracing::debug!(tap = %name, %mac, %address, "tap bound to its VM address");
+        Ok(())
+    }
+
+    fn port(&self, address: Ipv4Addr) -> nft::VmPort<'_> {
+        nft::VmPort {
+            tap: &self.name,
+            mac: self.mac,
+            address,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -116,6 +177,21 @@ impl Tap {
 
 impl Drop for Tap {
     fn drop(&mut self) {
+        if let Some(b) = self.binding.take() {
+            if b.nft && current_netns().ok() == Some(b.netns) {
+                if let Err(e) = nft::remove_vm_port(&self.port(b.address)) {
+                    tracing::warn!(tap = %self.name, error = %e, "could not unregister the VM port");
+                }
+            }
+            if b.neighbour {
+                let r = self
+                    .netlink
+                    .delete_neighbour_of(b.bridge_index, b.address, self.mac);
+                if let Err(e) = r {
+                    tracing::warn!(address = %b.address, error = %e, "could not remove the neighbour entry");
+                }
+            }
+        }
         // Delete while our fd still pins the device, so the index cannot belong to anything else.
         match self.netlink.delete_link(self.index) {
             Ok(()) => tracing::debug!(tap = %self.name, "tap removed"),

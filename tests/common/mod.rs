@@ -1,4 +1,5 @@
 pub mod emulator;
+pub mod frames;
 pub mod guest;
 pub mod netns;
 pub mod prometheus;
