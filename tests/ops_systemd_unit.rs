@@ -111,6 +111,6 @@ fn unit_keeps_vms_safe_and_uses_credentials() {
     }
     assert!(!caps.contains("CAP_SYS_ADMIN"), "{caps}");
     // QEMUs go into the service's own cgroup subtree, which must be delegated and writable.
-    assert_eq!(value(UNIT, "Delegate").as_deref(), Some("yes"));
+    assert_eq!(value(UNIT, "Delegate"), Some("yes"));
     assert_eq!(value(UNIT, "ProtectControlGroups"), None);
 }
