@@ -406,6 +406,7 @@ fn vm_sweep_kills_only_our_qemu_and_removes_only_our_dirs() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
     std::fs::remove_dir(&foreign).unwrap();
+    std::fs::remove_dir(disks.join("keep-me")).unwrap();
     assert_nothing_left(dir.path());
 }
 
@@ -604,6 +605,22 @@ async fn vm_internal_error_ends_the_vm_within_a_second_and_auto_then_picks_tcg()
     assert_nothing_left(dir.path());
 }
 
+/// Boots the test guest with `runcmd` (then power-off) under `cfg`; returns how it ended and its
+/// serial log.
+async fn run_guest(
+    cfg: &vm::VmConfig,
+    runcmd: &[&str],
+    deadline: Duration,
+) -> (vm::VmExit, String) {
+    let handle = vm::launch(cfg, spec(user_data(&[], runcmd, true), deadline))
+        .await
+        .unwrap();
+    let log = handle.serial_log().to_owned();
+    let exit = handle.wait().await.unwrap();
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    (exit, text)
+}
+
 /// A guest that writes past `disk_max` is stopped at once (no power button: it would write on
 /// while shutting down), and its overlay never grew much past the cap on the host.
 #[tokio::test(flavor = "multi_thread")]
@@ -614,21 +631,16 @@ async fn vm_guest_writing_past_disk_max_is_stopped() {
         ..config(dir.path())
     };
     // The test guest runs from its initramfs: its disk can be overwritten (30 MiB of 36).
-    let ud = user_data(
-        &[],
+    let (exit, text) = run_guest(
+        &cfg,
         &[
             "echo fkr-test: writing",
             "dd if=/dev/zero of=/dev/vda bs=1M count=30 conv=fsync",
             "echo fkr-test: wrote it all",
         ],
-        true,
-    );
-    let handle = vm::launch(&cfg, spec(ud, Duration::from_secs(240)))
-        .await
-        .unwrap();
-    let log = handle.serial_log().to_owned();
-    let exit = handle.wait().await.unwrap();
-    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+        Duration::from_secs(240),
+    )
+    .await;
     let Outcome::DiskLimitExceeded { limit, used } = exit.outcome else {
         panic!("{exit:?}\n{text}");
     };
@@ -654,19 +666,19 @@ async fn vm_serial_flood_is_capped() {
         serial_tail_kib: 64,
         ..config(dir.path())
     };
-    let ud = user_data(
-        &[],
+    let (exit, _) = run_guest(
+        &cfg,
         &[
             "i=0; while [ $i -lt 4000 ]; do echo \"fkr-flood $i ...............................................\"; i=$((i+1)); done > /dev/console",
             "echo fkr-test: last words > /dev/console",
         ],
-        true,
-    );
-    let handle = vm::launch(&cfg, spec(ud, Duration::from_secs(300)))
-        .await
-        .unwrap();
-    let log = handle.serial_log().to_owned();
-    let exit = handle.wait().await.unwrap();
+        Duration::from_secs(300),
+    )
+    .await;
+    let log = dir
+        .path()
+        .join("logs")
+        .join(format!("{}.serial.log", exit.name));
     assert_eq!(exit.outcome, Outcome::GuestPoweredOff, "{exit:?}");
     let bytes = std::fs::read(&log).unwrap();
     let text = String::from_utf8_lossy(&bytes);
@@ -694,21 +706,16 @@ async fn vm_guest_over_its_memory_limit_dies_alone() {
         memory_overhead_mib: 0,
         ..config(dir.path())
     };
-    let ud = user_data(
-        &[],
+    let (exit, text) = run_guest(
+        &cfg,
         &[
             "echo fkr-test: filling memory",
             "dd if=/dev/zero of=/tmp/fill bs=1M count=170",
             "echo fkr-test: still alive",
         ],
-        true,
-    );
-    let handle = vm::launch(&cfg, spec(ud, Duration::from_secs(240)))
-        .await
-        .unwrap();
-    let log = handle.serial_log().to_owned();
-    let exit = handle.wait().await.unwrap();
-    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+        Duration::from_secs(240),
+    )
+    .await;
     match &exit.outcome {
         Outcome::QemuExited { status, .. } => assert!(status.contains("SIGKILL"), "{exit:?}"),
         other => panic!("{other:?}\n{text}"),

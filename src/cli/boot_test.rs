@@ -291,7 +291,7 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
         Duration::from_secs(args.timeout),
     );
 
-    let result = drive(&config, spec, nonce, &mut report, &ms, &mut signals).await;
+    let result = drive(&config, spec, nonce, &mut report, &ms, start, &mut signals).await;
     if args.keep {
         report.serial_log = Some(log_dir.join(format!("{name}.serial.log")));
     }
@@ -362,6 +362,7 @@ async fn drive(
     nonce: u32,
     report: &mut Report,
     ms: &impl Fn() -> u64,
+    start: Instant,
     signals: &mut Signals,
 ) -> Result<(), vm::Error> {
     // Dropping the launch future on a signal removes whatever it made (probe VM, per-VM dir).
@@ -374,7 +375,11 @@ async fn drive(
             return Ok(());
         }
     };
-    let spawn_at = ms();
+    // The driver's timings count from the spawn itself, not from when launch returned.
+    let spawn_at = handle
+        .spawned()
+        .saturating_duration_since(start)
+        .as_millis() as u64;
     report.accel = Some(handle.accel().accel.to_string());
     report.accel_reason = Some(handle.accel().reason.clone());
     let stop = handle.stop_token();

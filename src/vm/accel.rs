@@ -196,22 +196,7 @@ pub async fn probe_accel(
         pid: child.id(),
         dir: dir.path().to_owned(),
     };
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    if let Some(mut err) = child.stderr.take() {
-        let buf = stderr.clone();
-        tokio::spawn(async move {
-            let mut chunk = [0u8; 1024];
-            while let Ok(n) = err.read(&mut chunk).await {
-                if n == 0 {
-                    break;
-                }
-                let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
-                if b.len() < 8192 {
-                    b.extend_from_slice(&chunk[..n]);
-                }
-            }
-        });
-    }
+    let stderr = keep_stderr(&mut child);
     let printed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(mut out) = child.stdout.take() {
         let printed = printed.clone();
@@ -271,6 +256,28 @@ pub async fn probe_accel(
     let _ = child.start_kill();
     let _ = child.wait().await;
     Ok(verdict)
+}
+
+/// Collects the last 8 KiB of a child's stderr in the background (QEMU's error lines, for the log
+/// and for reasons).
+pub(super) fn keep_stderr(child: &mut tokio::process::Child) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    if let Some(mut err) = child.stderr.take() {
+        let buf = buf.clone();
+        tokio::spawn(async move {
+            let mut chunk = [0u8; 1024];
+            while let Ok(n) = err.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
+                b.extend_from_slice(&chunk[..n]);
+                let excess = b.len().saturating_sub(8192);
+                b.drain(..excess);
+            }
+        });
+    }
+    buf
 }
 
 /// Kills the probe QEMU and waits until it is gone (its command line names the probe's directory).

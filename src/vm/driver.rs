@@ -573,22 +573,7 @@ impl PreparedVm {
         )?;
         tracing::info!(vm = %self.name, pid, accel = %self.accel.accel, uid, "QEMU started");
 
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        if let Some(mut err) = child.stderr.take() {
-            let buf = stderr.clone();
-            tokio::spawn(async move {
-                let mut chunk = [0u8; 1024];
-                while let Ok(n) = err.read(&mut chunk).await {
-                    if n == 0 {
-                        break;
-                    }
-                    let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
-                    b.extend_from_slice(&chunk[..n]);
-                    let excess = b.len().saturating_sub(8192);
-                    b.drain(..excess);
-                }
-            });
-        }
+        let stderr = super::accel::keep_stderr(&mut child);
         let (serial_tx, serial_rx) = mpsc::unbounded_channel();
         let pump = child
             .stdout
@@ -608,6 +593,7 @@ impl PreparedVm {
                 overlay: self.dir.disk_dir.join(files::OVERLAY),
                 disk_max: self.disk_max,
             },
+            spawned,
             state: state_rx,
             stop: stop.clone(),
             task: None,
@@ -658,6 +644,8 @@ pub struct VmHandle {
     dir: PathBuf,
     accel: AccelChoice,
     resources: VmResources,
+    /// When QEMU was spawned: `VmExit::timings` count from here.
+    spawned: Instant,
     state: watch::Receiver<VmState>,
     stop: CancellationToken,
     task: Option<JoinHandle<VmExit>>,
@@ -683,6 +671,11 @@ impl VmHandle {
 
     pub fn accel(&self) -> &AccelChoice {
         &self.accel
+    }
+
+    /// When QEMU was spawned (the origin of `VmExit::timings`).
+    pub fn spawned(&self) -> Instant {
+        self.spawned
     }
 
     /// Its uid, cgroup and overlay, for `status`.
@@ -916,10 +909,10 @@ impl Supervisor {
         let connect = QmpClient::connect(&socket, QMP_CONNECT_TIMEOUT);
         tokio::pin!(connect);
         // Phase 1: QEMU spawned, QMP not up yet.
-        let (qmp, mut events) = loop {
+        let early: Result<_, StopCause> = 'early: loop {
             tokio::select! {
                 r = &mut connect => match r {
-                    Ok(pair) => break pair,
+                    Ok(pair) => break 'early Ok(pair),
                     Err(e) => {
                         tracing::warn!(vm = %self.name, error = %e, "QMP did not come up");
                         return self.stop_ladder(None, None, StopCause::Host, Some(e.to_string())).await;
@@ -931,10 +924,23 @@ impl Supervisor {
                         return self.stop_ladder(None, None, StopCause::GuestPanic, None).await;
                     }
                 }
-                _ = stop.cancelled() => return self.stop_ladder(None, None, StopCause::Host, None).await,
-                _ = tokio::time::sleep_until(deadline) => {
-                    return self.stop_ladder(None, None, StopCause::Deadline, None).await
-                }
+                _ = stop.cancelled() => break 'early Err(StopCause::Host),
+                _ = tokio::time::sleep_until(deadline) => break 'early Err(StopCause::Deadline),
+            }
+        };
+        let (qmp, mut events) = match early {
+            Ok(pair) => pair,
+            Err(cause) => {
+                // Asked to stop while QEMU was still starting (a loaded host): QMP is usually a
+                // moment away, and `quit` is kinder than SIGKILL. Wait for it, briefly.
+                self.decide_stop();
+                return match tokio::time::timeout(self.quit_grace, &mut connect).await {
+                    Ok(Ok((qmp, mut events))) => {
+                        self.stop_ladder(Some(&qmp), Some(&mut events), cause, None)
+                            .await
+                    }
+                    _ => self.stop_ladder(None, None, cause, None).await,
+                };
             }
         };
         self.timings.qmp_ready_ms = Some(self.ms());
