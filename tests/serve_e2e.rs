@@ -510,7 +510,7 @@ fn serve_vm_qemu_is_sandboxed_and_status_shows_its_limits() {
     // Refreshed at each status: the overlay's allocated bytes, the cgroup's memory.
     assert_eq!(l["memory_max"].as_u64(), Some((256 + 320) << 20), "{vm}");
     assert!(l["memory_used"].as_u64().unwrap() > 0, "{vm}");
-    assert_eq!(l["disk_max"].as_u64(), Some(21 * 1024 << 20), "{vm}");
+    assert_eq!(l["disk_max"].as_u64(), Some((21 * 1024) << 20), "{vm}");
     assert!(l["disk_used"].is_u64(), "{vm}");
     assert!(l["cgroup"].as_str().unwrap().ends_with(name), "{vm}");
     serve.wait_log(&format!("job {id}: done (completed)"), BOOT);
