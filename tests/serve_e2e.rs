@@ -545,3 +545,56 @@ fn serve_vm_a_job_waits_for_disk_space() {
     serve.signal(Signal::SIGTERM);
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// A QEMU that allocates past its cgroup's `memory.max` is killed inside its cgroup: serve keeps
+/// running and answering, reports each VM's end, cleans up every VM (dirs, cgroups, taps) and gives
+/// up on the job after its attempts.
+#[test]
+fn serve_vm_a_qemu_over_its_memory_limit_dies_alone() {
+    let fake = tempfile::tempdir().unwrap();
+    let w = World::new(Settings {
+        qemu: Some(common::guest::fake_qemu_that_allocates_forever(fake.path())),
+        ..Settings::default()
+    });
+    let mut serve = w.serve(0);
+    serve.wait_log("entering discovery loop", Duration::from_secs(30));
+    let (id, handle) = w.emu.add_job("alice/hog", "external-host");
+    serve.wait_log(
+        &format!("job with handle {handle}: 3 VMs ended without its runner picking it up"),
+        Duration::from_secs(120),
+    );
+    let log = serve.log_text();
+    // Each of the three VMs: killed by the kernel for its cgroup's memory limit, and said so.
+    assert_eq!(
+        log.matches(&format!(
+            "job {id}: QEMU exited (signal: 9 (SIGKILL)): out of memory: the VM's cgroup hit its memory limit"
+        ))
+        .count(),
+        3,
+        "log:\n{log}"
+    );
+    assert!(serve.is_running());
+    let status = w.status().expect("serve still answers");
+    assert_eq!(status["ready"], true, "{status}");
+    wait_for("cleanup", Duration::from_secs(30), || {
+        (w.vm_dirs().is_empty() && w.taps().is_empty() && w.qemus().is_empty()).then_some(())
+    });
+    // No cgroup of these VMs is left behind.
+    let vms: Vec<&str> = log
+        .lines()
+        .filter_map(|l| {
+            l.split(&format!("dispatch job {id} for alice/hog (vm="))
+                .nth(1)
+        })
+        .map(|v| v.trim_end_matches(')'))
+        .collect();
+    assert_eq!(vms.len(), 3, "log:\n{log}");
+    for vm in vms {
+        assert_eq!(
+            common::guest::vm_cgroup_dirs(vm),
+            Vec::<std::path::PathBuf>::new()
+        );
+    }
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+}

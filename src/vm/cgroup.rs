@@ -208,6 +208,19 @@ impl VmCgroup {
         memory_current(self.memory_dir())
     }
 
+    /// How often the kernel's OOM killer acted in this cgroup (v2 `memory.events`, v1
+    /// `memory.oom_control`).
+    pub fn oom_kills(&self) -> Option<u64> {
+        ["memory.events", "memory.oom_control"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(self.memory_dir().join(f)).ok())
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|n| n.trim().parse().ok())
+            })
+    }
+
     /// Removes the directories; a cgroup whose last process just exited may be busy for a moment.
     pub fn remove(&mut self) {
         for d in std::mem::take(&mut self.dirs) {

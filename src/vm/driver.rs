@@ -914,6 +914,10 @@ impl Supervisor {
                 r = &mut connect => match r {
                     Ok(pair) => break 'early Ok(pair),
                     Err(e) => {
+                        // QEMU died (its end closed the socket): report its exit, not the socket.
+                        if let Ok(status) = tokio::time::timeout(Duration::from_millis(500), self.child.wait()).await {
+                            return self.exited_early(status);
+                        }
                         tracing::warn!(vm = %self.name, error = %e, "QMP did not come up");
                         return self.stop_ladder(None, None, StopCause::Host, Some(e.to_string())).await;
                     }
@@ -1038,9 +1042,20 @@ impl Supervisor {
         let status = status
             .map(|s| s.to_string())
             .unwrap_or_else(|e| e.to_string());
-        let detail = self.stderr_tail();
+        let detail = self.oom_note() + &self.stderr_tail();
         tracing::warn!(vm = %self.name, %status, %detail, "QEMU exited during start-up");
         (Outcome::QemuExited { status, detail }, VmState::Failed)
+    }
+
+    /// Says so when the VM's cgroup OOM-killed QEMU (it used more than `memory.max`).
+    fn oom_note(&self) -> String {
+        match self.dir.cgroup.as_ref().and_then(VmCgroup::oom_kills) {
+            Some(n) if n > 0 => format!(
+                "out of memory: the VM's cgroup hit its memory limit and the kernel killed QEMU \
+                 ({n} OOM kill(s)); "
+            ),
+            _ => String::new(),
+        }
     }
 
     /// QEMU exited on its own while running: classify by the SHUTDOWN reason, not the exit code.
@@ -1056,7 +1071,7 @@ impl Supervisor {
                 let status = status
                     .map(|s| s.to_string())
                     .unwrap_or_else(|e| e.to_string());
-                let mut detail = self.stderr_tail();
+                let mut detail = self.oom_note() + &self.stderr_tail();
                 if let Some((guest, r)) = other {
                     detail = format!("SHUTDOWN guest={guest} reason={r}; {detail}");
                 }

@@ -140,6 +140,16 @@ pub fn assert_nothing_left(dir: &Path) {
 /// state `internal-error` (tests/fakes/qemu_kvm_internal_error.rs); under TCG it runs the real QEMU.
 /// A symlink of that name in `dir/fakebin`, since "our QEMU" is recognised by argv0.
 pub fn fake_qemu_kvm_internal_error(dir: &Path) -> PathBuf {
+    fake_qemu(dir, "fakebin")
+}
+
+/// A `qemu-system-x86_64` that allocates memory without bound (the same fake, called from a
+/// directory named `oom`).
+pub fn fake_qemu_that_allocates_forever(dir: &Path) -> PathBuf {
+    fake_qemu(dir, "oom")
+}
+
+fn fake_qemu(dir: &Path, subdir: &str) -> PathBuf {
     let bin = Path::new(env!("CARGO_BIN_EXE_fkr-qemu"))
         .parent()
         .unwrap()
@@ -149,7 +159,7 @@ pub fn fake_qemu_kvm_internal_error(dir: &Path) -> PathBuf {
         "{} is missing: `cargo test`/`nextest` build it; else `cargo build --examples`",
         bin.display()
     );
-    let fakebin = dir.join("fakebin");
+    let fakebin = dir.join(subdir);
     std::fs::create_dir_all(&fakebin).unwrap();
     let link = fakebin.join("qemu-system-x86_64");
     let _ = std::fs::remove_file(&link);
@@ -247,4 +257,36 @@ pub fn assert_sandboxed(pid: u32, run_dir: &Path, disk_dir: &Path) {
         let m = std::fs::metadata(d).unwrap();
         assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o700), "{}", d.display());
     }
+}
+
+/// Every cgroup directory named `vm` under this process's cgroups (serve's VMs go below the
+/// cgroup serve runs in, which is the test's own).
+pub fn vm_cgroup_dirs(vm: &str) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let mut found = Vec::new();
+    for line in own.lines() {
+        let mut p = line.splitn(3, ':');
+        let (_, ctrls, path) = (p.next().unwrap(), p.next().unwrap(), p.next().unwrap());
+        let mount = if ctrls.is_empty() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else if let Some(c) = ["memory", "pids", "cpu"]
+            .iter()
+            .find(|c| ctrls.split(',').any(|x| x == **c))
+        {
+            Path::new("/sys/fs/cgroup").join(c)
+        } else {
+            continue;
+        };
+        let base = mount.join(path.trim_start_matches('/'));
+        for candidate in [
+            base.join("fkr-qemu").join(vm),
+            base.join("vms").join(vm),
+            mount.join("fkr-qemu/vms").join(vm),
+        ] {
+            if candidate.exists() {
+                found.push(candidate);
+            }
+        }
+    }
+    found
 }

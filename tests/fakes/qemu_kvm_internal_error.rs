@@ -6,6 +6,9 @@
 //! stays alive until told to `quit`, like the real one. With any other accelerator it `exec`s the
 //! real `qemu-system-x86_64` from `PATH` with the same arguments, so the TCG retry boots for real.
 //!
+//! Called through a symlink in a directory named `oom`, it is instead a QEMU that allocates memory
+//! without bound (for the VM cgroup's memory limit).
+//!
 //! Tests call it through a symlink named `qemu-system-x86_64` (the driver's rule for "our QEMU"
 //! looks at argv0). It reads only its arguments and inherited descriptors, as QEMU does under the
 //! driver's sandbox (empty environment, QMP as `fd=N`, serial console on stdout).
@@ -107,7 +110,23 @@ fn serve_client(mut stream: UnixStream, vm: Arc<Mutex<Vm>>) {
     }
 }
 
+/// Called as `…/oom/qemu-system-x86_64`: a QEMU that allocates and touches memory until something
+/// stops it (its cgroup's OOM killer), 16 MiB at a time, up to 4 GiB.
+fn allocate_forever() -> ! {
+    let mut hog: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..256 {
+        hog.push(vec![0x5a; 16 << 20]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("fake qemu: allocated 4 GiB and was not stopped");
+    std::process::exit(3);
+}
+
 fn main() {
+    let me = std::env::args().next().unwrap_or_default();
+    if Path::new(&me).parent().and_then(Path::file_name) == Some("oom".as_ref()) {
+        allocate_forever();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value_of = |flag: &str| {
         args.windows(2)
