@@ -58,6 +58,7 @@ fn main() {
         vcpus: 1,
         runtime_root: dir.path().join("run"),
         log_dir: dir.path().join("logs"),
+        disk_dir: dir.path().join("disks"),
         keep_serial_log: false,
         powerdown_grace_secs: 0,
         quit_grace_secs: 5,
