@@ -606,7 +606,6 @@ impl PreparedVm {
             child,
             dir: self.dir,
             qmp_socket: self.qmp_socket,
-            serial: serial_rx,
             pump,
             stderr,
             spawned,
@@ -628,7 +627,7 @@ impl PreparedVm {
         };
         // The daemon's copies of QEMU's descriptors are not needed any more.
         drop(self.files);
-        handle.task = Some(tokio::spawn(sup.run()));
+        handle.task = Some(tokio::spawn(sup.run(serial_rx)));
         Ok(handle)
     }
 }
@@ -746,8 +745,7 @@ struct Supervisor {
     child: Child,
     dir: VmDir,
     qmp_socket: PathBuf,
-    /// First output and kernel panics, from the serial pump.
-    serial: mpsc::UnboundedReceiver<SerialNote>,
+    /// The serial pump (it reports first output and kernel panics on a channel given to `run`).
     pump: Option<JoinHandle<()>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     spawned: Instant,
@@ -867,8 +865,7 @@ impl Supervisor {
         }
     }
 
-    async fn run(mut self) -> VmExit {
-        let mut serial_rx = std::mem::replace(&mut self.serial, mpsc::unbounded_channel().1);
+    async fn run(mut self, mut serial_rx: mpsc::UnboundedReceiver<SerialNote>) -> VmExit {
         let result = self.supervise(&mut serial_rx).await;
         // QEMU has exited: its stdout ends, and the pump writes the last bytes (a guest's final
         // words before power-off) before the log is read or removed.
