@@ -27,6 +27,21 @@ fn boot_test(dir: &Path, args: &[&str]) -> Output {
     command(dir, args).output().expect("running fkr-qemu")
 }
 
+/// `--image <test guest> --json --timeout 240 --memory 256`, then `extra`.
+fn guest_args<'a>(image: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "--image",
+        image.to_str().unwrap(),
+        "--json",
+        "--timeout",
+        "240",
+        "--memory",
+        "256",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
 /// Nothing under the test's TMPDIR (boot-test's serial log dir, probe dirs).
 fn assert_tmp_empty(dir: &Path) {
     let left: Vec<_> = std::fs::read_dir(dir.join("tmp"))
@@ -51,18 +66,7 @@ fn vm_boot_test_passes_on_the_test_guest_and_reports_every_phase() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_guest_image();
     let started = Instant::now();
-    let out = boot_test(
-        dir.path(),
-        &[
-            "--image",
-            image.to_str().unwrap(),
-            "--json",
-            "--timeout",
-            "240",
-            "--memory",
-            "256",
-        ],
-    );
+    let out = boot_test(dir.path(), &guest_args(&image, &[]));
     let wall = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -110,22 +114,11 @@ fn vm_boot_test_stops_its_vm_on_sigint_and_sigterm() {
     for (sig, name) in [(Signal::SIGTERM, "SIGTERM"), (Signal::SIGINT, "SIGINT")] {
         for while_running in [true, false] {
             let dir = tempfile::tempdir().unwrap();
-            let child = command(
-                dir.path(),
-                &[
-                    "--image",
-                    image.to_str().unwrap(),
-                    "--json",
-                    "--timeout",
-                    "240",
-                    "--memory",
-                    "256",
-                ],
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            let child = command(dir.path(), &guest_args(&image, &[]))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
             if while_running {
                 // QEMU is up: its pid file exists in the per-VM dir.
                 let until = Instant::now() + Duration::from_secs(120);
@@ -176,19 +169,10 @@ fn vm_boot_test_reports_an_accelerator_internal_error_at_once() {
     let started = Instant::now();
     let out = boot_test(
         dir.path(),
-        &[
-            "--image",
-            image.to_str().unwrap(),
-            "--json",
-            "--accel",
-            "kvm",
-            "--qemu",
-            qemu.to_str().unwrap(),
-            "--timeout",
-            "240",
-            "--memory",
-            "256",
-        ],
+        &guest_args(
+            &image,
+            &["--accel", "kvm", "--qemu", qemu.to_str().unwrap()],
+        ),
     );
     let wall = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
