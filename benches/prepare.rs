@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fkr_qemu::vm::{self, Accel, Seed, VmConfig, VmName, VmSpec, VmState};
+use fkr_qemu::types::{Accel, VmName};
+use fkr_qemu::vm::{self, Seed, VmConfig, VmSpec, VmState};
 
 const N: usize = 30;
 const N_SPAWN: usize = 10;

@@ -1,22 +1,7 @@
-//! The crate-level error: one variant per module, each mapped to an exit code by the binary.
+//! The crate-level error: one variant per module. Each says its [`ErrorClass`]; only the binary
+//! (`cli::exit_code`) turns a class into an exit code.
 
-/// Exit codes of the `fkr-qemu` binary (documented in README.md).
-pub mod exit {
-    /// Success.
-    pub const OK: u8 = 0;
-    /// A check failed (for example `boot-test` ran but a phase failed).
-    pub const CHECK_FAILED: u8 = 1;
-    /// Bad usage or configuration.
-    pub const CONFIG: u8 = 2;
-    /// A required host tool or file is missing (qemu, OVMF, base image, ...).
-    pub const MISSING_DEPENDENCY: u8 = 3;
-    /// Forgejo refused or could not be reached.
-    pub const FORGEJO: u8 = 4;
-    /// Host networking failed.
-    pub const NETWORK: u8 = 5;
-    /// Any other runtime failure.
-    pub const RUNTIME: u8 = 6;
-}
+use crate::types::ErrorClass;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,16 +20,15 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit code for this error. Modules refine this through their own `exit_code`
-    /// where they can tell a missing dependency from a runtime failure.
-    pub fn exit_code(&self) -> u8 {
+    /// What kind of failure this is (the binary maps it to an exit code).
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Vm(e) => e.exit_code(),
-            Error::Forgejo(e) => e.exit_code(),
-            Error::Net(e) => e.exit_code(),
-            Error::Controller(e) => e.exit_code(),
-            Error::Ops(e) => e.exit_code(),
-            Error::Usage(_) => exit::CONFIG,
+            Error::Vm(e) => e.class(),
+            Error::Forgejo(e) => e.class(),
+            Error::Net(e) => e.class(),
+            Error::Controller(e) => e.class(),
+            Error::Ops(e) => e.class(),
+            Error::Usage(_) => ErrorClass::Config,
         }
     }
 }

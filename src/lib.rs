@@ -6,6 +6,7 @@
 //! - [`net`]: host networking (bridge, taps, addressing, nftables).
 //! - [`controller`]: config, discovery, dispatch, CI users, startup sweep (`serve`).
 //! - [`ops`]: what operators use on a running host (control socket, metrics, list/console).
+//! - [`types`]: values shared across modules (VM names, MACs, accelerators, error classes).
 //! - [`cli`]: one module per subcommand; `main.rs` only parses arguments and maps errors.
 
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod forgejo;
 pub mod net;
 pub mod ops;
 pub mod secret;
+pub mod types;
 pub mod vm;
 
 pub use error::Error;

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fkr-qemu: cannot start the async runtime: {e}");
-            return ExitCode::from(fkr_qemu::error::exit::RUNTIME);
+            return ExitCode::from(cli::exit::RUNTIME);
         }
     };
     let result = runtime.block_on(async {
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fkr-qemu: {e}");
-            ExitCode::from(e.exit_code())
+            ExitCode::from(cli::exit_code(e.class()))
         }
     }
 }

@@ -85,7 +85,7 @@ async fn probe_refuses_v14_naming_found_and_needed() {
         msg.contains("14.0.2+gitea-1.22.0") && msg.contains("15.0.0"),
         "{msg}"
     );
-    assert_eq!(err.exit_code(), 4);
+    assert_eq!(err.class(), fkr_qemu::types::ErrorClass::Forgejo);
 }
 
 #[tokio::test]

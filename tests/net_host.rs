@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::frames::{self, TapEnd, BROADCAST, ETH_ARP, ETH_IPV4, ETH_IPV6, ETH_VLAN};
 use common::netns::{NetNs, Topology};
-use fkr_qemu::net::{self, HostNetwork, MacAddr, NetConfig, Tap};
+use fkr_qemu::net::{self, HostNetwork, NetConfig, Tap};
+use fkr_qemu::types::{MacAddr, VmName};
 
 fn config() -> NetConfig {
     NetConfig {
@@ -54,7 +55,7 @@ fn tap_is_created_attached_isolated_and_removed() {
 
         let lease = hn.allocate_address().expect("address");
         let addr = lease.address();
-        let tap = hn.create_tap("fr-0123abcd", &lease).expect("tap");
+        let tap = hn.create_tap(&vm_name("fr-0123abcd"), &lease).expect("tap");
         let mac = net::mac_for("fr-0123abcd");
         assert_eq!(tap.mac(), mac);
         let link = host.ip(&["-d", "link", "show", "fr-0123abcd"]);
@@ -82,7 +83,7 @@ fn tap_is_created_attached_isolated_and_removed() {
         );
 
         // The fd QEMU gets keeps a tap alive on its own: Drop must still remove the interface.
-        let tap2 = Tap::create("fr-0123abce", hn.bridge()).expect("second tap");
+        let tap2 = Tap::create(&vm_name("fr-0123abce"), hn.bridge()).expect("second tap");
         let qemu_fd = tap2.fd_for_qemu().expect("dup");
         // Unbound (as the VM driver's tests use taps on their own bridges): isolated only, so the
         // bridge still learns where its VM is.
@@ -102,11 +103,8 @@ fn tap_is_created_attached_isolated_and_removed() {
         let neigh = host.ip(&["-4", "neigh", "show", "dev", "fkr0"]);
         assert!(!neigh.contains(&addr.to_string()), "{neigh}");
 
-        // Bad names never become interfaces.
-        assert!(matches!(
-            hn.create_tap("vm-1", &lease),
-            Err(net::Error::InvalidTapName(_))
-        ));
+        // Bad names never become interfaces: a tap takes a VmName, which only ours parse as.
+        assert!(VmName::parse("vm-1").is_err());
         hn.teardown().expect("teardown");
     });
     assert!(vm_tap_links(host).is_empty());
@@ -153,7 +151,7 @@ fn nft_table_exists_while_set_up_and_is_gone_after_teardown_and_sweep() {
         let crashed = HostNetwork::setup(&cfg).expect("setup");
         let lease = crashed.allocate_address().unwrap();
         let addr = lease.address();
-        std::mem::forget(crashed.create_tap("fr-0000dead", &lease).unwrap());
+        std::mem::forget(crashed.create_tap(&vm_name("fr-0000dead"), &lease).unwrap());
         std::mem::forget(lease);
         // Someone else's permanent entry outside our subnet stays.
         host.ip(&[
@@ -227,7 +225,9 @@ fn allocation_ignores_neighbours_and_skips_leases_and_bridge_addresses() {
         assert!(nc.contains("via: 10.88.0.1\n"), "{nc}");
         assert!(nc.ends_with("addresses:\n      - 203.0.113.1\n"), "{nc}");
         // Binding a lease replaces whatever entry the address had with the VM's own MAC.
-        let tap = hn.create_tap("fr-0000beef", &got[0]).expect("tap");
+        let tap = hn
+            .create_tap(&vm_name("fr-0000beef"), &got[0])
+            .expect("tap");
         let neigh = host.ip(&["-4", "neigh", "show", "10.88.0.2", "dev", "fkr0"]);
         assert!(
             neigh.contains(&format!("lladdr {} PERMANENT", tap.mac())),
@@ -296,7 +296,7 @@ struct Vm {
 }
 
 fn vm(hn: &HostNetwork, name: &str, lease: &net::Lease) -> Vm {
-    let tap = hn.create_tap(name, lease).expect("tap");
+    let tap = hn.create_tap(&vm_name(name), lease).expect("tap");
     let end = TapEnd::new(tap.fd_for_qemu().expect("dup"));
     let MacAddr(mac) = tap.mac();
     Vm {
@@ -485,7 +485,7 @@ fn forged_frames_from_a_tap_are_dropped_before_the_bridge_learns_anything() {
         assert!(![v, e, gw].contains(&next.address()));
 
         // A tap nobody bound (an `fr-` port the daemon does not know) passes nothing at all.
-        let stray = Tap::create("fr-0000000c", hn.bridge()).expect("stray tap");
+        let stray = Tap::create(&vm_name("fr-0000000c"), hn.bridge()).expect("stray tap");
         let MacAddr(stray_mac) = stray.mac();
         let mut stray_end = TapEnd::new(stray.fd_for_qemu().unwrap());
         let drops = bridge_drops(host);
@@ -676,7 +676,10 @@ fn setup_explains_what_is_missing() {
         let err = HostNetwork::setup(&config()).unwrap_err();
         assert!(matches!(err, net::Error::NoUplink), "{err}");
         assert!(err.to_string().contains("net.uplink"), "{err}");
-        assert_eq!(fkr_qemu::Error::from(err).exit_code(), 2);
+        assert_eq!(
+            fkr_qemu::Error::from(err).class(),
+            fkr_qemu::types::ErrorClass::Config
+        );
         let cfg = NetConfig {
             uplink: Some("nonexistent0".into()),
             ..config()
@@ -687,4 +690,8 @@ fn setup_explains_what_is_missing() {
         assert_eq!(ns.links(), vec!["lo"]);
         assert!(!net::nft::table_exists().unwrap());
     });
+}
+
+fn vm_name(s: &str) -> VmName {
+    VmName::parse(s).expect("a VM name")
 }

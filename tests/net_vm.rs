@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::netns::{HttpServer, Topology};
 use fkr_qemu::net::{HostNetwork, NetConfig};
-use fkr_qemu::vm::{self, Accel, Seed, VmConfig, VmName, VmSpec};
+use fkr_qemu::types::{Accel, VmName};
+use fkr_qemu::vm::{self, Seed, VmConfig, VmSpec};
 
 const PORT: u16 = 8080;
 const HOST_CLOSED_PORT: u16 = 8081;
@@ -172,7 +173,7 @@ fn vm_guests_reach_upstream_through_nat_but_not_host_peers_or_private_ranges() {
             hn.allocate_address().expect("address"),
             hn.allocate_address().expect("address"),
         ];
-        let taps = [0, 1].map(|i| hn.create_tap(names[i].as_str(), &leases[i]).expect("tap"));
+        let taps = [0, 1].map(|i| hn.create_tap(&names[i], &leases[i]).expect("tap"));
         let addrs = leases.each_ref().map(|l| l.address());
 
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -190,7 +191,10 @@ fn vm_guests_reach_upstream_through_nat_but_not_host_peers_or_private_ranges() {
                 };
                 let mut spec =
                     VmSpec::new(names[i].clone(), &image, seed, Duration::from_secs(300));
-                spec.net = Some(taps[i].net_device().expect("net device"));
+                spec.net = Some(vm::NetDevice {
+                    tap: taps[i].fd_for_qemu().expect("tap fd"),
+                    mac: taps[i].mac(),
+                });
                 handles.push(vm::launch(&vm_cfg, spec).await.expect("launch"));
             }
             // Barrier: both guests serve on their address (seen from the host), then "go".
@@ -499,7 +503,7 @@ fn vm_hostile_guest_cannot_spoof_flood_or_starve_its_neighbour() {
             hn.allocate_address().expect("address"),
             hn.allocate_address().expect("address"),
         ];
-        let taps = [0, 1].map(|i| hn.create_tap(names[i].as_str(), &leases[i]).expect("tap"));
+        let taps = [0, 1].map(|i| hn.create_tap(&names[i], &leases[i]).expect("tap"));
         let (victim, attacker) = (leases[0].address(), leases[1].address());
         let scripts = [
             script_user_data(VICTIM_SCRIPT, attacker),
@@ -520,7 +524,10 @@ fn vm_hostile_guest_cannot_spoof_flood_or_starve_its_neighbour() {
                 };
                 let mut spec =
                     VmSpec::new(names[i].clone(), &image, seed, Duration::from_secs(400));
-                spec.net = Some(taps[i].net_device().expect("net device"));
+                spec.net = Some(vm::NetDevice {
+                    tap: taps[i].fd_for_qemu().expect("tap fd"),
+                    mac: taps[i].mac(),
+                });
                 handles.push(vm::launch(&vm_cfg, spec).await.expect("launch"));
             }
             let serial =

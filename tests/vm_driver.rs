@@ -12,7 +12,8 @@ use common::guest::{
     assert_nothing_left, assert_sandboxed, config, fake_internal_error_at,
     fake_qemu_kvm_internal_error, reported_files, test_guest_image, user_data, WriteFile,
 };
-use fkr_qemu::vm::{self, serial, Accel, Error, Outcome, Seed, StopStep, VmName, VmSpec, VmState};
+use fkr_qemu::types::{Accel, VmName};
+use fkr_qemu::vm::{self, serial, Error, Outcome, Seed, StopStep, VmSpec, VmState};
 
 fn seed(name: &VmName, user_data: String) -> Seed {
     Seed {
@@ -502,10 +503,11 @@ async fn vm_guest_takes_its_static_address_by_mac_and_reaches_the_bridge() {
     ns.ip(&["addr", "add", "10.99.0.1/24", "dev", "br0"]);
     ns.ip(&["link", "set", "br0", "up"]);
     let name = VmName::generate();
-    let tap = ns
-        .run(|| fkr_qemu::net::Tap::create(name.as_str(), "br0"))
-        .unwrap();
-    let dev = tap.net_device().unwrap();
+    let tap = ns.run(|| fkr_qemu::net::Tap::create(&name, "br0")).unwrap();
+    let dev = vm::NetDevice {
+        tap: tap.fd_for_qemu().unwrap(),
+        mac: tap.mac(),
+    };
     let server = HttpServer::start(&ns, "10.99.0.1:0".parse().unwrap(), "hello-from-the-bridge");
     // Exactly the shape of CONTRACTS.md §B.
     let network_config = format!(

@@ -15,7 +15,8 @@ use common::netns::{HttpServer, NetNs};
 use fkr_qemu::controller::userdata::{self, RegistryAuth, RunnerParams};
 use fkr_qemu::net::{self, Ipv4Cidr, Tap};
 use fkr_qemu::secret::Secret;
-use fkr_qemu::vm::{self, Accel, Outcome, Seed, VmConfig, VmName, VmSpec};
+use fkr_qemu::types::{Accel, VmName};
+use fkr_qemu::vm::{self, Outcome, Seed, VmConfig, VmSpec};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -423,7 +424,7 @@ struct Attempt {
 fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt {
     let name = VmName::generate();
     let tap: Tap = ns
-        .run(|| Tap::create(name.as_str(), BRIDGE))
+        .run(|| Tap::create(&name, BRIDGE))
         .expect("create the tap");
     let mac = tap.mac();
     let network_config =
@@ -439,7 +440,10 @@ fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt 
         },
         BOOT_DEADLINE,
     );
-    spec.net = Some(tap.net_device().expect("the tap's fd for QEMU"));
+    spec.net = Some(vm::NetDevice {
+        tap: tap.fd_for_qemu().expect("the tap fd for QEMU"),
+        mac: tap.mac(),
+    });
     let config = VmConfig {
         // Never KVM in tests; one vCPU avoids the rare multi-threaded-TCG guest panic (see notes).
         accel: Accel::Tcg,

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::ops::signals::Signals;
-use crate::vm::{self, serial, Accel, Outcome, Seed, VmConfig, VmName, VmSpec};
+use crate::types::{Accel, VmName};
+use crate::vm::{self, serial, Outcome, Seed, VmConfig, VmSpec};
 
 /// Where `image-builder/` publishes the runner base image.
 pub const DEFAULT_IMAGE: &str = "/var/lib/fkr-qemu/images/runner-base.qcow2";

@@ -61,7 +61,7 @@ pub struct Flags {
     pub runtime_dir: Option<PathBuf>,
     /// Accelerator.
     #[arg(long, value_enum)]
-    pub accel: Option<crate::vm::Accel>,
+    pub accel: Option<crate::types::Accel>,
 }
 
 impl Flags {

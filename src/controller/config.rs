@@ -19,7 +19,8 @@ use crate::forgejo::ClientConfig;
 use crate::net::NetConfig;
 use crate::ops::MetricsConfig;
 use crate::secret::Secret;
-use crate::vm::{Accel, VmConfig};
+use crate::types::Accel;
+use crate::vm::VmConfig;
 
 /// Where `serve` looks for its config file when `--config` is not given (a missing file there is fine).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fkr-qemu/config.toml";
@@ -658,7 +659,7 @@ mod tests {
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.to_string().contains(key), "{text}: {e}");
-            assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
+            assert_eq!(e.class(), crate::types::ErrorClass::Config);
         }
         let e = parse("label = \n").unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
@@ -829,7 +830,7 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("nope.toml"), "{e}");
-        assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
+        assert_eq!(e.class(), crate::types::ErrorClass::Config);
         let env = env_of(&[
             ("FORGEJO_URL", "http://f/"),
             ("FORGEJO_ADMIN_TOKEN_FILE", "/nonexistent/tok"),

@@ -25,7 +25,8 @@ use super::Ctx;
 use crate::forgejo::{self, Job, Repository, UserCreation, READ_TOKEN_SCOPES, TOKEN_SCOPES};
 use crate::ops::{JobOutcome, RemovalReason, TokenAccess, VmInfo, VmLimits, VmState};
 use crate::secret::Secret;
-use crate::vm::{self, Outcome, Seed, VmName, VmSpec};
+use crate::types::{Accel, VmName};
+use crate::vm::{self, Outcome, Seed, VmSpec};
 
 /// A job taken from the queue, and how the scheduler tells it that Forgejo shows it picked up.
 pub(crate) struct Ticket {
@@ -673,12 +674,13 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
     );
     // Not the job's fault: the accelerator that `auto` picked failed. KVM is marked broken now,
     // so the next VM of this job runs under TCG.
-    let retry =
-        (outcome == JobOutcome::AccelFailed && kvm_failed && ctx.cfg.vm.accel == vm::Accel::Auto)
-            .then(|| super::queue::Queued {
-                job: ticket.job.clone(),
-                seen_at: ticket.seen_at,
-            });
+    let retry = (outcome == JobOutcome::AccelFailed
+        && kvm_failed
+        && ctx.cfg.vm.accel == Accel::Auto)
+        .then(|| super::queue::Queued {
+            job: ticket.job.clone(),
+            seen_at: ticket.seen_at,
+        });
     Report {
         outcome,
         picked_up,
@@ -718,10 +720,13 @@ async fn prepare_and_launch(
 
     let lease = ctx.net().allocate_address()?;
     let address = lease.address();
-    let tap = ctx.net().create_tap(name.as_str(), &lease)?;
+    let tap = ctx.net().create_tap(name, &lease)?;
     let mac = tap.mac();
     let network_config = ctx.net().network_config(&lease, mac);
-    let net_device = tap.net_device()?;
+    let net_device = vm::NetDevice {
+        tap: tap.fd_for_qemu()?,
+        mac,
+    };
     res.lease = Some(lease);
     res.tap = Some(tap);
     ctx.board

@@ -91,18 +91,18 @@ impl Error {
         }
     }
 
-    /// The exit code (README.md's table).
-    pub fn exit_code(&self) -> u8 {
-        use crate::error::exit;
+    /// What kind of failure this is.
+    pub fn class(&self) -> crate::types::ErrorClass {
+        use crate::types::ErrorClass;
         match self {
-            Error::ConfigFile { .. } | Error::Config(_) => exit::CONFIG,
-            Error::Missing(_) => exit::MISSING_DEPENDENCY,
-            Error::ForgejoCheck(_) => exit::FORGEJO,
+            Error::ConfigFile { .. } | Error::Config(_) => ErrorClass::Config,
+            Error::Missing(_) => ErrorClass::MissingDependency,
+            Error::ForgejoCheck(_) => ErrorClass::Forgejo,
             Error::Io { .. }
             | Error::StateCorrupt { .. }
             | Error::InvalidInput(_)
             | Error::CiUserRefused { .. }
-            | Error::InvalidTransition { .. } => exit::RUNTIME,
+            | Error::InvalidTransition { .. } => ErrorClass::Runtime,
         }
     }
 }

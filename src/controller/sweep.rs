@@ -14,7 +14,7 @@ use super::job::reset_password;
 use super::Ctx;
 use crate::forgejo::{AccessToken, TOKEN_PREFIX};
 use crate::ops::SweepKind;
-use crate::vm::VmName;
+use crate::types::VmName;
 
 /// Runs every part; a failing part is logged and does not stop the others.
 pub(crate) async fn startup_sweep(ctx: &Arc<Ctx>) {

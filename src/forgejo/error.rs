@@ -78,11 +78,11 @@ impl Error {
         }
     }
 
-    /// Exit code of the `fkr-qemu` binary for this error.
-    pub fn exit_code(&self) -> u8 {
+    /// What kind of failure this is.
+    pub fn class(&self) -> crate::types::ErrorClass {
         match self {
-            Error::Config(_) => crate::error::exit::CONFIG,
-            _ => crate::error::exit::FORGEJO,
+            Error::Config(_) => crate::types::ErrorClass::Config,
+            _ => crate::types::ErrorClass::Forgejo,
         }
     }
 }

@@ -5,8 +5,9 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::config::{Ipv4Cidr, MacAddr};
+use super::config::Ipv4Cidr;
 use super::Error;
+use crate::types::MacAddr;
 
 /// The VM's MAC: locally administered, unicast, derived from the VM name (so a VM's MAC is stable
 /// and two VMs' MACs differ).

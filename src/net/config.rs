@@ -8,6 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::Error;
+use crate::types::{MacAddr, VmName};
 
 /// Host networking configuration (the `[net]` table of the daemon's config).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -69,11 +70,11 @@ impl NetConfig {
     /// Checks what serde cannot: interface names, a usable subnet.
     pub fn validate(&self) -> Result<(), Error> {
         check_ifname("bridge", &self.bridge)?;
-        if self.bridge.starts_with(super::TAP_PREFIX) {
+        if self.bridge.starts_with(VmName::PREFIX) {
             return Err(Error::Config(format!(
                 "net.bridge {:?} must not start with {:?}: that prefix is reserved for VM taps",
                 self.bridge,
-                super::TAP_PREFIX
+                VmName::PREFIX
             )));
         }
         if let Some(uplink) = &self.uplink {
@@ -312,70 +313,6 @@ impl fmt::Display for AllowedDestination {
     }
 }
 
-/// An Ethernet MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// A locally administered unicast address derived from `seed` (FNV-1a): stable across restarts,
-    /// outside every vendor's range.
-    pub fn derived(seed: &str) -> Self {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in seed.bytes() {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        let h = hash.to_be_bytes();
-        // 0x02: locally administered, unicast.
-        MacAddr([0x02, h[3], h[4], h[5], h[6], h[7]])
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = || Error::Config(format!("{s:?} is not a MAC address (xx:xx:xx:xx:xx:xx)"));
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut out {
-            let part = parts.next().ok_or_else(bad)?;
-            if part.len() != 2 {
-                return Err(bad());
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        if out[0] & 1 == 1 {
-            return Err(Error::Config(format!(
-                "{s}: a multicast MAC cannot be an interface's address"
-            )));
-        }
-        Ok(MacAddr(out))
-    }
-}
-
-impl TryFrom<String> for MacAddr {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self, Error> {
-        s.parse()
-    }
-}
-
 impl From<Ipv4Cidr> for String {
     fn from(value: Ipv4Cidr) -> String {
         value.to_string()
@@ -384,12 +321,6 @@ impl From<Ipv4Cidr> for String {
 
 impl From<AllowedDestination> for String {
     fn from(value: AllowedDestination) -> String {
-        value.to_string()
-    }
-}
-
-impl From<MacAddr> for String {
-    fn from(value: MacAddr) -> String {
         value.to_string()
     }
 }

@@ -7,9 +7,10 @@ use std::sync::{Mutex, MutexGuard};
 use netlink_packet_route::link::InfoKind;
 
 use super::addr::{render_network_config, AddressPool, Lease};
-use super::config::{MacAddr, NetConfig};
+use super::config::NetConfig;
 use super::netlink::Netlink;
-use super::{current_netns, ioctl, is_tap_name, nft, Error, Tap};
+use super::{current_netns, ioctl, nft, Error, Tap};
+use crate::types::{MacAddr, VmName};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -138,7 +139,7 @@ impl HostNetwork {
 
     /// Creates the VM's tap on our bridge, bound to the VM's lease: only frames with the VM's MAC
     /// and address pass it, and the host pins the address to that MAC (see [`Tap`]).
-    pub fn create_tap(&self, vm_name: &str, lease: &Lease) -> Result<Tap, Error> {
+    pub fn create_tap(&self, vm_name: &VmName, lease: &Lease) -> Result<Tap, Error> {
         let mut tap = Tap::create(vm_name, &self.config.bridge)?;
         tap.bind(self.bridge_index, lease.address())?;
         Ok(tap)
@@ -245,7 +246,10 @@ pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
         .links()
         .map_err(|e| Error::io("listing interfaces", e))?;
     let mut report = SweepReport::default();
-    for link in links.iter().filter(|l| is_tap_name(&l.name) && l.is_tap()) {
+    for link in links
+        .iter()
+        .filter(|l| VmName::is_valid(&l.name) && l.is_tap())
+    {
         match netlink.delete_link(link.index) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => continue,

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
-use super::config::MacAddr;
+use crate::types::MacAddr;
 
 // From <linux/sockios.h>; libc does not export the bridge ones for Linux.
 const SIOCBRADDBR: libc::c_ulong = 0x89a0;

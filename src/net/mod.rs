@@ -23,16 +23,13 @@ use std::path::PathBuf;
 
 pub use addr::{mac_for, render_network_config, AddressPool, Lease};
 pub use config::{
-    resolvers_from_file, AllowedDestination, Ipv4Cidr, MacAddr, NetConfig,
-    DEFAULT_CONN_RATE_PER_SEC, DEFAULT_MAX_CONNS_PER_VM,
+    resolvers_from_file, AllowedDestination, Ipv4Cidr, NetConfig, DEFAULT_CONN_RATE_PER_SEC,
+    DEFAULT_MAX_CONNS_PER_VM,
 };
 pub use host::{sweep, HostNetwork, SweepReport};
-pub use tap::{is_tap_name, Tap};
+pub use tap::Tap;
 
-use crate::error::exit;
-
-/// Every VM tap (and VM) name starts with this; the sweep removes only taps named so.
-pub const TAP_PREFIX: &str = "fr-";
+use crate::types::ErrorClass;
 
 /// Errors of the `net` module.
 #[derive(Debug, thiserror::Error)]
@@ -74,10 +71,6 @@ pub enum Error {
         action: &'static str,
         stderr: String,
     },
-    #[error(
-        "{0:?} is not a VM tap name (\"fr-\" and lowercase letters or digits, at most 15 bytes)"
-    )]
-    InvalidTapName(String),
     #[error("no free VM address left in {subnet}")]
     PoolExhausted { subnet: Ipv4Cidr },
     #[error("the VM address {0} is already leased")]
@@ -101,25 +94,24 @@ pub(crate) fn current_netns() -> Result<(u64, u64), Error> {
 }
 
 impl Error {
-    /// The exit code (README.md): configuration, missing dependency, or a network failure.
-    pub fn exit_code(&self) -> u8 {
+    /// What kind of failure this is: configuration, missing dependency, or a network failure.
+    pub fn class(&self) -> ErrorClass {
         match self {
             Error::Config(_)
             | Error::NoResolvers { .. }
             | Error::NoUplink
             | Error::UplinkMissing(_)
-            | Error::NotABridge(_)
-            | Error::InvalidTapName(_) => exit::CONFIG,
+            | Error::NotABridge(_) => ErrorClass::Config,
             Error::BridgeModuleMissing
             | Error::TunMissing
             | Error::NftMissing
-            | Error::NftKernel { .. } => exit::MISSING_DEPENDENCY,
+            | Error::NftKernel { .. } => ErrorClass::MissingDependency,
             Error::BridgeMissing(_)
             | Error::Nft { .. }
             | Error::PoolExhausted { .. }
             | Error::AddressInUse(_)
             | Error::WrongNamespace
-            | Error::Io { .. } => exit::NETWORK,
+            | Error::Io { .. } => ErrorClass::Network,
         }
     }
 

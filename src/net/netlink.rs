@@ -24,7 +24,8 @@ use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, Rou
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-use super::config::{Ipv4Cidr, MacAddr};
+use super::config::Ipv4Cidr;
+use crate::types::MacAddr;
 
 /// What a link dump tells us about one interface.
 #[derive(Debug, Clone)]

@@ -7,8 +7,9 @@ use std::io::{self, Write as _};
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use super::config::{AllowedDestination, Ipv4Cidr, MacAddr};
-use super::{Error, TAP_PREFIX};
+use super::config::{AllowedDestination, Ipv4Cidr};
+use super::Error;
+use crate::types::{MacAddr, VmName};
 
 /// Our routing-level table. Nothing else of the host's rule set is touched.
 pub const TABLE: &str = "inet fkr_qemu";
@@ -159,6 +160,7 @@ impl RuleSet<'_> {
 /// Matched by tap name, not by bridge (`meta ibrname` needs `nft_meta_bridge`, which kernels
 /// without modules may lack); the `fr-` prefix is reserved for our taps.
 fn render_bridge_table() -> String {
+    let prefix = VmName::PREFIX;
     format!(
         "table {BRIDGE_TABLE}\ndelete table {BRIDGE_TABLE}\ntable {BRIDGE_TABLE} {{\n\
          \tset vm_mac {{\n\t\ttype ifname . ether_addr\n\t}}\n\
@@ -166,7 +168,7 @@ fn render_bridge_table() -> String {
          \tset vm_arp {{\n\t\ttype ifname . ether_addr . ipv4_addr\n\t}}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority -300; policy accept;\n\
-         \t\tiifname \"{TAP_PREFIX}*\" jump from_vm\n\t}}\n\
+         \t\tiifname \"{prefix}*\" jump from_vm\n\t}}\n\
          \tchain from_vm {{\n\
          \t\tiifname . ether saddr != @vm_mac counter drop\n\
          \t\tether type ip iifname . ip saddr @vm_ip accept\n\
@@ -473,13 +475,13 @@ mod tests {
         );
         assert!(matches!(e, Error::NftKernel { .. }));
         assert!(e.to_string().contains("nf_tables"), "{e}");
-        assert_eq!(e.exit_code(), crate::error::exit::MISSING_DEPENDENCY);
+        assert_eq!(e.class(), crate::types::ErrorClass::MissingDependency);
         let e = classify(
             "installing the firewall table",
             "Error: syntax error".into(),
         );
         assert!(matches!(e, Error::Nft { .. }));
-        assert_eq!(e.exit_code(), crate::error::exit::NETWORK);
+        assert_eq!(e.class(), crate::types::ErrorClass::Network);
         assert!(Error::NftMissing
             .to_string()
             .contains("apt-get install nftables"));

@@ -7,21 +7,10 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use netlink_packet_route::link::InfoKind;
 
-use super::config::MacAddr;
 use super::netlink::Netlink;
-use super::{current_netns, ioctl, mac_for, nft, Error, TAP_PREFIX};
-
-/// Whether `name` is a VM tap name: `fr-` then lowercase letters or digits, within the 15-byte
-/// interface name limit.
-pub fn is_tap_name(name: &str) -> bool {
-    name.len() < libc::IFNAMSIZ
-        && name.strip_prefix(TAP_PREFIX).is_some_and(|rest| {
-            !rest.is_empty()
-                && rest
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        })
-}
+use super::{current_netns, ioctl, mac_for, nft, Error};
+use crate::types::MacAddr;
+use crate::types::VmName;
 
 /// A VM's tap: created through `/dev/net/tun`, an isolated port of the bridge, up. Bound to a lease
 /// ([`super::HostNetwork::create_tap`]), the port also stops learning and flooding, and the tap
@@ -54,10 +43,8 @@ struct Binding {
 
 impl Tap {
     /// Creates the tap `vm_name` (VM and tap share the name) and attaches it to `bridge`.
-    pub fn create(vm_name: &str, bridge: &str) -> Result<Tap, Error> {
-        if !is_tap_name(vm_name) {
-            return Err(Error::InvalidTapName(vm_name.to_owned()));
-        }
+    pub fn create(name: &VmName, bridge: &str) -> Result<Tap, Error> {
+        let vm_name = name.as_str();
         let mut netlink = Netlink::open().map_err(|e| Error::io("opening a netlink socket", e))?;
         match netlink
             .link_by_name(bridge)
@@ -165,14 +152,6 @@ impl Tap {
             .try_clone_to_owned()
             .map_err(|e| Error::io(format!("duplicating the tap fd of {}", self.name), e))
     }
-
-    /// The VM driver's network device: a duplicate of the tap fd and the VM's MAC.
-    pub fn net_device(&self) -> Result<crate::vm::NetDevice, Error> {
-        Ok(crate::vm::NetDevice {
-            tap: self.fd_for_qemu()?,
-            mac: self.mac.to_string(),
-        })
-    }
 }
 
 impl Drop for Tap {
@@ -198,21 +177,5 @@ impl Drop for Tap {
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
             Err(e) => tracing::warn!(tap = %self.name, error = %e, "could not remove the tap"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tap_names() {
-        assert!(is_tap_name("fr-0123abcd"));
-        assert!(is_tap_name("fr-x"));
-        assert!(!is_tap_name("fr-"));
-        assert!(!is_tap_name("fr-ABC"));
-        assert!(!is_tap_name("fr-0123456789abc"));
-        assert!(!is_tap_name("tap0"));
-        assert!(!is_tap_name("xfr-1"));
     }
 }

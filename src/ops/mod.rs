@@ -78,22 +78,22 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit code (see README.md).
-    pub fn exit_code(&self) -> u8 {
-        use crate::error::exit;
+    /// What kind of failure this is.
+    pub fn class(&self) -> crate::types::ErrorClass {
+        use crate::types::ErrorClass;
         match self {
             Error::MetricsOnAllInterfaces(_)
             | Error::InvalidVmName(_)
             | Error::UnknownVm { .. }
             | Error::Config { .. }
-            | Error::UnsafeRuntimeDir(_) => exit::CONFIG,
+            | Error::UnsafeRuntimeDir(_) => ErrorClass::Config,
             Error::Io { .. }
             | Error::MetricsBind { .. }
             | Error::ControlSocketInUse(_)
             | Error::DaemonNotRunning(_)
             | Error::ControlSocket { .. }
-            | Error::Output(_) => exit::RUNTIME,
-            Error::NotReady => exit::CHECK_FAILED,
+            | Error::Output(_) => ErrorClass::Runtime,
+            Error::NotReady => ErrorClass::CheckFailed,
         }
     }
 }

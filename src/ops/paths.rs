@@ -118,7 +118,7 @@ impl Dirs {
 /// Checks a VM name given on the command line (the driver's rule: `fr-` + 8 lowercase hex
 /// digits), so it can be joined onto a path safely.
 pub fn check_vm_name(name: &str) -> Result<(), Error> {
-    crate::vm::VmName::parse(name)
+    crate::types::VmName::parse(name)
         .map(|_| ())
         .map_err(|_| Error::InvalidVmName(name.to_owned()))
 }

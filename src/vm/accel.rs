@@ -22,7 +22,8 @@ use std::os::fd::AsRawFd;
 use super::argv::path_opt;
 use super::qmp::QmpClient;
 use super::sandbox::{ChildSetup, Identity};
-use super::{Accel, Error, Firmware};
+use super::{Error, Firmware};
+use crate::types::Accel;
 
 /// The resolved accelerator and why it was chosen (for the log and `boot-test`'s report).
 #[derive(Debug, Clone, PartialEq, Eq)]

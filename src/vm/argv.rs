@@ -4,7 +4,8 @@
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
-use super::{Accel, Firmware, VmName};
+use super::Firmware;
+use crate::types::{Accel, MacAddr, VmName};
 
 /// The descriptors QEMU gets instead of paths (numbers as in the child; see `sandbox.rs`). Files QEMU
 /// writes come twice, read-write and read-only: QEMU picks from an fdset by access mode, and probes
@@ -38,7 +39,7 @@ pub struct QemuPlan {
     /// A listening Unix socket the daemon bound for QMP.
     pub qmp_fd: RawFd,
     /// The tap fd and the NIC's MAC.
-    pub net: Option<(RawFd, String)>,
+    pub net: Option<(RawFd, MacAddr)>,
 }
 
 /// QEMU option values separate keys with `,`; a literal comma in a path is written `,,`.
@@ -149,7 +150,7 @@ pub fn build_argv(plan: &QemuPlan) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn plan(accel: Accel, net: Option<(RawFd, String)>) -> QemuPlan {
+    fn plan(accel: Accel, net: Option<(RawFd, MacAddr)>) -> QemuPlan {
         QemuPlan {
             name: VmName::parse("fr-0123abcd").unwrap(),
             accel,
@@ -237,7 +238,10 @@ mod tests {
 
     #[test]
     fn kvm_uses_the_host_cpu_and_net_passes_the_fd_without_rom() {
-        let a = build_argv(&plan(Accel::Kvm, Some((7, "52:54:00:12:34:56".into()))));
+        let a = build_argv(&plan(
+            Accel::Kvm,
+            Some((7, "52:54:00:12:34:56".parse().unwrap())),
+        ));
         assert!(has_pair(&a, "-accel", "kvm"));
         assert!(has_pair(&a, "-cpu", "host"));
         assert!(has_pair(&a, "-netdev", "tap,id=net0,fd=7"));

@@ -271,7 +271,7 @@ pub fn sweep(layout: &Layout) -> usize {
         };
         for e in entries.flatten() {
             let name = e.file_name();
-            if super::VmName::parse(&name.to_string_lossy()).is_err() {
+            if crate::types::VmName::parse(&name.to_string_lossy()).is_err() {
                 continue;
             }
             let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();

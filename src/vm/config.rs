@@ -3,26 +3,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Which accelerator QEMU uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    /// KVM if a probe VM really runs, otherwise TCG (the choice and its reason are logged).
-    #[default]
-    Auto,
-    Kvm,
-    Tcg,
-}
-
-impl std::fmt::Display for Accel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Accel::Auto => "auto",
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        })
-    }
-}
+use crate::types::Accel;
 
 /// Driver settings shared by every VM of a host (embedded in the daemon's TOML config as `[vm]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

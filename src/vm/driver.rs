@@ -27,7 +27,8 @@ use super::qmp::{QmpClient, QmpEvent};
 use super::sandbox::{self, UidLease};
 use super::serial::{contains, CappedLog, PANIC_MARKER};
 use super::sweep::kill_and_wait;
-use super::{files, Accel, Error, NetDevice, Seed, VmConfig, VmName, VmState};
+use super::{files, Error, NetDevice, Seed, VmConfig, VmState};
+use crate::types::{Accel, VmName};
 use qapi::qmp;
 
 /// What to run: one VM of one job.
@@ -418,10 +419,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         vm_dir: dir_path,
         fds: files.fds(),
         qmp_fd: files.qmp.as_raw_fd(),
-        net: spec
-            .net
-            .as_ref()
-            .map(|n| (n.tap.as_raw_fd(), n.mac.clone())),
+        net: spec.net.as_ref().map(|n| (n.tap.as_raw_fd(), n.mac)),
     };
     Ok(PreparedVm {
         name: spec.name,

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use crate::error::exit;
+use crate::types::ErrorClass;
 
 /// What to install when QEMU itself is missing.
 const INSTALL_QEMU: &str = "install QEMU (Debian/Ubuntu: `apt-get install qemu-system-x86`; \
@@ -28,8 +28,8 @@ pub enum Error {
     BaseImageInvalid { path: PathBuf, reason: String },
     #[error("KVM was requested but cannot run guests on this host: {reason}")]
     KvmUnavailable { reason: String },
-    #[error("invalid VM name `{0}`: expected `fr-` followed by 8 lowercase hex digits")]
-    InvalidName(String),
+    #[error(transparent)]
+    InvalidName(#[from] crate::types::InvalidVmName),
     #[error("VM configuration: {0}")]
     Config(String),
     #[error("VM state cannot go from {from} to {to}")]
@@ -71,18 +71,20 @@ impl Error {
         }
     }
 
-    /// Exit code of the binary for this error (README.md's table): missing tools, firmware or image
-    /// are 3, a corrupt image fails the check (1), configuration mistakes are 2, the rest 6.
-    pub fn exit_code(&self) -> u8 {
+    /// What kind of failure this is: missing tools, firmware or image are missing dependencies,
+    /// a corrupt image fails the check, configuration mistakes are configuration, the rest runtime.
+    pub fn class(&self) -> ErrorClass {
         match self {
             Error::QemuNotFound { .. }
             | Error::QemuImgNotFound { .. }
             | Error::FirmwareNotFound { .. }
             | Error::FirmwareFileMissing { .. }
             | Error::BaseImageMissing { .. }
-            | Error::KvmUnavailable { .. } => exit::MISSING_DEPENDENCY,
-            Error::BaseImageInvalid { .. } | Error::BootTestFailed { .. } => exit::CHECK_FAILED,
-            Error::InvalidName(_) | Error::Config(_) => exit::CONFIG,
+            | Error::KvmUnavailable { .. } => ErrorClass::MissingDependency,
+            Error::BaseImageInvalid { .. } | Error::BootTestFailed { .. } => {
+                ErrorClass::CheckFailed
+            }
+            Error::InvalidName(_) | Error::Config(_) => ErrorClass::Config,
             Error::InvalidTransition { .. }
             | Error::Io { .. }
             | Error::Tool { .. }
@@ -90,7 +92,7 @@ impl Error {
             | Error::Qmp(_)
             | Error::Supervisor { .. }
             | Error::DiskSpace { .. }
-            | Error::Cgroup(_) => exit::RUNTIME,
+            | Error::Cgroup(_) => ErrorClass::Runtime,
         }
     }
 }

@@ -325,7 +325,7 @@ mod tests {
             msg.contains("apt-get install ovmf") && msg.contains("/nonexistent/OVMF_CODE.fd"),
             "{msg}"
         );
-        assert_eq!(err.exit_code(), crate::error::exit::MISSING_DEPENDENCY);
+        assert_eq!(err.class(), crate::types::ErrorClass::MissingDependency);
     }
 
     #[test]

@@ -14,7 +14,6 @@ mod disk;
 mod driver;
 mod error;
 mod firmware;
-mod name;
 pub mod qmp;
 pub mod sandbox;
 mod seed;
@@ -24,14 +23,13 @@ mod sweep;
 
 pub use accel::{mark_kvm_broken, probe_accel, resolve_accel, AccelChoice, KVM_PROBE_TIMEOUT};
 pub use argv::{build_argv, DiskFds, QemuPlan};
-pub use config::{Accel, VmConfig};
+pub use config::VmConfig;
 pub use disk::{allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation};
 pub use driver::{
     launch, prepare, Outcome, PreparedVm, StopStep, VmExit, VmHandle, VmResources, VmSpec,
 };
 pub use error::Error;
 pub use firmware::{discover_firmware, select_descriptor, Firmware, FirmwareDescriptor};
-pub use name::VmName;
 pub use seed::{write_seed, Seed};
 pub use serial::PANIC_MARKER;
 pub use state::VmState;
@@ -47,7 +45,7 @@ use std::os::fd::OwnedFd;
 pub struct NetDevice {
     pub tap: OwnedFd,
     /// The guest NIC's MAC address (`52:54:00:xx:xx:xx`), also used by network-config's `match`.
-    pub mac: String,
+    pub mac: crate::types::MacAddr,
 }
 
 /// Names of the files inside a per-VM directory (`<runtime_root>/vms/<name>/`), see ARCHITECTURE.md.

@@ -177,7 +177,7 @@ pub fn prune_logs(dir: &Path, keep: usize, max_age: std::time::Duration) -> usiz
             e.file_name()
                 .to_str()
                 .and_then(|n| n.strip_suffix(".serial.log"))
-                .is_some_and(|n| super::VmName::parse(n).is_ok())
+                .is_some_and(|n| crate::types::VmName::parse(n).is_ok())
         })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();

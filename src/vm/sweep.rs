@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{files, Error, VmName};
+use super::{files, Error};
+use crate::types::VmName;
 
 /// What [`sweep`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

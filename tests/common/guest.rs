@@ -9,7 +9,8 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use base64::Engine;
-use fkr_qemu::vm::{Accel, VmConfig};
+use fkr_qemu::types::Accel;
+use fkr_qemu::vm::VmConfig;
 
 /// The test guest image, built (or found up to date) by image-builder/test-guest.sh.
 pub fn test_guest_image() -> PathBuf {
