@@ -14,6 +14,7 @@ use common::prometheus;
 use fkr_qemu::controller::ciuser::{CiUser, CiUserStore};
 use fkr_qemu::ops::{Metrics, MetricsConfig, Services, StatusBoard, VmInfo, VmState};
 use fkr_qemu::secret::Secret;
+use fkr_qemu::types::JobState;
 
 struct Dirs {
     _tmp: tempfile::TempDir,
@@ -72,7 +73,7 @@ fn vm(name: &str, state: VmState) -> VmInfo {
         state,
         address: Some("10.88.0.7".into()),
         started_at: time::OffsetDateTime::now_utc(),
-        accel: Some("tcg".into()),
+        accel: Some(fkr_qemu::types::Accel::Tcg),
         pid: Some(4242),
         serial_log: None,
         limits: None,
@@ -86,7 +87,7 @@ async fn list_and_status_ask_the_daemon() {
     let metrics = Metrics::new();
     let board = StatusBoard::new(Some(metrics.clone()));
     board.set_queued(1);
-    board.vm_added(vm("fr-00c0ffee", VmState::Running));
+    board.vm_added(vm("fr-00c0ffee", JobState::Running.into()));
     board.forgejo_error("GET /api/v1/version: connection refused");
     let services = Services::start(&d.run(), &MetricsConfig::default(), &metrics, board.clone())
         .await
@@ -293,7 +294,7 @@ async fn metrics_endpoint_serves_valid_openmetrics() {
 
     metrics.job_seen();
     metrics.job_dispatched(Duration::from_secs(2));
-    board.vm_added(vm("fr-0000aaaa", VmState::Preparing));
+    board.vm_added(vm("fr-0000aaaa", JobState::Preparing.into()));
     metrics.observe_prepare(Duration::from_millis(800));
     metrics.observe_forgejo_call("/repos/{owner}/{repo}", 200, Duration::from_millis(9));
     let during = scrape().await;

@@ -87,7 +87,7 @@ fn table(vms: &[VmInfo], now: OffsetDateTime) -> String {
             vm.state.as_str(),
             vm.address.as_deref().unwrap_or("-"),
             uptime(now - vm.started_at),
-            vm.accel.as_deref().unwrap_or("-"),
+            vm.accel.map_or("-", |a| a.as_str()),
             vm.pid.map_or("-".to_owned(), |p| p.to_string()),
         ));
     }
@@ -125,7 +125,7 @@ fn uptime(d: time::Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::VmState;
+    use crate::types::JobState;
 
     #[test]
     fn table_fits_100_columns() {
@@ -135,10 +135,10 @@ mod tests {
             job_id: 123_456_789,
             owner: "a-rather-long-organisation".into(),
             repo: "and-a-long-repository-name".into(),
-            state: VmState::Preparing,
+            state: JobState::Preparing.into(),
             address: Some("100.100.100.100".into()),
             started_at: now - time::Duration::seconds(3 * 3600 + 7 * 60),
-            accel: Some("kvm".into()),
+            accel: Some(crate::types::Accel::Kvm),
             pid: Some(4_194_304),
             serial_log: None,
             limits: None,

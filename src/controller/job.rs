@@ -19,13 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::ciuser::{candidate_usernames, marked_repo, marker, CiUser};
 use super::config::ForkAccess;
-use super::state::JobState;
 use super::userdata::{self, RegistryAuth, RunnerParams};
 use super::Ctx;
 use crate::forgejo::{self, Job, Repository, UserCreation, READ_TOKEN_SCOPES, TOKEN_SCOPES};
-use crate::ops::{JobOutcome, RemovalReason, TokenAccess, VmInfo, VmLimits, VmState};
+use crate::ops::{JobOutcome, RemovalReason, TokenAccess, VmInfo, VmLimits};
 use crate::secret::Secret;
-use crate::types::{Accel, VmName};
+use crate::types::{Accel, JobState, VmName};
 use crate::vm::{self, Outcome, Seed, VmSpec};
 
 /// A job taken from the queue, and how the scheduler tells it that Forgejo shows it picked up.
@@ -526,10 +525,10 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
     move_to(&mut state, JobState::Preparing, name.as_str());
     ctx.board.vm_added(VmInfo {
         name: name.to_string(),
-        job_id: u64::try_from(job_id).unwrap_or_default(),
+        job_id,
         owner: String::new(),
         repo: String::new(),
-        state: VmState::Preparing,
+        state: JobState::Preparing.into(),
         address: None,
         started_at: OffsetDateTime::now_utc(),
         accel: None,
@@ -555,9 +554,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
             tracing::info!("VM {name} started for job {job_id}");
             move_to(&mut state, JobState::Booting, name.as_str());
             ctx.board.vm_update(name.as_str(), |v| {
-                v.state = VmState::Booting;
+                v.state = JobState::Booting.into();
                 v.pid = Some(handle.pid());
-                v.accel = Some(handle.accel().accel.to_string());
+                v.accel = Some(handle.accel().accel);
                 v.serial_log = Some(handle.serial_log().to_owned());
                 let r = handle.resources();
                 v.limits = Some(VmLimits {
@@ -585,7 +584,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
                         if changed.is_ok() && *ticket.picked_up.borrow() {
                             picked_up = true;
                             move_to(&mut state, JobState::Running, name.as_str());
-                            ctx.board.vm_state(name.as_str(), VmState::Running);
+                            ctx.board.vm_state(name.as_str(), JobState::Running);
                             ctx.metrics.observe_boot(started.elapsed());
                             tracing::info!(vm = %name, "job {job_id} picked up by its runner");
                         } else if changed.is_err() {
@@ -644,7 +643,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
     if state != JobState::Cleaning {
         move_to(&mut state, JobState::Cleaning, name.as_str());
     }
-    ctx.board.vm_state(name.as_str(), VmState::Stopping);
+    ctx.board.vm_state(name.as_str(), JobState::Cleaning);
     let ended = Instant::now();
     let failed = res.release().await;
     let teardown = ended.elapsed();

@@ -12,12 +12,11 @@ mod job;
 #[cfg(test)]
 mod prepare_tests;
 mod queue;
-pub mod state;
 mod sweep;
 pub mod userdata;
 
+pub use crate::types::JobState;
 pub use config::Config;
-pub use state::JobState;
 
 /// What every job task shares with the scheduler.
 pub(crate) struct Ctx {
@@ -60,8 +59,6 @@ pub enum Error {
     StateCorrupt { path: PathBuf, message: String },
     #[error("{0}")]
     InvalidInput(String),
-    #[error("a job cannot go from {from} to {to}")]
-    InvalidTransition { from: JobState, to: JobState },
     #[error("missing: {0}")]
     Missing(String),
     #[error("Forgejo check failed: {0}")]
@@ -101,8 +98,7 @@ impl Error {
             Error::Io { .. }
             | Error::StateCorrupt { .. }
             | Error::InvalidInput(_)
-            | Error::CiUserRefused { .. }
-            | Error::InvalidTransition { .. } => ErrorClass::Runtime,
+            | Error::CiUserRefused { .. } => ErrorClass::Runtime,
         }
     }
 }

@@ -362,7 +362,8 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::status::{StatusBoard, VmState};
+    use crate::ops::status::StatusBoard;
+    use crate::types::JobState;
 
     fn private_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -381,10 +382,10 @@ mod tests {
             job_id: 42,
             owner: "o".into(),
             repo: "r".into(),
-            state: VmState::Booting,
+            state: JobState::Booting.into(),
             address: Some("10.88.0.5".into()),
             started_at: time::OffsetDateTime::now_utc(),
-            accel: Some("tcg".into()),
+            accel: Some(crate::types::Accel::Tcg),
             pid: Some(1234),
             serial_log: None,
             limits: None,
@@ -405,10 +406,10 @@ mod tests {
         assert!(status.ready);
         assert_eq!(status.queued, 2);
         assert_eq!(status.running, 1);
-        board.vm_state("fr-0123abcd", VmState::Running);
+        board.vm_state("fr-0123abcd", JobState::Running);
         let vms = client.list().await.unwrap();
         assert_eq!(vms.len(), 1);
-        assert_eq!(vms[0].state, VmState::Running);
+        assert_eq!(vms[0].state, JobState::Running.into());
 
         // A second daemon must not steal a live socket.
         let second = ControlServer::bind(dir.path(), board.clone()).await;

@@ -29,7 +29,9 @@ use std::path::{Path, PathBuf};
 pub use control::{Client, ControlServer};
 pub use http::{MetricsConfig, MetricsServer};
 pub use metrics::{JobOutcome, Metrics, RemovalReason, SweepKind, TokenAccess};
-pub use status::{DaemonStatus, LastError, StatusBoard, StatusSource, VmInfo, VmLimits, VmState};
+pub use status::{
+    DaemonStatus, LastError, LeftState, StatusBoard, StatusSource, VmInfo, VmLimits, VmState,
+};
 
 /// Errors of the `ops` module.
 #[derive(Debug, thiserror::Error)]

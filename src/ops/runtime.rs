@@ -8,7 +8,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::paths::{check_vm_name, Dirs};
-use super::status::{VmInfo, VmState};
+use super::status::{LeftState, VmInfo, VmState};
 use super::Error;
 use crate::vm::files;
 
@@ -17,12 +17,12 @@ use crate::vm::files;
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct VmJson {
-    job_id: Option<u64>,
+    job_id: Option<i64>,
     owner: Option<String>,
     repo: Option<String>,
     serial_log: Option<PathBuf>,
     address: Option<String>,
-    accel: Option<String>,
+    accel: Option<crate::types::Accel>,
     #[serde(with = "time::serde::rfc3339::option")]
     created_at: Option<OffsetDateTime>,
 }
@@ -122,9 +122,9 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
             owner: meta.owner.unwrap_or_default(),
             repo: meta.repo.unwrap_or_default(),
             state: if alive {
-                VmState::Orphaned
+                VmState::Left(LeftState::Orphaned)
             } else {
-                VmState::Stale
+                VmState::Left(LeftState::Stale)
             },
             address: meta.address,
             started_at,
@@ -219,9 +219,9 @@ mod tests {
         let vms = scan(&d).unwrap();
         assert_eq!(vms.len(), 3);
         assert_eq!(vms[2].name, "fr-0000000d");
-        assert_eq!(vms[2].state, VmState::Stale, "not a qemu");
+        assert_eq!(vms[2].state, VmState::Left(LeftState::Stale), "not a qemu");
         assert_eq!(vms[0].name, "fr-0000000a");
-        assert_eq!(vms[0].state, VmState::Orphaned);
+        assert_eq!(vms[0].state, VmState::Left(LeftState::Orphaned));
         assert_eq!(vms[0].job_id, 12);
         assert_eq!((vms[0].owner.as_str(), vms[0].repo.as_str()), ("o", "r"));
         // Reported even though it does not exist: the VM's own record says where it goes.
@@ -231,7 +231,7 @@ mod tests {
         );
         assert_eq!(vms[0].address.as_deref(), Some("10.88.0.9"));
         assert_eq!(vms[0].started_at.unix_timestamp(), 1_767_323_045);
-        assert_eq!(vms[1].state, VmState::Stale);
+        assert_eq!(vms[1].state, VmState::Left(LeftState::Stale));
         assert_eq!(vms[1].pid, Some(1));
         assert_eq!(
             serial_log_of(&d, "fr-0000000a"),

@@ -14,36 +14,43 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::metrics::Metrics;
+use crate::types::{Accel, JobState};
 
-/// Where a VM is in its life.
+/// Where a VM is in its life: the state of the job that owns it (the controller's
+/// [`JobState`] machine, exactly), or, when `list` reads the runtime dir without a daemon, what is
+/// left on disk. Serialised as the bare state name (`"booting"`, `"stale"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VmState {
+    /// Owned by a running daemon's job: `preparing`, `booting`, `running` or `cleaning`.
+    Job(JobState),
+    /// Found on disk with no daemon answering.
+    Left(LeftState),
+}
+
+/// What `list` finds in the runtime dir when no daemon answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum VmState {
-    /// Host-side preparation: CI user, token, runner, overlay, seed, tap, qemu spawn.
-    Preparing,
-    /// QEMU is up (QMP answered); the guest has not started the runner yet.
-    Booting,
-    /// The runner is (or is assumed to be) running the job.
-    Running,
-    /// Being stopped or torn down (token, runner, files and tap being released).
-    Stopping,
-    /// Seen in the runtime dir with a live qemu but no daemon answering: the next start's sweep
-    /// removes it. Only `list` without a daemon reports this.
+pub enum LeftState {
+    /// A live qemu: the next start's sweep removes it.
     Orphaned,
-    /// A per-VM dir whose qemu is gone, left for the sweep. Only `list` without a daemon reports it.
+    /// A per-VM dir whose qemu is gone, left for the sweep.
     Stale,
 }
 
 impl VmState {
     pub fn as_str(self) -> &'static str {
         match self {
-            VmState::Preparing => "preparing",
-            VmState::Booting => "booting",
-            VmState::Running => "running",
-            VmState::Stopping => "stopping",
-            VmState::Orphaned => "orphaned",
-            VmState::Stale => "stale",
+            VmState::Job(s) => s.as_str(),
+            VmState::Left(LeftState::Orphaned) => "orphaned",
+            VmState::Left(LeftState::Stale) => "stale",
         }
+    }
+}
+
+impl From<JobState> for VmState {
+    fn from(s: JobState) -> Self {
+        VmState::Job(s)
     }
 }
 
@@ -59,7 +66,7 @@ pub struct VmInfo {
     /// `fr-<8 hex>`; also its tap and runner name.
     pub name: String,
     /// The Forgejo job id it runs.
-    pub job_id: u64,
+    pub job_id: i64,
     pub owner: String,
     pub repo: String,
     pub state: VmState,
@@ -68,7 +75,7 @@ pub struct VmInfo {
     #[serde(with = "time::serde::rfc3339")]
     pub started_at: OffsetDateTime,
     /// `kvm` or `tcg`, once QEMU runs.
-    pub accel: Option<String>,
+    pub accel: Option<Accel>,
     /// The qemu process id, once spawned.
     pub pid: Option<u32>,
     /// The serial console log (`fkr-qemu console` reads it).
@@ -255,8 +262,8 @@ impl StatusBoard {
     }
 
     /// Sets a VM's state; returns false when no VM has that name.
-    pub fn vm_state(&self, name: &str, state: VmState) -> bool {
-        self.vm_update(name, |v| v.state = state)
+    pub fn vm_state(&self, name: &str, state: JobState) -> bool {
+        self.vm_update(name, |v| v.state = state.into())
     }
 
     /// Removes a VM once it is torn down.
@@ -289,7 +296,7 @@ mod tests {
             job_id: 7,
             owner: "alice".into(),
             repo: "proj".into(),
-            state: VmState::Preparing,
+            state: VmState::Job(JobState::Preparing),
             address: None,
             started_at: OffsetDateTime::UNIX_EPOCH,
             accel: None,
@@ -306,11 +313,11 @@ mod tests {
         b.set_queued(4);
         b.vm_added(vm("fr-00000001"));
         b.vm_added(vm("fr-00000002"));
-        assert!(b.vm_state("fr-00000001", VmState::Running));
-        assert!(!b.vm_state("fr-ffffffff", VmState::Running));
+        assert!(b.vm_state("fr-00000001", JobState::Running));
+        assert!(!b.vm_state("fr-ffffffff", JobState::Running));
         let s = b.snapshot();
         assert_eq!(s.running, 2);
-        assert_eq!(s.vms[0].state, VmState::Running);
+        assert_eq!(s.vms[0].state, VmState::Job(JobState::Running));
         assert!(m.encode().contains("fkr_qemu_vms_running 2\n"));
         assert!(m.encode().contains("fkr_qemu_jobs_queued 4\n"));
         b.vm_removed("fr-00000001");
