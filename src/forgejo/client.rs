@@ -486,6 +486,34 @@ impl Client {
 
     // ---------------------------------------------------------------- tokens
 
+    /// A request on `username`'s tokens (or one of them): through the admin routes when the server
+    /// has them, else the user's own routes with HTTP Basic auth and the user's password (released
+    /// Forgejo accepts nothing else there). The one place that chooses the route.
+    fn tokens_request<'a>(
+        &self,
+        method: Method,
+        username: &'a str,
+        password: &'a Secret,
+        token_id: Option<&'a str>,
+    ) -> Request<'a> {
+        let admin = self.uses_admin_token_routes();
+        let route = match (admin, token_id.is_some()) {
+            (true, false) => "/admin/users/{username}/tokens",
+            (true, true) => "/admin/users/{username}/tokens/{token}",
+            (false, false) => "/users/{username}/tokens",
+            (false, true) => "/users/{username}/tokens/{token}",
+        };
+        let mut segments = if admin { vec!["admin"] } else { Vec::new() };
+        segments.extend(["users", username, "tokens"]);
+        segments.extend(token_id);
+        let req = Request::new(method, route, segments);
+        if admin {
+            req
+        } else {
+            req.basic(username, password)
+        }
+    }
+
     /// Mints a token for `username`. Through the admin routes when the server has them, else with
     /// HTTP Basic auth and the user's own password (released Forgejo accepts nothing else).
     pub async fn create_token(
@@ -496,20 +524,7 @@ impl Client {
         scopes: &[&str],
     ) -> Result<MintedToken, Error> {
         let body = CreateTokenBody { name, scopes };
-        let req = if self.uses_admin_token_routes() {
-            Request::new(
-                Method::POST,
-                "/admin/users/{username}/tokens",
-                vec!["admin", "users", username, "tokens"],
-            )
-        } else {
-            Request::new(
-                Method::POST,
-                "/users/{username}/tokens",
-                vec!["users", username, "tokens"],
-            )
-            .basic(username, password)
-        };
+        let req = self.tokens_request(Method::POST, username, password, None);
         let route = req.route;
         let resp = self.send(req.json(&body)).await?;
         let wire: AccessTokenWire = self.decode(Method::POST, route, &resp)?;
@@ -534,22 +549,8 @@ impl Client {
         username: &str,
         password: &Secret,
     ) -> Result<Vec<AccessToken>, Error> {
-        let admin = self.uses_admin_token_routes();
         self.paginate(|page| {
-            let req = if admin {
-                Request::new(
-                    Method::GET,
-                    "/admin/users/{username}/tokens",
-                    vec!["admin", "users", username, "tokens"],
-                )
-            } else {
-                Request::new(
-                    Method::GET,
-                    "/users/{username}/tokens",
-                    vec!["users", username, "tokens"],
-                )
-                .basic(username, password)
-            };
+            let req = self.tokens_request(Method::GET, username, password, None);
             req.query("page", page).query("limit", PAGE_LIMIT)
         })
         .await
@@ -563,20 +564,7 @@ impl Client {
         token_id: i64,
     ) -> Result<bool, Error> {
         let id = token_id.to_string();
-        let req = if self.uses_admin_token_routes() {
-            Request::new(
-                Method::DELETE,
-                "/admin/users/{username}/tokens/{token}",
-                vec!["admin", "users", username, "tokens", &id],
-            )
-        } else {
-            Request::new(
-                Method::DELETE,
-                "/users/{username}/tokens/{token}",
-                vec!["users", username, "tokens", &id],
-            )
-            .basic(username, password)
-        };
+        let req = self.tokens_request(Method::DELETE, username, password, Some(&id));
         self.delete(req).await
     }
 

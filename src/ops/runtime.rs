@@ -1,7 +1,6 @@
 //! Reading the per-VM runtime dirs (`<runtime_dir>/vms/<name>/`) directly, for `list` and
 //! `console` when no daemon answers.
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -36,22 +35,6 @@ pub fn read_pid(vm_dir: &Path) -> Option<u32> {
         .ok()
 }
 
-/// Whether `pid` is alive and really is this VM's qemu, by the sweep's rule: argv[0] names
-/// `qemu-system-*` and an argument mentions the VM's dir (a recycled pid does not qualify).
-pub fn is_vm_process(pid: u32, vm_dir: &Path) -> bool {
-    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let mut args = raw.split(|b| *b == 0).filter(|a| !a.is_empty());
-    let is_qemu = args.next().is_some_and(|argv0| {
-        Path::new(std::ffi::OsStr::from_bytes(argv0))
-            .file_name()
-            .is_some_and(|n| n.as_bytes().starts_with(b"qemu-system"))
-    });
-    let dir = vm_dir.as_os_str().as_bytes();
-    is_qemu && !dir.is_empty() && args.any(|a| a.windows(dir.len()).any(|w| w == dir))
-}
-
 /// Whether the VM still exists: its dir is there and either its qemu has not been spawned yet
 /// (no pid file) or that qemu is alive.
 pub fn vm_alive(dirs: &Dirs, name: &str) -> bool {
@@ -62,7 +45,7 @@ pub fn vm_alive(dirs: &Dirs, name: &str) -> bool {
     if !vm_dir.join(files::PID).exists() {
         return true;
     }
-    read_pid(&vm_dir).is_some_and(|pid| is_vm_process(pid, &vm_dir))
+    read_pid(&vm_dir).is_some_and(|pid| crate::vm::is_our_qemu(pid, &vm_dir))
 }
 
 /// Where the VM's serial log is: as its `vm.json` records it, else `<log_dir>/<name>.serial.log`
@@ -107,7 +90,7 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
         let vm_dir = entry.path();
         let meta = read_vm_json(&vm_dir);
         let pid = read_pid(&vm_dir);
-        let alive = pid.is_some_and(|p| is_vm_process(p, &vm_dir));
+        let alive = pid.is_some_and(|p| crate::vm::is_our_qemu(p, &vm_dir));
         let started_at = meta.created_at.unwrap_or_else(|| {
             entry
                 .metadata()
@@ -191,7 +174,7 @@ mod tests {
         std::fs::write(live.join("qemu.pid"), child.0.id().to_string()).unwrap();
         // Until the child has exec'd, its command line is still ours.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !is_vm_process(child.0.id(), &live) {
+        while !crate::vm::is_our_qemu(child.0.id(), &live) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the stand-in never started"

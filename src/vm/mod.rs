@@ -33,7 +33,7 @@ pub use firmware::{discover_firmware, select_descriptor, Firmware, FirmwareDescr
 pub use seed::{write_seed, Seed};
 pub use serial::PANIC_MARKER;
 pub use state::VmState;
-pub use sweep::{sweep, SweepReport};
+pub use sweep::{is_our_qemu, sweep, SweepReport};
 
 use std::os::fd::OwnedFd;
 

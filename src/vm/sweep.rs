@@ -25,8 +25,10 @@ pub struct SweepReport {
     pub cgroups: usize,
 }
 
-/// Whether `pid` is a QEMU started for `vm_dir` (argv[0] names qemu and an argument mentions the dir).
-pub(crate) fn is_our_qemu(pid: u32, vm_dir: &Path) -> bool {
+/// Whether `pid` is a QEMU started for `vm_dir`: argv[0] names `qemu-system-*` and an argument
+/// mentions the dir (every file QEMU opens is named under it). A recycled pid does not qualify.
+/// The one rule the sweep, `list` and `console` use.
+pub fn is_our_qemu(pid: u32, vm_dir: &Path) -> bool {
     let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
@@ -37,8 +39,8 @@ pub(crate) fn is_our_qemu(pid: u32, vm_dir: &Path) -> bool {
     let is_qemu = Path::new(std::ffi::OsStr::from_bytes(argv0))
         .file_name()
         .is_some_and(|n| n.to_string_lossy().starts_with("qemu-system"));
-    let dir = vm_dir.as_os_str().as_encoded_bytes();
-    is_qemu && args.any(|a| a.windows(dir.len()).any(|w| w == dir))
+    let dir = vm_dir.as_os_str().as_bytes();
+    is_qemu && !dir.is_empty() && args.any(|a| a.windows(dir.len()).any(|w| w == dir))
 }
 
 /// Kills a stray QEMU of ours and waits (bounded) until it is gone.
