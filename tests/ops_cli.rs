@@ -142,7 +142,8 @@ fn list_without_a_daemon_reads_the_runtime_dir() {
     std::fs::write(
         vm_dir.join("vm.json"),
         r#"{"name":"fr-0000beef","job_id":9,"owner":"bob","repo":"api","accel":"kvm",
-            "created_at":"2026-01-01T00:00:00Z","pid":1}"#,
+            "created_at":"2026-01-01T00:00:00Z","pid":1,"serial_log":"/nowhere.log",
+            "disk_dir":"/nowhere","disk_max":1}"#,
     )
     .unwrap();
     std::fs::write(vm_dir.join("qemu.pid"), "1\n").unwrap();

@@ -9,7 +9,6 @@
 //! the runner on a spawned task. The VM process and its directory belong to the driver's `VmHandle`,
 //! whose `Drop` stops the VM and removes its files.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -763,12 +762,12 @@ async fn prepare_and_launch(
     );
     spec.net = Some(net_device);
     spec.disk = disk;
-    spec.meta = BTreeMap::from([
-        ("job_id".to_owned(), job.id.into()),
-        ("owner".to_owned(), owner.clone().into()),
-        ("repo".to_owned(), repo_name.clone().into()),
-        ("address".to_owned(), address.to_string().into()),
-    ]);
+    spec.job = Some(vm::JobMeta {
+        job_id: job.id,
+        owner: owner.clone(),
+        repo: repo_name.clone(),
+        address: Some(address),
+    });
     let handle = vm::launch(&ctx.cfg.vm, spec).await?;
     ctx.metrics.observe_prepare(dispatched.elapsed());
     Ok(handle)

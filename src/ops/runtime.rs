@@ -3,28 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::paths::{check_vm_name, Dirs};
 use super::status::{LeftState, VmInfo, VmState};
 use super::Error;
-use crate::vm::files;
-
-/// The fields of `vm.json` that `list` shows. Read leniently: a missing or unreadable field only
-/// leaves a blank in the table, since this is a fallback view for when the daemon is down.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct VmJson {
-    job_id: Option<i64>,
-    owner: Option<String>,
-    repo: Option<String>,
-    serial_log: Option<PathBuf>,
-    address: Option<String>,
-    accel: Option<crate::types::Accel>,
-    #[serde(with = "time::serde::rfc3339::option")]
-    created_at: Option<OffsetDateTime>,
-}
+use crate::vm::{files, VmMeta};
 
 /// The pid in `<vm_dir>/qemu.pid`, if the file exists and holds a number.
 pub fn read_pid(vm_dir: &Path) -> Option<u32> {
@@ -51,16 +35,7 @@ pub fn vm_alive(dirs: &Dirs, name: &str) -> bool {
 /// Where the VM's serial log is: as its `vm.json` records it, else `<log_dir>/<name>.serial.log`
 /// (an ended VM's dir is gone, but its log may be kept).
 pub fn serial_log_of(dirs: &Dirs, name: &str) -> PathBuf {
-    read_vm_json(&dirs.vm_dir(name))
-        .serial_log
-        .unwrap_or_else(|| dirs.serial_log(name))
-}
-
-fn read_vm_json(vm_dir: &Path) -> VmJson {
-    std::fs::read(vm_dir.join(files::META))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+    VmMeta::read(&dirs.vm_dir(name)).map_or_else(|| dirs.serial_log(name), |m| m.serial_log)
 }
 
 /// The VMs found on disk, sorted by name. Those with a live qemu are `orphaned` (no daemon owns
@@ -88,10 +63,12 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
             continue;
         }
         let vm_dir = entry.path();
-        let meta = read_vm_json(&vm_dir);
+        // A VM whose QEMU is not spawned yet (or a foreign file) has no record: blanks in the table.
+        let meta = VmMeta::read(&vm_dir);
+        let job = meta.as_ref().and_then(|m| m.job.clone());
         let pid = read_pid(&vm_dir);
         let alive = pid.is_some_and(|p| crate::vm::is_our_qemu(p, &vm_dir));
-        let started_at = meta.created_at.unwrap_or_else(|| {
+        let started_at = meta.as_ref().map(|m| m.created_at).unwrap_or_else(|| {
             entry
                 .metadata()
                 .and_then(|m| m.modified())
@@ -99,19 +76,21 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH)
         });
         // The driver records where it writes the log; older or partial vm.json: the default place.
-        let serial_log = meta.serial_log.unwrap_or_else(|| dirs.serial_log(&name));
+        let serial_log = meta
+            .as_ref()
+            .map_or_else(|| dirs.serial_log(&name), |m| m.serial_log.clone());
         vms.push(VmInfo {
-            job_id: meta.job_id.unwrap_or(0),
-            owner: meta.owner.unwrap_or_default(),
-            repo: meta.repo.unwrap_or_default(),
+            job_id: job.as_ref().map_or(0, |j| j.job_id),
+            owner: job.as_ref().map(|j| j.owner.clone()).unwrap_or_default(),
+            repo: job.as_ref().map(|j| j.repo.clone()).unwrap_or_default(),
             state: if alive {
                 VmState::Left(LeftState::Orphaned)
             } else {
                 VmState::Left(LeftState::Stale)
             },
-            address: meta.address,
+            address: job.as_ref().and_then(|j| j.address).map(|a| a.to_string()),
             started_at,
-            accel: meta.accel,
+            accel: meta.as_ref().and_then(|m| m.accel),
             pid,
             serial_log: Some(serial_log),
             limits: None,
@@ -157,7 +136,8 @@ mod tests {
             live.join("vm.json"),
             r#"{"name":"fr-0000000a","job_id":12,"owner":"o","repo":"r","address":"10.88.0.9",
                 "accel":"tcg","created_at":"2026-01-02T03:04:05Z","pid":1,"extra":true,
-                "serial_log":"/elsewhere/fr-0000000a.serial.log"}"#,
+                "serial_log":"/elsewhere/fr-0000000a.serial.log",
+                "disk_dir":"/var/lib/fkr-qemu/disks/fr-0000000a","disk_max":1024}"#,
         )
         .unwrap();
         // A shell named qemu-system-x86_64 with the VM dir as an argument stands in for its qemu;

@@ -1,6 +1,5 @@
 //! Launching one VM and supervising it until it is gone.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -23,6 +22,7 @@ use super::disk::{
     allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation,
 };
 use super::firmware::discover_firmware;
+use super::meta::{JobMeta, VmMeta};
 use super::qmp::{QmpClient, QmpEvent};
 use super::sandbox::{self, UidLease};
 use super::serial::{contains, CappedLog, PANIC_MARKER};
@@ -41,8 +41,8 @@ pub struct VmSpec {
     pub net: Option<NetDevice>,
     /// The whole VM's time budget, from spawn; past it the stop ladder runs.
     pub deadline: Duration,
-    /// Extra fields for `vm.json` (job id, repository, address, …) read by `fkr-qemu list`.
-    pub meta: BTreeMap<String, serde_json::Value>,
+    /// The job the VM runs, recorded in `vm.json` for `fkr-qemu list`.
+    pub job: Option<JobMeta>,
     /// The disk space admitted for this VM ([`reserve_disk`]); taken at prepare when absent.
     pub disk: Option<DiskReservation>,
 }
@@ -60,7 +60,7 @@ impl VmSpec {
             seed,
             net: None,
             deadline,
-            meta: BTreeMap::new(),
+            job: None,
             disk: None,
         }
     }
@@ -252,7 +252,7 @@ pub struct PreparedVm {
     accel: AccelChoice,
     net: Option<NetDevice>,
     deadline: Duration,
-    meta: BTreeMap<String, serde_json::Value>,
+    job: Option<JobMeta>,
     powerdown_grace: Duration,
     quit_grace: Duration,
     serial_cap: (u64, u64),
@@ -431,7 +431,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         accel,
         net: spec.net,
         deadline: spec.deadline,
-        meta: spec.meta,
+        job: spec.job,
         powerdown_grace: config.powerdown_grace(),
         quit_grace: config.quit_grace(),
         serial_cap: (config.serial_head_kib << 10, config.serial_tail_kib << 10),
@@ -531,44 +531,23 @@ impl PreparedVm {
             &self.dir.dir.join(files::PID),
             format!("{pid}\n").as_bytes(),
         )?;
-        let mut meta = serde_json::Map::new();
-        for (k, v) in std::mem::take(&mut self.meta) {
-            meta.insert(k, v);
+        VmMeta {
+            name: self.name.clone(),
+            created_at: time::OffsetDateTime::now_utc(),
+            pid: Some(pid),
+            accel: Some(self.accel.accel),
+            serial_log: self.dir.serial_log.clone(),
+            disk_dir: self.dir.disk_dir.clone(),
+            disk_max: self.disk_max,
+            uid,
+            cgroup: self
+                .dir
+                .cgroup
+                .as_ref()
+                .map(|cg| cg.memory_dir().to_owned()),
+            job: self.job.take(),
         }
-        meta.insert("name".into(), self.name.as_str().into());
-        meta.insert("pid".into(), pid.into());
-        meta.insert("accel".into(), self.accel.accel.to_string().into());
-        meta.insert(
-            "serial_log".into(),
-            self.dir.serial_log.to_string_lossy().into_owned().into(),
-        );
-        meta.insert(
-            "disk_dir".into(),
-            self.dir.disk_dir.to_string_lossy().into_owned().into(),
-        );
-        meta.insert("disk_max".into(), self.disk_max.into());
-        if let Some(uid) = uid {
-            meta.insert("uid".into(), uid.into());
-        }
-        if let Some(cg) = &self.dir.cgroup {
-            meta.insert(
-                "cgroup".into(),
-                cg.memory_dir().to_string_lossy().into_owned().into(),
-            );
-        }
-        meta.insert(
-            "created_at".into(),
-            time::OffsetDateTime::now_utc()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-                .into(),
-        );
-        write_private(
-            &self.dir.dir.join(files::META),
-            serde_json::to_string_pretty(&meta)
-                .unwrap_or_default()
-                .as_bytes(),
-        )?;
+        .write(&self.dir.dir)?;
         tracing::info!(vm = %self.name, pid, accel = %self.accel.accel, uid, "QEMU started");
 
         let stderr = super::accel::keep_stderr(&mut child);

@@ -14,6 +14,7 @@ mod disk;
 mod driver;
 mod error;
 mod firmware;
+mod meta;
 pub mod qmp;
 pub mod sandbox;
 mod seed;
@@ -30,6 +31,7 @@ pub use driver::{
 };
 pub use error::Error;
 pub use firmware::{discover_firmware, select_descriptor, Firmware, FirmwareDescriptor};
+pub use meta::{JobMeta, VmMeta};
 pub use seed::{write_seed, Seed};
 pub use serial::PANIC_MARKER;
 pub use state::VmState;
