@@ -568,7 +568,7 @@ async fn vm_internal_error_ends_the_vm_within_a_second_and_auto_then_picks_tcg()
     let Outcome::InternalError { accel, detail } = &exit.outcome else {
         panic!("{exit:?}");
     };
-    assert_eq!(accel, "kvm");
+    assert_eq!(*accel, Accel::Kvm);
     assert!(detail.contains("KVM internal error"), "{detail}");
     let failed_at = fake_internal_error_at(detail);
     assert!(

@@ -612,7 +612,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, mut ticket: Ticket, stop: CancellationTok
                     let o = outcome_of(&exit.outcome, picked_up, boot_timeout);
                     match &exit.outcome {
                         Outcome::InternalError { accel, detail } => {
-                            kvm_failed = accel == "kvm";
+                            kvm_failed = *accel == Accel::Kvm;
                             tracing::error!(vm = %name, "job {job_id}: QEMU stopped the guest in run state internal-error under {accel} after {} ms: {detail}", exit.timings.stop_decided_ms);
                         }
                         Outcome::GuestCrashed { reason } => {
@@ -797,7 +797,7 @@ mod tests {
         assert_eq!(outcome_of(&crash, true, false), JobOutcome::Crashed);
         assert_eq!(outcome_of(&crash, false, false), JobOutcome::BootFailure);
         let internal = Outcome::InternalError {
-            accel: "kvm".into(),
+            accel: Accel::Kvm,
             detail: "KVM internal error. Suberror: 1".into(),
         };
         assert_eq!(outcome_of(&internal, false, false), JobOutcome::AccelFailed);

@@ -109,7 +109,7 @@ pub enum Outcome {
     /// QEMU stopped the vCPUs in run state `internal-error`: the accelerator could not run the guest
     /// (e.g. "KVM internal error … emulation failure"). QEMU stays paused then, so the driver ends it
     /// at once. `detail` holds QEMU's last stderr lines.
-    InternalError { accel: String, detail: String },
+    InternalError { accel: Accel, detail: String },
 }
 
 /// Milliseconds since spawn at which each milestone was reached.
@@ -133,7 +133,7 @@ pub struct VmExit {
     pub name: VmName,
     pub outcome: Outcome,
     pub state: VmState,
-    pub accel: String,
+    pub accel: Accel,
     /// QEMU's version from the QMP greeting, if QMP came up.
     pub qemu_version: Option<String>,
     pub timings: Timings,
@@ -589,7 +589,7 @@ impl PreparedVm {
             deadline: spawned + self.deadline,
             powerdown_grace: self.powerdown_grace,
             quit_grace: self.quit_grace,
-            accel: self.accel.accel.to_string(),
+            accel: self.accel.accel,
             qemu: self.qemu.clone(),
             overlay,
             disk_max: self.disk_max,
@@ -729,7 +729,7 @@ struct Supervisor {
     deadline: Instant,
     powerdown_grace: Duration,
     quit_grace: Duration,
-    accel: String,
+    accel: Accel,
     /// The QEMU binary, to mark its KVM broken after an internal error.
     qemu: PathBuf,
     /// The overlay and how far it may grow on the host.
@@ -804,7 +804,7 @@ impl Supervisor {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let detail = super::accel::error_lines(&self.stderr_tail(), 3);
                 tracing::error!(vm = %self.name, accel = %self.accel, stderr = %detail, "QEMU stopped in run state internal-error: the accelerator cannot run this guest");
-                if self.accel == Accel::Kvm.to_string() {
+                if self.accel == Accel::Kvm {
                     super::accel::mark_kvm_broken(
                         &self.qemu,
                         &format!("run state internal-error ({detail})"),
@@ -865,7 +865,7 @@ impl Supervisor {
             name: self.name.clone(),
             outcome,
             state: self.state,
-            accel: self.accel.clone(),
+            accel: self.accel,
             qemu_version: self.qemu_version.clone(),
             timings: self.timings.clone(),
             teardown_error,
@@ -1168,7 +1168,7 @@ impl Supervisor {
             ),
             StopCause::InternalError => (
                 Outcome::InternalError {
-                    accel: self.accel.clone(),
+                    accel: self.accel,
                     detail: self.internal_error.clone().unwrap_or_default(),
                 },
                 VmState::Failed,
