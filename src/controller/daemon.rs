@@ -10,16 +10,23 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::ciuser::CiUserStore;
-use super::job::{self, Report, Ticket};
+use super::credentials::Credentials;
+use super::job::{self, JobEnv, JobSettings, Report, Ticket};
+use super::ports::LiveVms;
 use super::queue::JobQueue;
-use super::{sweep, Config, Ctx, Error};
+use super::{sweep, Config, Error};
 use crate::forgejo::{self, Job, JobStatus};
 use crate::ops::signals::Signals;
 use crate::ops::{self, JobOutcome, Metrics, StatusBoard};
 
+/// The environment of this host's jobs: Forgejo through the CI-user credentials, the host
+/// network, the VM driver.
+type LiveEnv = JobEnv<Credentials, crate::net::HostNetwork, LiveVms>;
+
 /// The discovery queue and the jobs in flight.
 struct Scheduler {
-    ctx: Arc<Ctx>,
+    env: Arc<LiveEnv>,
+    cfg: Arc<Config>,
     queue: JobQueue,
     /// In-flight handles → "picked up" notifier.
     active: HashMap<String, watch::Sender<bool>>,
@@ -31,9 +38,10 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(ctx: Arc<Ctx>) -> Self {
+    fn new(env: Arc<LiveEnv>, cfg: Arc<Config>) -> Self {
         Self {
-            ctx,
+            env,
+            cfg,
             queue: JobQueue::default(),
             active: HashMap::new(),
             tasks: JoinSet::new(),
@@ -43,11 +51,11 @@ impl Scheduler {
     }
 
     async fn list_jobs(&self) -> Option<Vec<Job>> {
-        match self.ctx.forgejo.jobs(&[self.ctx.cfg.label.as_str()]).await {
+        match self.env.forge.client.jobs(&[self.cfg.label.as_str()]).await {
             Ok(jobs) => Some(jobs),
             Err(e) => {
                 tracing::warn!("polling Forgejo for jobs failed: {e}");
-                self.ctx.board.forgejo_error(e.to_string());
+                self.env.board.forgejo_error(e.to_string());
                 None
             }
         }
@@ -56,7 +64,7 @@ impl Scheduler {
     fn log_dropped(&self, dropped: &[(i64, String)]) {
         for (id, handle) in dropped {
             tracing::info!("queue: dropping job {id} (handle={handle}): no longer waiting");
-            self.ctx.metrics.job_dropped();
+            self.env.metrics.job_dropped();
         }
     }
 
@@ -70,10 +78,10 @@ impl Scheduler {
         let observed = self.queue.observe(&jobs, Instant::now());
         for (id, handle) in &observed.new {
             tracing::debug!("queue: job {id} waiting (handle={handle})");
-            self.ctx.metrics.job_seen();
+            self.env.metrics.job_seen();
         }
         self.log_dropped(&observed.dropped);
-        self.ctx.board.set_queued(self.queue.len());
+        self.env.board.set_queued(self.queue.len());
     }
 
     /// Tells in-flight jobs that Forgejo shows them running (their runner picked them up).
@@ -98,7 +106,7 @@ impl Scheduler {
 
     /// Starts queued jobs while VM slots are free, each re-checked against a fresh list first.
     async fn dispatch(&mut self) {
-        if self.queue.is_empty() || self.tasks.len() >= self.ctx.cfg.max_vms {
+        if self.queue.is_empty() || self.tasks.len() >= self.cfg.max_vms {
             return;
         }
         let Some(fresh) = self.list_jobs().await else {
@@ -110,17 +118,17 @@ impl Scheduler {
             .map(|j| j.handle.as_str())
             .collect();
         let mut dropped = Vec::new();
-        while self.tasks.len() < self.ctx.cfg.max_vms {
+        while self.tasks.len() < self.cfg.max_vms {
             // Disk first: a VM is started only if every running VM and this one can grow to their
             // disk_max. The reservation travels with the job to its VM.
-            let disk = match crate::vm::reserve_disk(&self.ctx.cfg.vm) {
+            let disk = match crate::vm::reserve_disk(&self.cfg.vm) {
                 Ok(d) => d,
                 Err(e) => {
                     if !self.waiting_for_disk {
                         tracing::warn!("queue: {} job(s) wait: {e}", self.queue.len());
                     }
                     self.waiting_for_disk = true;
-                    self.ctx.metrics.disk_admission_wait();
+                    self.env.metrics.disk_admission_wait();
                     break;
                 }
             };
@@ -144,13 +152,13 @@ impl Scheduler {
                 picked_up: rx,
                 disk: Some(disk),
             };
-            let ctx = self.ctx.clone();
+            let env = self.env.clone();
             let stop = self.stop_vms.child_token();
             self.tasks
-                .spawn(async move { (handle, job::run(ctx, ticket, stop).await) });
+                .spawn(async move { (handle, job::run(env, ticket, stop).await) });
         }
         self.log_dropped(&dropped);
-        self.ctx.board.set_queued(self.queue.len());
+        self.env.board.set_queued(self.queue.len());
     }
 
     /// Bookkeeping when a job's task ended.
@@ -162,7 +170,7 @@ impl Scheduler {
                     let id = q.job.id;
                     if self.queue.retry_front(q) {
                         tracing::warn!("job {id} (handle={handle}): KVM failed its VM; retrying it once under TCG in a fresh VM");
-                        self.ctx.board.set_queued(self.queue.len());
+                        self.env.board.set_queued(self.queue.len());
                         return;
                     }
                 }
@@ -264,32 +272,45 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
         services.stop().await;
         return Ok(());
     }
-    // The network part of the sweep removes our nftables table: sweep first, then set up.
-    let ctx_for_sweep = Arc::new(Ctx {
-        runner_marker: format!("fkr-qemu@{}", hostname()),
-        cfg,
-        forgejo: client,
+    let creds = Credentials {
+        client,
         users: tokio::sync::Mutex::new(users),
-        net: None,
+        policy: cfg.tokens.clone(),
+        metrics: metrics.clone(),
+    };
+    let runner_marker = format!("fkr-qemu@{}", hostname());
+    // The network part of the sweep removes our nftables table: sweep first, then set up.
+    sweep::startup_sweep(&cfg, &creds, &runner_marker, &metrics).await;
+    let net = crate::net::HostNetwork::setup(&cfg.net)?;
+    let cfg = Arc::new(cfg);
+    let env = Arc::new(JobEnv {
+        forge: creds,
+        net,
+        vms: LiveVms(cfg.vm.clone()),
         board: board.clone(),
         metrics: metrics.clone(),
+        settings: JobSettings {
+            label: cfg.label.clone(),
+            runner_url: cfg.runner_url().clone(),
+            base_image: cfg.base_image.clone(),
+            boot_deadline: cfg.boot_deadline,
+            job_deadline: cfg.job_deadline,
+            accel: cfg.vm.accel,
+            runner_marker,
+        },
     });
-    sweep::startup_sweep(&ctx_for_sweep).await;
-    let mut ctx = Arc::into_inner(ctx_for_sweep).expect("the sweep keeps no reference");
-    ctx.net = Some(crate::net::HostNetwork::setup(&ctx.cfg.net)?);
-    let ctx = Arc::new(ctx);
 
     board.set_ready(true);
     ops::systemd::ready("ready: 0 running, 0 queued");
     tracing::info!(
         "entering discovery loop (label={}, interval={}s, max_vms={})",
-        ctx.cfg.label,
-        ctx.cfg.poll_interval.as_secs_f64(),
-        ctx.cfg.max_vms
+        cfg.label,
+        cfg.poll_interval.as_secs_f64(),
+        cfg.max_vms
     );
 
-    let mut sched = Scheduler::new(ctx.clone());
-    let mut interval = tokio::time::interval(ctx.cfg.poll_interval);
+    let mut sched = Scheduler::new(env.clone(), cfg.clone());
+    let mut interval = tokio::time::interval(cfg.poll_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let first_signal = loop {
         tokio::select! {
@@ -353,8 +374,8 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     tracing::info!("all VMs are gone; exiting");
     services.stop().await;
     drop(sched);
-    if let Some(net) = Arc::into_inner(ctx).and_then(|c| c.net) {
-        if let Err(e) = net.teardown() {
+    if let Some(env) = Arc::into_inner(env) {
+        if let Err(e) = env.net.teardown() {
             tracing::warn!("network teardown: {e}");
         }
     }

@@ -1,5 +1,5 @@
 //! Attacks on a job's Forgejo side (CI user and registry token) against the in-memory Forgejo
-//! emulator: the real `registry_login`/`ensure_ci_user` code, no VM. Each test plays a hostile
+//! emulator: the real `registry_login`/`Credentials` code, no VM. Each test plays a hostile
 //! repository owner or a stranger with an account of their own.
 
 use std::path::Path;
@@ -10,11 +10,12 @@ use url::Url;
 
 use super::ciuser::{marker, CiUserStore};
 use super::config::Overrides;
-use super::job::{ensure_ci_user, registry_login, JobError, JobResources};
+use super::credentials::Credentials;
+use super::job::{registry_login, release, Held, StepError};
 use super::userdata::{self, RegistryAuth, RunnerParams};
-use super::{Config, Ctx};
+use super::Config;
 use crate::forgejo::{self, Job, JobStatus, Repository};
-use crate::ops::{Metrics, StatusBoard};
+use crate::ops::Metrics;
 use crate::secret::Secret;
 
 // The emulator allows its own unused items (it serves many test crates).
@@ -56,17 +57,13 @@ fn ctx_for(emu: &Emulator, state_dir: &Path, tokens_toml: &str) -> Arc<Ctx> {
     let env = move |k: &str| (k == "FORGEJO_ADMIN_TOKEN").then(|| token.clone());
     let cfg = Config::from_parts(&text, Path::new("test.toml"), &env, &Overrides::default())
         .expect("test config");
-    let forgejo = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone()).unwrap();
+    let client = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone()).unwrap();
     let users = CiUserStore::open(cfg.ci_users_path()).unwrap();
-    let metrics = Metrics::new();
-    Arc::new(Ctx {
-        cfg,
-        forgejo,
+    Arc::new(Credentials {
+        client,
         users: tokio::sync::Mutex::new(users),
-        net: None,
-        board: StatusBoard::new(Some(metrics.clone())),
-        metrics,
-        runner_marker: "fkr-qemu@test".into(),
+        policy: cfg.tokens.clone(),
+        metrics: Metrics::new(),
     })
 }
 
@@ -86,20 +83,39 @@ fn job_of(added: &emulator::AddedJob, with_run_id: bool) -> Job {
     }
 }
 
+type Ctx = Credentials;
+
 async fn repo(ctx: &Ctx, id: i64) -> Repository {
-    ctx.forgejo.repository(id).await.unwrap()
+    ctx.client.repository(id).await.unwrap()
+}
+
+/// What a job's preparation holds; `release` gives it back the way the job does.
+struct Res {
+    ctx: Arc<Ctx>,
+    held: Held,
+}
+
+impl Res {
+    /// Returns how many release steps failed.
+    async fn release(&mut self) -> usize {
+        let vm = crate::types::VmName::generate();
+        release(&*self.ctx, &vm, std::mem::take(&mut self.held)).await
+    }
 }
 
 /// Runs the job's Forgejo preparation; returns the login (if any) and the resources holding the
 /// token (release them to revoke it).
-async fn login(
-    ctx: &Arc<Ctx>,
-    job: &Job,
-) -> (Result<Option<(String, Secret)>, JobError>, JobResources) {
-    let mut res = JobResources::new(ctx.clone(), format!("fr-test{}", job.id));
+async fn login(ctx: &Arc<Ctx>, job: &Job) -> (Result<Option<(String, Secret)>, StepError>, Res) {
+    let mut held = Held::default();
     let r = repo(ctx, job.repo_id).await;
-    let out = registry_login(ctx, job, &r, &mut res).await;
-    (out, res)
+    let out = registry_login(&**ctx, &ctx.metrics, job, &r, &mut held).await;
+    (
+        out,
+        Res {
+            ctx: ctx.clone(),
+            held,
+        },
+    )
 }
 
 /// The scopes of the token `name` of user `login`, as Forgejo stored them.
@@ -308,10 +324,11 @@ async fn our_marked_user_is_taken_back_when_the_state_file_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let fresh = ctx_for(&w.emu, dir.path(), "");
     let r = repo(&fresh, added.repo_id).await;
-    let (user, password) = ensure_ci_user(&fresh, &r).await.unwrap();
+    let user = fresh.ensure_ci_user(&r).await.unwrap();
+    let (user, password) = (user.username, user.password);
     assert_eq!(user, "acme-web-ci");
     assert!(fresh
-        .forgejo
+        .client
         .verify_password(&user, &password)
         .await
         .unwrap());

@@ -8,20 +8,24 @@
 //! - Runners: runners named like our VMs (`fr-<8 hex>`), not busy (status other than `active`), and
 //!   registered by this host (their description starts with this host's marker) are deleted.
 
-use std::sync::Arc;
-
-use super::job::reset_password;
-use super::Ctx;
-use crate::forgejo::{AccessToken, TOKEN_PREFIX};
-use crate::ops::SweepKind;
+use super::credentials::{CredentialError, Credentials, TokenRef};
+use super::Config;
+use crate::forgejo::TOKEN_PREFIX;
+use crate::ops::{Metrics, SweepKind};
 use crate::types::VmName;
 
-/// Runs every part; a failing part is logged and does not stop the others.
-pub(crate) async fn startup_sweep(ctx: &Arc<Ctx>) {
+/// Runs every part; a failing part is logged and does not stop the others. `runner_marker`
+/// starts the description of every runner this host registered.
+pub(crate) async fn startup_sweep(
+    cfg: &Config,
+    creds: &Credentials,
+    runner_marker: &str,
+    metrics: &Metrics,
+) {
     tracing::info!("startup sweep...");
     let mut found = Vec::new();
 
-    match crate::vm::sweep(&ctx.cfg.vm) {
+    match crate::vm::sweep(&cfg.vm) {
         Ok(r) => {
             for (name, pid) in &r.killed {
                 tracing::info!("sweep: killed QEMU {pid} of leftover VM {name}");
@@ -41,7 +45,7 @@ pub(crate) async fn startup_sweep(ctx: &Arc<Ctx>) {
         Err(e) => tracing::warn!("sweep: VMs: {e}"),
     }
 
-    match crate::net::sweep(&ctx.cfg.net) {
+    match crate::net::sweep(&cfg.net) {
         Ok(r) => {
             for tap in &r.taps_removed {
                 tracing::info!("sweep: removed leftover tap {tap}");
@@ -51,11 +55,11 @@ pub(crate) async fn startup_sweep(ctx: &Arc<Ctx>) {
         Err(e) => tracing::warn!("sweep: network: {e}"),
     }
 
-    found.push((SweepKind::Token, sweep_tokens(ctx).await));
-    found.push((SweepKind::Runner, sweep_runners(ctx).await));
+    found.push((SweepKind::Token, sweep_tokens(creds).await));
+    found.push((SweepKind::Runner, sweep_runners(creds, runner_marker).await));
 
     for (kind, n) in &found {
-        ctx.metrics.sweep_found(*kind, *n as u64);
+        metrics.sweep_found(*kind, *n as u64);
     }
     let summary: Vec<String> = found
         .iter()
@@ -64,36 +68,13 @@ pub(crate) async fn startup_sweep(ctx: &Arc<Ctx>) {
     tracing::info!("startup sweep done: {}", summary.join(", "));
 }
 
-async fn sweep_tokens(ctx: &Arc<Ctx>) -> usize {
-    let users: Vec<(i64, String, crate::secret::Secret)> = {
-        let store = ctx.users.lock().await;
-        store
-            .users()
-            .map(|u| (u.repo_id, u.username.clone(), u.password.clone()))
-            .collect()
-    };
+async fn sweep_tokens(creds: &Credentials) -> usize {
     let mut revoked = 0;
-    for (repo_id, username, mut password) in users {
-        let tokens: Vec<AccessToken> = match ctx.forgejo.list_tokens(&username, &password).await {
+    for mut user in creds.stored_users().await {
+        let username = user.username.clone();
+        let tokens = match creds.list_tokens(&mut user).await {
             Ok(t) => t,
-            // An unbound entry (older state file) is never taken back: no proof it is still ours.
-            Err(e) if e.status() == Some(401) && repo_id > 0 => {
-                match reset_password(ctx, repo_id, &username).await {
-                    Ok(p) => password = p,
-                    Err(e) => {
-                        tracing::warn!("sweep: cannot take CI user {username} back: {e}");
-                        continue;
-                    }
-                }
-                match ctx.forgejo.list_tokens(&username, &password).await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::warn!("sweep: cannot list the tokens of {username}: {e}");
-                        continue;
-                    }
-                }
-            }
-            Err(e) if e.is_not_found() => {
+            Err(CredentialError::Forgejo(e)) if e.is_not_found() => {
                 tracing::warn!("sweep: CI user {username} no longer exists in Forgejo");
                 continue;
             }
@@ -102,14 +83,25 @@ async fn sweep_tokens(ctx: &Arc<Ctx>) -> usize {
                 continue;
             }
         };
-        for t in tokens.iter().filter(|t| t.name.starts_with(TOKEN_PREFIX)) {
-            match ctx.forgejo.delete_token(&username, &password, t.id).await {
+        for t in tokens
+            .into_iter()
+            .filter(|t| t.name.starts_with(TOKEN_PREFIX))
+        {
+            let token = TokenRef {
+                user: user.clone(),
+                id: t.id,
+                name: t.name,
+            };
+            match creds.revoke_token(&token).await {
                 Ok(_) => {
-                    tracing::info!("sweep: revoked token {} of {username}", t.name);
+                    tracing::info!("sweep: revoked token {} of {username}", token.name);
                     revoked += 1;
                 }
                 Err(e) => {
-                    tracing::warn!("sweep: cannot revoke token {} of {username}: {e}", t.name)
+                    tracing::warn!(
+                        "sweep: cannot revoke token {} of {username}: {e}",
+                        token.name
+                    )
                 }
             }
         }
@@ -117,8 +109,8 @@ async fn sweep_tokens(ctx: &Arc<Ctx>) -> usize {
     revoked
 }
 
-async fn sweep_runners(ctx: &Arc<Ctx>) -> usize {
-    let runners = match ctx.forgejo.runners().await {
+async fn sweep_runners(creds: &Credentials, runner_marker: &str) -> usize {
+    let runners = match creds.client.runners().await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("sweep: cannot list runners: {e}");
@@ -127,7 +119,7 @@ async fn sweep_runners(ctx: &Arc<Ctx>) -> usize {
     };
     let mut deleted = 0;
     for r in runners {
-        let ours = VmName::parse(&r.name).is_ok() && r.description.starts_with(&ctx.runner_marker);
+        let ours = VmName::is_valid(&r.name) && r.description.starts_with(runner_marker);
         if !ours {
             continue;
         }
@@ -135,7 +127,7 @@ async fn sweep_runners(ctx: &Arc<Ctx>) -> usize {
             tracing::info!("sweep: runner {} is busy; leaving it", r.name);
             continue;
         }
-        match ctx.forgejo.delete_runner(r.id).await {
+        match creds.client.delete_runner(r.id).await {
             Ok(_) => {
                 tracing::info!("sweep: deleted leftover runner {} ({})", r.name, r.id);
                 deleted += 1;

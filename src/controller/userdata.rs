@@ -21,7 +21,6 @@
 use base64::Engine;
 use url::Url;
 
-use super::Error;
 use crate::secret::Secret;
 
 /// Where the runner token lives in the guest.
@@ -73,11 +72,17 @@ fn yaml_single(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn check_one_line(what: &str, s: &str) -> Result<(), Error> {
+/// A value that cannot go into the user-data as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Control characters could end a YAML scalar or a shell word early.
+    #[error("{what} contains control characters")]
+    ControlCharacters { what: &'static str },
+}
+
+fn check_one_line(what: &'static str, s: &str) -> Result<(), Error> {
     if s.chars().any(char::is_control) {
-        return Err(Error::InvalidInput(format!(
-            "{what} contains control characters"
-        )));
+        return Err(Error::ControlCharacters { what });
     }
     Ok(())
 }

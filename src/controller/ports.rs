@@ -1,0 +1,200 @@
+//! The seams of the job pipeline: what one job needs from Forgejo ([`Forge`]), from the host
+//! network ([`Network`]) and from the VM driver ([`Vms`], [`RunningVm`]). The pipeline
+//! (`job.rs`) only talks to these traits, so its decisions — boot deadline, pick-up, the
+//! accelerator retry, release on every failure path — are unit-tested with doubles in
+//! milliseconds, without root or QEMU. The live implementations are thin: [`Credentials`] (CI users
+//! and tokens over `forgejo::Client`), `net::HostNetwork`, and [`LiveVms`] over `vm::launch`.
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::credentials::{CiUserRef, CredentialError, Credentials, TokenRef};
+use crate::forgejo::{self, Job, RegisteredRunner, Repository};
+use crate::net::{self, HostNetwork};
+use crate::ops::TokenAccess;
+use crate::secret::Secret;
+use crate::types::{Accel, VmName};
+use crate::vm::{self, NetDevice, VmConfig, VmExit, VmHandle, VmResources, VmSpec};
+
+/// What a job needs from Forgejo.
+pub(crate) trait Forge: Send + Sync + 'static {
+    /// The job's repository (by id: names change, ids do not).
+    fn repository(
+        &self,
+        id: i64,
+    ) -> impl Future<Output = Result<Repository, forgejo::Error>> + Send;
+    /// How far the job's registry token is trusted (`tokens` policy, fork pull requests).
+    fn token_access(
+        &self,
+        job: &Job,
+        repo: &Repository,
+    ) -> impl Future<Output = TokenAccess> + Send;
+    /// The repository's CI user, created on first use.
+    fn ci_user(
+        &self,
+        repo: &Repository,
+    ) -> impl Future<Output = Result<CiUserRef, CredentialError>> + Send;
+    /// A fresh `orch-<job>-…` token of `user` with `scopes`.
+    fn mint_token(
+        &self,
+        user: &CiUserRef,
+        job_id: i64,
+        scopes: &'static [&'static str],
+    ) -> impl Future<Output = Result<(TokenRef, Secret), CredentialError>> + Send;
+    /// Revokes a token; `false` when it was already gone.
+    fn revoke_token(
+        &self,
+        token: &TokenRef,
+    ) -> impl Future<Output = Result<bool, CredentialError>> + Send;
+    /// Registers the job's ephemeral runner.
+    fn register_runner(
+        &self,
+        name: &VmName,
+        description: &str,
+    ) -> impl Future<Output = Result<RegisteredRunner, forgejo::Error>> + Send;
+    /// Deletes a runner; `false` when it was already gone.
+    fn delete_runner(&self, id: i64) -> impl Future<Output = Result<bool, forgejo::Error>> + Send;
+}
+
+impl Forge for Credentials {
+    async fn repository(&self, id: i64) -> Result<Repository, forgejo::Error> {
+        self.client.repository(id).await
+    }
+
+    async fn token_access(&self, job: &Job, repo: &Repository) -> TokenAccess {
+        Credentials::token_access(self, job, repo).await
+    }
+
+    async fn ci_user(&self, repo: &Repository) -> Result<CiUserRef, CredentialError> {
+        self.ensure_ci_user(repo).await
+    }
+
+    async fn mint_token(
+        &self,
+        user: &CiUserRef,
+        job_id: i64,
+        scopes: &'static [&'static str],
+    ) -> Result<(TokenRef, Secret), CredentialError> {
+        Credentials::mint_token(self, user, job_id, scopes).await
+    }
+
+    async fn revoke_token(&self, token: &TokenRef) -> Result<bool, CredentialError> {
+        Credentials::revoke_token(self, token).await
+    }
+
+    async fn register_runner(
+        &self,
+        name: &VmName,
+        description: &str,
+    ) -> Result<RegisteredRunner, forgejo::Error> {
+        self.client
+            .register_runner(name.as_str(), description)
+            .await
+    }
+
+    async fn delete_runner(&self, id: i64) -> Result<bool, forgejo::Error> {
+        self.client.delete_runner(id).await
+    }
+}
+
+/// A VM's place on the host network: its address, its network-config for the seed, the tap for
+/// QEMU, and the guard that holds tap and lease.
+pub(crate) struct Attachment {
+    pub address: Ipv4Addr,
+    /// cloud-init network-config (version 2) for the guest.
+    pub network_config: String,
+    /// A duplicate of the tap fd and the guest's MAC, for QEMU.
+    pub device: NetDevice,
+    /// Holds the tap and the address lease; dropping it deletes the tap and frees the address.
+    pub hold: Box<dyn Send>,
+}
+
+/// What a job needs from the host network.
+pub(crate) trait Network: Send + Sync + 'static {
+    /// Leases an address and creates the VM's tap, bound to it.
+    fn attach(&self, name: &VmName) -> Result<Attachment, net::Error>;
+}
+
+impl Network for HostNetwork {
+    fn attach(&self, name: &VmName) -> Result<Attachment, net::Error> {
+        let lease = self.allocate_address()?;
+        let tap = self.create_tap(name, &lease)?;
+        let mac = tap.mac();
+        let device = NetDevice {
+            tap: tap.fd_for_qemu()?,
+            mac,
+        };
+        Ok(Attachment {
+            address: lease.address(),
+            network_config: self.network_config(&lease, mac),
+            device,
+            // The tap goes first (it unregisters the lease's address from the bridge), then the lease.
+            hold: Box::new((tap, lease)),
+        })
+    }
+}
+
+/// What the host learns when a VM's QEMU is up.
+#[derive(Debug, Clone)]
+pub(crate) struct Started {
+    pub pid: u32,
+    pub accel: Accel,
+    pub serial_log: PathBuf,
+    pub resources: VmResources,
+}
+
+/// A launched VM, as the pipeline drives it.
+pub(crate) trait RunningVm: Send + 'static {
+    fn started(&self) -> Started;
+    /// Cancelling it runs the stop ladder.
+    fn stop_token(&self) -> CancellationToken;
+    /// The driver's view: `running` once QMP answered.
+    fn watch_state(&self) -> watch::Receiver<vm::VmState>;
+    /// Waits for the end (teardown included).
+    fn wait(self) -> impl Future<Output = Result<VmExit, vm::Error>> + Send;
+}
+
+impl RunningVm for VmHandle {
+    fn started(&self) -> Started {
+        Started {
+            pid: self.pid(),
+            accel: self.accel().accel,
+            serial_log: self.serial_log().to_owned(),
+            resources: self.resources().clone(),
+        }
+    }
+
+    fn stop_token(&self) -> CancellationToken {
+        VmHandle::stop_token(self)
+    }
+
+    fn watch_state(&self) -> watch::Receiver<vm::VmState> {
+        VmHandle::watch_state(self)
+    }
+
+    async fn wait(self) -> Result<VmExit, vm::Error> {
+        VmHandle::wait(self).await
+    }
+}
+
+/// What a job needs from the VM driver.
+pub(crate) trait Vms: Send + Sync + 'static {
+    type Vm: RunningVm;
+    /// Prepares (overlay, seed, VARS copy) and starts a VM.
+    fn launch(&self, spec: VmSpec) -> impl Future<Output = Result<Self::Vm, vm::Error>> + Send;
+}
+
+/// The VM driver with the host's `[vm]` settings.
+pub(crate) struct LiveVms(pub VmConfig);
+
+impl Vms for LiveVms {
+    type Vm = VmHandle;
+
+    async fn launch(&self, spec: VmSpec) -> Result<VmHandle, vm::Error> {
+        vm::launch(&self.0, spec).await
+    }
+}
