@@ -1,1 +1,842 @@
+//! The job pipeline's decisions against doubles of its three seams: every state, every failure
+//! path's release, the boot deadline, the pick-up, the host's stop and the accelerator retry. No
+//! root, no QEMU, no Forgejo; each test takes milliseconds.
 
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::controller::credentials::{CiUserRef, CredentialError, TokenRef};
+use crate::controller::ports::{Attachment, Forge, Network, RunningVm, Started, Vms};
+use crate::forgejo::{JobStatus, RegisteredRunner};
+use crate::ops::VmState;
+use crate::vm::{NetDevice, StopStep, VmExit, VmResources};
+
+/// The steps a test can make fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Step {
+    Repository,
+    CiUser,
+    Token,
+    Runner,
+    Network,
+    Launch,
+    Revoke,
+    DeleteRunner,
+}
+
+fn api_error(status: u16) -> forgejo::Error {
+    forgejo::Error::Api {
+        method: "POST",
+        route: "/test",
+        status,
+        message: "refused by the test".into(),
+    }
+}
+
+/// Forgejo: remembers which tokens and runners exist, fails where told.
+#[derive(Default)]
+struct FakeForge {
+    fail: Mutex<HashSet<Step>>,
+    access: Mutex<Option<TokenAccess>>,
+    tokens: Mutex<BTreeSet<i64>>,
+    runners: Mutex<BTreeSet<i64>>,
+    /// Every call, in order.
+    calls: Mutex<Vec<&'static str>>,
+    next: AtomicI64,
+}
+
+impl FakeForge {
+    fn call(&self, what: &'static str, step: Step) -> bool {
+        self.calls.lock().unwrap().push(what);
+        self.fail.lock().unwrap().contains(&step)
+    }
+    fn id(&self) -> i64 {
+        self.next.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    fn live(&self) -> (usize, usize) {
+        (
+            self.tokens.lock().unwrap().len(),
+            self.runners.lock().unwrap().len(),
+        )
+    }
+    fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Forge for FakeForge {
+    async fn repository(&self, id: i64) -> Result<Repository, forgejo::Error> {
+        if self.call("repository", Step::Repository) {
+            return Err(api_error(404));
+        }
+        Ok(Repository {
+            id,
+            owner: "alice".into(),
+            name: "web".into(),
+            full_name: "alice/web".into(),
+        })
+    }
+
+    async fn token_access(&self, _job: &Job, _repo: &Repository) -> TokenAccess {
+        self.access.lock().unwrap().unwrap_or(TokenAccess::Write)
+    }
+
+    async fn ci_user(&self, repo: &Repository) -> Result<CiUserRef, CredentialError> {
+        if self.call("ci_user", Step::CiUser) {
+            return Err(CredentialError::Refused {
+                username: "alice-web-ci".into(),
+                repository: repo.full_name.clone(),
+                repo_id: repo.id,
+                why: "the test says so".into(),
+            });
+        }
+        Ok(CiUserRef {
+            repo_id: repo.id,
+            username: "alice-web-ci".into(),
+            password: Secret::new("pw"),
+        })
+    }
+
+    async fn mint_token(
+        &self,
+        user: &CiUserRef,
+        job_id: i64,
+        _scopes: &'static [&'static str],
+    ) -> Result<(TokenRef, Secret), CredentialError> {
+        if self.call("mint_token", Step::Token) {
+            return Err(api_error(500).into());
+        }
+        let id = self.id();
+        self.tokens.lock().unwrap().insert(id);
+        let token = TokenRef {
+            user: user.clone(),
+            id,
+            name: format!("orch-{job_id}-test"),
+        };
+        Ok((token, Secret::new(format!("registry-secret-{id}"))))
+    }
+
+    async fn revoke_token(&self, token: &TokenRef) -> Result<bool, CredentialError> {
+        if self.call("revoke_token", Step::Revoke) {
+            return Err(api_error(500).into());
+        }
+        Ok(self.tokens.lock().unwrap().remove(&token.id))
+    }
+
+    async fn register_runner(
+        &self,
+        name: &VmName,
+        _description: &str,
+    ) -> Result<RegisteredRunner, forgejo::Error> {
+        if self.call("register_runner", Step::Runner) {
+            return Err(api_error(500));
+        }
+        let id = self.id();
+        self.runners.lock().unwrap().insert(id);
+        Ok(RegisteredRunner {
+            id,
+            uuid: format!("uuid-{name}"),
+            token: Secret::new("runner-token"),
+        })
+    }
+
+    async fn delete_runner(&self, id: i64) -> Result<bool, forgejo::Error> {
+        if self.call("delete_runner", Step::DeleteRunner) {
+            return Err(api_error(500));
+        }
+        Ok(self.runners.lock().unwrap().remove(&id))
+    }
+}
+
+/// Counts live attachments: each hold decrements on drop.
+struct Hold(Arc<AtomicUsize>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Default)]
+struct FakeNet {
+    fail: bool,
+    live: Arc<AtomicUsize>,
+}
+
+impl Network for FakeNet {
+    fn attach(&self, name: &VmName) -> Result<Attachment, crate::net::Error> {
+        if self.fail {
+            return Err(crate::net::Error::PoolExhausted {
+                subnet: "10.88.0.1/30".parse().unwrap(),
+            });
+        }
+        self.live.fetch_add(1, Ordering::SeqCst);
+        let mac = crate::types::MacAddr::derived(name.as_str());
+        Ok(Attachment {
+            address: "10.88.0.2".parse().unwrap(),
+            network_config: "version: 2\n".into(),
+            device: NetDevice {
+                tap: std::fs::File::open("/dev/null").unwrap().into(),
+                mac,
+            },
+            hold: Box::new(Hold(self.live.clone())),
+        })
+    }
+}
+
+/// The test's side of one fake VM.
+struct VmCtl {
+    name: VmName,
+    stop: CancellationToken,
+    state: watch::Sender<vm::VmState>,
+    exit: Option<oneshot::Sender<Outcome>>,
+    user_data: String,
+}
+
+#[derive(Default)]
+struct FakeVms {
+    fail: bool,
+    /// Held by a test to keep `launch` from returning (the job stays in `preparing`).
+    gate: tokio::sync::Mutex<()>,
+    launched: Mutex<Vec<VmCtl>>,
+}
+
+impl FakeVms {
+    /// The next VM's controls, once launched.
+    async fn next(&self) -> VmCtl {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(ctl) = self.launched.lock().unwrap().pop() {
+                return ctl;
+            }
+            assert!(Instant::now() < deadline, "no VM was launched");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+struct FakeVm {
+    name: VmName,
+    stop: CancellationToken,
+    state: watch::Receiver<vm::VmState>,
+    exit: oneshot::Receiver<Outcome>,
+}
+
+impl Vms for FakeVms {
+    type Vm = FakeVm;
+
+    async fn launch(&self, spec: VmSpec) -> Result<FakeVm, vm::Error> {
+        let _gate = self.gate.lock().await;
+        if self.fail {
+            return Err(vm::Error::QemuNotFound {
+                path: "qemu-system-x86_64".into(),
+            });
+        }
+        let stop = CancellationToken::new();
+        let (state_tx, state_rx) = watch::channel(vm::VmState::Starting);
+        let (exit_tx, exit_rx) = oneshot::channel();
+        self.launched.lock().unwrap().push(VmCtl {
+            name: spec.name.clone(),
+            stop: stop.clone(),
+            state: state_tx,
+            exit: Some(exit_tx),
+            user_data: spec.seed.user_data.clone(),
+        });
+        Ok(FakeVm {
+            name: spec.name,
+            stop,
+            state: state_rx,
+            exit: exit_rx,
+        })
+    }
+}
+
+impl RunningVm for FakeVm {
+    fn started(&self) -> Started {
+        Started {
+            pid: 4242,
+            accel: Accel::Tcg,
+            serial_log: "/tmp/serial.log".into(),
+            resources: VmResources {
+                uid: None,
+                cgroup: None,
+                overlay: "/tmp/overlay.qcow2".into(),
+                disk_max: 1 << 30,
+            },
+        }
+    }
+
+    fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    fn watch_state(&self) -> watch::Receiver<vm::VmState> {
+        self.state.clone()
+    }
+
+    /// Ends with what the test sends, or — like the driver — `HostStopped` when stopped. A
+    /// dropped sender is a panicking supervisor.
+    async fn wait(self) -> Result<VmExit, vm::Error> {
+        let outcome = tokio::select! {
+            o = self.exit => o.expect("the test dropped the VM's controls: a supervisor panic"),
+            () = self.stop.cancelled() => Outcome::HostStopped { stopped_by: StopStep::Powerdown },
+        };
+        Ok(VmExit {
+            name: self.name,
+            outcome,
+            state: vm::VmState::Stopped,
+            accel: Accel::Tcg,
+            qemu_version: None,
+            timings: Default::default(),
+            teardown_error: None,
+        })
+    }
+}
+
+type Env = JobEnv<FakeForge, FakeNet, FakeVms>;
+
+fn env_with(
+    forge: FakeForge,
+    net: FakeNet,
+    vms: FakeVms,
+    accel: Accel,
+    boot: Duration,
+) -> Arc<Env> {
+    let metrics = Metrics::new();
+    Arc::new(JobEnv {
+        forge,
+        net,
+        vms,
+        board: StatusBoard::new(Some(metrics.clone())),
+        metrics,
+        settings: JobSettings {
+            label: "external-host".into(),
+            runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
+            base_image: "/var/lib/fkr-qemu/base.qcow2".into(),
+            boot_deadline: boot,
+            job_deadline: Duration::from_secs(3600),
+            accel,
+            runner_marker: "fkr-qemu@test".into(),
+        },
+    })
+}
+
+fn env() -> Arc<Env> {
+    env_with(
+        FakeForge::default(),
+        FakeNet::default(),
+        FakeVms::default(),
+        Accel::Auto,
+        Duration::from_secs(60),
+    )
+}
+
+fn job(id: i64) -> Job {
+    Job {
+        id,
+        handle: format!("handle-{id}"),
+        attempt: 1,
+        repo_id: 7,
+        owner_id: 1,
+        name: "build".into(),
+        runs_on: vec!["external-host".into()],
+        needs: Vec::new(),
+        task_id: 0,
+        status: JobStatus::Waiting,
+        run_id: 0,
+    }
+}
+
+/// Starts a job; returns its task, the pick-up switch and the host's stop.
+fn start(
+    env: &Arc<Env>,
+    job: Job,
+) -> (
+    tokio::task::JoinHandle<Report>,
+    watch::Sender<bool>,
+    CancellationToken,
+) {
+    let (tx, rx) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let ticket = Ticket {
+        job,
+        seen_at: Instant::now(),
+        picked_up: rx,
+        disk: None,
+    };
+    let task = tokio::spawn(run(env.clone(), ticket, stop.clone()));
+    (task, tx, stop)
+}
+
+/// The board's state of the only VM, once it is `want`.
+async fn board_shows(env: &Env, want: &str) -> VmInfo {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let vms = env.board.snapshot().vms;
+        if let Some(v) = vms.iter().find(|v| v.state.as_str() == want) {
+            return v.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the board never showed {want}: {vms:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Nothing is held any more: no token, no runner, no network, nothing on the board.
+fn assert_released(env: &Env) {
+    assert_eq!(
+        env.forge.live(),
+        (0, 0),
+        "token or runner left: {:?}",
+        env.forge.calls()
+    );
+    assert_eq!(env.net.live.load(Ordering::SeqCst), 0, "network left");
+    assert!(env.board.snapshot().vms.is_empty(), "still on the board");
+}
+
+/// The `user:token` pairs of the registry auth files in a user-data document.
+fn registry_logins(user_data: &str) -> Vec<String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut pairs = Vec::new();
+    for c in user_data
+        .lines()
+        .filter_map(|l| l.strip_prefix("  content: "))
+    {
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(&b64.decode(c).unwrap()) else {
+            continue;
+        };
+        for auth in json["auths"]
+            .as_object()
+            .into_iter()
+            .flat_map(|a| a.values())
+        {
+            let pair = b64.decode(auth["auth"].as_str().unwrap()).unwrap();
+            pairs.push(String::from_utf8(pair).unwrap());
+        }
+    }
+    pairs
+}
+
+fn metric(env: &Env, name: &str) -> String {
+    env.metrics
+        .encode()
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_job_walks_every_state_and_releases_everything() {
+    let env = env();
+    let gate = env.vms.gate.lock().await;
+    let (task, picked_up, _stop) = start(&env, job(1));
+    let v = board_shows(&env, "preparing").await;
+    assert_eq!(
+        (v.job_id, v.owner.as_str(), v.repo.as_str()),
+        (1, "alice", "web")
+    );
+    assert_eq!(v.address.as_deref(), Some("10.88.0.2"));
+    drop(gate);
+
+    let mut vm = env.vms.next().await;
+    assert!(vm.user_data.contains("handle-1"), "{}", vm.user_data);
+    let logins = registry_logins(&vm.user_data);
+    assert!(!logins.is_empty(), "the registry login reaches the seed");
+    assert!(
+        logins
+            .iter()
+            .all(|l| l.starts_with("alice-web-ci:registry-secret-")),
+        "{logins:?}"
+    );
+    let v = board_shows(&env, "booting").await;
+    assert_eq!((v.pid, v.accel), (Some(4242), Some(Accel::Tcg)));
+    assert_eq!(v.name, vm.name.as_str());
+    assert_eq!(
+        metric(&env, "fkr_qemu_vm_prepare_seconds_count"),
+        "fkr_qemu_vm_prepare_seconds_count 0",
+        "nothing is prepared before QMP answers"
+    );
+
+    // QMP answers: the prepare metric is taken there, not at spawn.
+    vm.state.send_replace(vm::VmState::Running);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !metric(&env, "fkr_qemu_vm_prepare_seconds_count").ends_with(" 1") {
+        assert!(Instant::now() < deadline, "prepare never observed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    picked_up.send_replace(true);
+    board_shows(&env, "running").await;
+    vm.exit
+        .take()
+        .unwrap()
+        .send(Outcome::GuestPoweredOff)
+        .unwrap();
+
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::Completed);
+    assert!(report.picked_up && report.retry.is_none());
+    assert_released(&env);
+    assert!(!vm.stop.is_cancelled(), "a finished VM is never stopped");
+    assert!(metric(&env, "fkr_qemu_vm_boot_seconds_count").ends_with(" 1"));
+    assert_eq!(
+        env.forge.calls(),
+        [
+            "repository",
+            "ci_user",
+            "mint_token",
+            "register_runner",
+            "revoke_token",
+            "delete_runner"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn every_failing_step_releases_exactly_what_it_took() {
+    // (failing step, the Forgejo calls made, a VM launched)
+    let cases: [(Step, &[&str]); 6] = [
+        (Step::Repository, &["repository"]),
+        (Step::CiUser, &["repository", "ci_user"]),
+        (Step::Token, &["repository", "ci_user", "mint_token"]),
+        (
+            Step::Runner,
+            &[
+                "repository",
+                "ci_user",
+                "mint_token",
+                "register_runner",
+                "revoke_token",
+            ],
+        ),
+        (
+            Step::Network,
+            &[
+                "repository",
+                "ci_user",
+                "mint_token",
+                "register_runner",
+                "revoke_token",
+                "delete_runner",
+            ],
+        ),
+        (
+            Step::Launch,
+            &[
+                "repository",
+                "ci_user",
+                "mint_token",
+                "register_runner",
+                "revoke_token",
+                "delete_runner",
+            ],
+        ),
+    ];
+    for (step, calls) in cases {
+        let forge = FakeForge::default();
+        if !matches!(step, Step::Network | Step::Launch) {
+            forge.fail.lock().unwrap().insert(step);
+        }
+        let net = FakeNet {
+            fail: step == Step::Network,
+            ..Default::default()
+        };
+        let vms = FakeVms {
+            fail: step == Step::Launch,
+            ..Default::default()
+        };
+        let env = env_with(forge, net, vms, Accel::Auto, Duration::from_secs(60));
+        let (task, _tx, _stop) = start(&env, job(2));
+        let report = task.await.unwrap();
+        assert_eq!(report.outcome, JobOutcome::PrepareFailed, "{step:?}");
+        assert_released(&env);
+        assert_eq!(env.forge.calls(), calls, "{step:?}");
+        assert!(env.vms.launched.lock().unwrap().is_empty(), "{step:?}");
+        assert!(
+            metric(
+                &env,
+                "fkr_qemu_jobs_finished_total{outcome=\"prepare_failed\"}"
+            )
+            .ends_with(" 1"),
+            "{step:?}: {}",
+            env.metrics.encode()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_seed_that_cannot_be_written_releases_token_runner_and_network() {
+    let env = env();
+    let mut bad = job(3);
+    bad.handle = "h\nruncmd: [evil]".into();
+    let (task, _tx, _stop) = start(&env, bad);
+    assert_eq!(task.await.unwrap().outcome, JobOutcome::PrepareFailed);
+    assert_released(&env);
+    assert!(env.vms.launched.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn no_token_policy_needs_no_ci_user() {
+    let env = env();
+    *env.forge.access.lock().unwrap() = Some(TokenAccess::None);
+    let (task, tx, _stop) = start(&env, job(4));
+    let mut vm = env.vms.next().await;
+    assert_eq!(registry_logins(&vm.user_data), Vec::<String>::new());
+    tx.send_replace(true);
+    vm.exit
+        .take()
+        .unwrap()
+        .send(Outcome::GuestPoweredOff)
+        .unwrap();
+    assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
+    assert_released(&env);
+    assert_eq!(
+        env.forge.calls(),
+        ["repository", "register_runner", "delete_runner"]
+    );
+}
+
+#[tokio::test]
+async fn a_failing_release_step_does_not_keep_the_others_from_running() {
+    let env = env();
+    env.forge.fail.lock().unwrap().insert(Step::Revoke);
+    let (task, tx, _stop) = start(&env, job(5));
+    let mut vm = env.vms.next().await;
+    tx.send_replace(true);
+    vm.exit
+        .take()
+        .unwrap()
+        .send(Outcome::GuestPoweredOff)
+        .unwrap();
+    assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
+    // The token is left for the sweep; the runner and the network are released all the same.
+    assert_eq!(env.forge.live(), (1, 0));
+    assert_eq!(env.net.live.load(Ordering::SeqCst), 0);
+    assert!(env.board.snapshot().vms.is_empty());
+}
+
+#[tokio::test]
+async fn the_boot_deadline_stops_a_vm_whose_runner_never_picks_the_job_up() {
+    let env = env_with(
+        FakeForge::default(),
+        FakeNet::default(),
+        FakeVms::default(),
+        Accel::Auto,
+        Duration::from_millis(50),
+    );
+    let started = Instant::now();
+    let (task, _tx, _stop) = start(&env, job(6));
+    let vm = env.vms.next().await;
+    let report = task.await.unwrap();
+    assert!(vm.stop.is_cancelled());
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(report.outcome, JobOutcome::BootFailure);
+    assert!(!report.picked_up);
+    assert_released(&env);
+}
+
+#[tokio::test]
+async fn a_picked_up_job_outlives_the_boot_deadline() {
+    let env = env_with(
+        FakeForge::default(),
+        FakeNet::default(),
+        FakeVms::default(),
+        Accel::Auto,
+        Duration::from_millis(50),
+    );
+    let (task, tx, _stop) = start(&env, job(7));
+    let mut vm = env.vms.next().await;
+    tx.send_replace(true);
+    board_shows(&env, "running").await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !vm.stop.is_cancelled(),
+        "the boot deadline stopped a running job"
+    );
+    vm.exit
+        .take()
+        .unwrap()
+        .send(Outcome::GuestPoweredOff)
+        .unwrap();
+    assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
+    assert_released(&env);
+}
+
+#[tokio::test]
+async fn the_hosts_stop_stops_the_vm_and_is_a_shutdown() {
+    let env = env();
+    let (task, tx, stop) = start(&env, job(8));
+    let vm = env.vms.next().await;
+    tx.send_replace(true);
+    board_shows(&env, "running").await;
+    stop.cancel();
+    let report = task.await.unwrap();
+    assert!(vm.stop.is_cancelled());
+    assert_eq!(report.outcome, JobOutcome::Shutdown);
+    assert!(report.retry.is_none());
+    assert_released(&env);
+}
+
+#[tokio::test]
+async fn kvm_failing_a_guest_is_retried_once_and_only_under_auto() {
+    // (policy, accelerator that failed, picked up first, retry expected, outcome)
+    let cases = [
+        (
+            Accel::Auto,
+            Accel::Kvm,
+            false,
+            true,
+            JobOutcome::AccelFailed,
+        ),
+        (
+            Accel::Kvm,
+            Accel::Kvm,
+            false,
+            false,
+            JobOutcome::AccelFailed,
+        ),
+        (
+            Accel::Auto,
+            Accel::Tcg,
+            false,
+            false,
+            JobOutcome::AccelFailed,
+        ),
+        (Accel::Auto, Accel::Kvm, true, false, JobOutcome::Crashed),
+    ];
+    for (policy, failed, picked, retry, outcome) in cases {
+        let env = env_with(
+            FakeForge::default(),
+            FakeNet::default(),
+            FakeVms::default(),
+            policy,
+            Duration::from_secs(60),
+        );
+        let (task, tx, _stop) = start(&env, job(9));
+        let mut vm = env.vms.next().await;
+        if picked {
+            tx.send_replace(true);
+            board_shows(&env, "running").await;
+        }
+        let internal = Outcome::InternalError {
+            accel: failed,
+            detail: "KVM internal error. Suberror: 1".into(),
+        };
+        vm.exit.take().unwrap().send(internal).unwrap();
+        let report = task.await.unwrap();
+        assert_eq!(report.outcome, outcome, "{policy} {failed} {picked}");
+        assert_eq!(report.retry.is_some(), retry, "{policy} {failed} {picked}");
+        if let Some(q) = report.retry {
+            assert_eq!(q.job.id, 9);
+        }
+        assert_released(&env);
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_job_task_still_releases_everything() {
+    let env = env();
+    let (task, _tx, _stop) = start(&env, job(10));
+    let _vm = env.vms.next().await;
+    board_shows(&env, "booting").await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.forge.live() != (0, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "release never ran: {:?}",
+            env.forge.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_released(&env);
+}
+
+#[tokio::test]
+async fn a_panic_while_supervising_still_releases_everything() {
+    let env = env();
+    let (task, _tx, _stop) = start(&env, job(11));
+    let mut vm = env.vms.next().await;
+    // The fake VM's `wait` panics when its controls go away (a supervisor bug).
+    drop(vm.exit.take());
+    assert!(task.await.unwrap_err().is_panic());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.forge.live() != (0, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "release never ran: {:?}",
+            env.forge.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_released(&env);
+}
+
+#[test]
+fn outcomes_from_vm_exits() {
+    let off = Outcome::GuestPoweredOff;
+    assert_eq!(outcome_of(&off, true, false), JobOutcome::Completed);
+    let dl = Outcome::DeadlineExceeded {
+        stopped_by: StopStep::Quit,
+    };
+    assert_eq!(outcome_of(&dl, true, false), JobOutcome::Deadline);
+    let host = Outcome::HostStopped {
+        stopped_by: StopStep::Powerdown,
+    };
+    assert_eq!(outcome_of(&host, false, true), JobOutcome::BootFailure);
+    assert_eq!(outcome_of(&host, true, false), JobOutcome::Shutdown);
+    let crash = Outcome::GuestCrashed {
+        reason: "guest-reset".into(),
+    };
+    assert_eq!(outcome_of(&crash, true, false), JobOutcome::Crashed);
+    assert_eq!(outcome_of(&crash, false, false), JobOutcome::BootFailure);
+    let internal = Outcome::InternalError {
+        accel: Accel::Kvm,
+        detail: "KVM internal error. Suberror: 1".into(),
+    };
+    assert_eq!(outcome_of(&internal, false, false), JobOutcome::AccelFailed);
+    // Picked up: the runner had the job; Forgejo will fail it, a retry cannot help.
+    assert_eq!(outcome_of(&internal, true, false), JobOutcome::Crashed);
+    assert_eq!(
+        removal_reason(JobOutcome::AccelFailed),
+        RemovalReason::BootFailure
+    );
+    assert_eq!(
+        removal_reason(JobOutcome::Completed),
+        RemovalReason::JobDone
+    );
+    assert_eq!(
+        removal_reason(JobOutcome::Deadline),
+        RemovalReason::Deadline
+    );
+    assert_eq!(
+        removal_reason(JobOutcome::Shutdown),
+        RemovalReason::Shutdown
+    );
+}
+
+#[test]
+fn the_board_shows_the_job_state_by_name() {
+    for s in [
+        JobState::Preparing,
+        JobState::Booting,
+        JobState::Running,
+        JobState::Cleaning,
+    ] {
+        assert_eq!(VmState::from(s).as_str(), s.as_str());
+        assert_eq!(
+            serde_json::to_value(VmState::from(s)).unwrap(),
+            serde_json::json!(s.as_str())
+        );
+    }
+}
