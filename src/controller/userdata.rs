@@ -1,4 +1,4 @@
-//! The job VM's cloud-init user-data (the subset fixed in CONTRACTS §B, also valid for real cloud-init).
+//! The job VM's cloud-init user-data (the subset fixed in ARCHITECTURE.md, "Seed contract"; also valid for real cloud-init).
 //!
 //! What it does in the guest:
 //! - `/etc/fkr/runner-token` (root, 0600): the ephemeral runner's token, read by the runner through
@@ -193,7 +193,7 @@ mod tests {
         .unwrap()
     }
 
-    /// A tiny parser for exactly the CONTRACTS §B shape, as the test guest reads it.
+    /// A tiny parser for exactly the "Seed contract" shape, as the test guest reads it.
     /// (path, permissions, decoded content) per file; runcmd lines; power_state lines.
     type Parsed = (Vec<(String, String, String)>, Vec<String>, Vec<String>);
 

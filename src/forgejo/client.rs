@@ -155,15 +155,16 @@ impl Client {
     pub fn new(config: ClientConfig, admin_token: Secret) -> Result<Self, Error> {
         let mut api = config.url.clone();
         if api.cannot_be_a_base() || !matches!(api.scheme(), "http" | "https") {
-            return Err(Error::Config(format!(
-                "{} is not an http(s) URL",
-                config.url
-            )));
+            return Err(Error::BadUrl {
+                url: config.url.to_string(),
+            });
         }
         api.set_query(None);
         api.set_fragment(None);
         api.path_segments_mut()
-            .map_err(|()| Error::Config(format!("{} cannot be a base URL", config.url)))?
+            .map_err(|()| Error::BadUrl {
+                url: config.url.to_string(),
+            })?
             .pop_if_empty()
             .extend(["api", "v1"]);
         let http = reqwest::Client::builder()
@@ -171,7 +172,9 @@ impl Client {
             .connect_timeout(config.connect_timeout())
             .user_agent(concat!("fkr-qemu/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| Error::HttpClient {
+                error: e.to_string(),
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
@@ -752,12 +755,7 @@ impl Client {
             Auth::Admin => {
                 let mut value =
                     HeaderValue::from_str(&format!("token {}", self.inner.admin_token.expose()))
-                        .map_err(|_| {
-                            Error::Config(
-                                "the admin token contains characters not allowed in a header"
-                                    .into(),
-                            )
-                        })?;
+                        .map_err(|_| Error::AdminTokenNotAHeader)?;
                 value.set_sensitive(true);
                 builder = builder.header(AUTHORIZATION, value);
             }

@@ -4,9 +4,15 @@
 /// Errors of the `forgejo` module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The client configuration cannot be used (bad URL, bad level).
-    #[error("invalid Forgejo client configuration: {0}")]
-    Config(String),
+    /// `forgejo.url` is not an http(s) URL that can carry a path.
+    #[error("forgejo.url {url} is not an http(s) URL that can be a base URL")]
+    BadUrl { url: String },
+    /// The HTTP client could not be built (TLS roots, proxy settings).
+    #[error("cannot build the HTTP client: {error}")]
+    HttpClient { error: String },
+    /// The admin token cannot be sent as a header value.
+    #[error("the admin token contains characters not allowed in a header")]
+    AdminTokenNotAHeader,
 
     /// The server is older than the floor: it cannot bind a runner to one job.
     #[error(
@@ -81,7 +87,9 @@ impl Error {
     /// What kind of failure this is.
     pub fn class(&self) -> crate::types::ErrorClass {
         match self {
-            Error::Config(_) => crate::types::ErrorClass::Config,
+            Error::BadUrl { .. } | Error::HttpClient { .. } | Error::AdminTokenNotAHeader => {
+                crate::types::ErrorClass::Config
+            }
             _ => crate::types::ErrorClass::Forgejo,
         }
     }

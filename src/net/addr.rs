@@ -15,7 +15,7 @@ pub fn mac_for(vm_name: &str) -> MacAddr {
     MacAddr::derived(&format!("vm:{vm_name}"))
 }
 
-/// NoCloud network-config (version 2) for one VM, exactly the shape of CONTRACTS §B.
+/// NoCloud network-config (version 2) for one VM, exactly the shape of ARCHITECTURE.md's "Seed contract".
 pub fn render_network_config(
     mac: MacAddr,
     address: Ipv4Cidr,

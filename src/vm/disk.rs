@@ -71,10 +71,9 @@ pub async fn check_base_image(qemu_img: &Path, base: &Path) -> Result<PathBuf, E
 /// read-only, so the base is never written. (A relative `-b` would resolve against the overlay's folder.)
 pub async fn create_overlay(qemu_img: &Path, base: &Path, overlay: &Path) -> Result<(), Error> {
     if !base.is_absolute() {
-        return Err(Error::Config(format!(
-            "base image path {} must be absolute",
-            base.display()
-        )));
+        return Err(Error::RelativeBaseImage {
+            path: base.to_owned(),
+        });
     }
     let out = Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])

@@ -30,8 +30,12 @@ pub enum Error {
     KvmUnavailable { reason: String },
     #[error(transparent)]
     InvalidName(#[from] crate::types::InvalidVmName),
-    #[error("VM configuration: {0}")]
-    Config(String),
+    #[error("base image path {} must be absolute", path.display())]
+    RelativeBaseImage { path: PathBuf },
+    #[error("all {count} VM uids from {base} are in use: raise [vm] uid_count")]
+    UidsExhausted { base: u32, count: u32 },
+    #[error("set both [vm] firmware_code and firmware_vars, or neither")]
+    FirmwarePairIncomplete,
     #[error("VM state cannot go from {from} to {to}")]
     InvalidTransition {
         from: crate::vm::VmState,
@@ -84,7 +88,10 @@ impl Error {
             Error::BaseImageInvalid { .. } | Error::BootTestFailed { .. } => {
                 ErrorClass::CheckFailed
             }
-            Error::InvalidName(_) | Error::Config(_) => ErrorClass::Config,
+            Error::InvalidName(_)
+            | Error::RelativeBaseImage { .. }
+            | Error::UidsExhausted { .. }
+            | Error::FirmwarePairIncomplete => ErrorClass::Config,
             Error::InvalidTransition { .. }
             | Error::Io { .. }
             | Error::Tool { .. }

@@ -203,11 +203,7 @@ fn discover_with_fallbacks(
             });
         }
         (None, None) => {}
-        _ => {
-            return Err(Error::Config(
-                "set both firmware_code and firmware_vars, or neither".into(),
-            ))
-        }
+        _ => return Err(Error::FirmwarePairIncomplete),
     }
     let descriptors = read_descriptors(&config.firmware_descriptor_dirs);
     if let Some(fw) = select_descriptor(&descriptors, Path::is_file) {
@@ -341,7 +337,10 @@ mod tests {
             firmware_code: Some("/nonexistent/CODE.fd".into()),
             ..VmConfig::default()
         };
-        assert!(matches!(discover_firmware(&c), Err(Error::Config(_))));
+        assert!(matches!(
+            discover_firmware(&c),
+            Err(Error::FirmwarePairIncomplete)
+        ));
         c.firmware_vars = Some("/nonexistent/VARS.fd".into());
         let err = discover_firmware(&c).unwrap_err();
         assert!(matches!(err, Error::FirmwareFileMissing { .. }));

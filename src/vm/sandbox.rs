@@ -80,9 +80,7 @@ pub fn acquire_uid(runtime_root: &Path, base: u32, count: u32) -> Result<UidLeas
             return Ok(UidLease { uid, _lock: lock });
         }
     }
-    Err(Error::Config(format!(
-        "all {count} VM uids from {base} are in use: raise [vm] uid_count"
-    )))
+    Err(Error::UidsExhausted { base, count })
 }
 
 /// The group owning `/dev/kvm`, if that group may read and write it (Debian: `root:kvm 0660`).
@@ -168,7 +166,7 @@ mod tests {
         assert_eq!((a.uid(), b.uid()), (5000, 5001));
         assert!(matches!(
             acquire_uid(dir.path(), 5000, 2),
-            Err(Error::Config(_))
+            Err(Error::UidsExhausted { .. })
         ));
         drop(a);
         assert_eq!(acquire_uid(dir.path(), 5000, 2).unwrap().uid(), 5000);
