@@ -1,5 +1,5 @@
 //! The crate-level error: one variant per module. Each says its [`ErrorClass`]; only the binary
-//! (`cli::exit_code`) turns a class into an exit code.
+//! (`cli`) turns a class into an exit status.
 
 use crate::types::ErrorClass;
 

@@ -154,7 +154,7 @@ fn serve_vm_fork_pull_request_gets_pull_only_credentials_and_squatters_fail_the_
     );
     let (squatted, _) = w.emu.add_job("bob/api", "external-host");
     let line = serve.wait_log(
-        &format!("job {squatted}: preparing the VM failed: CI user bob-api-ci for bob/api"),
+        &format!("job {squatted}: preparing the VM failed: ensuring the CI user: CI user bob-api-ci for bob/api"),
         Duration::from_secs(60),
     );
     assert!(line.contains("never takes over"), "{line}");

@@ -86,7 +86,7 @@ pub(crate) struct Report {
 pub(crate) enum StepError {
     #[error("reading repository {repo_id}: {error}")]
     Repository { repo_id: i64, error: forgejo::Error },
-    #[error("the CI user: {0}")]
+    #[error("ensuring the CI user: {0}")]
     CiUser(CredentialError),
     #[error("minting the registry token: {0}")]
     Token(CredentialError),
