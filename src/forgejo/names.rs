@@ -42,9 +42,63 @@ pub fn generate_password() -> Secret {
     Secret::new(String::from_utf8(chars).expect("ASCII alphabet"))
 }
 
+/// The password every host derives for a CI user from the key the hosts share: the same key and
+/// identity give the same password on every host, with no state to sync, so a host that resets a
+/// CI user's password sets the one every other host already uses (README.md, "Several hosts").
+/// `identity` is the CI user's stable identity (repository id and name). HMAC-SHA256 over a
+/// counter is the byte stream; each character class is represented, as in [`generate_password`].
+pub fn derived_password(key: &[u8], identity: &str) -> Secret {
+    use hmac::{Hmac, Mac};
+    const LOWER: &[u8] = b"abcdefghijkmnopqrstuvwxyz";
+    const UPPER: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ";
+    const DIGIT: &[u8] = b"23456789";
+    const PUNCT: &[u8] = b"-_.!+=";
+    let mut stream = Vec::new();
+    for block in 0u8..4 {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        mac.update(b"fkr-qemu ci-user password v1\0");
+        mac.update(identity.as_bytes());
+        mac.update(&[0, block]);
+        stream.extend_from_slice(&mac.finalize().into_bytes());
+    }
+    let mut bytes = stream.into_iter();
+    let mut next = || {
+        bytes
+            .next()
+            .expect("128 bytes are enough for 32 characters and a shuffle")
+    };
+    let all: Vec<u8> = [LOWER, UPPER, DIGIT, PUNCT].concat();
+    let mut chars: Vec<u8> = [LOWER, UPPER, DIGIT, PUNCT]
+        .iter()
+        .map(|class| class[usize::from(next()) % class.len()])
+        .collect();
+    while chars.len() < 32 {
+        chars.push(all[usize::from(next()) % all.len()]);
+    }
+    // A deterministic Fisher-Yates shuffle, so the class representatives are not always first.
+    for i in (1..chars.len()).rev() {
+        chars.swap(i, usize::from(next()) % (i + 1));
+    }
+    Secret::new(String::from_utf8(chars).expect("ASCII alphabet"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_passwords_are_stable_per_key_and_identity_and_mixed() {
+        let a = derived_password(b"key one", "repo:7:acme-web-ci");
+        assert_eq!(a, derived_password(b"key one", "repo:7:acme-web-ci"));
+        assert_ne!(a, derived_password(b"key two", "repo:7:acme-web-ci"));
+        assert_ne!(a, derived_password(b"key one", "repo:8:acme-web-ci"));
+        let s = a.expose();
+        assert_eq!(s.len(), 32);
+        assert!(s.chars().any(|c| c.is_ascii_lowercase()));
+        assert!(s.chars().any(|c| c.is_ascii_uppercase()));
+        assert!(s.chars().any(|c| c.is_ascii_digit()));
+        assert!(s.chars().any(|c| !c.is_ascii_alphanumeric()));
+    }
 
     #[test]
     fn token_names_carry_prefix_and_job() {
