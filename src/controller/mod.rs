@@ -44,10 +44,8 @@ impl Ctx {
 /// Errors of the `controller` module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("config file {path}: {message}", path = .path.display())]
-    ConfigFile { path: PathBuf, message: String },
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error("{what} {path}: {source}", path = .path.display())]
     Io {
         what: &'static str,
@@ -92,7 +90,7 @@ impl Error {
     pub fn class(&self) -> crate::types::ErrorClass {
         use crate::types::ErrorClass;
         match self {
-            Error::ConfigFile { .. } | Error::Config(_) => ErrorClass::Config,
+            Error::Config(_) => ErrorClass::Config,
             Error::Missing(_) => ErrorClass::MissingDependency,
             Error::ForgejoCheck(_) => ErrorClass::Forgejo,
             Error::Io { .. }

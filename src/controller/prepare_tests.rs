@@ -9,7 +9,7 @@ use base64::Engine;
 use url::Url;
 
 use super::ciuser::{marker, CiUserStore};
-use super::config::Overrides;
+use super::config::ConfigLayer;
 use super::job::{ensure_ci_user, registry_login, JobError, JobResources};
 use super::userdata::{self, RegistryAuth, RunnerParams};
 use super::{Config, Ctx};
@@ -54,7 +54,7 @@ fn ctx_for(emu: &Emulator, state_dir: &Path, tokens_toml: &str) -> Arc<Ctx> {
     );
     let token = emu.admin_token().to_owned();
     let env = move |k: &str| (k == "FORGEJO_ADMIN_TOKEN").then(|| token.clone());
-    let cfg = Config::from_parts(&text, Path::new("test.toml"), &env, &Overrides::default())
+    let cfg = Config::from_parts(&text, Path::new("test.toml"), &env, &ConfigLayer::default())
         .expect("test config");
     let forgejo = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone()).unwrap();
     let users = CiUserStore::open(cfg.ci_users_path()).unwrap();
