@@ -36,7 +36,8 @@ where
 /// field).
 ///
 /// `struct Layer for Full { … }`: every field is `Option<T>`, where `T` is the type of `Full`'s
-/// field of the same name, and `Full` has no other field. The macro then also writes
+/// field of the same name, `Full` has no other field, and the layer derives `Serialize` (each
+/// field is written with [`serialize_set`]). The macro then also writes
 /// `Layer::resolve(self, base: Full) -> Full` (each set field replaces `base`'s) and
 /// `From<Full> for Layer` (every field set: the resolved value as a layer, e.g. to print it). Both
 /// name every field, so a field added to `Full` but not to the layer does not compile.

@@ -82,6 +82,17 @@ impl DirsLayer {
     }
 }
 
+/// `<runtime_dir>/vms`: one directory per VM, named like the VM (the driver's and the operator
+/// commands' view alike).
+pub fn vms_dir(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("vms")
+}
+
+/// `<log_dir>/<name>.serial.log`: a VM's serial log.
+pub fn serial_log(log_dir: &Path, name: &str) -> PathBuf {
+    log_dir.join(format!("{name}.serial.log"))
+}
+
 /// The resolved directories.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dirs {
@@ -102,7 +113,7 @@ impl Default for Dirs {
 impl Dirs {
     /// `<runtime_dir>/vms`: one dir per VM.
     pub fn vms_dir(&self) -> PathBuf {
-        self.runtime_dir.join("vms")
+        vms_dir(&self.runtime_dir)
     }
 
     /// `<runtime_dir>/vms/<name>`.
@@ -112,7 +123,7 @@ impl Dirs {
 
     /// `<log_dir>/<name>.serial.log`.
     pub fn serial_log(&self, name: &str) -> PathBuf {
-        self.log_dir.join(format!("{name}.serial.log"))
+        serial_log(&self.log_dir, name)
     }
 
     /// `<state_dir>/ci-users.json`.
@@ -134,7 +145,7 @@ impl Dirs {
 }
 
 /// A config file's text and where it came from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ConfigFile {
     pub path: PathBuf,
     pub text: String,

@@ -291,14 +291,14 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
 
     let result = drive(&config, spec, nonce, &mut report, &ms, start, &mut signals).await;
     if args.keep {
-        report.serial_log = Some(log_dir.join(format!("{name}.serial.log")));
+        report.serial_log = Some(crate::paths::serial_log(&log_dir, name.as_str()));
     }
     if let Err(e) = &result {
         report.failed_phase.get_or_insert_with(|| "spawn".into());
         report.error = Some(e.to_string());
     }
     if report.failed_phase.is_some() && report.serial_tail.is_none() {
-        let tail = serial::serial_tail(&log_dir.join(format!("{name}.serial.log")), 30);
+        let tail = serial::serial_tail(&crate::paths::serial_log(&log_dir, name.as_str()), 30);
         if !tail.is_empty() {
             report.serial_tail = Some(tail);
         }

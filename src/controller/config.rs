@@ -34,7 +34,6 @@ use crate::paths::{ConfigFile, Dirs, FileError};
 use crate::secret::Secret;
 use crate::vm::VmConfig;
 
-pub use crate::paths::DEFAULT_CONFIG_PATH;
 pub use layer::{ConfigLayer, ForgejoLayer, MetricsLayer, NetLayer, TokensLayer, VmLayer};
 
 /// The systemd credential name (`LoadCredential=forgejo-admin-token:…`).

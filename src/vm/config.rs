@@ -105,7 +105,7 @@ impl VmConfig {
 
     /// `<runtime_root>/vms`.
     pub fn vms_dir(&self) -> PathBuf {
-        self.runtime_root.join("vms")
+        crate::paths::vms_dir(&self.runtime_root)
     }
 
     pub fn disk_max(&self) -> u64 {
