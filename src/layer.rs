@@ -18,7 +18,7 @@ impl<T> Merge for Option<T> {
     }
 }
 
-/// Serialises a set field as its value; used by [`layer!`] so that a field whose resolved value
+/// Serialises a set field as its value; used by `layer!` so that a field whose resolved value
 /// is itself optional (`Some(None)`) is left out of a TOML document like an unset one.
 pub fn serialize_set<T, S>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error>
 where

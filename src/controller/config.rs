@@ -8,10 +8,11 @@
 //! `FORGEJO_ADMIN_TOKEN`, a file named by `FORGEJO_ADMIN_TOKEN_FILE` / `--admin-token-file` /
 //! `forgejo.admin_token_file`, or systemd's `$CREDENTIALS_DIRECTORY/forgejo-admin-token`.
 //!
-//! The file's sections are the modules' own config types: `[forgejo]` is [`forgejo::ClientConfig`]
-//! (plus `runner_url` and `admin_token_file`), `[vm]` is [`vm::VmConfig`] (its `runtime_root` is the
-//! top-level `runtime_dir`; its `log_dir` defaults to `<state_dir>/logs`), `[net]` is
-//! [`net::NetConfig`], `[metrics]` is [`ops::MetricsConfig`]. Every section rejects unknown keys.
+//! The file's sections resolve into the modules' own config types: `[forgejo]` into
+//! [`crate::forgejo::ClientConfig`] (plus `runner_url` and `admin_token_file`), `[vm]` into
+//! [`crate::vm::VmConfig`] (its `runtime_root` is the top-level `runtime_dir`; its `log_dir`
+//! defaults to `<state_dir>/logs`), `[net]` into [`crate::net::NetConfig`], `[metrics]` into
+//! [`crate::ops::MetricsConfig`]. Every section rejects unknown keys.
 //!
 //! `--check-config` prints the resolved [`Config`] through its `Serialize`, which writes it as a
 //! layer with every key set: no key can be left out, and the output is a config file `serve`
