@@ -94,15 +94,43 @@ async fn serve_check_config_validates_and_prints_the_redacted_config() {
     assert!(!text(&out).contains("not-the-token-0123456789"));
 }
 
+/// What `--check-config` prints is a config file that `serve --config` accepts, and it gives the
+/// same configuration again.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_check_config_output_is_a_config_file_for_the_same_config() {
+    let emu = Emulator::start_default().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        emu.url(),
+        "max_vms = 2\npoll_interval = \"750ms\"\n[tokens]\nfork_write_repos = [\"acme/web\"]",
+    );
+    let first = check(&cfg, emu.admin_token()).await;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &first.stdout).unwrap();
+    let second = check(&printed, emu.admin_token()).await;
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout),
+        String::from_utf8_lossy(&first.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("poll_interval = \"750ms\""),
+        "{}",
+        text(&first)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_config_errors_have_their_exit_codes() {
     let emu = Emulator::start_default().await;
     let dir = tempfile::tempdir().unwrap();
-    // Unknown key: usage/config error (2), naming the key.
+    // Unknown key: usage/config error (2), naming the key and its line.
     let cfg = config(dir.path(), emu.url(), "max_vm = 4");
     let out = check(&cfg, emu.admin_token()).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("max_vm"), "{}", text(&out));
+    assert!(text(&out).contains("line 4, max_vm: "), "{}", text(&out));
     // Missing base image: missing dependency (3).
     let cfg = config(dir.path(), emu.url(), "");
     let text_cfg = std::fs::read_to_string(&cfg)

@@ -20,14 +20,11 @@ use crate::ops::signals::Signals;
 use crate::types::{Accel, VmName};
 use crate::vm::{self, serial, Outcome, Seed, VmConfig, VmSpec};
 
-/// Where `image-builder/` publishes the runner base image.
-pub const DEFAULT_IMAGE: &str = "/var/lib/fkr-qemu/images/runner-base.qcow2";
-
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = PHASE_HELP)]
 pub struct Args {
     /// The qcow2 base image to boot (never written: the VM runs on an overlay).
-    #[arg(long, default_value = DEFAULT_IMAGE)]
+    #[arg(long, default_value_os_t = crate::paths::Dirs::default().default_base_image())]
     pub image: PathBuf,
     /// Seconds the whole VM may take before it is stopped (powerdown → quit → kill) and the test fails.
     #[arg(long, default_value_t = 300)]
@@ -219,7 +216,7 @@ fn pick_runtime_root(
             )))
         };
     }
-    let mut candidates = vec![PathBuf::from("/run/fkr-qemu")];
+    let mut candidates = vec![PathBuf::from(crate::paths::DEFAULT_RUNTIME_DIR)];
     if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR") {
         candidates.push(PathBuf::from(x).join("fkr-qemu"));
     }
@@ -294,14 +291,14 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
 
     let result = drive(&config, spec, nonce, &mut report, &ms, start, &mut signals).await;
     if args.keep {
-        report.serial_log = Some(log_dir.join(format!("{name}.serial.log")));
+        report.serial_log = Some(crate::paths::serial_log(&log_dir, name.as_str()));
     }
     if let Err(e) = &result {
         report.failed_phase.get_or_insert_with(|| "spawn".into());
         report.error = Some(e.to_string());
     }
     if report.failed_phase.is_some() && report.serial_tail.is_none() {
-        let tail = serial::serial_tail(&log_dir.join(format!("{name}.serial.log")), 30);
+        let tail = serial::serial_tail(&crate::paths::serial_log(&log_dir, name.as_str()), 30);
         if !tail.is_empty() {
             report.serial_tail = Some(tail);
         }

@@ -158,7 +158,7 @@ pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
         tracing::warn!("{w}");
         notes.push(format!("WARNING: {w}"));
     }
-    print!("{}", cfg.to_redacted_toml());
+    print!("{}", cfg.to_toml());
     for n in notes {
         println!("# {n}");
     }

@@ -1,54 +1,58 @@
-//! `serve`'s configuration: a TOML file, then the environment, then command-line flags (each overrides
-//! the one before). The admin token never comes from argv or from the TOML file itself: only from
+//! `serve`'s configuration: the TOML file, then the environment, then command-line flags, each
+//! overriding the one before, key by key. All three are a [`ConfigLayer`] (`config/layer.rs`): one
+//! partial struct per section of the file, every key optional, also derived as clap flags. The
+//! merged layer is resolved into [`Config`]: defaults filled in (the directories' by
+//! [`crate::paths`], shared with the operator commands), then the values checked.
+//!
+//! The admin token never comes from argv or from the TOML file itself: only from
 //! `FORGEJO_ADMIN_TOKEN`, a file named by `FORGEJO_ADMIN_TOKEN_FILE` / `--admin-token-file` /
 //! `forgejo.admin_token_file`, or systemd's `$CREDENTIALS_DIRECTORY/forgejo-admin-token`.
 //!
-//! The file's sections are the modules' own config types: `[forgejo]` is [`forgejo::ClientConfig`]
-//! (plus `runner_url` and `admin_token_file`), `[vm]` is [`vm::VmConfig`] (its `runtime_root` is the
-//! top-level `runtime_dir`; its `log_dir` defaults to `<state_dir>/logs`), `[net]` is
-//! [`net::NetConfig`], `[metrics]` is [`ops::MetricsConfig`]. Every section rejects unknown keys.
+//! The file's sections resolve into the modules' own config types: `[forgejo]` into
+//! [`crate::forgejo::ClientConfig`] (plus `runner_url` and `admin_token_file`), `[vm]` into
+//! [`crate::vm::VmConfig`] (its `runtime_root` is the top-level `runtime_dir`; its `log_dir`
+//! defaults to `<state_dir>/logs`), `[net]` into [`crate::net::NetConfig`], `[metrics]` into
+//! [`crate::ops::MetricsConfig`]. Every section rejects unknown keys.
+//!
+//! `--check-config` prints the resolved [`Config`] through its `Serialize`, which writes it as a
+//! layer with every key set: no key can be left out, and the output is a config file `serve`
+//! accepts.
+
+mod layer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{duration, Error};
 use crate::forgejo::ClientConfig;
+use crate::layer::Merge;
 use crate::net::NetConfig;
 use crate::ops::MetricsConfig;
+use crate::paths::{ConfigFile, Dirs, FileError};
 use crate::secret::Secret;
-use crate::types::Accel;
 use crate::vm::VmConfig;
 
-/// Where `serve` looks for its config file when `--config` is not given (a missing file there is fine).
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/fkr-qemu/config.toml";
+pub use layer::{ConfigLayer, ForgejoLayer, MetricsLayer, NetLayer, TokensLayer, VmLayer};
+
 /// The systemd credential name (`LoadCredential=forgejo-admin-token:…`).
 pub const CREDENTIAL_NAME: &str = "forgejo-admin-token";
 
-/// The file's top-level keys (the sections `[forgejo]` and `[vm]` are read in a second step).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FileTop {
-    label: String,
-    #[serde(with = "duration")]
-    poll_interval: Duration,
-    max_vms: usize,
-    base_image: Option<PathBuf>,
-    #[serde(with = "duration")]
-    boot_deadline: Duration,
-    #[serde(with = "duration")]
-    job_deadline: Duration,
-    state_dir: PathBuf,
-    runtime_dir: PathBuf,
-    net: NetConfig,
-    metrics: MetricsConfig,
-    tokens: TokenPolicy,
-}
+/// `label`'s default.
+pub const DEFAULT_LABEL: &str = "external-host";
+/// `poll_interval`'s default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(15);
+/// `max_vms`'s default.
+pub const DEFAULT_MAX_VMS: usize = 3;
+/// `boot_deadline`'s default.
+pub const DEFAULT_BOOT_DEADLINE: Duration = Duration::from_secs(600);
+/// `job_deadline`'s default.
+pub const DEFAULT_JOB_DEADLINE: Duration = Duration::from_secs(3 * 3600);
 
 /// What a job whose run is a pull request from a fork gets instead of a `write:package` token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ForkAccess {
     /// A `read:package` token: the job can pull the CI user's images, not push.
@@ -59,8 +63,7 @@ pub enum ForkAccess {
 }
 
 /// `[tokens]`: how far the registry token of a job is trusted.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TokenPolicy {
     /// Jobs of runs that Forgejo itself treats as untrusted (`is_fork_pull_request`, except
     /// `pull_request_target`) get this.
@@ -78,26 +81,55 @@ impl TokenPolicy {
     }
 }
 
-impl Default for FileTop {
-    fn default() -> Self {
-        Self {
-            label: "external-host".into(),
-            poll_interval: Duration::from_secs(15),
-            max_vms: 3,
-            base_image: None,
-            boot_deadline: Duration::from_secs(600),
-            job_deadline: Duration::from_secs(3 * 3600),
-            state_dir: PathBuf::from("/var/lib/fkr-qemu"),
-            runtime_dir: PathBuf::from("/run/fkr-qemu"),
-            net: NetConfig::default(),
-            metrics: MetricsConfig::default(),
-            tokens: TokenPolicy::default(),
-        }
-    }
+/// What is wrong with the configuration: each variant names the file, key or variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read, or a key in it is unknown or has a value of the wrong type.
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{var} {value:?} is not a URL: {error}")]
+    EnvUrl {
+        var: &'static str,
+        value: String,
+        error: url::ParseError,
+    },
+    #[error("no Forgejo URL: set forgejo.url, FORGEJO_URL or --forgejo-url")]
+    NoForgejoUrl,
+    #[error(
+        "no admin token: set FORGEJO_ADMIN_TOKEN, FORGEJO_ADMIN_TOKEN_FILE, \
+         forgejo.admin_token_file, or the systemd credential {CREDENTIAL_NAME}"
+    )]
+    NoAdminToken,
+    /// `from` is the setting that named the file.
+    #[error("cannot read the admin token file {} (from {from}): {error}", path.display())]
+    AdminTokenFile {
+        path: PathBuf,
+        from: &'static str,
+        error: std::io::Error,
+    },
+    #[error("the admin token from {from} is empty")]
+    AdminTokenEmpty { from: String },
+    /// A value of the right type that is not allowed.
+    #[error("invalid configuration: {key} = {value}: {why}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        why: String,
+    },
+    /// `[net]` (its messages name the key).
+    #[error(transparent)]
+    Net(crate::net::Error),
+    /// `[metrics]` (its messages name the key).
+    #[error(transparent)]
+    Metrics(crate::ops::Error),
 }
 
 /// The effective configuration of `serve`.
-#[derive(Debug, Clone)]
+///
+/// `Serialize` writes it as a [`ConfigLayer`]: the config file that gives exactly this
+/// configuration. The admin token has no key there (it is never in the file).
+#[derive(Debug, Clone, Serialize)]
+#[serde(into = "ConfigLayer")]
 pub struct Config {
     /// The `runs-on` label this host serves.
     pub label: String,
@@ -120,7 +152,7 @@ pub struct Config {
     /// host reaches Forgejo through an address the guests cannot use.
     pub runner_url: Option<Url>,
     pub admin_token_file: Option<PathBuf>,
-    /// Never printed (`Secret`).
+    /// Never printed (`Secret`), never serialised.
     pub admin_token: Secret,
     /// Where the admin token came from (for `--check-config`), never the token itself.
     pub admin_token_source: String,
@@ -130,89 +162,21 @@ pub struct Config {
     pub tokens: TokenPolicy,
 }
 
-/// Values given as command-line flags (highest precedence). Never carries the token itself.
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
-    pub forgejo_url: Option<Url>,
-    pub runner_url: Option<Url>,
-    pub admin_token_file: Option<PathBuf>,
-    pub label: Option<String>,
-    pub poll_interval: Option<Duration>,
-    pub max_vms: Option<usize>,
-    pub base_image: Option<PathBuf>,
-    pub job_deadline: Option<Duration>,
-    pub boot_deadline: Option<Duration>,
-    pub state_dir: Option<PathBuf>,
-    pub runtime_dir: Option<PathBuf>,
-    pub accel: Option<Accel>,
-}
-
 /// Where the configuration comes from; `env` is a lookup so tests need not touch the process env.
 pub struct Sources<'a> {
     /// `--config`; `None` = the default path, which may be missing.
     pub file: Option<&'a Path>,
     pub env: &'a dyn Fn(&str) -> Option<String>,
-    pub flags: &'a Overrides,
-}
-
-fn file_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::ConfigFile {
-        path: path.to_owned(),
-        message: message.into(),
-    }
-}
-
-/// Removes `key` from a section table and returns it as a string, if present.
-fn take_string(
-    table: &mut toml::Table,
-    section: &str,
-    key: &str,
-    path: &Path,
-) -> Result<Option<String>, Error> {
-    match table.remove(key) {
-        None => Ok(None),
-        Some(toml::Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(file_error(
-            path,
-            format!("{section}.{key} must be a string, not {}", other.type_str()),
-        )),
-    }
-}
-
-fn take_section(table: &mut toml::Table, name: &str, path: &Path) -> Result<toml::Table, Error> {
-    match table.remove(name) {
-        None => Ok(toml::Table::new()),
-        Some(toml::Value::Table(t)) => Ok(t),
-        Some(other) => Err(file_error(
-            path,
-            format!(
-                "{name} must be a table ([{name}]), not {}",
-                other.type_str()
-            ),
-        )),
-    }
+    /// The flags (clap fills the keys that are flags; the rest stay unset).
+    pub flags: &'a ConfigLayer,
 }
 
 impl Config {
     /// Reads the file, applies the environment and the flags, reads the admin token and checks the
     /// values (no network; `serve --check-config` does the rest).
     pub fn load(src: &Sources<'_>) -> Result<Config, Error> {
-        let (text, path) = match src.file {
-            Some(path) => (
-                std::fs::read_to_string(path)
-                    .map_err(|e| file_error(path, format!("cannot read: {e}")))?,
-                path.to_owned(),
-            ),
-            None => {
-                let path = PathBuf::from(DEFAULT_CONFIG_PATH);
-                match std::fs::read_to_string(&path) {
-                    Ok(text) => (text, path),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (String::new(), path),
-                    Err(e) => return Err(file_error(&path, format!("cannot read: {e}"))),
-                }
-            }
-        };
-        Self::from_parts(&text, &path, src.env, src.flags)
+        let file = ConfigFile::read(src.file).map_err(ConfigError::from)?;
+        Ok(Self::from_file(&file, src.env, src.flags)?)
     }
 
     /// [`Config::load`] on a file's text.
@@ -220,124 +184,111 @@ impl Config {
         text: &str,
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
-        flags: &Overrides,
+        flags: &ConfigLayer,
     ) -> Result<Config, Error> {
-        let mut table: toml::Table = toml::from_str(text)
-            .map_err(|e| file_error(path, e.message().to_owned() + &span_hint(text, e.span())))?;
-        let mut forgejo = take_section(&mut table, "forgejo", path)?;
-        let mut vm = take_section(&mut table, "vm", path)?;
-        let mut top = FileTop::deserialize(toml::Value::Table(table))
-            .map_err(|e| file_error(path, e.message()))?;
-
-        // [forgejo]: our own keys out, URL precedence applied, the rest is the client's.
-        let runner_url = take_string(&mut forgejo, "forgejo", "runner_url", path)?
-            .map(|u| {
-                Url::parse(&u)
-                    .map_err(|e| file_error(path, format!("forgejo.runner_url {u:?}: {e}")))
-            })
-            .transpose()?;
-        let mut admin_token_file =
-            take_string(&mut forgejo, "forgejo", "admin_token_file", path)?.map(PathBuf::from);
-        if let Some(url) = env("FORGEJO_URL").filter(|s| !s.is_empty()) {
-            Url::parse(&url)
-                .map_err(|e| Error::Config(format!("FORGEJO_URL {url:?} is not a URL: {e}")))?;
-            forgejo.insert("url".into(), url.into());
-        }
-        if let Some(url) = &flags.forgejo_url {
-            forgejo.insert("url".into(), url.as_str().into());
-        }
-        if !forgejo.contains_key("url") {
-            return Err(Error::Config(
-                "no Forgejo URL: set forgejo.url, FORGEJO_URL or --forgejo-url".into(),
-            ));
-        }
-        let forgejo = ClientConfig::deserialize(toml::Value::Table(forgejo))
-            .map_err(|e| file_error(path, format!("[forgejo]: {}", e.message())))?;
-
-        // Top-level flags.
-        fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
-            if let Some(v) = v {
-                *dst = v.clone();
-            }
-        }
-        if flags.base_image.is_some() {
-            top.base_image.clone_from(&flags.base_image);
-        }
-        set(&mut top.label, &flags.label);
-        set(&mut top.poll_interval, &flags.poll_interval);
-        set(&mut top.max_vms, &flags.max_vms);
-        set(&mut top.job_deadline, &flags.job_deadline);
-        set(&mut top.boot_deadline, &flags.boot_deadline);
-        set(&mut top.state_dir, &flags.state_dir);
-        set(&mut top.runtime_dir, &flags.runtime_dir);
-
-        // [vm]: the runtime dir is the top-level one; serial logs default under the state dir.
-        if vm.contains_key("runtime_root") {
-            return Err(file_error(
-                path,
-                "vm.runtime_root: set the top-level runtime_dir instead",
-            ));
-        }
-        let log_dir_given = vm.contains_key("log_dir");
-        let disk_dir_given = vm.contains_key("disk_dir");
-        if let Some(accel) = flags.accel {
-            vm.insert("accel".into(), accel.to_string().into());
-        }
-        let mut vm = VmConfig::deserialize(toml::Value::Table(vm))
-            .map_err(|e| file_error(path, format!("[vm]: {}", e.message())))?;
-        vm.runtime_root = top.runtime_dir.clone();
-        if !log_dir_given {
-            vm.log_dir = top.state_dir.join("logs");
-        }
-        // Overlays live on disk under the state dir, never in the runtime dir (tmpfs, i.e. RAM).
-        if !disk_dir_given {
-            vm.disk_dir = top.state_dir.join("disks");
-        }
-
-        if flags.admin_token_file.is_some() {
-            admin_token_file.clone_from(&flags.admin_token_file);
-        }
-        let (admin_token, admin_token_source) =
-            read_admin_token(env, admin_token_file.as_deref(), flags)?;
-
-        let cfg = Config {
-            base_image: top
-                .base_image
-                .clone()
-                .unwrap_or_else(|| top.state_dir.join("images/runner-base.qcow2")),
-            label: top.label,
-            poll_interval: top.poll_interval,
-            max_vms: top.max_vms,
-            boot_deadline: top.boot_deadline,
-            job_deadline: top.job_deadline,
-            state_dir: top.state_dir,
-            runtime_dir: top.runtime_dir,
-            forgejo,
-            runner_url,
-            admin_token_file,
-            admin_token,
-            admin_token_source,
-            vm,
-            net: top.net,
-            metrics: top.metrics,
-            tokens: top.tokens,
+        let file = ConfigFile {
+            path: path.to_owned(),
+            text: text.to_owned(),
         };
+        Ok(Self::from_file(&file, env, flags)?)
+    }
+
+    fn from_file(
+        file: &ConfigFile,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &ConfigLayer,
+    ) -> Result<Config, ConfigError> {
+        let from_file: ConfigLayer = file.parse()?;
+        // The token chain tells the file's token file from the flag's (the environment sits
+        // between them), so it reads both before the merge.
+        let token_file_in_config = from_file.forgejo.admin_token_file.clone();
+        let layer = from_file.merge(env_layer(env)?).merge(flags.clone());
+        let forgejo = layer.forgejo.client().ok_or(ConfigError::NoForgejoUrl)?;
+        let (admin_token, admin_token_source) = read_admin_token(
+            env,
+            token_file_in_config.as_deref(),
+            flags.forgejo.admin_token_file.as_deref(),
+        )?;
+        let cfg = Self::resolve(layer, forgejo, admin_token, admin_token_source);
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// The merged layer with every default filled in.
+    fn resolve(
+        layer: ConfigLayer,
+        forgejo: ClientConfig,
+        admin_token: Secret,
+        admin_token_source: String,
+    ) -> Config {
+        let dirs = layer.dirs().resolve();
+        let ConfigLayer {
+            label,
+            poll_interval,
+            max_vms,
+            base_image,
+            boot_deadline,
+            job_deadline,
+            state_dir: _,
+            runtime_dir: _,
+            forgejo: forgejo_layer,
+            vm,
+            net,
+            metrics,
+            tokens,
+        } = layer;
+        // The driver's runtime root is always the daemon's runtime dir.
+        let vm = VmLayer {
+            runtime_root: None,
+            ..vm
+        }
+        .resolve(VmConfig {
+            runtime_root: dirs.runtime_dir.clone(),
+            log_dir: dirs.log_dir.clone(),
+            disk_dir: dirs.default_disk_dir(),
+            ..VmConfig::default()
+        });
+        Config {
+            label: label.unwrap_or_else(|| DEFAULT_LABEL.to_owned()),
+            poll_interval: poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL),
+            max_vms: max_vms.unwrap_or(DEFAULT_MAX_VMS),
+            base_image: base_image.unwrap_or_else(|| dirs.default_base_image()),
+            boot_deadline: boot_deadline.unwrap_or(DEFAULT_BOOT_DEADLINE),
+            job_deadline: job_deadline.unwrap_or(DEFAULT_JOB_DEADLINE),
+            state_dir: dirs.state_dir,
+            runtime_dir: dirs.runtime_dir,
+            forgejo,
+            runner_url: forgejo_layer.runner_url,
+            admin_token_file: forgejo_layer.admin_token_file,
+            admin_token,
+            admin_token_source,
+            vm,
+            net: net.resolve(NetConfig::default()),
+            metrics: metrics.resolve(MetricsConfig::default()),
+            tokens: tokens.resolve(TokenPolicy::default()),
+        }
+    }
+
     /// Checks the values themselves (no network, no file existence: see `serve --check-config`).
-    pub fn validate(&self) -> Result<(), Error> {
-        let bad = |m: String| Err(Error::Config(m));
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, value: String, why: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                value,
+                why: why.to_owned(),
+            })
+        };
         for (key, u) in [
             ("forgejo.url", Some(&self.forgejo.url)),
             ("forgejo.runner_url", self.runner_url.as_ref()),
         ] {
             if let Some(u) = u {
                 if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-                    return bad(format!(
-                        "{key} {u} must be an http:// or https:// URL with a host"
-                    ));
+                    return invalid(
+                        key,
+                        u.to_string(),
+                        "must be an http:// or https:// URL with a host",
+                    );
                 }
             }
         }
@@ -347,39 +298,53 @@ impl Config {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
-            return bad(format!(
-                "label {:?} must be non-empty and contain only letters, digits, '-', '_', '.'",
-                self.label
-            ));
+            return invalid(
+                "label",
+                format!("{:?}", self.label),
+                "must be non-empty and contain only letters, digits, '-', '_', '.'",
+            );
         }
         if self.max_vms == 0 {
-            return bad("max_vms must be at least 1".into());
+            return invalid("max_vms", "0".into(), "must be at least 1");
         }
-        if self.poll_interval.is_zero() {
-            return bad("poll_interval must be positive".into());
-        }
-        if self.boot_deadline.is_zero() || self.job_deadline.is_zero() {
-            return bad("boot_deadline and job_deadline must be positive".into());
+        for (key, d) in [
+            ("poll_interval", self.poll_interval),
+            ("boot_deadline", self.boot_deadline),
+            ("job_deadline", self.job_deadline),
+        ] {
+            if d.is_zero() {
+                return invalid(key, duration::format(d), "must be positive");
+            }
         }
         if self.boot_deadline > self.job_deadline {
-            return bad(format!(
-                "boot_deadline ({}) is longer than job_deadline ({})",
+            return invalid(
+                "boot_deadline",
                 duration::format(self.boot_deadline),
-                duration::format(self.job_deadline)
-            ));
+                &format!(
+                    "is longer than job_deadline ({})",
+                    duration::format(self.job_deadline)
+                ),
+            );
         }
-        if self.vm.vcpus == 0 || self.vm.memory_mib < 256 {
-            return bad("vm.vcpus must be at least 1 and vm.memory_mib at least 256".into());
+        if self.vm.vcpus == 0 {
+            return invalid("vm.vcpus", "0".into(), "must be at least 1");
         }
-        self.net
-            .validate()
-            .map_err(|e| Error::Config(e.to_string()))?;
-        self.metrics
-            .validate()
-            .map_err(|e| Error::Config(e.to_string()))?;
+        if self.vm.memory_mib < 256 {
+            return invalid(
+                "vm.memory_mib",
+                self.vm.memory_mib.to_string(),
+                "must be at least 256",
+            );
+        }
+        self.net.validate().map_err(ConfigError::Net)?;
+        self.metrics.validate().map_err(ConfigError::Metrics)?;
         for r in &self.tokens.fork_write_repos {
             if r.split('/').count() != 2 || r.split('/').any(str::is_empty) {
-                return bad(format!("tokens.fork_write_repos: {r:?} is not owner/repo"));
+                return invalid(
+                    "tokens.fork_write_repos",
+                    format!("[{r:?}]"),
+                    &format!("{r:?} is not owner/repo"),
+                );
             }
         }
         Ok(())
@@ -434,52 +399,22 @@ impl Config {
     }
 
     pub fn ci_users_path(&self) -> PathBuf {
-        self.state_dir.join("ci-users.json")
+        self.dirs().ci_users_file()
     }
 
-    /// The effective configuration as TOML, every default filled in, secrets redacted.
-    pub fn to_redacted_toml(&self) -> String {
-        let mut top = toml::Table::new();
-        let mut put = |k: &str, v: toml::Value| {
-            top.insert(k.to_owned(), v);
-        };
-        put("label", self.label.clone().into());
-        put("poll_interval", duration::format(self.poll_interval).into());
-        put("max_vms", (self.max_vms as i64).into());
-        put("base_image", self.base_image.display().to_string().into());
-        put("boot_deadline", duration::format(self.boot_deadline).into());
-        put("job_deadline", duration::format(self.job_deadline).into());
-        put("state_dir", self.state_dir.display().to_string().into());
-        put("runtime_dir", self.runtime_dir.display().to_string().into());
-        let mut forgejo = toml::Table::try_from(&self.forgejo).unwrap_or_default();
-        if let Some(u) = &self.runner_url {
-            forgejo.insert("runner_url".into(), u.as_str().into());
+    /// The directories, as the operator commands resolve them.
+    pub fn dirs(&self) -> Dirs {
+        Dirs {
+            runtime_dir: self.runtime_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            log_dir: self.vm.log_dir.clone(),
         }
-        if let Some(p) = &self.admin_token_file {
-            forgejo.insert("admin_token_file".into(), p.display().to_string().into());
-        }
-        top.insert("forgejo".into(), forgejo.into());
-        let mut vm = toml::Table::try_from(&self.vm).unwrap_or_default();
-        vm.remove("runtime_root");
-        top.insert("vm".into(), vm.into());
-        top.insert(
-            "metrics".into(),
-            toml::Table::try_from(&self.metrics)
-                .unwrap_or_default()
-                .into(),
-        );
-        top.insert(
-            "net".into(),
-            toml::Table::try_from(&self.net).unwrap_or_default().into(),
-        );
-        top.insert(
-            "tokens".into(),
-            toml::Table::try_from(&self.tokens)
-                .unwrap_or_default()
-                .into(),
-        );
-        let mut text =
-            toml::to_string_pretty(&top).unwrap_or_else(|e| format!("# unprintable: {e}\n"));
+    }
+
+    /// The configuration as a config file (what `--check-config` prints): every key, defaults
+    /// filled in. The admin token has no key; a comment says where it came from.
+    pub fn to_toml(&self) -> String {
+        let mut text = toml::to_string_pretty(self).expect("every config value has a TOML form");
         text.push_str(&format!(
             "# admin token: [redacted], from {}\n",
             self.admin_token_source
@@ -488,20 +423,84 @@ impl Config {
     }
 }
 
-/// Token sources, lowest precedence first: `forgejo.admin_token_file`,
+impl From<Config> for ConfigLayer {
+    /// The layer that resolves to `c`: every key set.
+    fn from(c: Config) -> Self {
+        let Config {
+            label,
+            poll_interval,
+            max_vms,
+            base_image,
+            boot_deadline,
+            job_deadline,
+            state_dir,
+            runtime_dir,
+            forgejo,
+            runner_url,
+            admin_token_file,
+            // Never in the file.
+            admin_token: _,
+            admin_token_source: _,
+            vm,
+            net,
+            metrics,
+            tokens,
+        } = c;
+        ConfigLayer {
+            label: Some(label),
+            poll_interval: Some(poll_interval),
+            max_vms: Some(max_vms),
+            base_image: Some(base_image),
+            boot_deadline: Some(boot_deadline),
+            job_deadline: Some(job_deadline),
+            state_dir: Some(state_dir),
+            runtime_dir: Some(runtime_dir),
+            forgejo: ForgejoLayer::from_parts(forgejo, runner_url, admin_token_file),
+            // The top-level runtime_dir stands for the driver's runtime root.
+            vm: VmLayer {
+                runtime_root: None,
+                ..vm.into()
+            },
+            net: net.into(),
+            metrics: metrics.into(),
+            tokens: tokens.into(),
+        }
+    }
+}
+
+/// The environment's layer: `FORGEJO_URL` (empty counts as unset). The token variables are read by
+/// [`read_admin_token`].
+fn env_layer(env: &dyn Fn(&str) -> Option<String>) -> Result<ConfigLayer, ConfigError> {
+    let mut layer = ConfigLayer::default();
+    if let Some(value) = env("FORGEJO_URL").filter(|s| !s.is_empty()) {
+        match Url::parse(&value) {
+            Ok(url) => layer.forgejo.url = Some(url),
+            Err(error) => {
+                return Err(ConfigError::EnvUrl {
+                    var: "FORGEJO_URL",
+                    value,
+                    error,
+                })
+            }
+        }
+    }
+    Ok(layer)
+}
+
+/// Token sources, lowest precedence first: `forgejo.admin_token_file` (`in_config`),
 /// `$CREDENTIALS_DIRECTORY/forgejo-admin-token`, `FORGEJO_ADMIN_TOKEN_FILE`, `FORGEJO_ADMIN_TOKEN`,
-/// `--admin-token-file`.
+/// `--admin-token-file` (`flag`). Returns the token and where it came from.
 fn read_admin_token(
     env: &dyn Fn(&str) -> Option<String>,
-    config_file: Option<&Path>,
-    flags: &Overrides,
-) -> Result<(Secret, String), Error> {
+    in_config: Option<&Path>,
+    flag: Option<&Path>,
+) -> Result<(Secret, String), ConfigError> {
     enum Source {
         File(PathBuf),
         Value(Secret),
     }
-    let mut chosen: Option<(&str, Source)> = None;
-    if let (Some(p), None) = (config_file, &flags.admin_token_file) {
+    let mut chosen: Option<(&'static str, Source)> = None;
+    if let Some(p) = in_config {
         chosen = Some(("forgejo.admin_token_file", Source::File(p.to_owned())));
     }
     if let Some(dir) = env("CREDENTIALS_DIRECTORY").filter(|s| !s.is_empty()) {
@@ -516,52 +515,32 @@ fn read_admin_token(
     if let Some(t) = env("FORGEJO_ADMIN_TOKEN").filter(|s| !s.is_empty()) {
         chosen = Some(("FORGEJO_ADMIN_TOKEN", Source::Value(Secret::new(t))));
     }
-    if let Some(p) = &flags.admin_token_file {
-        chosen = Some(("--admin-token-file", Source::File(p.clone())));
+    if let Some(p) = flag {
+        chosen = Some(("--admin-token-file", Source::File(p.to_owned())));
     }
-    let Some((label, source)) = chosen else {
-        return Err(Error::Config(format!(
-            "no admin token: set FORGEJO_ADMIN_TOKEN, FORGEJO_ADMIN_TOKEN_FILE, forgejo.admin_token_file, \
-             or the systemd credential {CREDENTIAL_NAME}"
-        )));
+    let Some((from, source)) = chosen else {
+        return Err(ConfigError::NoAdminToken);
     };
     let (token, source) = match source {
-        Source::Value(s) => (s, label.to_owned()),
-        Source::File(p) => {
-            let text = std::fs::read_to_string(&p).map_err(|e| {
-                Error::Config(format!(
-                    "cannot read the admin token file {} (from {label}): {e}",
-                    p.display()
-                ))
-            })?;
-            (
+        Source::Value(s) => (s, from.to_owned()),
+        Source::File(path) => match std::fs::read_to_string(&path) {
+            Ok(text) => (
                 Secret::new(text.trim()),
-                format!("{label} ({})", p.display()),
-            )
-        }
+                format!("{from} ({})", path.display()),
+            ),
+            Err(error) => return Err(ConfigError::AdminTokenFile { path, from, error }),
+        },
     };
     if token.is_empty() {
-        return Err(Error::Config(format!(
-            "the admin token from {source} is empty"
-        )));
+        return Err(ConfigError::AdminTokenEmpty { from: source });
     }
     Ok((token, source))
-}
-
-/// ` (line N)` for a TOML error span, so the message points at the offending key.
-fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
-    match span {
-        Some(r) => {
-            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
-            format!(" (line {line})")
-        }
-        None => String::new(),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::Accel;
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -584,7 +563,7 @@ mod tests {
             ("FORGEJO_URL", "http://f.example/"),
             ("FORGEJO_ADMIN_TOKEN", "tok"),
         ]);
-        Config::from_parts(text, Path::new("c.toml"), &env, &Overrides::default())
+        Config::from_parts(text, Path::new("c.toml"), &env, &ConfigLayer::default())
     }
 
     #[test]
@@ -623,7 +602,7 @@ mod tests {
         assert!(c.tokens.fork_write_allowed("acme/web"));
         assert!(!c.tokens.fork_write_allowed("acme/web2"));
         assert!(!c.tokens.fork_write_allowed("acme"));
-        let text = c.to_redacted_toml();
+        let text = c.to_toml();
         assert!(text.contains("fork_pull_requests = \"none\""), "{text}");
         for bad in [
             "[tokens]\nfork_pull_requests = \"write\"\n",
@@ -651,18 +630,159 @@ mod tests {
     fn unknown_keys_are_errors_in_every_section() {
         for (text, key) in [
             ("label = \"x\"\nmax_vm = 3\n", "max_vm"),
-            ("[vm]\ncpus = 2\n", "cpus"),
-            ("[forgejo]\nadmin_token = \"x\"\n", "admin_token"),
-            ("[net]\nbrigde = \"x\"\n", "brigde"),
-            ("[metrics]\nlisten_addr = \"x\"\n", "listen_addr"),
+            ("[vm]\ncpus = 2\n", "vm.cpus"),
+            ("[forgejo]\nadmin_token = \"x\"\n", "forgejo.admin_token"),
+            ("[net]\nbrigde = \"x\"\n", "net.brigde"),
+            ("[metrics]\nlisten_addr = \"x\"\n", "metrics.listen_addr"),
+            ("[tokens]\nbogus = 1\n", "tokens.bogus"),
             ("[bogus]\n", "bogus"),
         ] {
             let e = parse(text).unwrap_err();
+            let Error::Config(ConfigError::File(FileError::Invalid { key: Some(k), .. })) = &e
+            else {
+                panic!("{text}: {e:?}")
+            };
+            assert_eq!(k, key, "{text}");
             assert!(e.to_string().contains(key), "{text}: {e}");
             assert_eq!(e.class(), crate::types::ErrorClass::Config);
         }
         let e = parse("label = \n").unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
+        // A value of the wrong type names its key and line too.
+        let e = parse("label = \"x\"\n\n[vm]\nvcpus = \"two\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("config file c.toml, line 4, vm.vcpus: "),
+            "{e}"
+        );
+    }
+
+    /// The three layers merge key by key: a layer that sets one key of a section leaves the
+    /// section's other keys to the layers below.
+    #[test]
+    fn each_key_comes_from_the_last_layer_that_sets_it() {
+        let file = "label = \"file\"\nmax_vms = 5\nstate_dir = \"/srv/file\"\n\
+                    [forgejo]\nurl = \"http://file.example/\"\nretries = 7\n\
+                    [vm]\naccel = \"kvm\"\nvcpus = 4\n";
+        let env = env_of(&[
+            ("FORGEJO_URL", "http://env.example/"),
+            ("FORGEJO_ADMIN_TOKEN", "t"),
+        ]);
+        let flags = ConfigLayer {
+            label: Some("flag".into()),
+            state_dir: Some("/srv/flag".into()),
+            vm: VmLayer {
+                accel: Some(Accel::Tcg),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = Config::from_parts(file, Path::new("c.toml"), &env, &flags).unwrap();
+        assert_eq!(c.label, "flag");
+        assert_eq!(c.max_vms, 5);
+        assert_eq!(c.poll_interval, DEFAULT_POLL_INTERVAL);
+        assert_eq!(c.state_dir, Path::new("/srv/flag"));
+        assert_eq!(c.vm.log_dir, Path::new("/srv/flag/logs"));
+        assert_eq!(c.vm.disk_dir, Path::new("/srv/flag/disks"));
+        assert_eq!(c.forgejo.url.as_str(), "http://env.example/");
+        assert_eq!(c.forgejo.retries, 7);
+        assert_eq!(c.vm.accel, Accel::Tcg);
+        assert_eq!(c.vm.vcpus, 4);
+
+        let flags = ConfigLayer {
+            forgejo: ForgejoLayer {
+                url: Some(Url::parse("http://flag.example/").unwrap()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = Config::from_parts(file, Path::new("c.toml"), &env, &flags).unwrap();
+        assert_eq!(c.forgejo.url.as_str(), "http://flag.example/");
+        assert_eq!(c.forgejo.retries, 7);
+        assert_eq!(c.label, "file");
+
+        let e = Config::from_parts(
+            file,
+            Path::new("c.toml"),
+            &env_of(&[("FORGEJO_URL", "not a url"), ("FORGEJO_ADMIN_TOKEN", "t")]),
+            &ConfigLayer::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::Config(ConfigError::EnvUrl {
+                    var: "FORGEJO_URL",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+    }
+
+    /// Flags are the same layer as the file: clap sets only the keys given on the command line.
+    #[test]
+    fn flags_parse_into_a_layer_with_only_their_keys() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            flags: ConfigLayer,
+        }
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--label",
+            "l",
+            "--poll-interval",
+            "2s",
+            "--max-vms",
+            "4",
+            "--base-image",
+            "/b.qcow2",
+            "--boot-deadline",
+            "1m",
+            "--job-deadline",
+            "1h",
+            "--state-dir",
+            "/s",
+            "--runtime-dir",
+            "/r",
+            "--forgejo-url",
+            "http://f.example/",
+            "--runner-url",
+            "http://r.example/",
+            "--admin-token-file",
+            "/tok",
+            "--accel",
+            "tcg",
+        ])
+        .unwrap();
+        let expected = ConfigLayer {
+            label: Some("l".into()),
+            poll_interval: Some(Duration::from_secs(2)),
+            max_vms: Some(4),
+            base_image: Some("/b.qcow2".into()),
+            boot_deadline: Some(Duration::from_secs(60)),
+            job_deadline: Some(Duration::from_secs(3600)),
+            state_dir: Some("/s".into()),
+            runtime_dir: Some("/r".into()),
+            forgejo: ForgejoLayer {
+                url: Some(Url::parse("http://f.example/").unwrap()),
+                runner_url: Some(Url::parse("http://r.example/").unwrap()),
+                admin_token_file: Some("/tok".into()),
+                ..Default::default()
+            },
+            vm: VmLayer {
+                accel: Some(Accel::Tcg),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(cli.flags, expected);
+        let none = Cli::try_parse_from(["serve"]).unwrap();
+        assert_eq!(none.flags, ConfigLayer::default());
+        // The token itself is never a flag.
+        assert!(Cli::try_parse_from(["serve", "--admin-token", "x"]).is_err());
     }
 
     #[test]
@@ -698,9 +818,12 @@ mod tests {
             ("FORGEJO_URL", "http://env.example/"),
             ("FORGEJO_ADMIN_TOKEN_FILE", tok.to_str().unwrap()),
         ]);
-        let flags = Overrides {
+        let flags = ConfigLayer {
             label: Some("from-flag".into()),
-            accel: Some(Accel::Tcg),
+            vm: VmLayer {
+                accel: Some(Accel::Tcg),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let c = Config::load(&Sources {
@@ -716,8 +839,11 @@ mod tests {
         assert_eq!(c.forgejo.url.as_str(), "http://env.example/");
         assert_eq!(c.admin_token.expose(), "file-token");
 
-        let flags = Overrides {
-            forgejo_url: Some(Url::parse("http://flag.example/").unwrap()),
+        let flags = ConfigLayer {
+            forgejo: ForgejoLayer {
+                url: Some(Url::parse("http://flag.example/").unwrap()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let c = Config::load(&Sources {
@@ -731,7 +857,7 @@ mod tests {
         let c = Config::load(&Sources {
             file: Some(&file),
             env: &none,
-            flags: &Overrides::default(),
+            flags: &ConfigLayer::default(),
         })
         .unwrap();
         assert_eq!(c.forgejo.url.as_str(), "http://file.example:3000/");
@@ -753,8 +879,8 @@ mod tests {
                 from_cfg
             ),
         );
-        let none = Overrides::default();
-        let load = |env: &[(&str, &str)], flags: &Overrides| {
+        let none = ConfigLayer::default();
+        let load = |env: &[(&str, &str)], flags: &ConfigLayer| {
             let env = env_of(env);
             Config::load(&Sources {
                 file: Some(&file),
@@ -789,8 +915,11 @@ mod tests {
         );
         assert_eq!(c.admin_token.expose(), "env-token");
         assert_eq!(c.admin_token_source, "FORGEJO_ADMIN_TOKEN");
-        let flags = Overrides {
-            admin_token_file: Some(from_envfile.clone()),
+        let flags = ConfigLayer {
+            forgejo: ForgejoLayer {
+                admin_token_file: Some(from_envfile.clone()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         assert_eq!(
@@ -805,7 +934,7 @@ mod tests {
     fn missing_pieces_are_config_errors() {
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), "c.toml", "");
-        let none = Overrides::default();
+        let none = ConfigLayer::default();
         let env = env_of(&[]);
         let e = Config::load(&Sources {
             file: Some(&file),
@@ -906,30 +1035,89 @@ mod tests {
     }
 
     #[test]
-    fn redacted_toml_hides_token_and_round_trips() {
+    fn printed_config_hides_the_token_and_reads_back_the_same() {
         let env = env_of(&[
             ("FORGEJO_URL", "http://f/"),
             ("FORGEJO_ADMIN_TOKEN", "super-secret-token-123"),
         ]);
-        let c = Config::from_parts(
-            "max_vms = 7\n[vm]\naccel = \"tcg\"\n[net]\nallow = [\"192.168.1.10:3000\"]\n\
-             bridge_mac = \"02:00:00:00:00:01\"\ndns_servers = [\"192.0.2.53\"]\n",
-            Path::new("c"),
-            &env,
-            &Overrides::default(),
-        )
-        .unwrap();
-        let text = c.to_redacted_toml();
-        assert!(!text.contains("super-secret-token-123"), "{text}");
-        assert!(text.contains("[redacted]"), "{text}");
-        assert!(!format!("{c:?}").contains("super-secret-token-123"));
-        // What --check-config prints is itself a valid config file.
-        let back =
-            Config::from_parts(&text, Path::new("printed"), &env, &Overrides::default()).unwrap();
-        assert_eq!(back.max_vms, 7);
-        assert_eq!(back.base_image, c.base_image);
-        assert_eq!(back.vm, c.vm);
-        assert_eq!(back.forgejo, c.forgejo);
-        assert_eq!(back.net, c.net);
+        let round_trip = |text: &str| {
+            let c =
+                Config::from_parts(text, Path::new("c"), &env, &ConfigLayer::default()).unwrap();
+            let printed = c.to_toml();
+            assert!(!printed.contains("super-secret-token-123"), "{printed}");
+            assert!(
+                printed.contains("# admin token: [redacted], from FORGEJO_ADMIN_TOKEN"),
+                "{printed}"
+            );
+            assert!(!format!("{c:?}").contains("super-secret-token-123"));
+            // What --check-config prints is itself a config file, for exactly this config.
+            let back = Config::from_parts(
+                &printed,
+                Path::new("printed"),
+                &env_of(&[("FORGEJO_ADMIN_TOKEN", "other")]),
+                &ConfigLayer::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}\n{printed}"));
+            assert_eq!(ConfigLayer::from(back), ConfigLayer::from(c), "{printed}");
+            printed
+        };
+        let printed = round_trip("");
+        for key in [
+            "label = ",
+            "poll_interval = \"15s\"",
+            "[forgejo]",
+            "[vm]",
+            "[tokens]",
+        ] {
+            assert!(printed.contains(key), "{key}: {printed}");
+        }
+        assert!(!printed.contains("runtime_root"), "{printed}");
+        // Every optional key set, so that each one is printed.
+        round_trip(
+            "label = \"l\"\npoll_interval = \"500ms\"\nmax_vms = 7\nbase_image = \"/b.qcow2\"\n\
+             boot_deadline = \"2m\"\njob_deadline = 9000\nstate_dir = \"/s\"\nruntime_dir = \"/r\"\n\
+             [forgejo]\nurl = \"https://f.example/\"\nlevel = { repo = { owner = \"o\", repo = \"r\" } }\n\
+             request_timeout_ms = 1\nconnect_timeout_ms = 2\nretries = 0\nretry_backoff_ms = 3\n\
+             ci_user_visibility = \"limited\"\nci_user_email_domain = \"ci.invalid\"\n\
+             runner_url = \"http://10.0.0.2:3000/\"\nadmin_token_file = \"/tok\"\n\
+             [vm]\nqemu = \"/q\"\nqemu_img = \"/qi\"\naccel = \"tcg\"\nfirmware_code = \"/c.fd\"\n\
+             firmware_vars = \"/v.fd\"\nfirmware_descriptor_dirs = [\"/fw\"]\nvcpus = 1\nmemory_mib = 512\n\
+             log_dir = \"/l\"\nkeep_serial_log = false\npowerdown_grace_secs = 1\nquit_grace_secs = 2\n\
+             disk_dir = \"/d\"\ndisk_max_mib = 100\ndisk_budget_mib = 1000\nuid_base = 5000\n\
+             uid_count = 2\nmemory_overhead_mib = 64\ntcg_tb_size_mib = 32\npids_max = 64\n\
+             serial_head_kib = 1\nserial_tail_kib = 2\nserial_logs_keep = 3\nserial_logs_max_age_days = 4\n\
+             [net]\nbridge = \"br-ci\"\nsubnet = \"10.9.0.1/16\"\nbridge_mac = \"02:00:00:00:00:01\"\n\
+             dns_servers = [\"192.0.2.53\"]\nallow = [\"192.168.1.10:3000\", \"10.1.0.0/16\"]\n\
+             host_ports = [3128]\nuplink = \"eth1\"\nconn_rate_per_sec = 10\nmax_conns_per_vm = 20\n\
+             [metrics]\nlisten = \"127.0.0.1:9464\"\nallow_all_interfaces = true\n\
+             [tokens]\nfork_pull_requests = \"none\"\nfork_write_repos = [\"acme/web\"]\n",
+        );
+    }
+
+    /// The operator commands find the same dirs `serve` uses, for every combination of settings.
+    #[test]
+    fn agrees_with_the_operator_commands() {
+        let env = env_of(&[("FORGEJO_ADMIN_TOKEN", "t0ken")]);
+        // (top-level keys, [vm] keys); [forgejo] goes in between so each key lands in its table.
+        for (top, vm) in [
+            ("", ""),
+            ("state_dir = \"/srv/st\"", ""),
+            (
+                "runtime_dir = \"/run/x\"\nstate_dir = \"/srv/st\"",
+                "log_dir = \"/var/log/f\"",
+            ),
+            ("", "log_dir = \"/var/log/f\""),
+        ] {
+            let text = format!("{top}\n[forgejo]\nurl = \"https://forgejo.example\"\n[vm]\n{vm}\n");
+            let serve =
+                Config::from_parts(&text, Path::new("c"), &env, &ConfigLayer::default()).unwrap();
+            let file = ConfigFile {
+                path: "c".into(),
+                text: text.clone(),
+            };
+            let ops = crate::paths::DirsLayer::from_file(&file).unwrap();
+            assert_eq!(ops, file.parse::<ConfigLayer>().unwrap().dirs(), "{text}");
+            assert_eq!(ops.resolve(), serve.dirs(), "{text}");
+        }
     }
 }

@@ -23,10 +23,8 @@ pub use config::Config;
 /// Errors of the `controller` module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("config file {path}: {message}", path = .path.display())]
-    ConfigFile { path: PathBuf, message: String },
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     /// The cause is part of the message (and deliberately not also a `source`, so a report that
     /// walks the chain prints it once).
     #[error("{what} {path}: {error}", path = .path.display())]
@@ -56,7 +54,7 @@ impl Error {
     pub fn class(&self) -> crate::types::ErrorClass {
         use crate::types::ErrorClass;
         match self {
-            Error::ConfigFile { .. } | Error::Config(_) => ErrorClass::Config,
+            Error::Config(_) => ErrorClass::Config,
             Error::Missing(_) => ErrorClass::MissingDependency,
             Error::ForgejoCheck(_) => ErrorClass::Forgejo,
             Error::Io { .. } | Error::StateCorrupt { .. } => ErrorClass::Runtime,

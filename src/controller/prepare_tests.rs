@@ -9,7 +9,7 @@ use base64::Engine;
 use url::Url;
 
 use super::ciuser::{marker, CiUserStore};
-use super::config::Overrides;
+use super::config::ConfigLayer;
 use super::credentials::Credentials;
 use super::job::{registry_login, release, Held, StepError};
 use super::userdata::{self, RegistryAuth, RunnerParams};
@@ -55,7 +55,7 @@ fn ctx_for(emu: &Emulator, state_dir: &Path, tokens_toml: &str) -> Arc<Ctx> {
     );
     let token = emu.admin_token().to_owned();
     let env = move |k: &str| (k == "FORGEJO_ADMIN_TOKEN").then(|| token.clone());
-    let cfg = Config::from_parts(&text, Path::new("test.toml"), &env, &Overrides::default())
+    let cfg = Config::from_parts(&text, Path::new("test.toml"), &env, &ConfigLayer::default())
         .expect("test config");
     let client = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone()).unwrap();
     let users = CiUserStore::open(cfg.ci_users_path()).unwrap();

@@ -18,7 +18,7 @@ mod types;
 pub use client::{Client, RequestObserver, ServerInfo, MIN_MAJOR_VERSION};
 pub use config::{ClientConfig, Level, Visibility};
 pub use error::Error;
-pub use names::{ci_email, generate_password, token_name, TOKEN_PREFIX};
+pub use names::{ci_email, derived_password, generate_password, token_name, TOKEN_PREFIX};
 pub use types::{
     AccessToken, ActionRun, Job, JobStatus, MintedToken, NewUser, RegisteredRunner, Repository,
     Runner, User, UserCreation, READ_TOKEN_SCOPES, TOKEN_SCOPES,

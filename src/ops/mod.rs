@@ -71,8 +71,8 @@ pub enum Error {
         log.display()
     )]
     UnknownVm { name: String, log: PathBuf },
-    #[error("config {}: {message}", path.display())]
-    Config { path: PathBuf, message: String },
+    #[error(transparent)]
+    ConfigFile(#[from] crate::paths::FileError),
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),
     #[error("the daemon is not ready yet (its startup sweep is still running)")]
@@ -87,7 +87,7 @@ impl Error {
             Error::MetricsOnAllInterfaces(_)
             | Error::InvalidVmName(_)
             | Error::UnknownVm { .. }
-            | Error::Config { .. }
+            | Error::ConfigFile(_)
             | Error::UnsafeRuntimeDir(_) => ErrorClass::Config,
             Error::Io { .. }
             | Error::MetricsBind { .. }

@@ -59,6 +59,7 @@ pub struct VmConfig {
 
 impl Default for VmConfig {
     fn default() -> Self {
+        let dirs = crate::paths::Dirs::default();
         Self {
             qemu: "qemu-system-x86_64".into(),
             qemu_img: "qemu-img".into(),
@@ -71,12 +72,12 @@ impl Default for VmConfig {
             ],
             vcpus: 2,
             memory_mib: 2048,
-            runtime_root: "/run/fkr-qemu".into(),
-            log_dir: "/var/lib/fkr-qemu/logs".into(),
+            runtime_root: dirs.runtime_dir.clone(),
+            log_dir: dirs.log_dir.clone(),
             keep_serial_log: true,
             powerdown_grace_secs: 30,
             quit_grace_secs: 5,
-            disk_dir: "/var/lib/fkr-qemu/disks".into(),
+            disk_dir: dirs.default_disk_dir(),
             // The runner image's 20 GiB virtual disk, fully written, plus qcow2 metadata.
             disk_max_mib: 21 * 1024,
             disk_budget_mib: None,
@@ -104,7 +105,7 @@ impl VmConfig {
 
     /// `<runtime_root>/vms`.
     pub fn vms_dir(&self) -> PathBuf {
-        self.runtime_root.join("vms")
+        crate::paths::vms_dir(&self.runtime_root)
     }
 
     pub fn disk_max(&self) -> u64 {
