@@ -45,28 +45,33 @@ async fn token_scopes(cfg: &Config, login: &str) -> Result<Option<Vec<String>>, 
         .forgejo
         .url
         .join(&format!("api/v1/users/{login}/tokens?limit=50"))
-        .map_err(|e| Error::ForgejoCheck(format!("bad URL: {e}")))?;
+        .map_err(|e| Error::TokenScopesUnreadable {
+            error: e.to_string(),
+        })?;
     let resp = reqwest::Client::new()
         .get(url)
         .header("Authorization", format!("token {secret}"))
         .timeout(cfg.forgejo.request_timeout())
         .send()
         .await
-        .map_err(|e| Error::ForgejoCheck(format!("cannot list the admin token's scopes: {e}")))?;
+        .map_err(|e| Error::TokenScopesUnreadable {
+            error: e.to_string(),
+        })?;
     if resp.status().as_u16() == 401 {
         // Some servers take only Basic auth on the token routes: the scopes cannot be read here.
         return Ok(None);
     }
     if !resp.status().is_success() {
-        return Err(Error::ForgejoCheck(format!(
-            "listing the admin user's tokens answered HTTP {} (the token needs read:user)",
-            resp.status().as_u16()
-        )));
+        return Err(Error::TokenListRefused {
+            status: resp.status().as_u16(),
+        });
     }
     let listed: Vec<Listed> = resp
         .json()
         .await
-        .map_err(|e| Error::ForgejoCheck(format!("cannot read the token list: {e}")))?;
+        .map_err(|e| Error::TokenScopesUnreadable {
+            error: e.to_string(),
+        })?;
     Ok(listed
         .into_iter()
         .find(|t| t.token_last_eight == last8)
@@ -84,30 +89,17 @@ fn find_program(program: &Path) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn check_file(what: &str, path: &Path, hint: &str) -> Result<(), Error> {
-    if path.is_file() {
-        Ok(())
-    } else {
-        Err(Error::Missing(format!(
-            "{what} {} does not exist ({hint})",
-            path.display()
-        )))
-    }
-}
-
 /// Checks files and Forgejo, prints the effective configuration (secrets redacted) on stdout.
 pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
     let mut notes = Vec::new();
-    check_file(
-        "the base image",
-        &cfg.base_image,
-        "build it with image-builder/build-runner-base.sh, or set base_image",
-    )?;
-    let qemu = find_program(&cfg.vm.qemu).ok_or_else(|| {
-        Error::Missing(format!(
-            "{} not found (apt-get install qemu-system-x86, or set vm.qemu)",
-            cfg.vm.qemu.display()
-        ))
+    if !cfg.base_image.is_file() {
+        return Err(crate::vm::Error::BaseImageMissing {
+            path: cfg.base_image.clone(),
+        }
+        .into());
+    }
+    let qemu = find_program(&cfg.vm.qemu).ok_or_else(|| crate::vm::Error::QemuNotFound {
+        path: cfg.vm.qemu.clone(),
     })?;
     notes.push(format!("qemu: {}", qemu.display()));
     crate::vm::check_base_image(&cfg.vm.qemu_img, &cfg.base_image).await?;
@@ -133,12 +125,11 @@ pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
                 .filter(|n| !scope_covered(&have, n))
                 .collect();
             if !missing.is_empty() {
-                return Err(Error::ForgejoCheck(format!(
-                    "the admin token lacks the scope(s) {}; it has {}; it needs {}",
-                    missing.join(", "),
-                    have.join(", "),
-                    need.join(", ")
-                ))
+                return Err(Error::TokenScopesMissing {
+                    missing: missing.join(", "),
+                    have: have.join(", "),
+                    need: need.join(", "),
+                }
                 .into());
             }
             notes.push(format!(

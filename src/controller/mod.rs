@@ -35,10 +35,22 @@ pub enum Error {
     },
     #[error("state file {path} is corrupt ({message}); fix or move it away", path = .path.display())]
     StateCorrupt { path: PathBuf, message: String },
-    #[error("missing: {0}")]
-    Missing(String),
-    #[error("Forgejo check failed: {0}")]
-    ForgejoCheck(String),
+    /// `--check-config`: the admin token's scopes could not be read.
+    #[error("Forgejo check failed: cannot list the admin token's scopes: {error}")]
+    TokenScopesUnreadable { error: String },
+    /// `--check-config`: Forgejo refused to list the admin user's tokens.
+    #[error(
+        "Forgejo check failed: listing the admin user's tokens answered HTTP {status} (the token \
+         needs read:user)"
+    )]
+    TokenListRefused { status: u16 },
+    /// `--check-config`: the admin token lacks scopes `serve` needs.
+    #[error("Forgejo check failed: the admin token lacks the scope(s) {missing}; it has {have}; it needs {need}")]
+    TokenScopesMissing {
+        missing: String,
+        have: String,
+        need: String,
+    },
 }
 
 impl Error {
@@ -55,8 +67,9 @@ impl Error {
         use crate::types::ErrorClass;
         match self {
             Error::Config(_) => ErrorClass::Config,
-            Error::Missing(_) => ErrorClass::MissingDependency,
-            Error::ForgejoCheck(_) => ErrorClass::Forgejo,
+            Error::TokenScopesUnreadable { .. }
+            | Error::TokenListRefused { .. }
+            | Error::TokenScopesMissing { .. } => ErrorClass::Forgejo,
             Error::Io { .. } | Error::StateCorrupt { .. } => ErrorClass::Runtime,
         }
     }
