@@ -98,10 +98,11 @@ impl AddressPool {
             || address == s.network()
             || address == s.broadcast()
         {
-            return Err(Error::Config(format!(
-                "{address} is not a VM address of {}",
-                s.network_cidr()
-            )));
+            return Err(Error::invalid(
+                "a VM address",
+                address,
+                format!("not a VM address of {}", s.network_cidr()),
+            ));
         }
         if !st.leased.insert(address) {
             return Err(Error::AddressInUse(address));

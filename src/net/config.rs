@@ -69,45 +69,56 @@ impl Default for NetConfig {
 impl NetConfig {
     /// Checks what serde cannot: interface names, a usable subnet.
     pub fn validate(&self) -> Result<(), Error> {
-        check_ifname("bridge", &self.bridge)?;
+        check_ifname("net.bridge", &self.bridge)?;
         if self.bridge.starts_with(VmName::PREFIX) {
-            return Err(Error::Config(format!(
-                "net.bridge {:?} must not start with {:?}: that prefix is reserved for VM taps",
-                self.bridge,
-                VmName::PREFIX
-            )));
+            return Err(Error::invalid(
+                "net.bridge",
+                &self.bridge,
+                format!(
+                    "must not start with {:?}: that prefix is reserved for VM taps",
+                    VmName::PREFIX
+                ),
+            ));
         }
         if let Some(uplink) = &self.uplink {
-            check_ifname("uplink", uplink)?;
+            check_ifname("net.uplink", uplink)?;
         }
         let s = &self.subnet;
         if !(8..=30).contains(&s.prefix_len) {
-            return Err(Error::Config(format!(
-                "net.subnet {s}: the prefix length must be between 8 and 30"
-            )));
+            return Err(Error::invalid(
+                "net.subnet",
+                s,
+                "the prefix length must be between 8 and 30",
+            ));
         }
         if s.address == s.network() || s.address == s.broadcast() {
-            return Err(Error::Config(format!(
-                "net.subnet {s}: give the bridge's own address (e.g. {}/{}), not the network or \
-                 broadcast address",
-                Ipv4Addr::from(u32::from(s.network()) + 1),
-                s.prefix_len
-            )));
+            return Err(Error::invalid(
+                "net.subnet",
+                s,
+                format!(
+                    "give the bridge's own address (e.g. {}/{}), not the network or broadcast \
+                     address",
+                    Ipv4Addr::from(u32::from(s.network()) + 1),
+                    s.prefix_len
+                ),
+            ));
         }
         if self.host_ports.contains(&0) {
-            return Err(Error::Config("net.host_ports: port 0 is not a port".into()));
+            return Err(Error::invalid("net.host_ports", 0, "port 0 is not a port"));
         }
         // nft's `limit rate` takes a 32-bit packet count; the burst is twice the rate.
         if self.conn_rate_per_sec == 0 || self.conn_rate_per_sec > u32::MAX / 2 {
-            return Err(Error::Config(format!(
-                "net.conn_rate_per_sec {}: must be between 1 and {}",
+            return Err(Error::invalid(
+                "net.conn_rate_per_sec",
                 self.conn_rate_per_sec,
-                u32::MAX / 2
-            )));
+                format!("must be between 1 and {}", u32::MAX / 2),
+            ));
         }
         if self.max_conns_per_vm == 0 {
-            return Err(Error::Config(
-                "net.max_conns_per_vm 0: a VM needs at least one connection".into(),
+            return Err(Error::invalid(
+                "net.max_conns_per_vm",
+                0,
+                "a VM needs at least one connection",
             ));
         }
         Ok(())
@@ -123,17 +134,17 @@ impl NetConfig {
     pub fn resolved_dns_servers(&self) -> Result<Vec<Ipv4Addr>, Error> {
         match &self.dns_servers {
             Some(list) if !list.is_empty() => Ok(list.clone()),
-            Some(_) => Err(Error::Config(
-                "net.dns_servers is empty: list at least one server, or leave it out to use the \
-                 host's resolvers"
-                    .into(),
+            Some(_) => Err(Error::invalid(
+                "net.dns_servers",
+                "[]",
+                "list at least one server, or leave it out to use the host's resolvers",
             )),
             None => resolvers_from_file(Path::new("/etc/resolv.conf")),
         }
     }
 }
 
-fn check_ifname(what: &str, name: &str) -> Result<(), Error> {
+fn check_ifname(what: &'static str, name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() < libc::IFNAMSIZ
         && name
@@ -142,9 +153,11 @@ fn check_ifname(what: &str, name: &str) -> Result<(), Error> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Config(format!(
-            "net.{what} {name:?} is not a valid interface name (1-15 of [A-Za-z0-9._-])"
-        )))
+        Err(Error::invalid(
+            what,
+            name,
+            "not a valid interface name (1-15 of [A-Za-z0-9._-])",
+        ))
     }
 }
 
@@ -193,9 +206,11 @@ pub struct Ipv4Cidr {
 impl Ipv4Cidr {
     pub fn new(address: Ipv4Addr, prefix_len: u8) -> Result<Self, Error> {
         if prefix_len > 32 {
-            return Err(Error::Config(format!(
-                "{address}/{prefix_len}: prefix length above 32"
-            )));
+            return Err(Error::invalid(
+                "an IPv4 prefix",
+                format!("{address}/{prefix_len}"),
+                "prefix length above 32",
+            ));
         }
         Ok(Self {
             address,
@@ -242,9 +257,11 @@ impl FromStr for Ipv4Cidr {
 
     fn from_str(s: &str) -> Result<Self, Error> {
         let bad = || {
-            Error::Config(format!(
-                "{s:?} is not an IPv4 address with a prefix (a.b.c.d/n)"
-            ))
+            Error::invalid(
+                "an IPv4 prefix",
+                s,
+                "not an IPv4 address with a prefix (a.b.c.d/n)",
+            )
         };
         let (addr, len) = s.split_once('/').ok_or_else(bad)?;
         let address = addr.parse().map_err(|_| bad())?;
@@ -273,9 +290,11 @@ impl FromStr for AllowedDestination {
 
     fn from_str(s: &str) -> Result<Self, Error> {
         let bad = || {
-            Error::Config(format!(
-                "net.allow entry {s:?}: expected ADDR, ADDR/LEN, ADDR:PORT or ADDR/LEN:PORT"
-            ))
+            Error::invalid(
+                "a net.allow entry",
+                s,
+                "expected ADDR, ADDR/LEN, ADDR:PORT or ADDR/LEN:PORT",
+            )
         };
         let (net, port) = match s.split_once(':') {
             Some((net, port)) => (net, Some(port.parse::<u16>().map_err(|_| bad())?)),

@@ -44,9 +44,11 @@ impl HostNetwork {
 
         let bridge = &config.bridge;
         if uplink == *bridge {
-            return Err(Error::Config(format!(
-                "the uplink cannot be the VM bridge {bridge}: set net.uplink"
-            )));
+            return Err(Error::invalid(
+                "net.uplink",
+                bridge,
+                "the uplink cannot be the VM bridge: set net.uplink",
+            ));
         }
         // The firewall goes in first (its rules match interface names, so the bridge need not
         // exist yet), and forwarding is switched on last: no moment where VMs route unfiltered.

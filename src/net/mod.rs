@@ -34,8 +34,13 @@ use crate::types::ErrorClass;
 /// Errors of the `net` module.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid network configuration: {0}")]
-    Config(String),
+    /// A setting (or a value derived from one) that cannot be used.
+    #[error("invalid network configuration: {what} {value:?}: {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: String,
+    },
     #[error(
         "no DNS servers for the VMs: {path}: {reason}; set net.dns_servers in the configuration"
     )]
@@ -97,7 +102,7 @@ impl Error {
     /// What kind of failure this is: configuration, missing dependency, or a network failure.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Config(_)
+            Error::Invalid { .. }
             | Error::NoResolvers { .. }
             | Error::NoUplink
             | Error::UplinkMissing(_)
@@ -112,6 +117,18 @@ impl Error {
             | Error::AddressInUse(_)
             | Error::WrongNamespace
             | Error::Io { .. } => ErrorClass::Network,
+        }
+    }
+
+    pub(crate) fn invalid(
+        what: &'static str,
+        value: impl std::fmt::Display,
+        why: impl Into<String>,
+    ) -> Self {
+        Error::Invalid {
+            what,
+            value: value.to_string(),
+            why: why.into(),
         }
     }
 
