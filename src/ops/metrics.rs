@@ -16,7 +16,7 @@
 //! | `fkr_qemu_vms_running` | gauge | |
 //! | `fkr_qemu_queue_wait_seconds` | histogram | seen → dispatched |
 //! | `fkr_qemu_vm_prepare_seconds` | histogram | dispatched → QMP ready |
-//! | `fkr_qemu_vm_boot_seconds` | histogram | QMP ready → runner started |
+//! | `fkr_qemu_vm_boot_seconds` | histogram | QMP ready → the job seen running (at the poll that first shows it) |
 //! | `fkr_qemu_job_duration_seconds` | histogram | dispatched → VM gone |
 //! | `fkr_qemu_vm_teardown_seconds` | histogram | VM stopped → everything released |
 //! | `fkr_qemu_vm_removals_total` | counter | `reason` ([`RemovalReason`]) |
@@ -343,7 +343,7 @@ impl Metrics {
         );
         registry.register(
             "vm_boot_seconds",
-            "Guest boot: QMP ready to the runner starting (when the guest reports it)",
+            "Guest boot: QMP ready to the poll that first shows the job running",
             boot.clone(),
         );
         registry.register(
@@ -472,7 +472,7 @@ impl Metrics {
         self.inner.prepare.observe(d.as_secs_f64());
     }
 
-    /// The guest took `d` from QMP ready to starting the runner.
+    /// The guest took `d` from QMP ready to the poll that first showed its job running.
     pub fn observe_boot(&self, d: Duration) {
         self.inner.boot.observe(d.as_secs_f64());
     }
