@@ -133,6 +133,8 @@ pub enum ConfigError {
 pub struct Config {
     /// The `runs-on` label this host serves.
     pub label: String,
+    /// This host among the hosts serving one Forgejo (default: the hostname, made valid).
+    pub host_id: String,
     /// How often Forgejo is asked for waiting jobs.
     pub poll_interval: Duration,
     /// At most this many VMs at once.
@@ -152,6 +154,8 @@ pub struct Config {
     /// host reaches Forgejo through an address the guests cannot use.
     pub runner_url: Option<Url>,
     pub admin_token_file: Option<PathBuf>,
+    /// The key file the hosts share for CI-user passwords (see `Credentials`).
+    pub ci_password_key_file: Option<PathBuf>,
     /// Never printed (`Secret`), never serialised.
     pub admin_token: Secret,
     /// Where the admin token came from (for `--check-config`), never the token itself.
@@ -224,6 +228,7 @@ impl Config {
         let dirs = layer.dirs().resolve();
         let ConfigLayer {
             label,
+            host_id,
             poll_interval,
             max_vms,
             base_image,
@@ -250,6 +255,7 @@ impl Config {
         });
         Config {
             label: label.unwrap_or_else(|| DEFAULT_LABEL.to_owned()),
+            host_id: host_id.unwrap_or_else(default_host_id),
             poll_interval: poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL),
             max_vms: max_vms.unwrap_or(DEFAULT_MAX_VMS),
             base_image: base_image.unwrap_or_else(|| dirs.default_base_image()),
@@ -260,6 +266,7 @@ impl Config {
             forgejo,
             runner_url: forgejo_layer.runner_url,
             admin_token_file: forgejo_layer.admin_token_file,
+            ci_password_key_file: forgejo_layer.ci_password_key_file,
             admin_token,
             admin_token_source,
             vm,
@@ -302,6 +309,13 @@ impl Config {
                 "label",
                 format!("{:?}", self.label),
                 "must be non-empty and contain only letters, digits, '-', '_', '.'",
+            );
+        }
+        if !is_valid_host_id(&self.host_id) {
+            return invalid(
+                "host_id",
+                format!("{:?}", self.host_id),
+                "must be 1-32 of lowercase letters, digits and '-', starting with a letter or digit",
             );
         }
         if self.max_vms == 0 {
@@ -423,11 +437,47 @@ impl Config {
     }
 }
 
+/// Whether `id` can name a host in runner descriptions and token names: 1-32 of `[a-z0-9-]`, not
+/// starting with `-` (token names are parsed back by the sweep, so no `.` or `_`).
+pub fn is_valid_host_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The hostname's first label, lowercased, with anything else replaced by `-` and cut to 32.
+fn default_host_id() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    host_id_from_hostname(&host)
+}
+
+fn host_id_from_hostname(host: &str) -> String {
+    let label = host.split('.').next().unwrap_or_default();
+    let id: String = label
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(32)
+        .collect();
+    let id = id.trim_start_matches('-').to_owned();
+    if id.is_empty() {
+        "localhost".to_owned()
+    } else {
+        id
+    }
+}
+
 impl From<Config> for ConfigLayer {
     /// The layer that resolves to `c`: every key set.
     fn from(c: Config) -> Self {
         let Config {
             label,
+            host_id,
             poll_interval,
             max_vms,
             base_image,
@@ -438,6 +488,7 @@ impl From<Config> for ConfigLayer {
             forgejo,
             runner_url,
             admin_token_file,
+            ci_password_key_file,
             // Never in the file.
             admin_token: _,
             admin_token_source: _,
@@ -448,6 +499,7 @@ impl From<Config> for ConfigLayer {
         } = c;
         ConfigLayer {
             label: Some(label),
+            host_id: Some(host_id),
             poll_interval: Some(poll_interval),
             max_vms: Some(max_vms),
             base_image: Some(base_image),
@@ -455,7 +507,12 @@ impl From<Config> for ConfigLayer {
             job_deadline: Some(job_deadline),
             state_dir: Some(state_dir),
             runtime_dir: Some(runtime_dir),
-            forgejo: ForgejoLayer::from_parts(forgejo, runner_url, admin_token_file),
+            forgejo: ForgejoLayer::from_parts(
+                forgejo,
+                runner_url,
+                admin_token_file,
+                ci_password_key_file,
+            ),
             // The top-level runtime_dir stands for the driver's runtime root.
             vm: VmLayer {
                 runtime_root: None,

@@ -18,7 +18,10 @@ mod types;
 pub use client::{Client, RequestObserver, ServerInfo, MIN_MAJOR_VERSION};
 pub use config::{ClientConfig, Level, Visibility};
 pub use error::Error;
-pub use names::{ci_email, derived_password, generate_password, token_name, TOKEN_PREFIX};
+pub use names::{
+    ci_email, derived_password, generate_password, host_token_name, token_minter, token_name,
+    TokenMinter, TOKEN_PREFIX,
+};
 pub use types::{
     AccessToken, ActionRun, Job, JobStatus, MintedToken, NewUser, RegisteredRunner, Repository,
     Runner, User, UserCreation, READ_TOKEN_SCOPES, TOKEN_SCOPES,

@@ -6,15 +6,53 @@ use crate::secret::Secret;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-/// Every token the orchestrator mints is named `orch-<job id>-<random>`; the sweep deletes only these.
+/// Every token the orchestrator mints starts with `orch-`; the sweep deletes only these.
 pub const TOKEN_PREFIX: &str = "orch-";
 
-/// `orch-<job id>-<8 random hex digits>`.
+/// `orch-<job id>-<8 random hex digits>`: the name before host ids (still recognised by the sweep).
 pub fn token_name(job_id: i64) -> String {
     format!(
         "{TOKEN_PREFIX}{job_id}-{:08x}",
         rand::thread_rng().gen::<u32>()
     )
+}
+
+/// `orch-<job id>-<host id>-<8 random hex digits>`: the token of a job on host `host_id`.
+pub fn host_token_name(host_id: &str, job_id: i64) -> String {
+    format!(
+        "{TOKEN_PREFIX}{job_id}-{host_id}-{:08x}",
+        rand::thread_rng().gen::<u32>()
+    )
+}
+
+/// Who minted a token, as its name says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenMinter<'a> {
+    /// `orch-<job>-<host>-<hex>`: that host.
+    Host(&'a str),
+    /// `orch-<job>-<hex>`: a version without host ids (one host per Forgejo).
+    Legacy,
+}
+
+/// Parses a token name minted by [`host_token_name`] or [`token_name`]; `None` for any other name.
+pub fn token_minter(name: &str) -> Option<TokenMinter<'_>> {
+    let rest = name.strip_prefix(TOKEN_PREFIX)?;
+    let (job, rest) = rest.split_once('-')?;
+    if job.is_empty() || !job.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (host, hex) = match rest.rsplit_once('-') {
+        Some((host, hex)) => (Some(host), hex),
+        None => (None, rest),
+    };
+    if hex.len() != 8 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    match host {
+        None => Some(TokenMinter::Legacy),
+        Some(h) if !h.is_empty() => Some(TokenMinter::Host(h)),
+        Some(_) => None,
+    }
 }
 
 /// An address that can never receive mail: `<user>@<domain>` with a `.invalid` domain by default.
@@ -98,6 +136,26 @@ mod tests {
         assert!(s.chars().any(|c| c.is_ascii_uppercase()));
         assert!(s.chars().any(|c| c.is_ascii_digit()));
         assert!(s.chars().any(|c| !c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn token_names_say_which_host_minted_them() {
+        let n = host_token_name("build-1", 42);
+        assert!(n.starts_with("orch-42-build-1-"), "{n}");
+        assert_eq!(token_minter(&n), Some(TokenMinter::Host("build-1")));
+        assert_eq!(token_minter(&token_name(42)), Some(TokenMinter::Legacy));
+        for other in [
+            "orch-",
+            "orch-42",
+            "orch--build-1-0123abcd",
+            "orch-x-build-0123abcd",
+            "orch-42--0123abcd",
+            "orch-42-build-0123ABCD",
+            "my-token",
+            "orch-42-build-1-0123abc",
+        ] {
+            assert_eq!(token_minter(other), None, "{other}");
+        }
     }
 
     #[test]

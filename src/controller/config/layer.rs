@@ -28,6 +28,10 @@ layer! {
         /// The runs-on label to serve [default: external-host].
         #[arg(long)]
         pub label: Option<String>,
+        /// This host's name among the hosts serving one Forgejo: it marks the runners and tokens
+        /// this host creates, so each host cleans up only its own [default: the hostname].
+        #[arg(long, value_name = "ID")]
+        pub host_id: Option<String>,
         /// How often to poll Forgejo, e.g. 15s or 500ms [default: 15s].
         #[arg(long, value_parser = duration::parse)]
         #[serde(with = "duration::option")]
@@ -104,6 +108,10 @@ layer! {
         /// A file holding the admin token (the token itself is never accepted on the command line).
         #[arg(long, value_name = "PATH")]
         pub admin_token_file: Option<PathBuf>,
+        /// A key file the hosts serving one Forgejo share: CI-user passwords are derived from it,
+        /// so no host resets a password another host uses (README.md, "Several hosts").
+        #[arg(skip)]
+        pub ci_password_key_file: Option<PathBuf>,
     }
 }
 
@@ -121,6 +129,7 @@ impl ForgejoLayer {
             ci_user_email_domain,
             runner_url: _,
             admin_token_file: _,
+            ci_password_key_file: _,
         } = self.clone();
         let d = ClientConfig::new(url?);
         Some(ClientConfig {
@@ -140,6 +149,7 @@ impl ForgejoLayer {
         client: ClientConfig,
         runner_url: Option<Url>,
         admin_token_file: Option<PathBuf>,
+        ci_password_key_file: Option<PathBuf>,
     ) -> Self {
         let ClientConfig {
             url,
@@ -162,6 +172,7 @@ impl ForgejoLayer {
             ci_user_email_domain: Some(ci_user_email_domain),
             runner_url,
             admin_token_file,
+            ci_password_key_file,
         }
     }
 }
