@@ -328,14 +328,15 @@ fn serve_vm_fork_pull_request_gets_pull_only_credentials_and_squatters_fail_the_
         "squatter-pw-123",
     );
     let squatted = add_job(&w, "bob/api");
+    // Each attempt is refused; the daemon gives up on the job after its attempts.
     wait_finished(
         &mut serve,
         &w,
         JobOutcome::PrepareFailed,
-        1,
+        3,
         Duration::from_secs(60),
     );
-    assert_eq!(counter(&w, "fkr_qemu_ci_user_refusals_total"), 1);
+    assert_eq!(counter(&w, "fkr_qemu_ci_user_refusals_total"), 3);
     assert_eq!(job_status(&w, squatted), JobStatus::Waiting);
     // The operator is told which account is in the way, and that it is never taken over.
     let log = serve.log_text();
