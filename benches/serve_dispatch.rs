@@ -8,13 +8,23 @@
 //!   about half the poll interval plus the host-side preparation, which is printed on its own);
 //! - serve's resident memory (VmRSS, VmHWM) while `max_vms` VMs run.
 
+// The serve tests' harness; the bench uses part of it.
 #[allow(dead_code)]
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "../tests/common"]
+mod common {
+    pub mod emulator;
+    pub mod links;
+    pub mod netns;
+    pub mod netns_exec;
+    pub mod prometheus;
+    pub mod serve;
+    pub mod topology;
+}
 
 use std::time::{Duration, SystemTime};
 
 use common::serve::{wait_for, Settings, World};
+use fkr_qemu::ops::JobOutcome;
 use nix::sys::signal::Signal;
 
 /// `2026-11-28T01:54:15.733672Z` at the start of a log line → system time.
@@ -23,6 +33,18 @@ fn stamp(line: &str) -> SystemTime {
     let t =
         time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).unwrap();
     SystemTime::UNIX_EPOCH + Duration::from_nanos(t.unix_timestamp_nanos() as u64)
+}
+
+/// The first line of serve's log that contains `needle` (its time stamp is what the bench measures).
+fn wait_log(serve: &mut common::serve::Serve, needle: &str, timeout: Duration) -> String {
+    let log = serve.log.clone();
+    serve.wait(needle, timeout, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(str::to_owned)
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -52,7 +74,7 @@ fn main() {
         ..Settings::default()
     });
     let mut serve = w.serve(0);
-    serve.wait_log("entering discovery loop", Duration::from_secs(60));
+    serve.wait_ready();
     let (idle_rss, _) = rss_kib(serve.pid());
 
     let mut latency = Vec::new();
@@ -67,11 +89,17 @@ fn main() {
         // land just after a tick and measure a whole interval).
         std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 1000));
         let added = SystemTime::now();
-        let (id, _) = w
+        let id = w
             .emu
-            .add_job(&format!("bench/repo{}", i % 4), "external-host");
-        let started = serve.wait_log(&format!("started for job {id}"), Duration::from_secs(120));
-        let dispatched = serve.wait_log(
+            .add_job(&format!("bench/repo{}", i % 4), &["external-host"], "build")
+            .id;
+        let started = wait_log(
+            &mut serve,
+            &format!("started for job {id}"),
+            Duration::from_secs(120),
+        );
+        let dispatched = wait_log(
+            &mut serve,
             &format!("queue: dispatching job {id} "),
             Duration::from_secs(1),
         );
@@ -92,7 +120,7 @@ fn main() {
         }
     }
     wait_for("all jobs done", Duration::from_secs(600), || {
-        (serve.count("finished (job") == JOBS).then_some(())
+        (w.finished(JobOutcome::Completed) == JOBS as u64).then_some(())
     });
     let (_, hwm) = rss_kib(serve.pid());
     let lat = median(&mut latency.clone());

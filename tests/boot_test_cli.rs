@@ -1,14 +1,17 @@
 //! `fkr-qemu boot-test` as a user runs it: the real binary, under TCG, on the test guest.
 
-mod common;
+mod common {
+    pub mod fake_qemu;
+    pub mod guest;
+    pub mod vm_config;
+}
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::guest::{
-    assert_nothing_left, fake_internal_error_at, fake_qemu_kvm_internal_error, test_guest_image,
-};
+use common::fake_qemu::fake_qemu;
+use common::guest::{assert_nothing_left, fake_internal_error_at, test_guest_image};
 
 fn command(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fkr-qemu"));
@@ -164,7 +167,7 @@ fn vm_boot_test_stops_its_vm_on_sigint_and_sigterm() {
 #[test]
 fn vm_boot_test_reports_an_accelerator_internal_error_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let qemu = fake_qemu_kvm_internal_error(dir.path());
+    let qemu = fake_qemu(dir.path(), "kvm-internal-error");
     let image = test_guest_image();
     let started = Instant::now();
     let out = boot_test(

@@ -1,6 +1,8 @@
 //! The Forgejo client against the emulator: every call, every error path, every documented quirk.
 
-mod common;
+mod common {
+    pub mod emulator;
+}
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

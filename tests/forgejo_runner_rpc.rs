@@ -1,7 +1,9 @@
 //! The emulator's runner side, spoken the way the busybox stand-in runner speaks it: plain JSON POSTs
 //! with `x-runner-uuid` / `x-runner-token`, knowing only a URL, a uuid, a token and a handle.
 
-mod common;
+mod common {
+    pub mod emulator;
+}
 
 use common::emulator::{Emulator, JobStatus};
 use fkr_qemu::forgejo::{Client, ClientConfig, RegisteredRunner};

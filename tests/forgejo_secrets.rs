@@ -2,7 +2,9 @@
 //! the client writes — at TRACE, including reqwest's and hyper's — nor in any error's Display or
 //! Debug, nor in the Debug of what the client returns.
 
-mod common;
+mod common {
+    pub mod emulator;
+}
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,9 @@
 //! for the admin token routes): every request the client makes exists there with its query and body
 //! fields, and every answer the emulator gives validates against the schema of its route and status.
 
-mod common;
+mod common {
+    pub mod emulator;
+}
 #[path = "spec/swagger.rs"]
 mod swagger;
 

@@ -1,13 +1,22 @@
 //! Host networking inside throw-away network namespaces (root): bridge, taps, nftables table,
 //! sweep. The VM-level reachability tests are in `net_vm.rs`.
 
-mod common;
+mod common {
+    pub mod frames;
+    pub mod links;
+    pub mod netns;
+    pub mod netns_exec;
+    pub mod netns_run;
+    pub mod topology;
+}
 
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::frames::{self, TapEnd, BROADCAST, ETH_ARP, ETH_IPV4, ETH_IPV6, ETH_VLAN};
-use common::netns::{NetNs, Topology};
+use common::links::{links, vm_links};
+use common::netns::NetNs;
+use common::topology::Topology;
 use fkr_qemu::net::{self, HostNetwork, NetConfig, Tap};
 use fkr_qemu::types::{MacAddr, VmName};
 
@@ -16,13 +25,6 @@ fn config() -> NetConfig {
         dns_servers: Some(vec![Topology::UPSTREAM_ADDR]),
         ..NetConfig::default()
     }
-}
-
-fn vm_tap_links(ns: &NetNs) -> Vec<String> {
-    ns.links()
-        .into_iter()
-        .filter(|l| l.starts_with("fr-"))
-        .collect()
 }
 
 #[test]
@@ -92,10 +94,10 @@ fn tap_is_created_attached_isolated_and_removed() {
             port2.contains("isolated on") && port2.contains("learning on"),
             "{port2}"
         );
-        assert_eq!(vm_tap_links(host).len(), 2);
+        assert_eq!(vm_links(host).len(), 2);
         drop(tap2);
         drop(tap);
-        assert!(vm_tap_links(host).is_empty(), "{:?}", host.links());
+        assert!(vm_links(host).is_empty(), "{:?}", links(host));
         drop(qemu_fd);
         // Everything the binding added is gone with the tap.
         let table = bridge_table(host);
@@ -107,7 +109,7 @@ fn tap_is_created_attached_isolated_and_removed() {
         assert!(VmName::parse("vm-1").is_err());
         hn.teardown().expect("teardown");
     });
-    assert!(vm_tap_links(host).is_empty());
+    assert!(vm_links(host).is_empty());
 }
 
 #[test]
@@ -653,7 +655,7 @@ fn sweep_removes_only_vm_taps() {
     removed.sort();
     assert_eq!(removed, vec!["fr-deadbeef", "fr-feedf00d"]);
     assert!(!report.table_removed);
-    let mut left = ns.links();
+    let mut left = links(&ns);
     left.sort();
     assert_eq!(
         left,
@@ -687,7 +689,7 @@ fn setup_explains_what_is_missing() {
         let err = HostNetwork::setup(&cfg).unwrap_err();
         assert!(matches!(err, net::Error::UplinkMissing(_)), "{err}");
         // Nothing was created on the way to these errors.
-        assert_eq!(ns.links(), vec!["lo"]);
+        assert_eq!(links(&ns), vec!["lo"]);
         assert!(!net::nft::table_exists().unwrap());
     });
 }

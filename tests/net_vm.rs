@@ -2,7 +2,14 @@
 //! addresses from the seed, reach the "internet" (the upstream namespace) through NAT, and reach
 //! neither the host, nor each other, nor a private address that is not allow-listed.
 
-mod common;
+mod common {
+    pub mod http_server;
+    pub mod netns;
+    pub mod netns_exec;
+    pub mod netns_run;
+    pub mod topology;
+    pub mod vm_config;
+}
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -11,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::netns::{HttpServer, Topology};
+use common::http_server::HttpServer;
+use common::topology::Topology;
 use fkr_qemu::net::{HostNetwork, NetConfig};
 use fkr_qemu::types::{Accel, VmName};
 use fkr_qemu::vm::{self, Seed, VmConfig, VmSpec};
@@ -53,6 +61,18 @@ fn user_data(peer: Ipv4Addr) -> String {
          /etc/fkr/net-check.sh {peer}'\npower_state:\n  mode: poweroff\n  timeout: 30\n  \
          condition: true\n"
     )
+}
+
+/// The host's signal to the guests: a server that answers "wait" until the test sets what it
+/// answers ("go", "stop") through the handle it returns.
+fn signal_server(
+    ns: &common::netns::NetNs,
+    addr: SocketAddr,
+) -> (HttpServer, std::sync::Arc<std::sync::Mutex<&'static str>>) {
+    let say = std::sync::Arc::new(std::sync::Mutex::new("wait"));
+    let said = say.clone();
+    let server = HttpServer::start(ns, addr, move || said.lock().unwrap().to_string());
+    (server, say)
 }
 
 fn guest_image() -> PathBuf {
@@ -113,21 +133,15 @@ fn vm_guests_reach_upstream_through_nat_but_not_host_peers_or_private_ranges() {
     let image = guest_image();
     let topo = Topology::new();
     let at = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
-    let upstream = HttpServer::start(
-        &topo.upstream,
-        at(Topology::UPSTREAM_ADDR, PORT),
-        "fkr-upstream-ok",
-    );
-    let private = HttpServer::start(
-        &topo.upstream,
-        at(Topology::UPSTREAM_PRIVATE, PORT),
-        "fkr-private-ok",
-    );
-    let allowed = HttpServer::start(
-        &topo.upstream,
-        at(Topology::UPSTREAM_ALLOWED, PORT),
-        "fkr-allowed-ok",
-    );
+    let upstream = HttpServer::start(&topo.upstream, at(Topology::UPSTREAM_ADDR, PORT), || {
+        "fkr-upstream-ok".to_owned()
+    });
+    let private = HttpServer::start(&topo.upstream, at(Topology::UPSTREAM_PRIVATE, PORT), || {
+        "fkr-private-ok".to_owned()
+    });
+    let allowed = HttpServer::start(&topo.upstream, at(Topology::UPSTREAM_ALLOWED, PORT), || {
+        "fkr-allowed-ok".to_owned()
+    });
     let cfg = NetConfig {
         dns_servers: Some(vec![Topology::UPSTREAM_ADDR]),
         allow: vec![format!("{}:{PORT}", Topology::UPSTREAM_ALLOWED)
@@ -165,8 +179,10 @@ fn vm_guests_reach_upstream_through_nat_but_not_host_peers_or_private_ranges() {
             Some("fkr-private-ok")
         );
         let gw = hn.gateway();
-        let host_closed = HttpServer::start(&topo.host, at(gw, HOST_CLOSED_PORT), "fkr-host-ok");
-        let go = HttpServer::start(&topo.host, at(gw, HOST_OPEN_PORT), "wait");
+        let host_closed = HttpServer::start(&topo.host, at(gw, HOST_CLOSED_PORT), || {
+            "fkr-host-ok".to_owned()
+        });
+        let (_go, say) = signal_server(&topo.host, at(gw, HOST_OPEN_PORT));
 
         let names = [VmName::generate(), VmName::generate()];
         let leases = [
@@ -227,7 +243,7 @@ fn vm_guests_reach_upstream_through_nat_but_not_host_peers_or_private_ranges() {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-            go.set_body("go");
+            *say.lock().unwrap() = "go";
             let mut serials = Vec::new();
             for handle in handles {
                 let log = handle.serial_log().to_owned();
@@ -386,7 +402,7 @@ impl Holder {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = {
             let (accepted, stop) = (accepted.clone(), stop.clone());
-            ns.spawn(move || {
+            common::http_server::spawn_in(ns, move || {
                 let listener = std::net::TcpListener::bind(addr).expect("bind the holder");
                 listener.set_nonblocking(true).unwrap();
                 tx.send(()).unwrap();
@@ -461,11 +477,9 @@ fn vm_hostile_guest_cannot_spoof_flood_or_starve_its_neighbour() {
     let image = guest_image();
     let topo = Topology::new();
     let at = |ip: Ipv4Addr, port: u16| SocketAddr::from((ip, port));
-    let upstream = HttpServer::start(
-        &topo.upstream,
-        at(Topology::UPSTREAM_ADDR, PORT),
-        "fkr-upstream-ok",
-    );
+    let upstream = HttpServer::start(&topo.upstream, at(Topology::UPSTREAM_ADDR, PORT), || {
+        "fkr-upstream-ok".to_owned()
+    });
     let holder = Holder::start(&topo.upstream, at(Topology::UPSTREAM_ADDR, 9000));
     // The probe address counts every echo request that reaches it: only the attacker's two
     // honest control pings may.
@@ -488,7 +502,7 @@ fn vm_hostile_guest_cannot_spoof_flood_or_starve_its_neighbour() {
         ..NetConfig::default()
     };
     let dir = tempfile::tempdir().unwrap();
-    let vm_cfg = common::guest::config(dir.path());
+    let vm_cfg = common::vm_config::config(dir.path());
 
     let host = &topo.host;
     let (victim_serial, attacker_serial) = host.run(|| {
@@ -497,7 +511,7 @@ fn vm_hostile_guest_cannot_spoof_flood_or_starve_its_neighbour() {
             std::fs::write(br_nf, "0").expect("disable bridge-nf-call-iptables in the test netns");
         }
         let hn = HostNetwork::setup(&cfg).expect("host network");
-        let go = HttpServer::start(host, at(hn.gateway(), HOST_OPEN_PORT), "wait");
+        let (go, say) = signal_server(host, at(hn.gateway(), HOST_OPEN_PORT));
         let names = [VmName::generate(), VmName::generate()];
         let leases = [
             hn.allocate_address().expect("address"),
@@ -540,7 +554,7 @@ fn vm_hostile_guest_cannot_spoof_flood_or_starve_its_neighbour() {
                     .all(|a| clients.iter().any(|c| c.ip() == *a))
             })
             .await;
-            go.set_body("go");
+            *say.lock().unwrap() = "go";
             // The victim keeps working while the attacker holds its connections.
             wait_for(&handles, "the held connections", &|| {
                 serial(1).contains("FKR-NET held")
@@ -552,7 +566,7 @@ fn vm_hostile_guest_cannot_spoof_flood_or_starve_its_neighbour() {
             })
             .await;
             let held_now = holder.accepted();
-            go.set_body("stop");
+            *say.lock().unwrap() = "stop";
             let mut serials = Vec::new();
             for handle in handles {
                 let log = handle.serial_log().to_owned();

@@ -2,7 +2,9 @@
 //! control socket served in-process and against runtime/state dirs the test lays out. (The same
 //! commands against a real `serve` with a booted VM are in `ops_serve.rs`.)
 
-mod common;
+mod common {
+    pub mod prometheus;
+}
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -314,6 +316,8 @@ async fn metrics_endpoint_serves_valid_openmetrics() {
         after.get("fkr_qemu_jobs_finished_total{outcome=\"completed\"}"),
         1.0
     );
+    // ... and under no other outcome.
+    assert_eq!(after.sum("fkr_qemu_jobs_finished_total"), 1.0);
     assert_eq!(
         after.get("fkr_qemu_vm_removals_total{reason=\"job_done\"}"),
         1.0

@@ -3,19 +3,27 @@
 //! while it runs, `console` shows the kept log afterwards, `ci-users` shows no secret, `status`
 //! reports readiness, and the metrics endpoint serves valid OpenMetrics text whose counters move.
 
-mod common;
+mod common {
+    pub mod emulator;
+    pub mod links;
+    pub mod netns;
+    pub mod netns_exec;
+    pub mod prometheus;
+    pub mod serve;
+    pub mod topology;
+}
 
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::prometheus::{self, Exposition};
+use common::emulator::JobStatus;
 use common::serve::{wait_for, Settings, World};
+use fkr_qemu::ops::{JobOutcome, VmInfo};
+use fkr_qemu::types::Accel;
 use nix::sys::signal::Signal;
 
-/// The metrics endpoint inside the test's host namespace.
-const METRICS: &str = "127.0.0.1:9464";
 const BOOT: Duration = Duration::from_secs(240);
 
 fn fkr(config: &Path, args: &[&str]) -> Output {
@@ -40,20 +48,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn scrape(w: &World) -> Exposition {
-    let body = w.topo.host.exec(
-        "curl",
-        &[
-            "-sS",
-            "--fail",
-            "--max-time",
-            "20",
-            &format!("http://{METRICS}/metrics"),
-        ],
-    );
-    prometheus::parse(&body, true).unwrap_or_else(|e| panic!("invalid metrics: {e}\n{body}"))
-}
-
 /// Kills a child process even when the test fails first.
 struct Reap(Option<Child>);
 
@@ -69,17 +63,13 @@ impl Drop for Reap {
 #[test]
 fn ops_vm_commands_and_metrics_against_serve() {
     let w = World::new(Settings::default());
-    let mut config = std::fs::read_to_string(&w.config).unwrap();
-    config.push_str(&format!("\n[metrics]\nlisten = \"{METRICS}\"\n"));
-    std::fs::write(&w.config, config).unwrap();
     let cfg = w.config.clone();
 
     let mut serve = w.serve(0);
-    serve.wait_log("entering discovery loop", Duration::from_secs(60));
-    serve.wait_log(
-        &format!("metrics endpoint at http://{METRICS}/metrics"),
-        Duration::from_secs(5),
-    );
+    let ready = serve.wait_ready();
+    assert!(ready.vms.is_empty() && ready.queued == 0, "{ready:#?}");
+    // The status is our daemon's (nsenter execs serve: same pid).
+    assert_eq!(w.status().expect("serve answers").pid as i32, serve.pid());
     let o = fkr(&cfg, &["status"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
@@ -87,19 +77,21 @@ fn ops_vm_commands_and_metrics_against_serve() {
         "{}",
         text(&o)
     );
-    let before = scrape(&w);
+    let before = w.metrics();
     assert_eq!(before.get("fkr_qemu_jobs_seen_total"), 0.0);
     assert_eq!(before.get("fkr_qemu_vms_running"), 0.0);
 
-    let (id, _handle) = w.emu.add_job("alice/web", "external-host");
-    // Follow the console from the moment the VM exists: everything it prints comes later.
-    let name = wait_for("the VM's runtime dir", Duration::from_secs(180), || {
-        w.vm_dirs().into_iter().next()
+    let id = w.emu.add_job("alice/web", &["external-host"], "build").id;
+    // Follow the console from the moment QEMU runs: what the job prints comes later.
+    let vm: VmInfo = serve.wait_vm(id, "its serial log", Duration::from_secs(180), |v| {
+        v.serial_log.is_some()
     });
+    let name = vm.name.clone();
     let log_path = w
         .state_dir()
         .join("logs")
         .join(format!("{name}.serial.log"));
+    assert_eq!(vm.serial_log.as_ref(), Some(&log_path), "{vm:#?}");
     let printed_before = std::fs::read(&log_path).unwrap_or_default();
     let mut follow = Reap(Some(
         command(&cfg, &["console", "--follow", &name])
@@ -133,7 +125,7 @@ fn ops_vm_commands_and_metrics_against_serve() {
         (vm["owner"].as_str(), vm["repo"].as_str()),
         (Some("alice"), Some("web"))
     );
-    assert_eq!(vm["accel"], "tcg");
+    assert_eq!(vm["accel"], Accel::Tcg.as_str());
     let o = fkr(&cfg, &["list"]);
     let table = text(&o);
     let row = table
@@ -145,13 +137,15 @@ fn ops_vm_commands_and_metrics_against_serve() {
         "{row}"
     );
     assert!(table.lines().all(|l| l.chars().count() <= 100), "{table}");
-    let during = scrape(&w);
+    let during = w.metrics();
     assert_eq!(during.get("fkr_qemu_vms_running"), 1.0);
 
-    serve.wait_log(&format!("VM {name} finished (job {id})"), BOOT);
+    serve.wait_status("the VM to be gone", BOOT, |s| {
+        (!s.vms.iter().any(|v| v.name == name)).then_some(())
+    });
     assert_eq!(
-        w.emu.job_status(id),
-        "success",
+        w.emu.job(id).unwrap().status,
+        JobStatus::Success,
         "log:\n{}",
         serve.log_text()
     );
@@ -188,10 +182,10 @@ fn ops_vm_commands_and_metrics_against_serve() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("fkr-guest: poweroff"));
 
     // The counters moved by exactly this one job.
-    let after = wait_for("the job's metrics", Duration::from_secs(30), || {
-        let m = scrape(&w);
-        (m.get("fkr_qemu_jobs_finished_total{outcome=\"completed\"}") == 1.0).then_some(m)
+    serve.wait("the job's metrics", Duration::from_secs(30), || {
+        (w.finished(JobOutcome::Completed) == 1).then_some(())
     });
+    let after = w.metrics();
     assert_eq!(after.get("fkr_qemu_jobs_seen_total"), 1.0);
     assert_eq!(after.get("fkr_qemu_jobs_dispatched_total"), 1.0);
     assert_eq!(
@@ -217,7 +211,7 @@ fn ops_vm_commands_and_metrics_against_serve() {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(w.state_dir().join("ci-users.json")).unwrap())
             .unwrap();
-    let mut secrets = vec![w.emu.admin_token.clone()];
+    let mut secrets = vec![w.emu.admin_token().to_owned()];
     collect_passwords(&state, &mut secrets);
     assert!(
         secrets.len() >= 2,

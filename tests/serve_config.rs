@@ -1,6 +1,8 @@
 //! `fkr-qemu serve --check-config` and config errors, against the in-process emulator (no VM).
 
-mod common;
+mod common {
+    pub mod emulator;
+}
 
 use std::path::Path;
 use std::process::Output;

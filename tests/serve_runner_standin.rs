@@ -1,7 +1,9 @@
 //! The guest-side `forgejo-runner` stand-in (image-builder/test-guest-files/usr/local/bin/forgejo-runner)
 //! against the emulator, on the host: with curl, and with nothing but busybox (as in the test guest).
 
-mod common;
+mod common {
+    pub mod emulator;
+}
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -2,16 +2,26 @@
 //! names (nextest runs at most two at once). Each test works in its own temporary directory and ends by
 //! checking that no QEMU of its own runs and its runtime root is empty.
 
-mod common;
+mod common {
+    pub mod cloud_init;
+    pub mod fake_qemu;
+    pub mod guest;
+    pub mod http_server;
+    pub mod netns;
+    pub mod netns_run;
+    pub mod sandbox;
+    pub mod vm_config;
+}
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::guest::{
-    assert_nothing_left, assert_sandboxed, config, fake_internal_error_at,
-    fake_qemu_kvm_internal_error, reported_files, test_guest_image, user_data, WriteFile,
-};
+use common::cloud_init::{reported_files, user_data, WriteFile};
+use common::fake_qemu::fake_qemu;
+use common::guest::{assert_nothing_left, fake_internal_error_at, test_guest_image};
+use common::sandbox::assert_sandboxed;
+use common::vm_config::config;
 use fkr_qemu::types::{Accel, VmName};
 use fkr_qemu::vm::{self, serial, Error, Outcome, Seed, StopStep, VmSpec, VmState};
 
@@ -494,7 +504,8 @@ async fn missing_qemu_and_firmware_are_named_with_what_to_install() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn vm_guest_takes_its_static_address_by_mac_and_reaches_the_bridge() {
-    use common::netns::{HttpServer, NetNs};
+    use common::http_server::HttpServer;
+    use common::netns::NetNs;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     // A bridge of our own in a namespace of our own; the guest's traffic never leaves it.
@@ -508,16 +519,16 @@ async fn vm_guest_takes_its_static_address_by_mac_and_reaches_the_bridge() {
         tap: tap.fd_for_qemu().unwrap(),
         mac: tap.mac(),
     };
-    let server = HttpServer::start(&ns, "10.99.0.1:0".parse().unwrap(), "hello-from-the-bridge");
+    // The namespace is the test's own: any port is free.
+    let addr: std::net::SocketAddr = "10.99.0.1:8080".parse().unwrap();
+    let server = HttpServer::start(&ns, addr, || "hello-from-the-bridge".to_owned());
     // Exactly the shape of CONTRACTS.md §B.
     let network_config = format!(
         "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: '{}'\n    set-name: eth0\n    addresses:\n    - 10.99.0.5/24\n    routes:\n    - to: 0.0.0.0/0\n      via: 10.99.0.1\n    nameservers:\n      addresses:\n      - 10.99.0.1\n",
         dev.mac
     );
-    let get = format!(
-        "timeout 20 wget -q -O - http://{}/; echo; cat /etc/resolv.conf; ip route",
-        server.addr()
-    );
+    let get =
+        format!("timeout 20 wget -q -O - http://{addr}/; echo; cat /etc/resolv.conf; ip route");
     let mut s = seed(&name, user_data(&[], &[&get], true));
     s.network_config = Some(network_config);
     let mut spec = VmSpec::new(name, test_guest_image(), s, Duration::from_secs(240));
@@ -549,7 +560,7 @@ async fn vm_guest_takes_its_static_address_by_mac_and_reaches_the_bridge() {
 async fn vm_internal_error_ends_the_vm_within_a_second_and_auto_then_picks_tcg() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = vm::VmConfig {
-        qemu: fake_qemu_kvm_internal_error(dir.path()),
+        qemu: fake_qemu(dir.path(), "kvm-internal-error"),
         accel: Accel::Auto,
         // Long graces: the ladder must skip the power button of a paused guest, not wait it out.
         powerdown_grace_secs: 30,

@@ -2,7 +2,11 @@
 //! the reduced variant built from Debian Trixie's packages boots under TCG where real cloud-init applies
 //! the seed that `serve` writes.
 
-mod common;
+mod common {
+    pub mod http_server;
+    pub mod netns;
+    pub mod netns_run;
+}
 
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,7 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::netns::{HttpServer, NetNs};
+use common::http_server::HttpServer;
+use common::netns::NetNs;
 use fkr_qemu::controller::userdata::{self, RegistryAuth, RunnerParams};
 use fkr_qemu::net::{self, Ipv4Cidr, Tap};
 use fkr_qemu::secret::Secret;
@@ -491,7 +496,9 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
     ns.ip(&["link", "add", BRIDGE, "type", "bridge"]);
     ns.ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", BRIDGE]);
     ns.ip(&["link", "set", BRIDGE, "up"]);
-    let forgejo = HttpServer::start(&ns, SocketAddr::from((GATEWAY, FORGEJO_PORT)), TASK_REPLY);
+    let forgejo = HttpServer::start(&ns, SocketAddr::from((GATEWAY, FORGEJO_PORT)), || {
+        TASK_REPLY.to_owned()
+    });
 
     // The user-data exactly as serve renders it for a job.
     let url = url::Url::parse(&format!("http://{GATEWAY}:{FORGEJO_PORT}/")).unwrap();

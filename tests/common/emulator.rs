@@ -1,7 +1,7 @@
-//! The Forgejo emulator (tests/emulator/), for integration tests: `use common::emulator::Emulator;`.
+//! The Forgejo emulator (tests/emulator/) for integration tests: `Emulator` is the one handle on
+//! it, started in the test's process (`Emulator::start`) or as the `forgejo-emulator` process
+//! (`Emulator::spawn`), with the same controls either way.
 #[path = "../emulator/mod.rs"]
 mod imp;
 
-// Not every test crate that links `common` uses the emulator.
-#[allow(unused_imports)]
 pub use imp::*;

@@ -1,7 +1,6 @@
 //! Raw Ethernet frames for attacking the bridge from a tap without a VM: the test writes what a
 //! hostile guest's NIC would send straight into the tap fd (the same fd QEMU gets), and reads what
 //! the host sends back.
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{Read, Write};

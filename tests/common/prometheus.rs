@@ -1,6 +1,5 @@
 //! A strict little parser for the OpenMetrics / Prometheus text format, so tests check that a
 //! `/metrics` answer is well-formed (not merely that it contains some string) and read its values.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 

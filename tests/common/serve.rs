@@ -1,17 +1,24 @@
 //! Harness for `serve` tests: the emulator as a process in an `upstream` namespace, `fkr-qemu serve`
 //! (the real binary) as a child process in a `host` namespace routed to it, a config in a temp dir,
-//! and helpers to drive the emulator and inspect what `serve` left behind. Everything dies with the
+//! and helpers to see what `serve` is doing and what it left behind. Everything dies with the
 //! namespaces on Drop.
-#![allow(dead_code)]
+//!
+//! What the daemon is doing is read from its control socket (typed: [`DaemonStatus`], [`VmInfo`])
+//! and from its metrics endpoint (counts), never from its log: the log's wording is pinned by one
+//! test only (`serve_e2e::serve_vm_end_to_end_runs_a_job_and_cleans_up`).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use fkr_qemu::forgejo::TOKEN_PREFIX;
+use fkr_qemu::ops::{DaemonStatus, JobOutcome, VmInfo};
+use fkr_qemu::types::VmName;
 
-use super::netns::Topology;
+use super::emulator::Emulator;
+use super::links::vm_links;
+use super::prometheus::{self, Exposition};
+use super::topology::Topology;
 
 /// The test guest image (`image-builder/test-guest.sh`, run by `.ci/setup`).
 pub fn test_guest() -> PathBuf {
@@ -55,174 +62,6 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// The emulator process.
-pub struct Emulator {
-    child: Child,
-    pub url: String,
-    pub admin_token: String,
-    ns: String,
-}
-
-impl Emulator {
-    /// `curl` inside the host namespace (the only place that reaches the emulator besides the VMs).
-    fn curl(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                "curl",
-                "-sS",
-                "--fail-with-body",
-                "--max-time",
-                "20",
-            ])
-            .args(args)
-            .output()
-            .expect("run curl");
-        assert!(
-            out.status.success(),
-            "curl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn post(&self, path: &str, body: &Value) -> Value {
-        let text = self.curl(&[
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body.to_string(),
-            &format!("{}_emulator/{path}", self.url),
-        ]);
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    /// Adds a waiting job; returns (id, handle).
-    pub fn add_job(&self, repo: &str, label: &str) -> (i64, String) {
-        let v = self.post(
-            "jobs",
-            &serde_json::json!({"repo": repo, "labels": [label]}),
-        );
-        (
-            v["id"].as_i64().unwrap(),
-            v["handle"].as_str().unwrap().to_owned(),
-        )
-    }
-
-    /// Adds a waiting job whose run is a `pull_request` from a fork; returns (id, handle).
-    pub fn add_fork_pull_request_job(&self, repo: &str, label: &str) -> (i64, String) {
-        let run = serde_json::json!({"event": "pull_request", "trigger_event": "pull_request",
-            "is_fork_pull_request": true});
-        let v = self.post(
-            "jobs",
-            &serde_json::json!({"repo": repo, "labels": [label], "run": run}),
-        );
-        (
-            v["id"].as_i64().unwrap(),
-            v["handle"].as_str().unwrap().to_owned(),
-        )
-    }
-
-    /// A user who signed up by themselves (not through the admin API), with `email`.
-    pub fn register_user(&self, login: &str, email: &str, password: &str) {
-        let v = self.post(
-            "users",
-            &serde_json::json!({"login": login, "password": password, "email": email}),
-        );
-        assert!(v["id"].as_i64().is_some(), "{v}");
-    }
-
-    /// The scopes requested by each token creation for `login`, in order (from the request log:
-    /// tokens are revoked when their job ends).
-    pub fn token_scopes_requested(&self, login: &str) -> Vec<Vec<String>> {
-        let path = format!("/api/v1/users/{login}/tokens");
-        self.state()["requests"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["method"] == "POST" && r["path"] == path.as_str() && r["status"] == 201)
-            .map(|r| {
-                r["request_body"]["scopes"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|s| s.as_str().unwrap().to_owned())
-                    .collect()
-            })
-            .collect()
-    }
-
-    /// Makes `method route` fail (`kind` = `{"kind": "status", "status": 500}` etc.) until cleared.
-    pub fn fault(&self, method: &str, route: &str, kind: Value) {
-        let mut body = serde_json::json!({"method": method, "route": route});
-        body.as_object_mut()
-            .unwrap()
-            .extend(kind.as_object().unwrap().clone());
-        self.post("faults", &body);
-    }
-
-    pub fn clear_faults(&self) {
-        self.curl(&["-X", "DELETE", &format!("{}_emulator/faults", self.url)]);
-    }
-
-    pub fn state(&self) -> Value {
-        serde_json::from_str(&self.curl(&[&format!("{}_emulator/state", self.url)])).unwrap()
-    }
-
-    pub fn job_status(&self, id: i64) -> String {
-        let s = self.state();
-        s["jobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["id"].as_i64() == Some(id))
-            .map(|j| j["status"].as_str().unwrap_or_default().to_owned())
-            .unwrap_or_default()
-    }
-
-    /// Token names of `login`.
-    pub fn tokens(&self, login: &str) -> Vec<String> {
-        self.state()["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|t| t["user"].as_str() == Some(login))
-            .map(|t| t["name"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    /// Names of the runners that exist.
-    pub fn runners(&self) -> Vec<String> {
-        self.state()["runners"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["name"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    pub fn users(&self) -> Vec<String> {
-        self.state()["users"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|u| u["login"].as_str().unwrap().to_owned())
-            .collect()
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Knobs of the generated config.
 #[derive(Clone)]
 pub struct Settings {
@@ -256,6 +95,7 @@ impl Default for Settings {
 
 /// Topology + emulator + config: everything a `serve` run needs.
 pub struct World {
+    /// Dropped first: the emulator process lives in `topo`'s upstream namespace.
     pub emu: Emulator,
     pub topo: Topology,
     pub dir: tempfile::TempDir,
@@ -264,29 +104,17 @@ pub struct World {
 
 impl World {
     pub const EMU_ADDR: &'static str = "203.0.113.1";
+    /// The metrics endpoint, inside the host namespace.
+    pub const METRICS: &'static str = "127.0.0.1:9464";
 
     pub fn new(settings: Settings) -> World {
         let topo = Topology::new();
-        let mut child = topo
-            .upstream
-            .command(emulator_bin().to_str().unwrap())
-            .args(["--listen", &format!("{}:0", Self::EMU_ADDR)])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the emulator");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let v: Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("emulator said {line:?}: {e}"));
-        let emu = Emulator {
-            child,
-            url: v["url"].as_str().unwrap().trim_end_matches('/').to_owned() + "/",
-            admin_token: v["admin_token"].as_str().unwrap().to_owned(),
-            ns: topo.host.name().to_owned(),
-        };
+        let net = format!("--net=/run/netns/{}", topo.upstream.name());
+        let emu = Emulator::spawn(
+            &emulator_bin(),
+            &format!("{}:0", Self::EMU_ADDR),
+            &["nsenter", &net, "--"],
+        );
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         let s = settings;
@@ -303,7 +131,7 @@ state_dir = "{dir}/state"
 runtime_dir = "{dir}/run"
 
 [forgejo]
-url = "{url}"
+url = "{url}/"
 request_timeout_ms = {timeout}
 connect_timeout_ms = 2000
 retries = 1
@@ -320,6 +148,9 @@ keep_serial_log = true
 
 [net]
 dns_servers = ["{emu_addr}"]
+
+[metrics]
+listen = "{metrics}"
 "#,
                 max_vms = s.max_vms,
                 poll = s.poll_interval,
@@ -327,9 +158,10 @@ dns_servers = ["{emu_addr}"]
                 boot = s.boot_deadline,
                 job = s.job_deadline,
                 dir = dir.path().display(),
-                url = emu.url,
+                url = emu.url(),
                 timeout = s.request_timeout_ms,
                 emu_addr = Self::EMU_ADDR,
+                metrics = Self::METRICS,
                 accel = s.accel,
                 vm_extra = s.vm_extra,
                 qemu = s
@@ -365,7 +197,7 @@ dns_servers = ["{emu_addr}"]
             .host
             .command(&serve_bin())
             .args(["serve", "--config", self.config.to_str().unwrap()])
-            .env("FORGEJO_ADMIN_TOKEN", &self.emu.admin_token)
+            .env("FORGEJO_ADMIN_TOKEN", self.emu.admin_token())
             .env("FKR_LOG", "info")
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -374,7 +206,37 @@ dns_servers = ["{emu_addr}"]
         Serve {
             child: Some(child),
             log,
+            runtime_dir: self.runtime_dir(),
         }
+    }
+
+    /// The answer to `status` on the daemon's control socket; `None` while none answers.
+    pub fn status(&self) -> Option<DaemonStatus> {
+        status_of(&self.runtime_dir())
+    }
+
+    /// The daemon's metrics (its `/metrics` endpoint, scraped from the host namespace), checked to
+    /// be valid OpenMetrics text.
+    pub fn metrics(&self) -> Exposition {
+        let body = self.topo.host.exec(
+            "curl",
+            &[
+                "-sS",
+                "--fail",
+                "--max-time",
+                "20",
+                &format!("http://{}/metrics", Self::METRICS),
+            ],
+        );
+        prometheus::parse(&body, true).unwrap_or_else(|e| panic!("invalid metrics: {e}\n{body}"))
+    }
+
+    /// How many dispatched jobs ended with `outcome` (`fkr_qemu_jobs_finished_total`).
+    pub fn finished(&self, outcome: JobOutcome) -> u64 {
+        self.metrics().get(&format!(
+            "fkr_qemu_jobs_finished_total{{outcome=\"{}\"}}",
+            outcome.as_str()
+        )) as u64
     }
 
     /// VM directories under the runtime dir.
@@ -387,24 +249,9 @@ dns_servers = ["{emu_addr}"]
         }
     }
 
-    /// `fkr-qemu status --json` against this world's daemon (the control socket needs no netns).
-    pub fn status(&self) -> Option<Value> {
-        let out = std::process::Command::new(serve_bin())
-            .args(["status", "--json", "--runtime-dir"])
-            .arg(self.runtime_dir())
-            .output()
-            .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    /// `fr-*` interfaces in the host namespace.
+    /// Our interfaces (named like VMs) in the host namespace.
     pub fn taps(&self) -> Vec<String> {
-        self.topo
-            .host
-            .links()
-            .into_iter()
-            .filter(|l| l.starts_with("fr-"))
-            .collect()
+        vm_links(&self.topo.host)
     }
 
     /// Pids of QEMUs started for this world (their command line names our runtime dir).
@@ -427,6 +274,15 @@ dns_servers = ["{emu_addr}"]
         pids
     }
 
+    /// Job tokens (named with the crate's token prefix) of `login` in Forgejo.
+    pub fn job_tokens(&self, login: &str) -> Vec<String> {
+        self.emu
+            .token_names(login)
+            .into_iter()
+            .filter(|t| t.starts_with(TOKEN_PREFIX))
+            .collect()
+    }
+
     /// Asserts that no VM, file, tap, token or runner of ours is left.
     pub fn assert_clean(&self, ci_user: &str) {
         assert!(
@@ -436,23 +292,35 @@ dns_servers = ["{emu_addr}"]
         );
         assert!(self.taps().is_empty(), "taps left: {:?}", self.taps());
         assert!(self.qemus().is_empty(), "qemu left: {:?}", self.qemus());
-        let tokens = self.emu.tokens(ci_user);
+        let tokens = self.job_tokens(ci_user);
+        assert!(tokens.is_empty(), "tokens left: {tokens:?}");
+        let runners = self.emu.runner_names();
         assert!(
-            !tokens.iter().any(|t| t.starts_with("orch-")),
-            "tokens left: {tokens:?}"
-        );
-        let runners = self.emu.runners();
-        assert!(
-            !runners.iter().any(|r| r.starts_with("fr-")),
+            !runners.iter().any(|r| r.starts_with(VmName::PREFIX)),
             "runners left: {runners:?}"
         );
     }
+}
+
+/// The answer to `status` on the control socket under `runtime_dir`, through the crate's own
+/// client; `None` while no daemon answers there (not yet, or no longer: a daemon that is exiting
+/// closes the socket).
+fn status_of(runtime_dir: &Path) -> Option<DaemonStatus> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client = fkr_qemu::ops::Client::connect(runtime_dir).await.ok()?;
+        client.status().await.ok()
+    })
 }
 
 /// A running `fkr-qemu serve`.
 pub struct Serve {
     child: Option<Child>,
     pub log: PathBuf,
+    runtime_dir: PathBuf,
 }
 
 impl Serve {
@@ -464,38 +332,71 @@ impl Serve {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the log has a line containing `needle`; returns that line.
-    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+    /// Polls `f` every 100 ms until it returns `Some`; fails when `timeout` passes or serve exits
+    /// first (showing its log).
+    pub fn wait<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> T {
         let start = Instant::now();
         loop {
-            let text = self.log_text();
-            if let Some(l) = text.lines().find(|l| l.contains(needle)) {
-                return l.to_owned();
-            }
-            if start.elapsed() > timeout {
-                panic!("no log line with {needle:?} after {timeout:?}; log:\n{text}");
+            if let Some(v) = f() {
+                return v;
             }
             if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("serve exited ({st}) before logging {needle:?}; log:\n{text}");
+                panic!(
+                    "serve exited ({st}) while waiting for {what}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; status: {:#?}; log:\n{}",
+                    status_of(&self.runtime_dir),
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
-    /// How many log lines contain `needle`.
-    pub fn count(&self, needle: &str) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
+    /// Waits until the daemon's status satisfies `f`; returns what `f` returned.
+    pub fn wait_status<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&DaemonStatus) -> Option<T>,
+    ) -> T {
+        let runtime_dir = self.runtime_dir.clone();
+        self.wait(what, timeout, || {
+            status_of(&runtime_dir).as_ref().and_then(&mut f)
+        })
+    }
+
+    /// Waits until the daemon is ready (startup sweep done, discovery running).
+    pub fn wait_ready(&mut self) -> DaemonStatus {
+        self.wait_status("serve to be ready", Duration::from_secs(60), |s| {
+            s.ready.then(|| s.clone())
+        })
+    }
+
+    /// Waits until the VM of job `job_id` satisfies `f`; returns it.
+    pub fn wait_vm(
+        &mut self,
+        job_id: i64,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&VmInfo) -> bool,
+    ) -> VmInfo {
+        self.wait_status(&format!("the VM of job {job_id}: {what}"), timeout, |s| {
+            s.vms.iter().find(|v| v.job_id == job_id && f(v)).cloned()
+        })
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().unwrap().try_wait(), Ok(None))
     }
 
     /// Waits for the process to exit.
@@ -519,6 +420,9 @@ impl Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
         if std::thread::panicking() {
             // nextest shows this with the failure: the daemon's side of the story.
             eprintln!(
@@ -527,11 +431,9 @@ impl Drop for Serve {
                 self.log_text()
             );
         }
-        if let Some(mut c) = self.child.take() {
-            if matches!(c.try_wait(), Ok(None)) {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
+        if matches!(c.try_wait(), Ok(None)) {
+            let _ = c.kill();
         }
+        let _ = c.wait();
     }
 }

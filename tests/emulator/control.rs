@@ -15,7 +15,7 @@ use super::Shared;
 pub fn router() -> Router<Shared> {
     Router::new()
         .route("/_emulator/state", get(state))
-        .route("/_emulator/requests", get(requests))
+        .route("/_emulator/requests", get(requests).delete(clear_requests))
         .route("/_emulator/jobs", post(add_job))
         .route("/_emulator/repos", post(add_repo))
         .route("/_emulator/users", post(add_user))
@@ -36,6 +36,11 @@ async fn state(State(s): State<Shared>) -> Json<Value> {
 
 async fn requests(State(s): State<Shared>) -> Json<Value> {
     Json(json!(s.lock().expect("emulator state lock").requests))
+}
+
+async fn clear_requests(State(s): State<Shared>) -> StatusCode {
+    s.lock().expect("emulator state lock").requests.clear();
+    StatusCode::NO_CONTENT
 }
 
 #[derive(Deserialize)]

@@ -3,7 +3,10 @@
 //! it implements and where it differs from Forgejo.
 //!
 //! Used as a library (`tests/common/emulator.rs`) and as the `forgejo-emulator` example binary.
-// Every test crate links all of it but uses only part of it.
+// A library compiled whole into each user, each using part of it: several test crates (through
+// tests/common/emulator.rs), the `forgejo-emulator` example and the lib's unit tests
+// (src/controller/prepare_tests.rs). It cannot be a crate of its own (a dev-dependency) without a
+// workspace, so its unused parts are allowed here, in one place.
 #![allow(dead_code, unused_imports)]
 
 pub mod control;
@@ -78,22 +81,37 @@ pub struct AddedJob {
     pub run_id: i64,
 }
 
-/// A running emulator; stops when dropped.
+/// The one handle on an emulator, whichever way it runs: in this process (`Emulator::start`, for
+/// async tests that also reach into its state) or as the `forgejo-emulator` process
+/// (`Emulator::spawn`, e.g. behind NAT in a network namespace for `serve` tests). The test controls
+/// are the same for both; the process is driven over its `/_emulator/` routes. Stops when dropped.
 pub struct Emulator {
     url: String,
     admin_token: String,
-    state: Shared,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    backend: Backend,
+}
+
+enum Backend {
+    InProcess {
+        state: Shared,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+    },
+    Process {
+        child: std::process::Child,
+        /// Runs a program where the emulator is reachable (e.g. `nsenter --net=… --`).
+        prefix: Vec<String>,
+    },
 }
 
 impl Emulator {
-    /// Starts on 127.0.0.1 with every default.
+    /// Starts in this process on 127.0.0.1 with every default.
     pub async fn start_default() -> Self {
         Self::start(Options::default())
             .await
             .expect("emulator starts")
     }
 
+    /// Starts in this process.
     pub async fn start(opts: Options) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(opts.listen).await?;
         let addr = listener.local_addr()?;
@@ -147,9 +165,79 @@ impl Emulator {
         Ok(Self {
             url,
             admin_token,
-            state: shared,
-            stop: Some(stop),
+            backend: Backend::InProcess {
+                state: shared,
+                stop: Some(stop),
+            },
         })
+    }
+
+    /// Starts the `forgejo-emulator` binary (`binary`) listening on `listen`, run through `prefix`
+    /// (e.g. `["nsenter", "--net=/run/netns/x", "--"]`, or nothing); its controls are `curl` calls
+    /// run through the same prefix. Blocks until it prints its JSON line.
+    pub fn spawn(binary: &std::path::Path, listen: &str, prefix: &[&str]) -> Self {
+        use std::io::BufRead;
+        let prefix: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        let mut child = Self::command(&prefix, binary.to_str().expect("UTF-8 path"))
+            .args(["--listen", listen])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read the emulator's first line");
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("emulator said {line:?}: {e}"));
+        Self {
+            url: v["url"]
+                .as_str()
+                .expect("url")
+                .trim_end_matches('/')
+                .to_owned(),
+            admin_token: v["admin_token"].as_str().expect("admin_token").to_owned(),
+            backend: Backend::Process { child, prefix },
+        }
+    }
+
+    fn command(prefix: &[String], program: &str) -> std::process::Command {
+        match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = std::process::Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => std::process::Command::new(program),
+        }
+    }
+
+    /// `curl` against a control route of the emulator process; its answer as JSON (`null` if none).
+    fn control(&self, method: &str, route: &str, body: Option<Value>) -> Value {
+        let Backend::Process { prefix, .. } = &self.backend else {
+            unreachable!("controls over HTTP are for the emulator process")
+        };
+        let mut cmd = Self::command(prefix, "curl");
+        cmd.args(["-sS", "--fail-with-body", "--max-time", "20", "-X", method]);
+        if let Some(body) = body {
+            cmd.args([
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body.to_string(),
+            ]);
+        }
+        let out = cmd
+            .arg(format!("{}/_emulator/{route}", self.url))
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "{method} /_emulator/{route}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
     /// `http://ADDR:PORT` (no trailing slash, no `/api/v1`).
@@ -162,7 +250,14 @@ impl Emulator {
     }
 
     pub fn add_repo(&self, owner: &str, name: &str) -> i64 {
-        self.with_state(|s| s.ensure_repo(owner, name))
+        match &self.backend {
+            Backend::InProcess { .. } => self.with_state(|s| s.ensure_repo(owner, name)),
+            Backend::Process { .. } => {
+                self.control("POST", "repos", Some(json!({"owner": owner, "name": name})))["id"]
+                    .as_i64()
+                    .expect("repo id")
+            }
+        }
     }
 
     /// Adds a waiting job to `owner/name` with `runs-on: labels`.
@@ -178,51 +273,104 @@ impl Emulator {
         name: &str,
         trigger: state::RunTrigger,
     ) -> AddedJob {
-        let (owner, repo) = repo.split_once('/').expect("repo is owner/name");
+        let (owner, repo_name) = repo.split_once('/').expect("repo is owner/name");
         let labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        let (id, handle, repo_id, run_id) =
-            self.with_state(|s| s.add_job_in_run(owner, repo, &labels, name, trigger));
-        AddedJob {
-            id,
-            handle,
-            repo_id,
-            run_id,
+        match &self.backend {
+            Backend::InProcess { .. } => {
+                let (id, handle, repo_id, run_id) =
+                    self.with_state(|s| s.add_job_in_run(owner, repo_name, &labels, name, trigger));
+                AddedJob {
+                    id,
+                    handle,
+                    repo_id,
+                    run_id,
+                }
+            }
+            Backend::Process { .. } => {
+                let v = self.control(
+                    "POST",
+                    "jobs",
+                    Some(json!({"repo": repo, "labels": labels, "name": name, "run": trigger})),
+                );
+                AddedJob {
+                    id: v["id"].as_i64().expect("job id"),
+                    handle: v["handle"].as_str().expect("job handle").to_owned(),
+                    repo_id: v["repo_id"].as_i64().expect("repo id"),
+                    run_id: v["run_id"].as_i64().expect("run id"),
+                }
+            }
         }
     }
 
     /// A user who signed up by themselves with `email` (not created through the admin API: no
     /// `login_name`), e.g. someone squatting a CI user's name.
     pub fn register_user(&self, login: &str, email: &str, password: &str) -> i64 {
-        self.with_state(|s| s.insert_user(login, email, password, false, false))
+        match &self.backend {
+            Backend::InProcess { .. } => {
+                self.with_state(|s| s.insert_user(login, email, password, false, false))
+            }
+            Backend::Process { .. } => self.control(
+                "POST",
+                "users",
+                Some(json!({"login": login, "password": password, "email": email})),
+            )["id"]
+                .as_i64()
+                .expect("user id"),
+        }
     }
 
     /// Adds a user directly (e.g. one with `must_change_password`).
     pub fn add_user(&self, login: &str, password: &str, must_change_password: bool) -> i64 {
-        self.with_state(|s| {
-            s.insert_user(
-                login,
-                &format!("{login}@users.forgejo.emulator"),
-                password,
-                false,
-                must_change_password,
-            )
-        })
+        match &self.backend {
+            Backend::InProcess { .. } => self.with_state(|s| {
+                s.insert_user(
+                    login,
+                    &format!("{login}@users.forgejo.emulator"),
+                    password,
+                    false,
+                    must_change_password,
+                )
+            }),
+            Backend::Process { .. } => self.control(
+                "POST",
+                "users",
+                Some(json!({"login": login, "password": password,
+                    "must_change_password": must_change_password})),
+            )["id"]
+                .as_i64()
+                .expect("user id"),
+        }
     }
 
     /// The whole state as JSON (users without passwords, tokens without secrets, runners, deleted
     /// runners, jobs with results and logs, faults, request log).
     pub fn snapshot(&self) -> Value {
-        self.with_state(|s| s.snapshot())
+        match &self.backend {
+            Backend::InProcess { .. } => self.with_state(|s| s.snapshot()),
+            Backend::Process { .. } => self.control("GET", "state", None),
+        }
     }
 
     pub fn requests(&self) -> Vec<LoggedRequest> {
-        self.with_state(|s| s.requests.clone())
+        match &self.backend {
+            Backend::InProcess { .. } => self.with_state(|s| s.requests.clone()),
+            Backend::Process { .. } => {
+                serde_json::from_value(self.control("GET", "requests", None))
+                    .expect("the request log")
+            }
+        }
     }
 
     pub fn clear_requests(&self) {
-        self.with_state(|s| s.requests.clear())
+        match &self.backend {
+            Backend::InProcess { .. } => self.with_state(|s| s.requests.clear()),
+            Backend::Process { .. } => {
+                self.control("DELETE", "requests", None);
+            }
+        }
     }
 
+    /// Makes `method route` answer with `kind`, for `times` requests (`None`: until cleared).
     pub fn inject(&self, method: &str, route: &str, kind: FaultKind, times: Option<u32>) {
         let f = Fault {
             method: method.to_owned(),
@@ -230,40 +378,121 @@ impl Emulator {
             kind,
             times,
         };
-        self.with_state(|s| s.faults.push(f))
+        match &self.backend {
+            Backend::InProcess { .. } => self.with_state(|s| s.faults.push(f)),
+            Backend::Process { .. } => {
+                self.control("POST", "faults", Some(json!(f)));
+            }
+        }
     }
 
     pub fn clear_faults(&self) {
-        self.with_state(|s| s.faults.clear())
+        match &self.backend {
+            Backend::InProcess { .. } => self.with_state(|s| s.faults.clear()),
+            Backend::Process { .. } => {
+                self.control("DELETE", "faults", None);
+            }
+        }
     }
 
     pub fn job(&self, id: i64) -> Option<state::Job> {
-        self.with_state(|s| s.jobs.iter().find(|j| j.id == id).cloned())
+        match &self.backend {
+            Backend::InProcess { .. } => {
+                self.with_state(|s| s.jobs.iter().find(|j| j.id == id).cloned())
+            }
+            Backend::Process { .. } => {
+                let jobs: Vec<state::Job> =
+                    serde_json::from_value(self.snapshot()["jobs"].take()).expect("jobs");
+                jobs.into_iter().find(|j| j.id == id)
+            }
+        }
     }
 
     /// Names of the live tokens of `login`.
     pub fn token_names(&self, login: &str) -> Vec<String> {
-        self.with_state(|s| {
-            let Some(uid) = s.user_by_login(login).map(|u| u.id) else {
-                return Vec::new();
-            };
-            s.tokens
-                .iter()
-                .filter(|t| t.user_id == uid)
-                .map(|t| t.name.clone())
-                .collect()
-        })
+        self.snapshot()["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .filter(|t| t["user"].as_str() == Some(login))
+            .map(|t| t["name"].as_str().expect("token name").to_owned())
+            .collect()
     }
 
-    /// Direct access to the state, for assertions and set-ups the controls do not cover.
+    /// Names of the runners that exist.
+    pub fn runner_names(&self) -> Vec<String> {
+        self.snapshot()["runners"]
+            .as_array()
+            .expect("runners")
+            .iter()
+            .map(|r| r["name"].as_str().expect("runner name").to_owned())
+            .collect()
+    }
+
+    /// Names of the runners deleted so far (by the server or by a client).
+    pub fn deleted_runner_names(&self) -> Vec<String> {
+        self.snapshot()["deleted_runners"]
+            .as_array()
+            .expect("deleted runners")
+            .iter()
+            .map(|r| r["name"].as_str().expect("runner name").to_owned())
+            .collect()
+    }
+
+    /// Logins of every user (and organisation).
+    pub fn user_logins(&self) -> Vec<String> {
+        self.snapshot()["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .map(|u| u["login"].as_str().expect("login").to_owned())
+            .collect()
+    }
+
+    /// The scopes of each token created for `login` (successfully, through either token route),
+    /// in order, from the request log: tokens are revoked when their job ends.
+    pub fn token_scopes_requested(&self, login: &str) -> Vec<Vec<String>> {
+        let routes = [
+            format!("/api/v1/users/{login}/tokens"),
+            format!("/api/v1/admin/users/{login}/tokens"),
+        ];
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.status == 201 && routes.contains(&r.path))
+            .map(|r| {
+                r.request_body.as_ref().expect("a token request has a body")["scopes"]
+                    .as_array()
+                    .expect("scopes")
+                    .iter()
+                    .map(|s| s.as_str().expect("scope").to_owned())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Direct access to the state, for assertions and set-ups the controls do not cover. Only for
+    /// the emulator in this process.
     pub fn with_state<R>(&self, f: impl FnOnce(&mut state::State) -> R) -> R {
-        f(&mut self.state.lock().expect("emulator state lock"))
+        match &self.backend {
+            Backend::InProcess { state, .. } => f(&mut state.lock().expect("emulator state lock")),
+            Backend::Process { .. } => {
+                panic!("with_state needs the emulator in this process (Emulator::start)")
+            }
+        }
     }
 
     /// Stops serving (also done on drop).
     pub fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
+        match &mut self.backend {
+            Backend::InProcess { stop, .. } => {
+                if let Some(s) = stop.take() {
+                    let _ = s.send(());
+                }
+            }
+            Backend::Process { child, .. } => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }

@@ -359,8 +359,9 @@ struct CreateUserOption {
     password: Option<String>,
     must_change_password: Option<bool>,
     visibility: Option<String>,
-    #[allow(dead_code)]
-    send_notify: Option<bool>,
+    /// Accepted and ignored: the emulator sends no mail.
+    #[serde(rename = "send_notify")]
+    _send_notify: Option<bool>,
     login_name: Option<String>,
     source_id: Option<i64>,
 }

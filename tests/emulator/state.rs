@@ -138,7 +138,7 @@ impl JobStatus {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub id: i64,
     pub handle: String,
@@ -286,7 +286,7 @@ pub enum FaultKind {
 }
 
 /// One request as the emulator saw it (control routes are not logged).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoggedRequest {
     pub method: String,
     /// The concrete path, e.g. `/api/v1/admin/actions/runners/3`.

@@ -1,0 +1,27 @@
+//! The fake `qemu-system-x86_64` (tests/fakes/qemu_kvm_internal_error.rs), which behaves after the
+//! name of the directory it is called from.
+
+use std::path::{Path, PathBuf};
+
+/// A `qemu-system-x86_64` in `dir/<behaviour>/` (a symlink to the fake, since "our QEMU" is
+/// recognised by argv0). `behaviour` picks what it does:
+/// - `"oom"`: it allocates memory without bound;
+/// - anything else (e.g. `"kvm-internal-error"`): its KVM passes the firmware probe and then fails
+///   every guest with run state `internal-error`; under TCG it runs the real QEMU.
+pub fn fake_qemu(dir: &Path, behaviour: &str) -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_fkr-qemu"))
+        .parent()
+        .unwrap()
+        .join("examples/fake-qemu-kvm-internal-error");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test`/`nextest` build it; else `cargo build --examples`",
+        bin.display()
+    );
+    let fakebin = dir.join(behaviour);
+    std::fs::create_dir_all(&fakebin).unwrap();
+    let link = fakebin.join("qemu-system-x86_64");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&bin, &link).unwrap();
+    link
+}
