@@ -98,21 +98,26 @@ fn check_file(what: &str, path: &Path, hint: &str) -> Result<(), Error> {
 /// Checks files and Forgejo, prints the effective configuration (secrets redacted) on stdout.
 pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
     let mut notes = Vec::new();
+    // First and on its own line, so the firmware is reported even when a later check fails.
+    let fw = crate::vm::discover_firmware(&cfg.vm)?;
+    println!(
+        "# firmware: {} ({}) + {} ({}), from {}",
+        fw.code.display(),
+        fw.code_format,
+        fw.vars_template.display(),
+        fw.vars_format,
+        fw.source
+    );
     check_file(
         "the base image",
         &cfg.base_image,
         "build it with image-builder/build-runner-base.sh, or set base_image",
     )?;
-    let qemu = find_program(&cfg.vm.qemu).ok_or_else(|| {
-        Error::Missing(format!(
-            "{} not found (apt-get install qemu-system-x86, or set vm.qemu)",
-            cfg.vm.qemu.display()
-        ))
+    let qemu = find_program(&cfg.vm.qemu).ok_or_else(|| crate::vm::Error::QemuNotFound {
+        path: cfg.vm.qemu.clone(),
     })?;
     notes.push(format!("qemu: {}", qemu.display()));
     crate::vm::check_base_image(&cfg.vm.qemu_img, &cfg.base_image).await?;
-    let fw = crate::vm::discover_firmware(&cfg.vm)?;
-    notes.push(format!("firmware: {}", fw.code.display()));
     let dns = cfg.net.resolved_dns_servers()?;
     notes.push(format!("VM DNS servers: {dns:?}"));
 
