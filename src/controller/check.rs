@@ -92,6 +92,16 @@ fn find_program(program: &Path) -> Option<std::path::PathBuf> {
 /// Checks files and Forgejo, prints the effective configuration (secrets redacted) on stdout.
 pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
     let mut notes = Vec::new();
+    // First and on its own line, so the firmware is reported even when a later check fails.
+    let fw = crate::vm::discover_firmware(&cfg.vm)?;
+    println!(
+        "# firmware: {} ({}) + {} ({}), from {}",
+        fw.code.display(),
+        fw.code_format,
+        fw.vars_template.display(),
+        fw.vars_format,
+        fw.source
+    );
     if !cfg.base_image.is_file() {
         return Err(crate::vm::Error::BaseImageMissing {
             path: cfg.base_image.clone(),
@@ -103,8 +113,6 @@ pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
     })?;
     notes.push(format!("qemu: {}", qemu.display()));
     crate::vm::check_base_image(&cfg.vm.qemu_img, &cfg.base_image).await?;
-    let fw = crate::vm::discover_firmware(&cfg.vm)?;
-    notes.push(format!("firmware: {}", fw.code.display()));
     let dns = cfg.net.resolved_dns_servers()?;
     notes.push(format!("VM DNS servers: {dns:?}"));
 

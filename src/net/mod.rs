@@ -60,7 +60,10 @@ pub enum Error {
     BridgeModuleMissing,
     #[error("/dev/net/tun is missing: load the tun module (modprobe tun)")]
     TunMissing,
-    #[error("the nft tool is missing: install the nftables package (apt-get install nftables)")]
+    #[error(
+        "the nft tool is missing: install nftables (Debian/Ubuntu: `apt-get install nftables`; \
+         Fedora: `dnf install nftables`; Arch: `pacman -S nftables`)"
+    )]
     NftMissing,
     #[error(
         "{action}: the kernel lacks nftables support: load the nf_tables, nft_chain_nat, nft_ct, \

@@ -64,15 +64,13 @@ pub struct Target {
     pub machines: Vec<String>,
 }
 
-/// Features that need secure boot, SMM or confidential computing: we want none of them.
-const UNWANTED_FEATURES: &[&str] = &[
-    "secure-boot",
-    "enrolled-keys",
-    "requires-smm",
-    "amd-sev-es",
-    "amd-sev-snp",
-    "intel-tdx",
-];
+/// Features a plain job VM cannot use: secure boot (enforced with enrolled keys) and builds that
+/// require the platform to emulate SMM. `amd-sev`, `amd-sev-es`, `amd-sev-snp` and `intel-tdx` are
+/// not here: QEMU's firmware.json defines them as "the firmware supports running under …", and the
+/// plain builds declare them (Fedora's `50-edk2-ovmf-4m-qcow2-x64-nosb.json` lists `amd-sev-es`,
+/// Arch's and Debian's list `amd-sev`). The builds that only serve confidential guests are stateless
+/// or memory-mapped, which the split-flash check already skips.
+const UNWANTED_FEATURES: &[&str] = &["secure-boot", "enrolled-keys", "requires-smm"];
 
 /// Known (code, vars) pairs, in preference order, when no descriptor fits.
 const FALLBACKS: &[(&str, &str)] = &[
@@ -180,17 +178,28 @@ pub fn read_descriptors(dirs: &[PathBuf]) -> Vec<(PathBuf, FirmwareDescriptor)> 
 
 /// Finds the firmware for a VM: config overrides, else descriptors, else known distribution paths.
 pub fn discover_firmware(config: &VmConfig) -> Result<Firmware, Error> {
-    discover_with_fallbacks(config, FALLBACKS)
+    discover_firmware_with(config, Path::is_file)
+}
+
+/// [`discover_firmware`] with the "is this a file" check supplied by the caller, so that tests can
+/// run the whole discovery against another distribution's descriptors with the files they name laid
+/// out under a temporary root. The returned paths are the ones the descriptors name.
+pub fn discover_firmware_with(
+    config: &VmConfig,
+    exists: impl Fn(&Path) -> bool,
+) -> Result<Firmware, Error> {
+    discover_with_fallbacks(config, FALLBACKS, exists)
 }
 
 fn discover_with_fallbacks(
     config: &VmConfig,
     fallbacks: &[(&str, &str)],
+    exists: impl Fn(&Path) -> bool,
 ) -> Result<Firmware, Error> {
     match (&config.firmware_code, &config.firmware_vars) {
         (Some(code), Some(vars)) => {
             for p in [code, vars] {
-                if !p.is_file() {
+                if !exists(p) {
                     return Err(Error::FirmwareFileMissing { path: p.clone() });
                 }
             }
@@ -206,12 +215,12 @@ fn discover_with_fallbacks(
         _ => return Err(Error::FirmwarePairIncomplete),
     }
     let descriptors = read_descriptors(&config.firmware_descriptor_dirs);
-    if let Some(fw) = select_descriptor(&descriptors, Path::is_file) {
+    if let Some(fw) = select_descriptor(&descriptors, &exists) {
         return Ok(fw);
     }
     for (code, vars) in fallbacks {
         let (code, vars) = (Path::new(code), Path::new(vars));
-        if code.is_file() && vars.is_file() {
+        if exists(code) && exists(vars) {
             return Ok(Firmware {
                 code: code.into(),
                 code_format: "raw".into(),
@@ -260,6 +269,78 @@ mod tests {
     fn fixtures() -> Vec<(PathBuf, FirmwareDescriptor)> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware/fixtures");
         read_descriptors(&[dir])
+    }
+
+    /// The descriptors one distribution's OVMF package installs (`firmware/fixtures/<distro>/`).
+    fn distro(name: &str) -> Vec<(PathBuf, FirmwareDescriptor)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("firmware/fixtures")
+            .join(name);
+        read_descriptors(&[dir])
+    }
+
+    #[test]
+    fn arch_gets_the_plain_4m_build_not_the_ia32_one_that_also_fits() {
+        let all = distro("arch");
+        assert_eq!(all.len(), 5, "{all:?}");
+        let fw = select_descriptor(&all, |_| true).unwrap();
+        assert_eq!(fw.code, Path::new("/usr/share/edk2/x64/OVMF_CODE.4m.fd"));
+        assert_eq!(
+            fw.vars_template,
+            Path::new("/usr/share/edk2/x64/OVMF_VARS.4m.fd")
+        );
+        assert_eq!(
+            (fw.code_format.as_str(), fw.vars_format.as_str()),
+            ("raw", "raw")
+        );
+        assert!(
+            fw.source.ends_with("60-edk2-ovmf-x86_64-4m.json"),
+            "{}",
+            fw.source
+        );
+    }
+
+    #[test]
+    fn fedora_gets_the_4m_qcow2_build_else_the_2m_raw_one() {
+        let all = distro("fedora");
+        assert_eq!(all.len(), 9, "{all:?}");
+        let fw = select_descriptor(&all, |_| true).unwrap();
+        assert_eq!(
+            fw.code,
+            Path::new("/usr/share/edk2/ovmf/OVMF_CODE_4M.qcow2")
+        );
+        assert_eq!(
+            fw.vars_template,
+            Path::new("/usr/share/edk2/ovmf/OVMF_VARS_4M.qcow2")
+        );
+        assert_eq!(
+            (fw.code_format.as_str(), fw.vars_format.as_str()),
+            ("qcow2", "qcow2")
+        );
+        assert!(
+            fw.source.ends_with("50-edk2-ovmf-4m-qcow2-x64-nosb.json"),
+            "{}",
+            fw.source
+        );
+
+        // Without the qcow2 images the 2 MiB raw build is next; every secure-boot, SEV and TDX
+        // build is still passed over.
+        let raw_only = |p: &Path| p.extension() != Some("qcow2".as_ref());
+        let fw = select_descriptor(&all, raw_only).unwrap();
+        assert_eq!(fw.code, Path::new("/usr/share/edk2/ovmf/OVMF_CODE.fd"));
+        assert_eq!(
+            fw.vars_template,
+            Path::new("/usr/share/edk2/ovmf/OVMF_VARS.fd")
+        );
+        assert_eq!(
+            (fw.code_format.as_str(), fw.vars_format.as_str()),
+            ("raw", "raw")
+        );
+        assert!(
+            fw.source.ends_with("51-edk2-ovmf-2m-raw-x64-nosb.json"),
+            "{}",
+            fw.source
+        );
     }
 
     #[test]
@@ -313,6 +394,7 @@ mod tests {
         let err = discover_with_fallbacks(
             &c,
             &[("/nonexistent/OVMF_CODE.fd", "/nonexistent/OVMF_VARS.fd")],
+            Path::is_file,
         )
         .unwrap_err();
         assert!(matches!(err, Error::FirmwareNotFound { .. }));

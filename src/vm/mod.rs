@@ -30,7 +30,9 @@ pub use driver::{
     launch, prepare, Outcome, PreparedVm, StopStep, VmExit, VmHandle, VmResources, VmSpec,
 };
 pub use error::Error;
-pub use firmware::{discover_firmware, select_descriptor, Firmware, FirmwareDescriptor};
+pub use firmware::{
+    discover_firmware, discover_firmware_with, select_descriptor, Firmware, FirmwareDescriptor,
+};
 pub use meta::{JobMeta, VmMeta};
 pub use seed::{write_seed, Seed};
 pub use serial::PANIC_MARKER;
