@@ -67,6 +67,30 @@ fn render(s: &DaemonStatus, now: OffsetDateTime) -> String {
         s.running,
         last_error
     ) + &vm_lines(s)
+        + &fleet_lines(s, now)
+}
+
+/// The fleet as Forgejo listed it: per host, its runners (job id, VM name, Forgejo's status).
+fn fleet_lines(s: &DaemonStatus, now: OffsetDateTime) -> String {
+    let Some(at) = s.fleet_at else {
+        return String::new();
+    };
+    let mut hosts: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for r in &s.fleet {
+        hosts
+            .entry(r.host.as_str())
+            .or_default()
+            .push(format!("job {} on {} ({})", r.job_id, r.name, r.status));
+    }
+    let mut out = format!(
+        "fleet (Forgejo, {}s ago): {} host(s) with runners\n",
+        (now - at).whole_seconds().max(0),
+        hosts.len()
+    );
+    for (host, runners) in hosts {
+        out += &format!("  {host}: {}\n", runners.join(", "));
+    }
+    out
 }
 
 /// One line per VM: who its QEMU runs as, and its memory and disk against their limits.
@@ -118,5 +142,30 @@ mod tests {
         assert!(t.contains("queued jobs:         3"), "{t}");
         assert!(t.contains("running VMs:         2"), "{t}");
         assert!(t.contains("HTTP 502 (30s ago)"), "{t}");
+        assert!(
+            !t.contains("fleet"),
+            "no fleet line before the first listing: {t}"
+        );
+        s.fleet_at = Some(now - time::Duration::seconds(5));
+        s.fleet = vec![
+            crate::ops::FleetRunner {
+                host: "b".into(),
+                job_id: 7,
+                name: "fr-0000000b".into(),
+                status: "active".into(),
+            },
+            crate::ops::FleetRunner {
+                host: "a".into(),
+                job_id: 8,
+                name: "fr-0000000a".into(),
+                status: "offline".into(),
+            },
+        ];
+        let t = render(&s, now);
+        assert!(t.contains("fleet (Forgejo, 5s ago): 2 host(s)"), "{t}");
+        assert!(
+            t.contains("  a: job 8 on fr-0000000a (offline)\n  b: job 7 on fr-0000000b (active)"),
+            "{t}"
+        );
     }
 }

@@ -71,9 +71,12 @@ pub struct TokenRef {
 
 /// Runs `op` with the user's password; on a 401, takes the user back with a new password (only
 /// with proof it is ours, see [`Credentials::reset_password`]) and runs `op` once more. An
-/// unbound user (`repo_id` 0) is never taken back: nothing proves it is still ours.
+/// unbound user (`repo_id` 0) is never taken back: nothing proves it is still ours; nor is any
+/// user when `may_reset` is false (the server's admin token routes need no password, so a 401
+/// there is not about the password).
 pub async fn with_password_retry<T, Op, Fut, Reset, ResetFut>(
     user: &mut CiUserRef,
+    may_reset: bool,
     mut op: Op,
     reset: Reset,
 ) -> Result<T, CredentialError>
@@ -87,7 +90,7 @@ where
         .await
         .map_err(CredentialError::from)
     {
-        Err(e) if e.is_unauthorized() && user.repo_id > 0 => {
+        Err(e) if e.is_unauthorized() && may_reset && user.repo_id > 0 => {
             user.password = reset(user.repo_id, user.username.clone()).await?;
             Ok(op(user.password.clone()).await?)
         }
@@ -95,16 +98,115 @@ where
     }
 }
 
+/// The keys CI-user passwords are derived from (`forgejo.ci_password_key_file`): one per line,
+/// the first derives, every one is accepted — so a key is rotated without two hosts undoing each
+/// other's resets (README.md, "Several hosts").
+#[derive(Clone, Default)]
+pub struct PasswordKeys(Vec<Secret>);
+
+impl PasswordKeys {
+    /// Reads a key file: one key per non-empty line. Refused when others may read it.
+    pub fn read(path: &std::path::Path) -> Result<PasswordKeys, super::Error> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|e| super::Error::io("cannot read", path, e))?;
+        if meta.mode() & 0o004 != 0 {
+            return Err(super::Error::KeyFileReadable {
+                path: path.to_owned(),
+            });
+        }
+        let text =
+            std::fs::read_to_string(path).map_err(|e| super::Error::io("cannot read", path, e))?;
+        let keys: Vec<Secret> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(Secret::new)
+            .collect();
+        if keys.is_empty() {
+            return Err(super::Error::KeyFileEmpty {
+                path: path.to_owned(),
+            });
+        }
+        Ok(PasswordKeys(keys))
+    }
+
+    /// Keys given directly (tests).
+    #[cfg(test)]
+    pub fn new(keys: Vec<Secret>) -> PasswordKeys {
+        PasswordKeys(keys)
+    }
+
+    /// Whether passwords are derived at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn identity(repo_id: i64, username: &str) -> String {
+        format!("repo:{repo_id}:{username}")
+    }
+
+    /// The password every host sets for this CI user; `None` without keys.
+    fn current(&self, repo_id: i64, username: &str) -> Option<Secret> {
+        let key = self.0.first()?;
+        Some(forgejo::derived_password(
+            key.expose().as_bytes(),
+            &Self::identity(repo_id, username),
+        ))
+    }
+
+    /// Every password a host with one of these keys may have set, the current one first.
+    fn accepted(&self, repo_id: i64, username: &str) -> Vec<Secret> {
+        self.0
+            .iter()
+            .map(|k| {
+                forgejo::derived_password(k.expose().as_bytes(), &Self::identity(repo_id, username))
+            })
+            .collect()
+    }
+}
+
 /// The CI users of this host and the tokens minted for them.
 pub struct Credentials {
     pub client: forgejo::Client,
-    /// `ci-users.json`; its lock also serialises CI-user creation.
+    /// `ci-users.json`; its lock also serialises CI-user creation. With password keys it is a
+    /// record, not the source of truth: every host derives the same passwords.
     pub users: tokio::sync::Mutex<CiUserStore>,
     pub policy: TokenPolicy,
     pub metrics: Metrics,
+    /// Marks the tokens this host mints (`orch-<job>-<host_id>-…`).
+    pub host_id: String,
+    pub keys: PasswordKeys,
 }
 
 impl Credentials {
+    /// A password reset can help a refused call: not with the admin token routes, which take no
+    /// password.
+    fn may_reset(&self) -> bool {
+        !self.client.uses_admin_token_routes()
+    }
+
+    /// A CI user's password: derived from the shared key when there is one, else random.
+    fn new_password(&self, repo_id: i64, username: &str) -> Secret {
+        self.keys
+            .current(repo_id, username)
+            .unwrap_or_else(forgejo::generate_password)
+    }
+
+    /// A derived password the account already has (the current key's or an older one's), so
+    /// that no reset is needed; `None` without keys or when none works.
+    async fn working_derived_password(
+        &self,
+        repo_id: i64,
+        username: &str,
+    ) -> Result<Option<Secret>, CredentialError> {
+        for candidate in self.keys.accepted(repo_id, username) {
+            if self.client.verify_password(username, &candidate).await? {
+                return Ok(Some(candidate));
+            }
+        }
+        Ok(None)
+    }
+
     /// What the job's registry token may do: write, unless Forgejo treats the job's run as
     /// untrusted (a pull request from a fork) and the repository is not on
     /// `tokens.fork_write_repos`.
@@ -194,9 +296,10 @@ impl Credentials {
     ) -> Result<(TokenRef, Secret), CredentialError> {
         let mut user = user.clone();
         let username = user.username.clone();
-        let name = forgejo::token_name(job_id);
+        let name = forgejo::host_token_name(&self.host_id, job_id);
         let minted = with_password_retry(
             &mut user,
+            self.may_reset(),
             |password| {
                 let (client, username, name) = (&self.client, &username, &name);
                 async move { client.create_token(username, &password, name, scopes).await }
@@ -218,6 +321,7 @@ impl Credentials {
         let username = user.username.clone();
         with_password_retry(
             &mut user,
+            self.may_reset(),
             |password| {
                 let (client, username) = (&self.client, &username);
                 async move { client.delete_token(username, &password, token.id).await }
@@ -236,6 +340,7 @@ impl Credentials {
         let username = user.username.clone();
         with_password_retry(
             user,
+            self.may_reset(),
             |password| {
                 let (client, username) = (&self.client, &username);
                 async move { client.list_tokens(username, &password).await }
@@ -293,7 +398,17 @@ impl Credentials {
                 },
             });
         }
-        let password = forgejo::generate_password();
+        // Another host (or this one before a lost state file) may have set the derived password
+        // already: then there is nothing to reset.
+        if let Some(password) = self.working_derived_password(repo_id, username).await? {
+            store.put(CiUser {
+                password: password.clone(),
+                ..stored
+            })?;
+            tracing::info!("CI user {username} has the password derived from the shared key");
+            return Ok(password);
+        }
+        let password = self.new_password(repo_id, username);
         self.client
             .set_user_password(username, &password, &marker(repo_id))
             .await?;
@@ -369,8 +484,9 @@ impl Credentials {
                 );
                 continue;
             }
-            let new = self.client.new_ci_user(&username, &marker(repo_id));
-            let password = new.password.clone();
+            let mut new = self.client.new_ci_user(&username, &marker(repo_id));
+            new.password = self.new_password(repo_id, &username);
+            let mut password = new.password.clone();
             tracing::info!("creating CI user {username} for {full_name}");
             match self.client.create_user(&new).await? {
                 UserCreation::Created(_) => {}
@@ -381,11 +497,23 @@ impl Credentials {
                         .map(|u| marked_repo(&u.login_name, u.source_id))
                     {
                         Some(Some(id)) if id == repo_id => {
-                            // Ours for this repository (state lost or another host): take it back.
-                            tracing::info!("CI user {username} exists already; resetting its password (it carries our marker for repository id {repo_id})");
-                            self.client
-                                .set_user_password(&username, &password, &marker(repo_id))
-                                .await?;
+                            // Ours for this repository (state lost or another host). With a
+                            // shared key it already has a password this host can derive.
+                            if let Some(p) =
+                                self.working_derived_password(repo_id, &username).await?
+                            {
+                                tracing::info!("CI user {username} exists already (another host or a lost state file); using the password derived from the shared key");
+                                password = p;
+                            } else if !self.may_reset() {
+                                // The admin token routes mint and revoke without the user's
+                                // password: leave whatever another host set.
+                                tracing::info!("CI user {username} exists already; the server's admin token routes need no password of it");
+                            } else {
+                                tracing::info!("CI user {username} exists already; resetting its password (it carries our marker for repository id {repo_id})");
+                                self.client
+                                    .set_user_password(&username, &password, &marker(repo_id))
+                                    .await?;
+                            }
                         }
                         Some(Some(other)) => {
                             tracing::info!("CI user name {username} belongs to repository id {other}; trying the next name for {full_name}");
@@ -473,6 +601,7 @@ mod tests {
         let mut u = user(repo_id);
         let r = with_password_retry(
             &mut u,
+            true,
             |pw| {
                 seen.lock().unwrap().push(pw.expose().to_owned());
                 let next = answers.lock().unwrap().next().expect("an answer");

@@ -10,7 +10,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::ciuser::CiUserStore;
-use super::credentials::Credentials;
+use super::claim::{self, ClaimBook};
+use super::credentials::{Credentials, PasswordKeys};
 use super::job::{self, JobEnv, JobSettings, Report, Ticket};
 use super::ports::LiveVms;
 use super::queue::JobQueue;
@@ -35,6 +36,8 @@ struct Scheduler {
     stop_vms: CancellationToken,
     /// The last dispatch round found no disk for another VM (logged once per episode).
     waiting_for_disk: bool,
+    /// When the fleet's runners were last listed for `status`.
+    fleet_listed: Option<Instant>,
 }
 
 impl Scheduler {
@@ -47,6 +50,33 @@ impl Scheduler {
             tasks: JoinSet::new(),
             stop_vms: CancellationToken::new(),
             waiting_for_disk: false,
+            fleet_listed: None,
+        }
+    }
+
+    /// Every `FLEET_EVERY`, the runners every host holds, for `status` (one request).
+    async fn refresh_fleet(&mut self) {
+        if self.fleet_listed.is_some_and(|t| t.elapsed() < FLEET_EVERY) {
+            return;
+        }
+        self.fleet_listed = Some(Instant::now());
+        match self.env.forge.client.runners().await {
+            Ok(runners) => {
+                let fleet = runners
+                    .iter()
+                    .filter_map(|r| {
+                        let (host, job_id) = claim::parse_description(&r.description)?;
+                        Some(ops::FleetRunner {
+                            host: host.to_owned(),
+                            job_id,
+                            name: r.name.clone(),
+                            status: r.status.clone(),
+                        })
+                    })
+                    .collect();
+                self.env.board.set_fleet(fleet);
+            }
+            Err(e) => tracing::debug!("listing the fleet's runners failed: {e}"),
         }
     }
 
@@ -82,6 +112,7 @@ impl Scheduler {
         }
         self.log_dropped(&observed.dropped);
         self.env.board.set_queued(self.queue.len());
+        self.refresh_fleet().await;
     }
 
     /// Tells in-flight jobs that Forgejo shows them running (their runner picked them up).
@@ -151,6 +182,7 @@ impl Scheduler {
                 seen_at: q.seen_at,
                 picked_up: rx,
                 disk: Some(disk),
+                claim_delay: claim_delay(self.tasks.len(), self.cfg.max_vms),
             };
             let env = self.env.clone();
             let stop = self.stop_vms.child_token();
@@ -166,6 +198,12 @@ impl Scheduler {
         match joined {
             Ok((handle, report)) => {
                 self.active.remove(&handle);
+                if report.outcome == JobOutcome::ClaimedElsewhere {
+                    // The other host has the job until its claim goes stale.
+                    let until = Instant::now() + self.env.claims.timeout();
+                    self.queue.claimed_elsewhere(&handle, until);
+                    return;
+                }
                 if let Some(q) = report.retry {
                     let id = q.job.id;
                     if self.queue.retry_front(q) {
@@ -196,6 +234,17 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// How often `status`'s view of the other hosts is refreshed.
+const FLEET_EVERY: Duration = Duration::from_secs(30);
+
+/// How long a job waits before this host claims it: up to 400 ms more the fuller this host is, and
+/// up to 100 ms of jitter, so that hosts with free slots win claims and equal hosts share.
+fn claim_delay(in_flight: usize, max_vms: usize) -> Duration {
+    use rand::Rng;
+    let load = in_flight as f64 / max_vms.max(1) as f64;
+    Duration::from_millis((load * 400.0) as u64 + rand::thread_rng().gen_range(0..100))
 }
 
 /// Waits until Forgejo answers the probe (it may be down while this host boots). Unrecoverable
@@ -242,11 +291,9 @@ fn create_dir(path: &std::path::Path, mode: u32) -> Result<(), Error> {
         .map_err(|e| Error::io("cannot create", path, e))
 }
 
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
+/// `fkr-qemu@<host_id>`: starts the description of every runner this host registers.
+fn runner_marker(host_id: &str) -> String {
+    format!("fkr-qemu@{host_id}")
 }
 
 /// Runs the daemon until a signal ends it.
@@ -272,13 +319,26 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
         services.stop().await;
         return Ok(());
     }
+    let keys = match &cfg.ci_password_key_file {
+        Some(path) => PasswordKeys::read(path)?,
+        None => PasswordKeys::default(),
+    };
     let creds = Credentials {
         client,
         users: tokio::sync::Mutex::new(users),
         policy: cfg.tokens.clone(),
         metrics: metrics.clone(),
+        host_id: cfg.host_id.clone(),
+        keys,
     };
-    let runner_marker = format!("fkr-qemu@{}", hostname());
+    if creds.keys.is_empty() && !creds.client.uses_admin_token_routes() {
+        tracing::info!(
+            "CI-user passwords are this host's own (no forgejo.ci_password_key_file, and the \
+             server has no admin token routes): fine for one host; several hosts serving this \
+             Forgejo need a shared key file (README.md, \"Several hosts\")"
+        );
+    }
+    let runner_marker = runner_marker(&cfg.host_id);
     // The network part of the sweep removes our nftables table: sweep first, then set up.
     sweep::startup_sweep(&cfg, &creds, &runner_marker, &metrics).await;
     let net = crate::net::HostNetwork::setup(&cfg.net)?;
@@ -289,6 +349,9 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
         vms: LiveVms(cfg.vm.clone()),
         board: board.clone(),
         metrics: metrics.clone(),
+        // A live host's claim comes online or is deleted within its preparation and its boot
+        // deadline; two minutes cover the preparation (Forgejo calls with retries, disks, tap).
+        claims: ClaimBook::new(cfg.boot_deadline + Duration::from_secs(120)),
         settings: JobSettings {
             label: cfg.label.clone(),
             runner_url: cfg.runner_url().clone(),

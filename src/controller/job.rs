@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use super::claim::{self, ClaimBook, Decision};
 use super::credentials::{CredentialError, TokenRef};
 use super::ports::{Forge, Network, RunningVm, Started, Vms};
 use super::queue::Queued;
@@ -40,6 +41,8 @@ pub(crate) struct JobEnv<F, N, V> {
     pub board: StatusBoard,
     pub metrics: Metrics,
     pub settings: JobSettings,
+    /// Other hosts' claims as this host first saw them.
+    pub claims: ClaimBook,
 }
 
 /// The configuration one job reads.
@@ -68,6 +71,9 @@ pub(crate) struct Ticket {
     pub picked_up: watch::Receiver<bool>,
     /// The disk space admitted for the job's VM.
     pub disk: Option<vm::DiskReservation>,
+    /// How long to wait before claiming the job: longer the busier this host is, so that with
+    /// equal hosts the one with more free slots claims first (plus jitter, so none starves).
+    pub claim_delay: Duration,
 }
 
 /// What the scheduler learns when a job's task ends.
@@ -92,6 +98,8 @@ pub(crate) enum StepError {
     Token(CredentialError),
     #[error("registering the runner: {0}")]
     Runner(forgejo::Error),
+    #[error("reading the claims on the job: {0}")]
+    Claim(forgejo::Error),
     #[error("attaching the VM to the host network: {0}")]
     Network(crate::net::Error),
     #[error("writing the seed: {0}")]
@@ -237,11 +245,13 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         }
     }
 
-    /// Repository, CI user and token, runner, network, seed, launch.
+    /// Repository, runner (the claim), CI user and token, network, seed, launch. `Ok(None)`:
+    /// another host claimed the job first.
     async fn prepare_and_launch(
         &mut self,
         disk: Option<vm::DiskReservation>,
-    ) -> Result<V::Vm, StepError> {
+        claim_delay: Duration,
+    ) -> Result<Option<V::Vm>, StepError> {
         let env = self.env.clone();
         let repo = env
             .forge
@@ -262,8 +272,17 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             v.owner.clone_from(&repo.owner);
             v.repo.clone_from(&repo.name);
         });
-        let registry = self.registry_login(&repo).await?;
+        tokio::time::sleep(claim_delay).await;
         let runner = self.register_runner(&repo).await?;
+        if let Some((host, runner_id)) = self.claim(runner.id).await? {
+            tracing::info!(
+                vm = %self.name,
+                "job {}: claimed by host {host} first (runner {runner_id}); leaving it to that host",
+                self.job.id
+            );
+            return Ok(None);
+        }
+        let registry = self.registry_login(&repo).await?;
         let attachment = env.net.attach(&self.name).map_err(StepError::Network)?;
         let address = attachment.address;
         self.held.net = Some(attachment.hold);
@@ -285,7 +304,54 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             repo: repo.name.clone(),
             address: Some(address),
         });
-        env.vms.launch(spec).await.map_err(StepError::Launch)
+        env.vms
+            .launch(spec)
+            .await
+            .map(Some)
+            .map_err(StepError::Launch)
+    }
+
+    /// Decides whether this host runs the job (see `claim.rs`): `None` when our claim `mine` is
+    /// the lowest live one, after a second look; else the host and runner that won. Stale claims
+    /// of dead hosts below ours are deleted.
+    async fn claim(&mut self, mine: i64) -> Result<Option<(String, i64)>, StepError> {
+        let env = self.env.clone();
+        let mut settled = false;
+        loop {
+            let runners = env.forge.runners().await.map_err(StepError::Claim)?;
+            let claims = claim::claims_on(&runners, self.job.id);
+            let now = Instant::now();
+            env.claims.saw(&claims, now);
+            match claim::decide(mine, &claims, |c| env.claims.is_stale(c, now)) {
+                Decision::Lost { host, runner_id } => return Ok(Some((host, runner_id))),
+                Decision::Won { stale } if settled => {
+                    for id in stale {
+                        let host = claims
+                            .iter()
+                            .find(|c| c.runner_id == id)
+                            .map(|c| c.host.as_str());
+                        tracing::warn!(
+                            vm = %self.name,
+                            "job {}: taking it over from host {}: its claim (runner {id}) stayed offline for {}s",
+                            self.job.id,
+                            host.unwrap_or("?"),
+                            env.claims.timeout().as_secs()
+                        );
+                        match env.forge.delete_runner(id).await {
+                            Ok(_) => env.claims.forget(id),
+                            Err(e) => {
+                                tracing::warn!(vm = %self.name, "cannot delete the stale claim {id}: {e}")
+                            }
+                        }
+                    }
+                    return Ok(None);
+                }
+                Decision::Won { .. } => {
+                    settled = true;
+                    tokio::time::sleep(claim::SETTLE).await;
+                }
+            }
+        }
     }
 
     async fn registry_login(
@@ -472,11 +538,16 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         if self.launched {
             env.metrics.vm_removed(removal_reason(outcome));
         }
-        self.enter(if outcome == JobOutcome::Completed {
-            JobState::Done
-        } else {
-            JobState::Failed
-        });
+        self.enter(
+            if matches!(
+                outcome,
+                JobOutcome::Completed | JobOutcome::ClaimedElsewhere
+            ) {
+                JobState::Done
+            } else {
+                JobState::Failed
+            },
+        );
         if self.launched {
             tracing::info!("VM {name} finished (job {job_id})");
         }
@@ -544,7 +615,15 @@ pub(crate) async fn run<F: Forge, N: Network, V: Vms>(
     job.enter(JobState::Preparing);
     env.metrics
         .job_dispatched(job.dispatched.saturating_duration_since(ticket.seen_at));
-    let supervised = match job.prepare_and_launch(ticket.disk.take()).await {
+    let supervised = match job
+        .prepare_and_launch(ticket.disk.take(), ticket.claim_delay)
+        .await
+    {
+        Ok(None) => Supervised {
+            outcome: JobOutcome::ClaimedElsewhere,
+            picked_up: false,
+            kvm_failed: false,
+        },
         Err(e) => {
             tracing::error!(vm = %job.name, "job {}: preparing the VM failed: {e}", job.job.id);
             Supervised {
@@ -553,7 +632,7 @@ pub(crate) async fn run<F: Forge, N: Network, V: Vms>(
                 kvm_failed: false,
             }
         }
-        Ok(handle) => {
+        Ok(Some(handle)) => {
             job.launched = true;
             job.supervise(handle, &mut ticket.picked_up, &stop).await
         }
@@ -586,9 +665,10 @@ fn removal_reason(o: JobOutcome) -> RemovalReason {
     match o {
         JobOutcome::Completed | JobOutcome::Crashed => RemovalReason::JobDone,
         JobOutcome::Deadline => RemovalReason::Deadline,
-        JobOutcome::BootFailure | JobOutcome::PrepareFailed | JobOutcome::AccelFailed => {
-            RemovalReason::BootFailure
-        }
+        JobOutcome::BootFailure
+        | JobOutcome::PrepareFailed
+        | JobOutcome::AccelFailed
+        | JobOutcome::ClaimedElsewhere => RemovalReason::BootFailure,
         JobOutcome::Shutdown => RemovalReason::Shutdown,
     }
 }

@@ -28,6 +28,7 @@ enum Step {
     Launch,
     Revoke,
     DeleteRunner,
+    Runners,
 }
 
 fn api_error(status: u16) -> forgejo::Error {
@@ -45,7 +46,8 @@ struct FakeForge {
     fail: Mutex<HashSet<Step>>,
     access: Mutex<Option<TokenAccess>>,
     tokens: Mutex<BTreeSet<i64>>,
-    runners: Mutex<BTreeSet<i64>>,
+    /// Runner id → description (this host's registrations and other hosts' claims).
+    runners: Mutex<std::collections::BTreeMap<i64, (String, &'static str)>>,
     /// Every call, in order.
     calls: Mutex<Vec<&'static str>>,
     next: AtomicI64,
@@ -58,6 +60,15 @@ impl FakeForge {
     }
     fn id(&self) -> i64 {
         self.next.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    /// Another host's claim on `job_id`, registered now (so its id is the next one).
+    fn foreign_claim(&self, host: &str, job_id: i64, status: &'static str) -> i64 {
+        let id = self.id();
+        self.runners.lock().unwrap().insert(
+            id,
+            (format!("fkr-qemu@{host} job {job_id} alice/web"), status),
+        );
+        id
     }
     fn live(&self) -> (usize, usize) {
         (
@@ -138,7 +149,10 @@ impl Forge for FakeForge {
             return Err(api_error(500));
         }
         let id = self.id();
-        self.runners.lock().unwrap().insert(id);
+        self.runners
+            .lock()
+            .unwrap()
+            .insert(id, (_description.to_owned(), "offline"));
         Ok(RegisteredRunner {
             id,
             uuid: format!("uuid-{name}"),
@@ -150,7 +164,31 @@ impl Forge for FakeForge {
         if self.call("delete_runner", Step::DeleteRunner) {
             return Err(api_error(500));
         }
-        Ok(self.runners.lock().unwrap().remove(&id))
+        Ok(self.runners.lock().unwrap().remove(&id).is_some())
+    }
+
+    async fn runners(&self) -> Result<Vec<forgejo::Runner>, forgejo::Error> {
+        if self.call("runners", Step::Runners) {
+            return Err(api_error(503));
+        }
+        Ok(self
+            .runners
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, (description, status))| forgejo::Runner {
+                id: *id,
+                uuid: String::new(),
+                name: format!("fr-{id:08x}"),
+                description: description.clone(),
+                owner_id: 0,
+                repo_id: 0,
+                version: String::new(),
+                labels: Vec::new(),
+                ephemeral: true,
+                status: (*status).to_owned(),
+            })
+            .collect())
     }
 }
 
@@ -308,6 +346,17 @@ fn env_with(
     accel: Accel,
     boot: Duration,
 ) -> Arc<Env> {
+    env_claims(forge, net, vms, accel, boot, Duration::from_secs(600))
+}
+
+fn env_claims(
+    forge: FakeForge,
+    net: FakeNet,
+    vms: FakeVms,
+    accel: Accel,
+    boot: Duration,
+    claim_timeout: Duration,
+) -> Arc<Env> {
     let metrics = Metrics::new();
     Arc::new(JobEnv {
         forge,
@@ -315,6 +364,7 @@ fn env_with(
         vms,
         board: StatusBoard::new(Some(metrics.clone())),
         metrics,
+        claims: ClaimBook::new(claim_timeout),
         settings: JobSettings {
             label: "external-host".into(),
             runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
@@ -369,6 +419,7 @@ fn start(
         seen_at: Instant::now(),
         picked_up: rx,
         disk: None,
+        claim_delay: Duration::ZERO,
     };
     let task = tokio::spawn(run(env.clone(), ticket, stop.clone()));
     (task, tx, stop)
@@ -440,7 +491,14 @@ async fn a_job_walks_every_state_and_releases_everything() {
     let env = env();
     let gate = env.vms.gate.lock().await;
     let (task, picked_up, _stop) = start(&env, job(1));
-    let v = board_shows(&env, "preparing").await;
+    // Preparing until launch (held by the gate); the address appears once the network step ran.
+    let mut v = board_shows(&env, "preparing").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while v.address.is_none() {
+        assert!(Instant::now() < deadline, "no address on the board: {v:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        v = board_shows(&env, "preparing").await;
+    }
     assert_eq!(
         (v.job_id, v.owner.as_str(), v.repo.as_str()),
         (1, "alice", "web")
@@ -492,9 +550,11 @@ async fn a_job_walks_every_state_and_releases_everything() {
         env.forge.calls(),
         [
             "repository",
+            "register_runner",
+            "runners",
+            "runners",
             "ci_user",
             "mint_token",
-            "register_runner",
             "revoke_token",
             "delete_runner"
         ]
@@ -504,41 +564,27 @@ async fn a_job_walks_every_state_and_releases_everything() {
 #[tokio::test]
 async fn every_failing_step_releases_exactly_what_it_took() {
     // (failing step, the Forgejo calls made, a VM launched)
-    let cases: [(Step, &[&str]); 6] = [
-        (Step::Repository, &["repository"]),
-        (Step::CiUser, &["repository", "ci_user"]),
-        (Step::Token, &["repository", "ci_user", "mint_token"]),
+    const CLAIMED: [&str; 4] = ["repository", "register_runner", "runners", "runners"];
+    let then = |more: &[&'static str]| -> Vec<&'static str> { [&CLAIMED[..], more].concat() };
+    let cases: [(Step, Vec<&str>); 7] = [
+        (Step::Repository, vec!["repository"]),
+        (Step::Runner, vec!["repository", "register_runner"]),
         (
-            Step::Runner,
-            &[
-                "repository",
-                "ci_user",
-                "mint_token",
-                "register_runner",
-                "revoke_token",
-            ],
+            Step::Runners,
+            vec!["repository", "register_runner", "runners", "delete_runner"],
+        ),
+        (Step::CiUser, then(&["ci_user", "delete_runner"])),
+        (
+            Step::Token,
+            then(&["ci_user", "mint_token", "delete_runner"]),
         ),
         (
             Step::Network,
-            &[
-                "repository",
-                "ci_user",
-                "mint_token",
-                "register_runner",
-                "revoke_token",
-                "delete_runner",
-            ],
+            then(&["ci_user", "mint_token", "revoke_token", "delete_runner"]),
         ),
         (
             Step::Launch,
-            &[
-                "repository",
-                "ci_user",
-                "mint_token",
-                "register_runner",
-                "revoke_token",
-                "delete_runner",
-            ],
+            then(&["ci_user", "mint_token", "revoke_token", "delete_runner"]),
         ),
     ];
     for (step, calls) in cases {
@@ -601,7 +647,13 @@ async fn no_token_policy_needs_no_ci_user() {
     assert_released(&env);
     assert_eq!(
         env.forge.calls(),
-        ["repository", "register_runner", "delete_runner"]
+        [
+            "repository",
+            "register_runner",
+            "runners",
+            "runners",
+            "delete_runner"
+        ]
     );
 }
 
@@ -780,6 +832,82 @@ async fn a_panic_while_supervising_still_releases_everything() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert_released(&env);
+}
+
+#[tokio::test]
+async fn a_lower_live_claim_of_another_host_means_this_host_boots_nothing() {
+    let env = env();
+    let theirs = env.forge.foreign_claim("other", 12, "offline");
+    let (task, _tx, _stop) = start(&env, job(12));
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::ClaimedElsewhere);
+    // No CI user, no token, no VM; our claim is gone, theirs stays.
+    assert_eq!(
+        env.forge.calls(),
+        ["repository", "register_runner", "runners", "delete_runner"]
+    );
+    assert!(env.vms.launched.lock().unwrap().is_empty());
+    assert_eq!(env.net.live.load(Ordering::SeqCst), 0);
+    assert!(env.board.snapshot().vms.is_empty());
+    let left: Vec<i64> = env.forge.runners.lock().unwrap().keys().copied().collect();
+    assert_eq!(left, [theirs]);
+}
+
+#[tokio::test]
+async fn a_higher_claim_or_a_claim_on_another_job_does_not_stop_this_host() {
+    let env = env();
+    env.forge.foreign_claim("other", 99, "offline");
+    let (task, tx, _stop) = start(&env, job(13));
+    // The other host registers after us: a higher id.
+    let mut vm = env.vms.next().await;
+    tx.send_replace(true);
+    vm.exit
+        .take()
+        .unwrap()
+        .send(Outcome::GuestPoweredOff)
+        .unwrap();
+    assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
+}
+
+#[tokio::test]
+async fn a_dead_hosts_stale_claim_is_deleted_and_the_job_taken_over() {
+    // A claim timeout of zero: every offline claim of another host is stale at once.
+    let env = env_claims(
+        FakeForge::default(),
+        FakeNet::default(),
+        FakeVms::default(),
+        Accel::Auto,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    let dead = env.forge.foreign_claim("dead", 14, "offline");
+    let (task, tx, _stop) = start(&env, job(14));
+    let mut vm = env.vms.next().await;
+    assert!(!env.forge.runners.lock().unwrap().contains_key(&dead));
+    tx.send_replace(true);
+    vm.exit
+        .take()
+        .unwrap()
+        .send(Outcome::GuestPoweredOff)
+        .unwrap();
+    assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
+    assert_released(&env);
+}
+
+#[tokio::test]
+async fn an_online_claim_is_never_stale() {
+    let env = env_claims(
+        FakeForge::default(),
+        FakeNet::default(),
+        FakeVms::default(),
+        Accel::Auto,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    let booted = env.forge.foreign_claim("slow", 15, "idle");
+    let (task, _tx, _stop) = start(&env, job(15));
+    assert_eq!(task.await.unwrap().outcome, JobOutcome::ClaimedElsewhere);
+    assert!(env.forge.runners.lock().unwrap().contains_key(&booted));
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 pub mod check;
 pub mod ciuser;
+mod claim;
 pub mod config;
 mod credentials;
 pub mod daemon;
@@ -33,6 +34,11 @@ pub enum Error {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// A password key file others may read: anyone who reads it can log in as every CI user.
+    #[error("the key file {path} is readable by others: chmod 0600 it (or 0640 for a group of its own)", path = .path.display())]
+    KeyFileReadable { path: PathBuf },
+    #[error("the key file {path} holds no key (one key per line)", path = .path.display())]
+    KeyFileEmpty { path: PathBuf },
     #[error("state file {path} is corrupt ({message}); fix or move it away", path = .path.display())]
     StateCorrupt { path: PathBuf, message: String },
     /// `--check-config`: the admin token's scopes could not be read.
@@ -70,6 +76,7 @@ impl Error {
             Error::TokenScopesUnreadable { .. }
             | Error::TokenListRefused { .. }
             | Error::TokenScopesMissing { .. } => ErrorClass::Forgejo,
+            Error::KeyFileReadable { .. } | Error::KeyFileEmpty { .. } => ErrorClass::Config,
             Error::Io { .. } | Error::StateCorrupt { .. } => ErrorClass::Runtime,
         }
     }

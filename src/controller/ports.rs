@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::credentials::{CiUserRef, CredentialError, Credentials, TokenRef};
-use crate::forgejo::{self, Job, RegisteredRunner, Repository};
+use crate::forgejo::{self, Job, RegisteredRunner, Repository, Runner};
 use crate::net::{self, HostNetwork};
 use crate::ops::TokenAccess;
 use crate::secret::Secret;
@@ -58,6 +58,8 @@ pub(crate) trait Forge: Send + Sync + 'static {
     ) -> impl Future<Output = Result<RegisteredRunner, forgejo::Error>> + Send;
     /// Deletes a runner; `false` when it was already gone.
     fn delete_runner(&self, id: i64) -> impl Future<Output = Result<bool, forgejo::Error>> + Send;
+    /// Every runner at the configured level (every host's claims among them).
+    fn runners(&self) -> impl Future<Output = Result<Vec<Runner>, forgejo::Error>> + Send;
 }
 
 impl Forge for Credentials {
@@ -98,6 +100,10 @@ impl Forge for Credentials {
 
     async fn delete_runner(&self, id: i64) -> Result<bool, forgejo::Error> {
         self.client.delete_runner(id).await
+    }
+
+    async fn runners(&self) -> Result<Vec<Runner>, forgejo::Error> {
+        self.client.runners().await
     }
 }
 

@@ -10,7 +10,7 @@ use url::Url;
 
 use super::ciuser::{marker, CiUserStore};
 use super::config::ConfigLayer;
-use super::credentials::Credentials;
+use super::credentials::{Credentials, PasswordKeys};
 use super::job::{registry_login, release, Held, StepError};
 use super::userdata::{self, RegistryAuth, RunnerParams};
 use super::Config;
@@ -48,6 +48,17 @@ async fn world() -> World {
 /// A controller context as `serve` builds it, on `state_dir` (a second one on another directory
 /// is "another host" or "the state file was lost").
 fn ctx_for(emu: &Emulator, state_dir: &Path, tokens_toml: &str) -> Arc<Ctx> {
+    host_ctx(emu, state_dir, tokens_toml, "test", PasswordKeys::default())
+}
+
+/// The context of host `host_id` with password keys `keys` (several hosts share one emulator).
+fn host_ctx(
+    emu: &Emulator,
+    state_dir: &Path,
+    tokens_toml: &str,
+    host_id: &str,
+    keys: PasswordKeys,
+) -> Arc<Ctx> {
     let text = format!(
         "state_dir = {:?}\n[forgejo]\nurl = {:?}\nretries = 0\n{tokens_toml}",
         state_dir.display().to_string(),
@@ -64,6 +75,8 @@ fn ctx_for(emu: &Emulator, state_dir: &Path, tokens_toml: &str) -> Arc<Ctx> {
         users: tokio::sync::Mutex::new(users),
         policy: cfg.tokens.clone(),
         metrics: Metrics::new(),
+        host_id: host_id.to_owned(),
+        keys,
     })
 }
 
@@ -337,6 +350,103 @@ async fn our_marked_user_is_taken_back_when_the_state_file_is_lost() {
         .emu
         .with_state(|s| s.user_by_login("acme-web-ci").unwrap().login_name.clone());
     assert_eq!(marked, marker(added.repo_id));
+}
+
+/// `PATCH /admin/users/<login>` requests: password resets (and marker writes) of a CI user.
+fn admin_edits(emu: &Emulator, login: &str) -> usize {
+    emu.requests()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with(&format!("/admin/users/{login}")))
+        .count()
+}
+
+#[tokio::test]
+async fn hosts_sharing_a_key_share_ci_users_without_resetting_a_password() {
+    let w = world().await;
+    let key = || PasswordKeys::new(vec![Secret::new("the hosts' shared key")]);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = host_ctx(&w.emu, dir_a.path(), "", "host-a", key());
+    let b = host_ctx(&w.emu, dir_b.path(), "", "host-b", key());
+    let added = w.emu.add_job("acme/web", &["external-host"], "build");
+    let (out_a, mut res_a) = login(&a, &job_of(&added, false)).await;
+    assert_eq!(out_a.unwrap().unwrap().0, "acme-web-ci");
+    // Host B does not know the user (its own state file is empty): creating it is refused, and
+    // the password it derives already works. No reset, so host A's jobs keep working.
+    let (out_b, mut res_b) = login(&b, &job_of(&added, false)).await;
+    assert_eq!(out_b.unwrap().unwrap().0, "acme-web-ci");
+    assert_eq!(
+        admin_edits(&w.emu, "acme-web-ci"),
+        0,
+        "{:?}",
+        w.emu.requests()
+    );
+    // Each host's token says whose it is; each host revokes its own.
+    let names = w.emu.token_names("acme-web-ci");
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.iter().any(|n| n.contains("-host-a-")), "{names:?}");
+    assert!(names.iter().any(|n| n.contains("-host-b-")), "{names:?}");
+    assert_eq!(res_a.release().await, 0);
+    assert_eq!(res_b.release().await, 0);
+    assert!(w.emu.token_names("acme-web-ci").is_empty());
+
+    // Someone changes the password: the next host to notice sets the derived one again, and
+    // the other host's password (the same) works right after.
+    w.emu.with_state(|s| {
+        s.users
+            .iter_mut()
+            .find(|u| u.login == "acme-web-ci")
+            .unwrap()
+            .password = "changed-by-an-admin".into()
+    });
+    let (out_a, mut res_a) = login(&a, &job_of(&added, false)).await;
+    out_a.unwrap().unwrap();
+    assert_eq!(admin_edits(&w.emu, "acme-web-ci"), 1);
+    let (out_b, mut res_b) = login(&b, &job_of(&added, false)).await;
+    out_b.unwrap().unwrap();
+    assert_eq!(
+        admin_edits(&w.emu, "acme-web-ci"),
+        1,
+        "host B needed no reset"
+    );
+    res_a.release().await;
+    res_b.release().await;
+}
+
+#[tokio::test]
+async fn a_new_key_is_accepted_while_hosts_roll_it_out() {
+    let w = world().await;
+    let old = Secret::new("old key");
+    let new = Secret::new("new key");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let added = w.emu.add_job("acme/web", &["external-host"], "build");
+    // Host A already runs with the new key first; host B still has only the old one... then
+    // B learns both (old first): neither undoes the other.
+    let a = host_ctx(
+        &w.emu,
+        dir_a.path(),
+        "",
+        "host-a",
+        PasswordKeys::new(vec![new.clone(), old.clone()]),
+    );
+    let (out, mut res) = login(&a, &job_of(&added, false)).await;
+    out.unwrap().unwrap();
+    res.release().await;
+    let b = host_ctx(
+        &w.emu,
+        dir_b.path(),
+        "",
+        "host-b",
+        PasswordKeys::new(vec![old, new]),
+    );
+    let (out, mut res) = login(&b, &job_of(&added, false)).await;
+    out.unwrap().unwrap();
+    res.release().await;
+    assert_eq!(
+        admin_edits(&w.emu, "acme-web-ci"),
+        0,
+        "{:?}",
+        w.emu.requests()
+    );
 }
 
 #[tokio::test]

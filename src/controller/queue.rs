@@ -35,6 +35,9 @@ pub(crate) struct JobQueue {
     failures: HashMap<String, u32>,
     /// Handles already given a second VM because the host's accelerator failed the first.
     retried: HashSet<String>,
+    /// Handles another host claimed, left alone until the instant (then, if still waiting, the
+    /// claim is stale: its host died or gave up).
+    claimed_elsewhere: HashMap<String, Instant>,
 }
 
 impl JobQueue {
@@ -55,12 +58,15 @@ impl JobQueue {
             .filter(|j| j.status == JobStatus::Waiting && !j.handle.is_empty())
             .map(|j| j.handle.as_str())
             .collect();
+        self.claimed_elsewhere
+            .retain(|h, until| waiting.contains(h.as_str()) && *until > now);
         for j in jobs.iter().filter(|j| waiting.contains(j.handle.as_str())) {
             let gave_up = self
                 .failures
                 .get(&j.handle)
                 .is_some_and(|n| *n >= MAX_ATTEMPTS);
-            if gave_up || !self.known.insert(j.handle.clone()) {
+            let elsewhere = self.claimed_elsewhere.contains_key(&j.handle);
+            if gave_up || elsewhere || !self.known.insert(j.handle.clone()) {
                 continue;
             }
             out.new.push((j.id, j.handle.clone()));
@@ -115,6 +121,13 @@ impl JobQueue {
         let n = self.failures.entry(handle.to_owned()).or_insert(0);
         *n += 1;
         (*n >= MAX_ATTEMPTS).then_some(*n)
+    }
+
+    /// An in-flight job lost its claim to another host: not queued again before `until` (not an
+    /// attempt of this host's).
+    pub fn claimed_elsewhere(&mut self, handle: &str, until: Instant) {
+        self.known.remove(handle);
+        self.claimed_elsewhere.insert(handle.to_owned(), until);
     }
 
     /// An in-flight job whose VM failed through the host's fault (the accelerator), not the job's:
@@ -193,6 +206,28 @@ mod tests {
         // Finished: a handle that is still waiting (the VM did not run it) is queued again.
         assert_eq!(q.finished("a", false), None);
         assert_eq!(q.observe(&[waiting(1, "a")], now).new, [(1, "a".into())]);
+    }
+
+    #[test]
+    fn a_job_claimed_elsewhere_waits_out_the_claim_then_comes_back() {
+        let mut q = JobQueue::default();
+        let t0 = Instant::now();
+        q.observe(&[waiting(1, "a")], t0);
+        let mut dropped = Vec::new();
+        assert!(q.next_still_waiting(&h(&["a"]), &mut dropped).is_some());
+        q.claimed_elsewhere("a", t0 + std::time::Duration::from_secs(60));
+        // Not an attempt, and not queued again while the other host's claim is fresh.
+        assert!(q.observe(&[waiting(1, "a")], t0).new.is_empty());
+        assert!(q
+            .observe(&[waiting(1, "a")], t0 + std::time::Duration::from_secs(59))
+            .new
+            .is_empty());
+        // Still waiting after the claim's time: this host tries again.
+        assert_eq!(
+            q.observe(&[waiting(1, "a")], t0 + std::time::Duration::from_secs(61))
+                .new,
+            [(1, "a".into())]
+        );
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //!   really is a QEMU whose command line contains that VM dir) and removes the per-VM runtime and
 //!   disk dirs and the VM cgroups no process uses.
 //! - Network: `net::sweep` removes `fr-*` interfaces that are taps, and our nftables table.
-//! - Tokens: every `orch-*` token of every CI user in `ci-users.json` is revoked.
+//! - Tokens: every token of every CI user in `ci-users.json` that this host minted
+//!   (`orch-<job>-<host_id>-<hex>`, or `orch-<job>-<hex>` from before host ids) is revoked; other
+//!   hosts' tokens are left alone.
 //! - Runners: runners named like our VMs (`fr-<8 hex>`), not busy (status other than `active`), and
 //!   registered by this host (their description starts with this host's marker) are deleted.
 
 use super::credentials::{CredentialError, Credentials, TokenRef};
 use super::Config;
-use crate::forgejo::TOKEN_PREFIX;
+use crate::forgejo::{token_minter, TokenMinter};
 use crate::ops::{Metrics, SweepKind};
 use crate::types::VmName;
 
@@ -83,10 +85,14 @@ async fn sweep_tokens(creds: &Credentials) -> usize {
                 continue;
             }
         };
-        for t in tokens
-            .into_iter()
-            .filter(|t| t.name.starts_with(TOKEN_PREFIX))
-        {
+        // Only this host's tokens, and those of versions before host ids (one host per Forgejo
+        // then): another host's jobs keep theirs.
+        let ours = |name: &str| match token_minter(name) {
+            Some(TokenMinter::Host(h)) => h == creds.host_id,
+            Some(TokenMinter::Legacy) => true,
+            None => false,
+        };
+        for t in tokens.into_iter().filter(|t| ours(&t.name)) {
             let token = TokenRef {
                 user: user.clone(),
                 id: t.id,
@@ -119,7 +125,11 @@ async fn sweep_runners(creds: &Credentials, runner_marker: &str) -> usize {
     };
     let mut deleted = 0;
     for r in runners {
-        let ours = VmName::is_valid(&r.name) && r.description.starts_with(runner_marker);
+        // The marker and a space: `fkr-qemu@a` must not match host `ab`'s runners.
+        let ours = VmName::is_valid(&r.name)
+            && r.description
+                .strip_prefix(runner_marker)
+                .is_some_and(|rest| rest.starts_with(' '));
         if !ours {
             continue;
         }

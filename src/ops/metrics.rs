@@ -57,10 +57,13 @@ pub enum JobOutcome {
     /// emulation failure). Under `accel = "auto"` KVM is then marked broken and the job retried
     /// under TCG.
     AccelFailed,
+    /// Another host claimed the job first (its runner registration has the lower id); this host
+    /// booted nothing for it.
+    ClaimedElsewhere,
 }
 
 impl JobOutcome {
-    pub const ALL: [JobOutcome; 7] = [
+    pub const ALL: [JobOutcome; 8] = [
         JobOutcome::Completed,
         JobOutcome::Crashed,
         JobOutcome::Deadline,
@@ -68,6 +71,7 @@ impl JobOutcome {
         JobOutcome::PrepareFailed,
         JobOutcome::Shutdown,
         JobOutcome::AccelFailed,
+        JobOutcome::ClaimedElsewhere,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -79,6 +83,7 @@ impl JobOutcome {
             JobOutcome::PrepareFailed => "prepare_failed",
             JobOutcome::Shutdown => "shutdown",
             JobOutcome::AccelFailed => "accel_failed",
+            JobOutcome::ClaimedElsewhere => "claimed_elsewhere",
         }
     }
 }

@@ -30,7 +30,8 @@ pub use control::{Client, ControlServer};
 pub use http::{MetricsConfig, MetricsServer};
 pub use metrics::{JobOutcome, Metrics, RemovalReason, SweepKind, TokenAccess};
 pub use status::{
-    DaemonStatus, LastError, LeftState, StatusBoard, StatusSource, VmInfo, VmLimits, VmState,
+    DaemonStatus, FleetRunner, LastError, LeftState, StatusBoard, StatusSource, VmInfo, VmLimits,
+    VmState,
 };
 
 /// Errors of the `ops` module.

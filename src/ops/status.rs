@@ -139,6 +139,23 @@ pub struct DaemonStatus {
     #[serde(with = "time::serde::rfc3339")]
     pub started_at: OffsetDateTime,
     pub vms: Vec<VmInfo>,
+    /// The runners every host serving this Forgejo holds (this one included), as Forgejo listed
+    /// them at `fleet_at`; empty until the first listing.
+    #[serde(default)]
+    pub fleet: Vec<FleetRunner>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub fleet_at: Option<OffsetDateTime>,
+}
+
+/// One runner of a host of the fleet (from its description `fkr-qemu@<host> job <id> …`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetRunner {
+    pub host: String,
+    pub job_id: i64,
+    /// `fr-<8 hex>`: the VM's name on that host.
+    pub name: String,
+    /// Forgejo's view: `offline` (booting, or its host died), `idle`, `active`.
+    pub status: String,
 }
 
 impl DaemonStatus {
@@ -154,6 +171,8 @@ impl DaemonStatus {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_at: OffsetDateTime::now_utc(),
             vms: Vec::new(),
+            fleet: Vec::new(),
+            fleet_at: None,
         }
     }
 }
@@ -231,6 +250,14 @@ impl StatusBoard {
 
     pub fn set_queued(&self, queued: usize) {
         self.update(|s| s.queued = queued);
+    }
+
+    /// The fleet's runners as Forgejo just listed them.
+    pub fn set_fleet(&self, fleet: Vec<FleetRunner>) {
+        self.update(|s| {
+            s.fleet = fleet;
+            s.fleet_at = Some(OffsetDateTime::now_utc());
+        });
     }
 
     /// Records a Forgejo error (the last one wins).
@@ -340,6 +367,7 @@ mod tests {
                 "ready": false, "draining": false, "queued": 0, "running": 1,
                 "last_forgejo_error": null, "pid": 1, "version": "0.1.0",
                 "started_at": "1970-01-01T00:00:00Z",
+                "fleet": [], "fleet_at": null,
                 "vms": [{
                     "name": "fr-0000000a", "job_id": 7, "owner": "alice", "repo": "proj",
                     "state": "preparing", "address": null, "started_at": "1970-01-01T00:00:00Z",
