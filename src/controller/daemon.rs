@@ -360,6 +360,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
             job_deadline: cfg.job_deadline,
             accel: cfg.vm.accel,
             runner_marker,
+            claim_settle: claim::SETTLE,
         },
     });
 

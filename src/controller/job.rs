@@ -59,9 +59,11 @@ pub(crate) struct JobSettings {
     pub job_deadline: Duration,
     /// The accelerator policy: only under `auto` is a job whose KVM failed retried under TCG.
     pub accel: Accel,
-    /// `fkr-qemu@<hostname>`: starts every runner description, so the sweep deletes only this
+    /// `fkr-qemu@<host_id>`: starts every runner description, so the sweep deletes only this
     /// host's runners.
     pub runner_marker: String,
+    /// How long a winning claim waits before its second look (`claim::SETTLE`).
+    pub claim_settle: Duration,
 }
 
 /// A job taken from the queue, and how the scheduler tells it that Forgejo shows it picked up.
@@ -325,6 +327,16 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             match claim::decide(mine, &claims, |c| env.claims.is_stale(c, now)) {
                 Decision::Lost { host, runner_id } => return Ok(Some((host, runner_id))),
                 Decision::Won { stale } if settled => {
+                    // A job that stopped waiting meanwhile (another runner took it: a claim
+                    // that came and went while this host waited to claim) is left alone.
+                    if !env
+                        .forge
+                        .job_waiting(&env.settings.label, &self.job.handle)
+                        .await
+                        .map_err(StepError::Claim)?
+                    {
+                        return Ok(Some(("(none: the job is no longer waiting)".to_owned(), 0)));
+                    }
                     for id in stale {
                         let host = claims
                             .iter()
@@ -348,7 +360,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                 }
                 Decision::Won { .. } => {
                     settled = true;
-                    tokio::time::sleep(claim::SETTLE).await;
+                    tokio::time::sleep(env.settings.claim_settle).await;
                 }
             }
         }

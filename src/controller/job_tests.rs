@@ -50,6 +50,8 @@ struct FakeForge {
     runners: Mutex<std::collections::BTreeMap<i64, (String, &'static str)>>,
     /// Every call, in order.
     calls: Mutex<Vec<&'static str>>,
+    /// `job_waiting` answers no (another runner took the job meanwhile).
+    no_longer_waiting: Mutex<bool>,
     next: AtomicI64,
 }
 
@@ -165,6 +167,11 @@ impl Forge for FakeForge {
             return Err(api_error(500));
         }
         Ok(self.runners.lock().unwrap().remove(&id).is_some())
+    }
+
+    async fn job_waiting(&self, _label: &str, _handle: &str) -> Result<bool, forgejo::Error> {
+        self.call("job_waiting", Step::Runners);
+        Ok(!*self.no_longer_waiting.lock().unwrap())
     }
 
     async fn runners(&self) -> Result<Vec<forgejo::Runner>, forgejo::Error> {
@@ -373,6 +380,7 @@ fn env_claims(
             job_deadline: Duration::from_secs(3600),
             accel,
             runner_marker: "fkr-qemu@test".into(),
+            claim_settle: Duration::from_millis(5),
         },
     })
 }
@@ -553,6 +561,7 @@ async fn a_job_walks_every_state_and_releases_everything() {
             "register_runner",
             "runners",
             "runners",
+            "job_waiting",
             "ci_user",
             "mint_token",
             "revoke_token",
@@ -564,7 +573,13 @@ async fn a_job_walks_every_state_and_releases_everything() {
 #[tokio::test]
 async fn every_failing_step_releases_exactly_what_it_took() {
     // (failing step, the Forgejo calls made, a VM launched)
-    const CLAIMED: [&str; 4] = ["repository", "register_runner", "runners", "runners"];
+    const CLAIMED: [&str; 5] = [
+        "repository",
+        "register_runner",
+        "runners",
+        "runners",
+        "job_waiting",
+    ];
     let then = |more: &[&'static str]| -> Vec<&'static str> { [&CLAIMED[..], more].concat() };
     let cases: [(Step, Vec<&str>); 7] = [
         (Step::Repository, vec!["repository"]),
@@ -652,6 +667,7 @@ async fn no_token_policy_needs_no_ci_user() {
             "register_runner",
             "runners",
             "runners",
+            "job_waiting",
             "delete_runner"
         ]
     );
@@ -892,6 +908,16 @@ async fn a_dead_hosts_stale_claim_is_deleted_and_the_job_taken_over() {
         .unwrap();
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
     assert_released(&env);
+}
+
+#[tokio::test]
+async fn a_job_taken_meanwhile_is_left_alone_after_winning_the_claim() {
+    let env = env();
+    *env.forge.no_longer_waiting.lock().unwrap() = true;
+    let (task, _tx, _stop) = start(&env, job(16));
+    assert_eq!(task.await.unwrap().outcome, JobOutcome::ClaimedElsewhere);
+    assert!(env.vms.launched.lock().unwrap().is_empty());
+    assert_eq!(env.forge.live(), (0, 0), "the claim was deleted");
 }
 
 #[tokio::test]

@@ -60,6 +60,12 @@ pub(crate) trait Forge: Send + Sync + 'static {
     fn delete_runner(&self, id: i64) -> impl Future<Output = Result<bool, forgejo::Error>> + Send;
     /// Every runner at the configured level (every host's claims among them).
     fn runners(&self) -> impl Future<Output = Result<Vec<Runner>, forgejo::Error>> + Send;
+    /// Whether the job attempt `handle` is still waiting among the jobs of `label`.
+    fn job_waiting(
+        &self,
+        label: &str,
+        handle: &str,
+    ) -> impl Future<Output = Result<bool, forgejo::Error>> + Send;
 }
 
 impl Forge for Credentials {
@@ -104,6 +110,13 @@ impl Forge for Credentials {
 
     async fn runners(&self) -> Result<Vec<Runner>, forgejo::Error> {
         self.client.runners().await
+    }
+
+    async fn job_waiting(&self, label: &str, handle: &str) -> Result<bool, forgejo::Error> {
+        let jobs = self.client.jobs(&[label]).await?;
+        Ok(jobs
+            .iter()
+            .any(|j| j.handle == handle && j.status == forgejo::JobStatus::Waiting))
     }
 }
 
