@@ -15,7 +15,7 @@
 #   /lib/systemd/system/fkr-qemu.service            contrib/systemd/fkr-qemu.service (not enabled)
 #   /etc/fkr-qemu/config.toml                       packaging/config.toml, a conffile (dir 0700, file 0640)
 #   /usr/share/fkr-qemu/image-builder/              build-runner-base.sh, runner-base/, README.md
-#   /usr/share/doc/fkr-qemu/                        copyright, README.md.gz, ARCHITECTURE.md.gz
+#   /usr/share/doc/fkr-qemu/                        copyright, changelog.gz, README.md.gz, ARCHITECTURE.md.gz
 # Metadata: packaging/control (the version comes from Cargo.toml, the architecture from dpkg, the
 # shared-library dependencies from dpkg-shlibdeps); maintainer scripts packaging/{postinst,prerm,postrm}.
 set -euo pipefail
@@ -94,8 +94,25 @@ for f in "$repo"/image-builder/runner-base/*; do
   install -m "$mode" "$f" "$ib/runner-base/"
 done
 
+# Reproducible: file times clamped to the last commit's (dpkg-deb reads SOURCE_DATE_EPOCH).
+if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
+  SOURCE_DATE_EPOCH=$(git -C "$repo" log -1 --format=%ct 2>/dev/null || date +%s)
+  export SOURCE_DATE_EPOCH
+fi
+
 doc=$root/usr/share/doc/fkr-qemu
 install -D -m 0644 "$here/copyright" "$doc/copyright"
+# Debian wants a changelog in every package; ours names the commit the package was built from.
+commit=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)
+maintainer=$(sed -n 's/^Maintainer: //p' "$here/control")
+{
+  echo "fkr-qemu ($deb_version) unstable; urgency=medium"
+  echo
+  echo "  * Built from the fkr-qemu repository, commit $commit."
+  echo
+  echo " -- $maintainer  $(date -u -R -d "@$SOURCE_DATE_EPOCH")"
+} | gzip -9n >"$doc/changelog.gz"
+chmod 0644 "$doc/changelog.gz"
 for f in README.md ARCHITECTURE.md; do
   gzip -9n <"$repo/$f" >"$doc/$f.gz"
   chmod 0644 "$doc/$f.gz"
@@ -120,11 +137,6 @@ installed_size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
   sed -n '/^Description:/,$p' "$here/control"
 } >"$root/DEBIAN/control"
 
-# Reproducible: file times clamped to the last commit's (dpkg-deb reads SOURCE_DATE_EPOCH).
-if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
-  SOURCE_DATE_EPOCH=$(git -C "$repo" log -1 --format=%ct 2>/dev/null || date +%s)
-  export SOURCE_DATE_EPOCH
-fi
 mkdir -p "$out"
 deb=$(cd "$out" && pwd)/fkr-qemu_${deb_version}_${arch}.deb
 dpkg-deb --root-owner-group -Z"$compression" --build "$root" "$deb" >&2

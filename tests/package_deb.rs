@@ -189,7 +189,13 @@ fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
         .arg(&tarball)
         .arg("--directory")
         .arg(&root));
-    std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).unwrap();
+    // apt inside needs the host's resolvers. Remove first: copying onto a symlink in the root would
+    // follow it to its target on the host.
+    let resolv = root.join("etc/resolv.conf");
+    if resolv.symlink_metadata().is_ok() {
+        std::fs::remove_file(&resolv).unwrap();
+    }
+    std::fs::copy("/etc/resolv.conf", &resolv).unwrap();
     std::fs::copy(&deb, root.join("tmp/fkr-qemu.deb")).unwrap();
     let root_archives = root.join("var/cache/apt/archives");
     sync_debs(&archives, &root_archives);
