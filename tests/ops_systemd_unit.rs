@@ -4,7 +4,7 @@
 use std::process::Command;
 
 const UNIT: &str = include_str!("../contrib/systemd/fkr-qemu.service");
-const INSTALLED_BINARY: &str = "/usr/local/bin/fkr-qemu";
+const INSTALLED_BINARY: &str = "/usr/bin/fkr-qemu";
 
 /// Every value of `key=` lines, in order (later lines override earlier ones for most keys).
 fn values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
