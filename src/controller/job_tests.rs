@@ -11,7 +11,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::controller::credentials::{CiUserRef, CredentialError, TokenRef};
+use crate::controller::credentials::{CiUserRef, CredentialError, Credentials, TokenRef};
 use crate::controller::ports::{Attachment, Forge, Network, RunningVm, Started, Vms};
 use crate::forgejo::{JobStatus, RegisteredRunner};
 use crate::ops::VmState;
@@ -238,6 +238,7 @@ impl Network for FakeNet {
 /// The test's side of one fake VM.
 struct VmCtl {
     name: VmName,
+    job_id: i64,
     stop: CancellationToken,
     state: watch::Sender<vm::VmState>,
     exit: Option<oneshot::Sender<Outcome>>,
@@ -288,6 +289,7 @@ impl Vms for FakeVms {
         let (exit_tx, exit_rx) = oneshot::channel();
         self.launched.lock().unwrap().push(VmCtl {
             name: spec.name.clone(),
+            job_id: spec.job.as_ref().map_or(0, |j| j.job_id),
             stop: stop.clone(),
             state: state_tx,
             exit: Some(exit_tx),
@@ -934,6 +936,117 @@ async fn an_online_claim_is_never_stale() {
     let (task, _tx, _stop) = start(&env, job(15));
     assert_eq!(task.await.unwrap().outcome, JobOutcome::ClaimedElsewhere);
     assert!(env.forge.runners.lock().unwrap().contains_key(&booted));
+}
+
+/// Two hosts against one Forgejo (the emulator, over HTTP): each host's real `Credentials` and claim
+/// code, doubles for network and VMs. Bursts of jobs, both hosts starting every job at small random
+/// offsets, many rounds: every job gets exactly one VM, whatever the interleaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hosts_racing_on_bursts_boot_each_job_exactly_once() {
+    use super::super::credentials::PasswordKeys;
+    use super::super::prepare_tests::{emulator::Emulator, host_credentials, job_of};
+    use rand::Rng;
+    let emu = Emulator::start_default().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let key = || PasswordKeys::new(vec![Secret::new("shared")]);
+    let hosts: Vec<Arc<JobEnv<Credentials, FakeNet, FakeVms>>> = ["host-a", "host-b"]
+        .iter()
+        .zip(&dirs)
+        .map(|(id, dir)| {
+            let metrics = Metrics::new();
+            Arc::new(JobEnv {
+                forge: host_credentials(&emu, dir.path(), "", id, key()),
+                net: FakeNet::default(),
+                vms: FakeVms::default(),
+                board: StatusBoard::new(Some(metrics.clone())),
+                metrics,
+                claims: ClaimBook::new(Duration::from_secs(600)),
+                settings: JobSettings {
+                    label: "external-host".into(),
+                    runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
+                    base_image: "/base.qcow2".into(),
+                    boot_deadline: Duration::from_secs(60),
+                    job_deadline: Duration::from_secs(3600),
+                    accel: Accel::Tcg,
+                    runner_marker: format!("fkr-qemu@{id}"),
+                    claim_settle: Duration::from_millis(5),
+                },
+            })
+        })
+        .collect();
+    for round in 0..40 {
+        let jobs: Vec<Job> = (0..3)
+            .map(|_| job_of(&emu.add_job("acme/web", &["external-host"], "build"), false))
+            .collect();
+        let mut tasks = Vec::new();
+        for env in &hosts {
+            for j in &jobs {
+                let (env, j) = (env.clone(), j.clone());
+                let delay = Duration::from_millis(rand::thread_rng().gen_range(0..15));
+                let (_tx, rx) = watch::channel(false);
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let ticket = Ticket {
+                        job: j,
+                        seen_at: Instant::now(),
+                        picked_up: rx,
+                        disk: None,
+                        claim_delay: Duration::ZERO,
+                    };
+                    run(env, ticket, CancellationToken::new()).await
+                }));
+            }
+        }
+        // Every task either lost its claim (finished) or has a VM up.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let finished = tasks.iter().filter(|t| t.is_finished()).count();
+            let launched: usize = hosts
+                .iter()
+                .map(|h| h.vms.launched.lock().unwrap().len())
+                .sum();
+            if finished + launched == tasks.len() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: stuck");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut booted: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
+        for (i, h) in hosts.iter().enumerate() {
+            for mut vm in h.vms.launched.lock().unwrap().drain(..) {
+                booted.entry(vm.job_id).or_default().push(i);
+                vm.exit
+                    .take()
+                    .unwrap()
+                    .send(Outcome::GuestPoweredOff)
+                    .unwrap();
+            }
+        }
+        for j in &jobs {
+            assert_eq!(
+                booted.get(&j.id).map(Vec::len),
+                Some(1),
+                "round {round}: job {} booted by hosts {:?}",
+                j.id,
+                booted.get(&j.id)
+            );
+        }
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap().outcome);
+        }
+        let lost = outcomes
+            .iter()
+            .filter(|o| **o == JobOutcome::ClaimedElsewhere)
+            .count();
+        assert_eq!(lost, jobs.len(), "round {round}: {outcomes:?}");
+        // Every claim is gone again: the losers deleted theirs, the winners released theirs.
+        assert!(
+            emu.runner_names().is_empty(),
+            "round {round}: {:?}",
+            emu.runner_names()
+        );
+    }
 }
 
 #[test]

@@ -20,7 +20,7 @@ use crate::secret::Secret;
 
 // The emulator allows its own unused items (it serves many test crates).
 #[path = "../../tests/emulator/mod.rs"]
-mod emulator;
+pub(crate) mod emulator;
 
 use emulator::{Emulator, Options, RunTrigger};
 
@@ -59,6 +59,17 @@ fn host_ctx(
     host_id: &str,
     keys: PasswordKeys,
 ) -> Arc<Ctx> {
+    Arc::new(host_credentials(emu, state_dir, tokens_toml, host_id, keys))
+}
+
+/// Host `host_id`'s credentials against the emulator, its state in `state_dir`.
+pub(crate) fn host_credentials(
+    emu: &Emulator,
+    state_dir: &Path,
+    tokens_toml: &str,
+    host_id: &str,
+    keys: PasswordKeys,
+) -> Credentials {
     let text = format!(
         "state_dir = {:?}\n[forgejo]\nurl = {:?}\nretries = 0\n{tokens_toml}",
         state_dir.display().to_string(),
@@ -70,17 +81,17 @@ fn host_ctx(
         .expect("test config");
     let client = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone()).unwrap();
     let users = CiUserStore::open(cfg.ci_users_path()).unwrap();
-    Arc::new(Credentials {
+    Credentials {
         client,
         users: tokio::sync::Mutex::new(users),
         policy: cfg.tokens.clone(),
         metrics: Metrics::new(),
         host_id: host_id.to_owned(),
         keys,
-    })
+    }
 }
 
-fn job_of(added: &emulator::AddedJob, with_run_id: bool) -> Job {
+pub(crate) fn job_of(added: &emulator::AddedJob, with_run_id: bool) -> Job {
     Job {
         id: added.id,
         handle: added.handle.clone(),
