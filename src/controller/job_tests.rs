@@ -1049,6 +1049,92 @@ async fn two_hosts_racing_on_bursts_boot_each_job_exactly_once() {
     }
 }
 
+/// The claim's cost (issue 14's benchmark; prints, asserts nothing about speed):
+///
+/// ```sh
+/// cargo test --release --lib claim_cost -- --ignored --nocapture
+/// ```
+/// Against the emulator over HTTP: from a registered runner to the claim decided (two listings,
+/// the settle, the "still waiting" check), one host alone vs two hosts racing for each job, and
+/// the Forgejo requests one claim costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark: run it with --ignored --nocapture"]
+async fn claim_cost() {
+    use super::super::credentials::PasswordKeys;
+    use super::super::prepare_tests::{emulator::Emulator, host_credentials, job_of};
+    let emu = Emulator::start_default().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let hosts: Vec<Arc<JobEnv<Credentials, FakeNet, FakeVms>>> = ["host-a", "host-b"]
+        .iter()
+        .zip(&dirs)
+        .map(|(id, dir)| {
+            let metrics = Metrics::new();
+            Arc::new(JobEnv {
+                forge: host_credentials(&emu, dir.path(), "", id, PasswordKeys::default()),
+                net: FakeNet::default(),
+                vms: FakeVms::default(),
+                board: StatusBoard::new(Some(metrics.clone())),
+                metrics,
+                claims: ClaimBook::new(Duration::from_secs(600)),
+                settings: JobSettings {
+                    label: "external-host".into(),
+                    runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
+                    base_image: "/base.qcow2".into(),
+                    boot_deadline: Duration::from_secs(60),
+                    job_deadline: Duration::from_secs(3600),
+                    accel: Accel::Tcg,
+                    runner_marker: format!("fkr-qemu@{id}"),
+                    claim_settle: claim::SETTLE,
+                },
+            })
+        })
+        .collect();
+    /// Registers `env`'s claim on `job` and decides it; the time from registration to decision.
+    async fn one(env: Arc<JobEnv<Credentials, FakeNet, FakeVms>>, job: Job) -> (Duration, bool) {
+        let mut run = JobRun::new(env.clone(), job, Instant::now());
+        let repo = env.forge.repository(run.job.repo_id).await.unwrap();
+        let runner = run.register_runner(&repo).await.unwrap();
+        let t = Instant::now();
+        let lost = run.claim(runner.id).await.unwrap().is_some();
+        let took = t.elapsed();
+        let held = std::mem::take(&mut run.held);
+        release(&env.forge, &run.name, held).await;
+        (took, !lost)
+    }
+    let stats = |mut v: Vec<Duration>| {
+        v.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "median {:.1} ms, p10 {:.1} ms, p90 {:.1} ms, n {}",
+            ms(v[v.len() / 2]),
+            ms(v[v.len() / 10]),
+            ms(v[v.len() * 9 / 10]),
+            v.len()
+        )
+    };
+    let n = 20;
+    let mut alone = Vec::new();
+    emu.clear_requests();
+    for _ in 0..n {
+        let j = job_of(&emu.add_job("acme/web", &["external-host"], "build"), false);
+        alone.push(one(hosts[0].clone(), j).await.0);
+    }
+    let per_claim = emu.requests().len() as f64 / f64::from(n);
+    let mut racing = Vec::new();
+    for _ in 0..n {
+        let j = job_of(&emu.add_job("acme/web", &["external-host"], "build"), false);
+        let (a, b) = tokio::join!(one(hosts[0].clone(), j.clone()), one(hosts[1].clone(), j));
+        assert!(a.1 ^ b.1, "exactly one host wins");
+        racing.push(a.0);
+        racing.push(b.0);
+    }
+    eprintln!("claim decided, one host:        {}", stats(alone));
+    eprintln!("claim decided, two hosts racing: {}", stats(racing));
+    eprintln!(
+        "Forgejo requests per job (repository, register, 2 listings, still-waiting check, delete): {per_claim:.1}"
+    );
+}
+
 #[test]
 fn outcomes_from_vm_exits() {
     let off = Outcome::GuestPoweredOff;
