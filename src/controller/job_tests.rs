@@ -938,24 +938,25 @@ async fn an_online_claim_is_never_stale() {
     assert!(env.forge.runners.lock().unwrap().contains_key(&booted));
 }
 
-/// Two hosts against one Forgejo (the emulator, over HTTP): each host's real `Credentials` and claim
-/// code, doubles for network and VMs. Bursts of jobs, both hosts starting every job at small random
-/// offsets, many rounds: every job gets exactly one VM, whatever the interleaving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_hosts_racing_on_bursts_boot_each_job_exactly_once() {
+type EmulatorHost = Arc<JobEnv<Credentials, FakeNet, FakeVms>>;
+
+/// Hosts `host-a` and `host-b` against the emulator: real `Credentials` sharing a password key,
+/// each with its state dir from `dirs`; doubles for network and VMs.
+fn emulator_hosts(
+    emu: &super::super::prepare_tests::emulator::Emulator,
+    dirs: &[tempfile::TempDir; 2],
+    claim_settle: Duration,
+) -> Vec<EmulatorHost> {
     use super::super::credentials::PasswordKeys;
-    use super::super::prepare_tests::{emulator::Emulator, host_credentials, job_of};
-    use rand::Rng;
-    let emu = Emulator::start_default().await;
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let key = || PasswordKeys::new(vec![Secret::new("shared")]);
-    let hosts: Vec<Arc<JobEnv<Credentials, FakeNet, FakeVms>>> = ["host-a", "host-b"]
+    use super::super::prepare_tests::host_credentials;
+    ["host-a", "host-b"]
         .iter()
-        .zip(&dirs)
+        .zip(dirs)
         .map(|(id, dir)| {
             let metrics = Metrics::new();
+            let keys = PasswordKeys::new(vec![Secret::new("shared")]);
             Arc::new(JobEnv {
-                forge: host_credentials(&emu, dir.path(), "", id, key()),
+                forge: host_credentials(emu, dir.path(), "", id, keys),
                 net: FakeNet::default(),
                 vms: FakeVms::default(),
                 board: StatusBoard::new(Some(metrics.clone())),
@@ -969,11 +970,23 @@ async fn two_hosts_racing_on_bursts_boot_each_job_exactly_once() {
                     job_deadline: Duration::from_secs(3600),
                     accel: Accel::Tcg,
                     runner_marker: format!("fkr-qemu@{id}"),
-                    claim_settle: Duration::from_millis(5),
+                    claim_settle,
                 },
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Two hosts against one Forgejo (the emulator, over HTTP): each host's real `Credentials` and claim
+/// code, doubles for network and VMs. Bursts of jobs, both hosts starting every job at small random
+/// offsets, many rounds: every job gets exactly one VM, whatever the interleaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hosts_racing_on_bursts_boot_each_job_exactly_once() {
+    use super::super::prepare_tests::{emulator::Emulator, job_of};
+    use rand::Rng;
+    let emu = Emulator::start_default().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let hosts = emulator_hosts(&emu, &dirs, Duration::from_millis(5));
     for round in 0..40 {
         let jobs: Vec<Job> = (0..3)
             .map(|_| job_of(&emu.add_job("acme/web", &["external-host"], "build"), false))
@@ -1060,37 +1073,12 @@ async fn two_hosts_racing_on_bursts_boot_each_job_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "a benchmark: run it with --ignored --nocapture"]
 async fn claim_cost() {
-    use super::super::credentials::PasswordKeys;
-    use super::super::prepare_tests::{emulator::Emulator, host_credentials, job_of};
+    use super::super::prepare_tests::{emulator::Emulator, job_of};
     let emu = Emulator::start_default().await;
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let hosts: Vec<Arc<JobEnv<Credentials, FakeNet, FakeVms>>> = ["host-a", "host-b"]
-        .iter()
-        .zip(&dirs)
-        .map(|(id, dir)| {
-            let metrics = Metrics::new();
-            Arc::new(JobEnv {
-                forge: host_credentials(&emu, dir.path(), "", id, PasswordKeys::default()),
-                net: FakeNet::default(),
-                vms: FakeVms::default(),
-                board: StatusBoard::new(Some(metrics.clone())),
-                metrics,
-                claims: ClaimBook::new(Duration::from_secs(600)),
-                settings: JobSettings {
-                    label: "external-host".into(),
-                    runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
-                    base_image: "/base.qcow2".into(),
-                    boot_deadline: Duration::from_secs(60),
-                    job_deadline: Duration::from_secs(3600),
-                    accel: Accel::Tcg,
-                    runner_marker: format!("fkr-qemu@{id}"),
-                    claim_settle: claim::SETTLE,
-                },
-            })
-        })
-        .collect();
+    let hosts = emulator_hosts(&emu, &dirs, claim::SETTLE);
     /// Registers `env`'s claim on `job` and decides it; the time from registration to decision.
-    async fn one(env: Arc<JobEnv<Credentials, FakeNet, FakeVms>>, job: Job) -> (Duration, bool) {
+    async fn one(env: EmulatorHost, job: Job) -> (Duration, bool) {
         let mut run = JobRun::new(env.clone(), job, Instant::now());
         let repo = env.forge.repository(run.job.repo_id).await.unwrap();
         let runner = run.register_runner(&repo).await.unwrap();
