@@ -451,6 +451,20 @@ async fn board_shows(env: &Env, want: &str) -> VmInfo {
     }
 }
 
+/// Waits for the release a dropped job spawns, then checks that nothing is held.
+async fn released_in_the_background(env: &Env) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.forge.live() != (0, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "release never ran: {:?}",
+            env.forge.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_released(env);
+}
+
 /// Nothing is held any more: no token, no runner, no network, nothing on the board.
 fn assert_released(env: &Env) {
     assert_eq!(
@@ -820,16 +834,7 @@ async fn a_cancelled_job_task_still_releases_everything() {
     board_shows(&env, "booting").await;
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.forge.live() != (0, 0) {
-        assert!(
-            Instant::now() < deadline,
-            "release never ran: {:?}",
-            env.forge.calls()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    assert_released(&env);
+    released_in_the_background(&env).await;
 }
 
 #[tokio::test]
@@ -840,16 +845,7 @@ async fn a_panic_while_supervising_still_releases_everything() {
     // The fake VM's `wait` panics when its controls go away (a supervisor bug).
     drop(vm.exit.take());
     assert!(task.await.unwrap_err().is_panic());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.forge.live() != (0, 0) {
-        assert!(
-            Instant::now() < deadline,
-            "release never ran: {:?}",
-            env.forge.calls()
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    assert_released(&env);
+    released_in_the_background(&env).await;
 }
 
 #[tokio::test]
