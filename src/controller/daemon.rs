@@ -340,7 +340,15 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     }
     let runner_marker = runner_marker(&cfg.host_id);
     // The network part of the sweep removes our nftables table: sweep first, then set up.
-    sweep::startup_sweep(&cfg, &creds, &runner_marker, &metrics).await;
+    // Versions before host ids marked runners with the full hostname: sweep those too.
+    let legacy_marker = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| format!("fkr-qemu@{h}"));
+    let markers: Vec<String> = std::iter::once(runner_marker.clone())
+        .chain(legacy_marker.filter(|m| *m != runner_marker))
+        .collect();
+    sweep::startup_sweep(&cfg, &creds, &markers, &metrics).await;
     let net = crate::net::HostNetwork::setup(&cfg.net)?;
     let cfg = Arc::new(cfg);
     let env = Arc::new(JobEnv {

@@ -16,12 +16,13 @@ use crate::forgejo::{token_minter, TokenMinter};
 use crate::ops::{Metrics, SweepKind};
 use crate::types::VmName;
 
-/// Runs every part; a failing part is logged and does not stop the others. `runner_marker`
-/// starts the description of every runner this host registered.
+/// Runs every part; a failing part is logged and does not stop the others. `runner_markers`: what
+/// the description of a runner this host registered starts with (this version's
+/// `fkr-qemu@<host_id>`, and the full-hostname marker of versions before host ids).
 pub(crate) async fn startup_sweep(
     cfg: &Config,
     creds: &Credentials,
-    runner_marker: &str,
+    runner_markers: &[String],
     metrics: &Metrics,
 ) {
     tracing::info!("startup sweep...");
@@ -58,7 +59,10 @@ pub(crate) async fn startup_sweep(
     }
 
     found.push((SweepKind::Token, sweep_tokens(creds).await));
-    found.push((SweepKind::Runner, sweep_runners(creds, runner_marker).await));
+    found.push((
+        SweepKind::Runner,
+        sweep_runners(creds, runner_markers).await,
+    ));
 
     for (kind, n) in &found {
         metrics.sweep_found(*kind, *n as u64);
@@ -115,7 +119,7 @@ async fn sweep_tokens(creds: &Credentials) -> usize {
     revoked
 }
 
-async fn sweep_runners(creds: &Credentials, runner_marker: &str) -> usize {
+async fn sweep_runners(creds: &Credentials, runner_markers: &[String]) -> usize {
     let runners = match creds.client.runners().await {
         Ok(r) => r,
         Err(e) => {
@@ -125,11 +129,13 @@ async fn sweep_runners(creds: &Credentials, runner_marker: &str) -> usize {
     };
     let mut deleted = 0;
     for r in runners {
-        // The marker and a space: `fkr-qemu@a` must not match host `ab`'s runners.
+        // A marker and a space: `fkr-qemu@a` must not match host `ab`'s runners.
         let ours = VmName::is_valid(&r.name)
-            && r.description
-                .strip_prefix(runner_marker)
-                .is_some_and(|rest| rest.starts_with(' '));
+            && runner_markers.iter().any(|m| {
+                r.description
+                    .strip_prefix(m.as_str())
+                    .is_some_and(|rest| rest.starts_with(' '))
+            });
         if !ours {
             continue;
         }
