@@ -522,7 +522,7 @@ async fn vm_guest_takes_its_static_address_by_mac_and_reaches_the_bridge() {
     // The namespace is the test's own: any port is free.
     let addr: std::net::SocketAddr = "10.99.0.1:8080".parse().unwrap();
     let server = HttpServer::start(&ns, addr, || "hello-from-the-bridge".to_owned());
-    // Exactly the shape of CONTRACTS.md §B.
+    // Exactly the shape of ARCHITECTURE.md's "Seed contract".
     let network_config = format!(
         "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: '{}'\n    set-name: eth0\n    addresses:\n    - 10.99.0.5/24\n    routes:\n    - to: 0.0.0.0/0\n      via: 10.99.0.1\n    nameservers:\n      addresses:\n      - 10.99.0.1\n",
         dev.mac

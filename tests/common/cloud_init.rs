@@ -12,7 +12,7 @@ pub struct WriteFile<'a> {
     pub content: &'a [u8],
 }
 
-/// `#cloud-config` in the exact shape of CONTRACTS.md §B.
+/// `#cloud-config` in the exact shape of ARCHITECTURE.md's "Seed contract".
 pub fn user_data(files: &[WriteFile], runcmd: &[&str], poweroff: bool) -> String {
     let mut s = String::from("#cloud-config\n");
     if !files.is_empty() {
