@@ -29,6 +29,7 @@ enum Step {
     Revoke,
     DeleteRunner,
     Runners,
+    StillWaiting,
 }
 
 fn api_error(status: u16) -> forgejo::Error {
@@ -48,6 +49,8 @@ struct FakeForge {
     tokens: Mutex<BTreeSet<i64>>,
     /// Runner id → description (this host's registrations and other hosts' claims).
     runners: Mutex<std::collections::BTreeMap<i64, (String, &'static str)>>,
+    /// Handles Forgejo no longer lists as waiting.
+    gone: Mutex<HashSet<String>>,
     /// Every call, in order.
     calls: Mutex<Vec<&'static str>>,
     next: AtomicI64,
@@ -165,6 +168,14 @@ impl Forge for FakeForge {
             return Err(api_error(500));
         }
         Ok(self.runners.lock().unwrap().remove(&id).is_some())
+    }
+
+    async fn still_waiting(&self, job: &Job, label: &str) -> Result<bool, forgejo::Error> {
+        assert_eq!(label, "external-host");
+        if self.call("still_waiting", Step::StillWaiting) {
+            return Err(api_error(503));
+        }
+        Ok(!self.gone.lock().unwrap().contains(&job.handle))
     }
 
     async fn runners(&self) -> Result<Vec<forgejo::Runner>, forgejo::Error> {
@@ -553,6 +564,7 @@ async fn a_job_walks_every_state_and_releases_everything() {
             "register_runner",
             "runners",
             "runners",
+            "still_waiting",
             "ci_user",
             "mint_token",
             "revoke_token",
@@ -564,15 +576,22 @@ async fn a_job_walks_every_state_and_releases_everything() {
 #[tokio::test]
 async fn every_failing_step_releases_exactly_what_it_took() {
     // (failing step, the Forgejo calls made, a VM launched)
-    const CLAIMED: [&str; 4] = ["repository", "register_runner", "runners", "runners"];
+    const CLAIMED: [&str; 5] = [
+        "repository",
+        "register_runner",
+        "runners",
+        "runners",
+        "still_waiting",
+    ];
     let then = |more: &[&'static str]| -> Vec<&'static str> { [&CLAIMED[..], more].concat() };
-    let cases: [(Step, Vec<&str>); 7] = [
+    let cases: [(Step, Vec<&str>); 8] = [
         (Step::Repository, vec!["repository"]),
         (Step::Runner, vec!["repository", "register_runner"]),
         (
             Step::Runners,
             vec!["repository", "register_runner", "runners", "delete_runner"],
         ),
+        (Step::StillWaiting, then(&["delete_runner"])),
         (Step::CiUser, then(&["ci_user", "delete_runner"])),
         (
             Step::Token,
@@ -652,6 +671,7 @@ async fn no_token_policy_needs_no_ci_user() {
             "register_runner",
             "runners",
             "runners",
+            "still_waiting",
             "delete_runner"
         ]
     );
@@ -851,6 +871,32 @@ async fn a_lower_live_claim_of_another_host_means_this_host_boots_nothing() {
     assert!(env.board.snapshot().vms.is_empty());
     let left: Vec<i64> = env.forge.runners.lock().unwrap().keys().copied().collect();
     assert_eq!(left, [theirs]);
+}
+
+#[tokio::test]
+async fn a_job_that_no_longer_waits_when_the_claim_is_won_boots_nothing() {
+    // Another host's claim was lower, but its runner ran the job and Forgejo deleted it before
+    // this host listed the claims: nothing lower is listed, and the job is no longer waiting.
+    let env = env();
+    env.forge.gone.lock().unwrap().insert(job(16).handle);
+    let (task, _tx, _stop) = start(&env, job(16));
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::ClaimedElsewhere);
+    assert_eq!(
+        env.forge.calls(),
+        [
+            "repository",
+            "register_runner",
+            "runners",
+            "runners",
+            "still_waiting",
+            "delete_runner"
+        ]
+    );
+    assert!(env.vms.launched.lock().unwrap().is_empty());
+    assert_eq!(env.net.live.load(Ordering::SeqCst), 0);
+    assert!(env.board.snapshot().vms.is_empty());
+    assert_released(&env);
 }
 
 #[tokio::test]

@@ -60,6 +60,12 @@ pub(crate) trait Forge: Send + Sync + 'static {
     fn delete_runner(&self, id: i64) -> impl Future<Output = Result<bool, forgejo::Error>> + Send;
     /// Every runner at the configured level (every host's claims among them).
     fn runners(&self) -> impl Future<Output = Result<Vec<Runner>, forgejo::Error>> + Send;
+    /// Whether Forgejo still lists `job` (its handle) as waiting among the jobs of `label`.
+    fn still_waiting(
+        &self,
+        job: &Job,
+        label: &str,
+    ) -> impl Future<Output = Result<bool, forgejo::Error>> + Send;
 }
 
 impl Forge for Credentials {
@@ -104,6 +110,11 @@ impl Forge for Credentials {
 
     async fn runners(&self) -> Result<Vec<Runner>, forgejo::Error> {
         self.client.runners().await
+    }
+
+    async fn still_waiting(&self, job: &Job, label: &str) -> Result<bool, forgejo::Error> {
+        let waiting = self.client.waiting_jobs(&[label]).await?;
+        Ok(waiting.iter().any(|j| j.handle == job.handle))
     }
 }
 
