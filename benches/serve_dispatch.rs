@@ -12,6 +12,7 @@
 #[allow(dead_code)]
 #[path = "../tests/common"]
 mod common {
+    pub mod daemon;
     pub mod emulator;
     pub mod links;
     pub mod netns;
@@ -23,7 +24,8 @@ mod common {
 
 use std::time::{Duration, SystemTime};
 
-use common::serve::{wait_for, Settings, World};
+use common::daemon::{wait_for, Settings};
+use common::serve::World;
 use fkr_qemu::ops::JobOutcome;
 use nix::sys::signal::Signal;
 
@@ -36,7 +38,7 @@ fn stamp(line: &str) -> SystemTime {
 }
 
 /// The first line of serve's log that contains `needle` (its time stamp is what the bench measures).
-fn wait_log(serve: &mut common::serve::Serve, needle: &str, timeout: Duration) -> String {
+fn wait_log(serve: &mut common::daemon::Serve, needle: &str, timeout: Duration) -> String {
     let log = serve.log.clone();
     serve.wait(needle, timeout, || {
         std::fs::read_to_string(&log)

@@ -4,6 +4,7 @@
 //! reports readiness, and the metrics endpoint serves valid OpenMetrics text whose counters move.
 
 mod common {
+    pub mod daemon;
     pub mod emulator;
     pub mod links;
     pub mod netns;
@@ -18,8 +19,9 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use common::daemon::{wait_for, Settings};
 use common::emulator::JobStatus;
-use common::serve::{wait_for, Settings, World};
+use common::serve::World;
 use fkr_qemu::ops::{JobOutcome, VmInfo};
 use fkr_qemu::types::Accel;
 use nix::sys::signal::Signal;

@@ -6,6 +6,7 @@
 //! lines kept from the original tool (the one log-wording contract).
 
 mod common {
+    pub mod daemon;
     pub mod emulator;
     pub mod fake_qemu;
     pub mod links;
@@ -21,10 +22,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::daemon::{wait_for, Serve, Settings};
 use common::emulator::{FaultKind, JobStatus, LoggedRequest, RunTrigger};
 use common::fake_qemu::fake_qemu;
 use common::sandbox::assert_sandboxed;
-use common::serve::{wait_for, Serve, Settings, World};
+use common::serve::World;
 use fkr_qemu::ops::{JobOutcome, SweepKind, TokenAccess, VmState};
 use fkr_qemu::types::{Accel, JobState, VmName};
 use nix::sys::signal::Signal;

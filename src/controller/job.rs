@@ -183,6 +183,16 @@ pub(crate) async fn registry_login<F: Forge>(
     Ok(Some((username, secret)))
 }
 
+/// How this host's claim on a job ended.
+enum Claimed {
+    /// Ours is the lowest live claim and the job still waits: this host runs it.
+    Ours,
+    /// Another host's claim is lower and live.
+    Lost { host: String, runner_id: i64 },
+    /// The job no longer waits (another host's runner ran it, or it was cancelled).
+    Gone,
+}
+
 /// How supervision ended.
 struct Supervised {
     outcome: JobOutcome,
@@ -276,13 +286,24 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         });
         tokio::time::sleep(claim_delay).await;
         let runner = self.register_runner(&repo).await?;
-        if let Some((host, runner_id)) = self.claim(runner.id).await? {
-            tracing::info!(
-                vm = %self.name,
-                "job {}: claimed by host {host} first (runner {runner_id}); leaving it to that host",
-                self.job.id
-            );
-            return Ok(None);
+        match self.claim(runner.id).await? {
+            Claimed::Ours => {}
+            Claimed::Lost { host, runner_id } => {
+                tracing::info!(
+                    vm = %self.name,
+                    "job {}: claimed by host {host} first (runner {runner_id}); leaving it to that host",
+                    self.job.id
+                );
+                return Ok(None);
+            }
+            Claimed::Gone => {
+                tracing::info!(
+                    vm = %self.name,
+                    "job {}: no longer waiting (a runner took it, or it was cancelled); leaving it",
+                    self.job.id
+                );
+                return Ok(None);
+            }
         }
         let registry = self.registry_login(&repo).await?;
         let attachment = env.net.attach(&self.name).map_err(StepError::Network)?;
@@ -313,10 +334,10 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             .map_err(StepError::Launch)
     }
 
-    /// Decides whether this host runs the job (see `claim.rs`): `None` when our claim `mine` is
-    /// the lowest live one, after a second look; else the host and runner that won. Stale claims
-    /// of dead hosts below ours are deleted.
-    async fn claim(&mut self, mine: i64) -> Result<Option<(String, i64)>, StepError> {
+    /// Decides whether this host runs the job (see `claim.rs`): ours when our claim `mine` is the
+    /// lowest live one, after a second look, and Forgejo still shows the job waiting; else who won,
+    /// or that the job is gone. Stale claims of dead hosts below ours are deleted.
+    async fn claim(&mut self, mine: i64) -> Result<Claimed, StepError> {
         let env = self.env.clone();
         let mut settled = false;
         loop {
@@ -325,17 +346,19 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             let now = Instant::now();
             env.claims.saw(&claims, now);
             match claim::decide(mine, &claims, |c| env.claims.is_stale(c, now)) {
-                Decision::Lost { host, runner_id } => return Ok(Some((host, runner_id))),
+                Decision::Lost { host, runner_id } => return Ok(Claimed::Lost { host, runner_id }),
                 Decision::Won { stale } if settled => {
-                    // A job that stopped waiting meanwhile (another runner took it: a claim
-                    // that came and went while this host waited to claim) is left alone.
-                    if !env
+                    // No lower live claim is listed — yet a lower claim may have been deleted
+                    // already because its runner took the job and finished it (Forgejo deletes an
+                    // ephemeral runner once its task is done). The job is no longer waiting then:
+                    // asked after the listing, Forgejo says so.
+                    let waiting = env
                         .forge
-                        .job_waiting(&env.settings.label, &self.job.handle)
+                        .still_waiting(&self.job, &env.settings.label)
                         .await
-                        .map_err(StepError::Claim)?
-                    {
-                        return Ok(Some(("(none: the job is no longer waiting)".to_owned(), 0)));
+                        .map_err(StepError::Claim)?;
+                    if !waiting {
+                        return Ok(Claimed::Gone);
                     }
                     for id in stale {
                         let host = claims
@@ -356,7 +379,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                             }
                         }
                     }
-                    return Ok(None);
+                    return Ok(Claimed::Ours);
                 }
                 Decision::Won { .. } => {
                     settled = true;

@@ -29,6 +29,7 @@ enum Step {
     Revoke,
     DeleteRunner,
     Runners,
+    StillWaiting,
 }
 
 fn api_error(status: u16) -> forgejo::Error {
@@ -48,10 +49,10 @@ struct FakeForge {
     tokens: Mutex<BTreeSet<i64>>,
     /// Runner id → description (this host's registrations and other hosts' claims).
     runners: Mutex<std::collections::BTreeMap<i64, (String, &'static str)>>,
+    /// Handles Forgejo no longer lists as waiting.
+    gone: Mutex<HashSet<String>>,
     /// Every call, in order.
     calls: Mutex<Vec<&'static str>>,
-    /// `job_waiting` answers no (another runner took the job meanwhile).
-    no_longer_waiting: Mutex<bool>,
     next: AtomicI64,
 }
 
@@ -169,9 +170,12 @@ impl Forge for FakeForge {
         Ok(self.runners.lock().unwrap().remove(&id).is_some())
     }
 
-    async fn job_waiting(&self, _label: &str, _handle: &str) -> Result<bool, forgejo::Error> {
-        self.call("job_waiting", Step::Runners);
-        Ok(!*self.no_longer_waiting.lock().unwrap())
+    async fn still_waiting(&self, job: &Job, label: &str) -> Result<bool, forgejo::Error> {
+        assert_eq!(label, "external-host");
+        if self.call("still_waiting", Step::StillWaiting) {
+            return Err(api_error(503));
+        }
+        Ok(!self.gone.lock().unwrap().contains(&job.handle))
     }
 
     async fn runners(&self) -> Result<Vec<forgejo::Runner>, forgejo::Error> {
@@ -577,7 +581,7 @@ async fn a_job_walks_every_state_and_releases_everything() {
             "register_runner",
             "runners",
             "runners",
-            "job_waiting",
+            "still_waiting",
             "ci_user",
             "mint_token",
             "revoke_token",
@@ -594,16 +598,17 @@ async fn every_failing_step_releases_exactly_what_it_took() {
         "register_runner",
         "runners",
         "runners",
-        "job_waiting",
+        "still_waiting",
     ];
     let then = |more: &[&'static str]| -> Vec<&'static str> { [&CLAIMED[..], more].concat() };
-    let cases: [(Step, Vec<&str>); 7] = [
+    let cases: [(Step, Vec<&str>); 8] = [
         (Step::Repository, vec!["repository"]),
         (Step::Runner, vec!["repository", "register_runner"]),
         (
             Step::Runners,
             vec!["repository", "register_runner", "runners", "delete_runner"],
         ),
+        (Step::StillWaiting, then(&["delete_runner"])),
         (Step::CiUser, then(&["ci_user", "delete_runner"])),
         (
             Step::Token,
@@ -683,7 +688,7 @@ async fn no_token_policy_needs_no_ci_user() {
             "register_runner",
             "runners",
             "runners",
-            "job_waiting",
+            "still_waiting",
             "delete_runner"
         ]
     );
@@ -868,6 +873,32 @@ async fn a_lower_live_claim_of_another_host_means_this_host_boots_nothing() {
 }
 
 #[tokio::test]
+async fn a_job_that_no_longer_waits_when_the_claim_is_won_boots_nothing() {
+    // Another host's claim was lower, but its runner ran the job and Forgejo deleted it before
+    // this host listed the claims: nothing lower is listed, and the job is no longer waiting.
+    let env = env();
+    env.forge.gone.lock().unwrap().insert(job(16).handle);
+    let (task, _tx, _stop) = start(&env, job(16));
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::ClaimedElsewhere);
+    assert_eq!(
+        env.forge.calls(),
+        [
+            "repository",
+            "register_runner",
+            "runners",
+            "runners",
+            "still_waiting",
+            "delete_runner"
+        ]
+    );
+    assert!(env.vms.launched.lock().unwrap().is_empty());
+    assert_eq!(env.net.live.load(Ordering::SeqCst), 0);
+    assert!(env.board.snapshot().vms.is_empty());
+    assert_released(&env);
+}
+
+#[tokio::test]
 async fn a_higher_claim_or_a_claim_on_another_job_does_not_stop_this_host() {
     let env = env();
     env.forge.foreign_claim("other", 99, "offline");
@@ -906,16 +937,6 @@ async fn a_dead_hosts_stale_claim_is_deleted_and_the_job_taken_over() {
         .unwrap();
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
     assert_released(&env);
-}
-
-#[tokio::test]
-async fn a_job_taken_meanwhile_is_left_alone_after_winning_the_claim() {
-    let env = env();
-    *env.forge.no_longer_waiting.lock().unwrap() = true;
-    let (task, _tx, _stop) = start(&env, job(16));
-    assert_eq!(task.await.unwrap().outcome, JobOutcome::ClaimedElsewhere);
-    assert!(env.vms.launched.lock().unwrap().is_empty());
-    assert_eq!(env.forge.live(), (0, 0), "the claim was deleted");
 }
 
 #[tokio::test]
@@ -1079,7 +1100,7 @@ async fn claim_cost() {
         let repo = env.forge.repository(run.job.repo_id).await.unwrap();
         let runner = run.register_runner(&repo).await.unwrap();
         let t = Instant::now();
-        let lost = run.claim(runner.id).await.unwrap().is_some();
+        let lost = !matches!(run.claim(runner.id).await.unwrap(), Claimed::Ours);
         let took = t.elapsed();
         let held = std::mem::take(&mut run.held);
         release(&env.forge, &run.name, held).await;

@@ -60,11 +60,11 @@ pub(crate) trait Forge: Send + Sync + 'static {
     fn delete_runner(&self, id: i64) -> impl Future<Output = Result<bool, forgejo::Error>> + Send;
     /// Every runner at the configured level (every host's claims among them).
     fn runners(&self) -> impl Future<Output = Result<Vec<Runner>, forgejo::Error>> + Send;
-    /// Whether the job attempt `handle` is still waiting among the jobs of `label`.
-    fn job_waiting(
+    /// Whether Forgejo still lists `job` (its handle) as waiting among the jobs of `label`.
+    fn still_waiting(
         &self,
+        job: &Job,
         label: &str,
-        handle: &str,
     ) -> impl Future<Output = Result<bool, forgejo::Error>> + Send;
 }
 
@@ -112,11 +112,9 @@ impl Forge for Credentials {
         self.client.runners().await
     }
 
-    async fn job_waiting(&self, label: &str, handle: &str) -> Result<bool, forgejo::Error> {
-        let jobs = self.client.jobs(&[label]).await?;
-        Ok(jobs
-            .iter()
-            .any(|j| j.handle == handle && j.status == forgejo::JobStatus::Waiting))
+    async fn still_waiting(&self, job: &Job, label: &str) -> Result<bool, forgejo::Error> {
+        let waiting = self.client.waiting_jobs(&[label]).await?;
+        Ok(waiting.iter().any(|j| j.handle == job.handle))
     }
 }
 

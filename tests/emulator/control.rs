@@ -30,8 +30,27 @@ fn bad_request(msg: impl Into<String>) -> Response {
         .into_response()
 }
 
-async fn state(State(s): State<Shared>) -> Json<Value> {
-    Json(s.lock().expect("emulator state lock").snapshot())
+#[derive(Deserialize)]
+struct StateQuery {
+    /// `false`: leave the request log out (`GET /_emulator/requests` has it).
+    #[serde(default = "yes")]
+    requests: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn state(
+    State(s): State<Shared>,
+    axum::extract::Query(q): axum::extract::Query<StateQuery>,
+) -> Json<Value> {
+    let st = s.lock().expect("emulator state lock");
+    Json(if q.requests {
+        st.snapshot()
+    } else {
+        st.objects()
+    })
 }
 
 async fn requests(State(s): State<Shared>) -> Json<Value> {

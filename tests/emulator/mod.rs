@@ -81,6 +81,24 @@ pub struct AddedJob {
     pub run_id: i64,
 }
 
+/// A runner as the state shows it (live, or deleted with the reason).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct RunnerView {
+    pub id: i64,
+    pub uuid: String,
+    pub name: String,
+    pub description: String,
+    /// What its `Declare` sent: empty until the runner has declared (its VM booted that far).
+    pub version: String,
+    /// Forgejo's clock: `offline`, `idle` or `active`.
+    pub status: String,
+    /// Tasks handed out to it.
+    pub tasks: Vec<i64>,
+    /// `None` while it exists.
+    #[serde(default)]
+    pub deleted_because: Option<String>,
+}
+
 /// The one handle on an emulator, whichever way it runs: in this process (`Emulator::start`, for
 /// async tests that also reach into its state) or as the `forgejo-emulator` process
 /// (`Emulator::spawn`, e.g. behind NAT in a network namespace for `serve` tests). The test controls
@@ -351,6 +369,15 @@ impl Emulator {
         }
     }
 
+    /// The state without the request log (users, tokens, repositories, runners, jobs, runs,
+    /// faults): what the helpers below read, cheap however many requests were made.
+    pub fn objects(&self) -> Value {
+        match &self.backend {
+            Backend::InProcess { .. } => self.with_state(|s| s.objects()),
+            Backend::Process { .. } => self.control("GET", "state?requests=false", None),
+        }
+    }
+
     pub fn requests(&self) -> Vec<LoggedRequest> {
         match &self.backend {
             Backend::InProcess { .. } => self.with_state(|s| s.requests.clone()),
@@ -396,21 +423,22 @@ impl Emulator {
     }
 
     pub fn job(&self, id: i64) -> Option<state::Job> {
+        self.jobs().into_iter().find(|j| j.id == id)
+    }
+
+    /// Every job, in the order they were added.
+    pub fn jobs(&self) -> Vec<state::Job> {
         match &self.backend {
-            Backend::InProcess { .. } => {
-                self.with_state(|s| s.jobs.iter().find(|j| j.id == id).cloned())
-            }
+            Backend::InProcess { .. } => self.with_state(|s| s.jobs.clone()),
             Backend::Process { .. } => {
-                let jobs: Vec<state::Job> =
-                    serde_json::from_value(self.snapshot()["jobs"].take()).expect("jobs");
-                jobs.into_iter().find(|j| j.id == id)
+                serde_json::from_value(self.objects()["jobs"].take()).expect("jobs")
             }
         }
     }
 
     /// Names of the live tokens of `login`.
     pub fn token_names(&self, login: &str) -> Vec<String> {
-        self.snapshot()["tokens"]
+        self.objects()["tokens"]
             .as_array()
             .expect("tokens")
             .iter()
@@ -421,7 +449,7 @@ impl Emulator {
 
     /// Names of the runners that exist.
     pub fn runner_names(&self) -> Vec<String> {
-        self.snapshot()["runners"]
+        self.objects()["runners"]
             .as_array()
             .expect("runners")
             .iter()
@@ -431,7 +459,7 @@ impl Emulator {
 
     /// Names of the runners deleted so far (by the server or by a client).
     pub fn deleted_runner_names(&self) -> Vec<String> {
-        self.snapshot()["deleted_runners"]
+        self.objects()["deleted_runners"]
             .as_array()
             .expect("deleted runners")
             .iter()
@@ -439,9 +467,22 @@ impl Emulator {
             .collect()
     }
 
+    /// Every runner registered so far, live or deleted, in registration order.
+    pub fn runners_ever(&self) -> Vec<RunnerView> {
+        let mut state = self.objects();
+        let mut all: Vec<RunnerView> =
+            serde_json::from_value(state["runners"].take()).expect("runners");
+        all.extend(
+            serde_json::from_value::<Vec<RunnerView>>(state["deleted_runners"].take())
+                .expect("deleted runners"),
+        );
+        all.sort_by_key(|r| r.id);
+        all
+    }
+
     /// Logins of every user (and organisation).
     pub fn user_logins(&self) -> Vec<String> {
-        self.snapshot()["users"]
+        self.objects()["users"]
             .as_array()
             .expect("users")
             .iter()
@@ -556,6 +597,7 @@ fn fault_response(route: &str, kind: &FaultKind) -> Response {
 
 /// Applies faults and records every API request with its answer.
 async fn log_and_faults(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let at_ms = state::unix_now().as_millis() as u64;
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let query: BTreeMap<String, String> =
@@ -625,6 +667,7 @@ async fn log_and_faults(State(s): State<Shared>, req: Request, next: Next) -> Re
             response_text,
             response_headers,
             fault: fault.map(|f| format!("{f:?}")),
+            at_ms,
         });
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
@@ -650,6 +693,7 @@ async fn unmatched(State(s): State<Shared>, req: Request) -> Response {
             response_text: None,
             response_headers: BTreeMap::new(),
             fault: None,
+            at_ms: state::unix_now().as_millis() as u64,
         });
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }

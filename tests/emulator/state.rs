@@ -304,6 +304,9 @@ pub struct LoggedRequest {
     pub response_headers: BTreeMap<String, String>,
     /// A fault was applied to this request.
     pub fault: Option<String>,
+    /// When the request arrived, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 /// An error answer of the REST API: status and Forgejo's JSON body.
@@ -1071,6 +1074,13 @@ impl State {
     // ------------------------------------------------------------------ snapshot
 
     pub fn snapshot(&self) -> Value {
+        let mut v = self.objects();
+        v["requests"] = json!(self.requests);
+        v
+    }
+
+    /// [`State::snapshot`] without the request log (which grows with every request).
+    pub fn objects(&self) -> Value {
         let users: Vec<Value> = self
             .users
             .iter()
@@ -1129,7 +1139,6 @@ impl State {
                 v
             }).collect::<Vec<_>>(),
             "faults": self.faults,
-            "requests": self.requests,
         })
     }
 }

@@ -7,11 +7,15 @@
 //! real `qemu-system-x86_64` from `PATH` with the same arguments, so the TCG retry boots for real.
 //!
 //! Called through a symlink in a directory named `oom`, it is instead a QEMU that allocates memory
-//! without bound (for the VM cgroup's memory limit).
+//! without bound (for the VM cgroup's memory limit); in a directory named `runner`, a QEMU whose
+//! "guest" runs its job at once through the runner RPC and powers off (`guest_runner.rs`).
 //!
 //! Tests call it through a symlink named `qemu-system-x86_64` (the driver's rule for "our QEMU"
 //! looks at argv0). It reads only its arguments and inherited descriptors, as QEMU does under the
 //! driver's sandbox (empty environment, QMP as `fd=N`, serial console on stdout).
+
+#[path = "guest_runner.rs"]
+mod guest_runner;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::FromRawFd;
@@ -122,9 +126,26 @@ fn allocate_forever() -> ! {
     std::process::exit(3);
 }
 
+/// QMP: a listening socket the caller bound and passed as `fd=N` (or a path to bind).
+fn qmp_listener(chardevs: &[String]) -> UnixListener {
+    let qmp = chardevs
+        .iter()
+        .find(|c| c.starts_with("socket,"))
+        .expect("a socket chardev for QMP");
+    match opt(qmp, "fd") {
+        Some(fd) => {
+            let fd: i32 = fd.parse().expect("a descriptor number");
+            // SAFETY: the caller passed this descriptor for QMP; nothing else in this process owns it.
+            UnixListener::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        }
+        None => UnixListener::bind(Path::new(&opt(qmp, "path").expect("path="))).expect("bind"),
+    }
+}
+
 fn main() {
     let me = std::env::args().next().unwrap_or_default();
-    if Path::new(&me).parent().and_then(Path::file_name) == Some("oom".as_ref()) {
+    let behaviour = Path::new(&me).parent().and_then(Path::file_name);
+    if behaviour == Some("oom".as_ref()) {
         allocate_forever();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -134,26 +155,17 @@ fn main() {
             .map(|w| w[1].clone())
             .collect::<Vec<_>>()
     };
+    let chardevs = value_of("-chardev");
+    if behaviour == Some("runner".as_ref()) {
+        guest_runner::run(&args, qmp_listener(&chardevs));
+    }
     let accel = value_of("-accel").into_iter().next().unwrap_or_default();
     if accel != "kvm" {
         let err = std::process::Command::new(real_qemu()).args(&args).exec();
         eprintln!("fake qemu: exec failed: {err}");
         std::process::exit(1);
     }
-    let chardevs = value_of("-chardev");
-    // QMP: a listening socket the caller bound and passed as `fd=N` (or a path to bind).
-    let qmp = chardevs
-        .iter()
-        .find(|c| c.starts_with("socket,"))
-        .expect("a socket chardev for QMP");
-    let listener = match opt(qmp, "fd") {
-        Some(fd) => {
-            let fd: i32 = fd.parse().expect("a descriptor number");
-            // SAFETY: the caller passed this descriptor for QMP; nothing else in this process owns it.
-            UnixListener::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-        }
-        None => UnixListener::bind(Path::new(&opt(qmp, "path").expect("path="))).expect("bind"),
-    };
+    let listener = qmp_listener(&chardevs);
     // The serial console: stdout (`stdio`) or a file chardev.
     let mut serial: Box<dyn Write> = match chardevs
         .iter()
