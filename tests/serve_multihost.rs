@@ -454,10 +454,7 @@ fn serve_multihost_vm_restarted_host_sweeps_only_its_own() {
 fn serve_multihost_vm_dead_hosts_claim_is_taken_over() {
     const B_BOOT_DEADLINE: u64 = 30;
     let f = Fleet::new(vec![
-        Settings {
-            boot_deadline: "300s",
-            ..settings(1)
-        },
+        settings(1),
         Settings {
             boot_deadline: "30s",
             ..settings(1)

@@ -100,12 +100,23 @@ impl ClaimBook {
         self.timeout
     }
 
-    /// Records the claims seen at `now`; forgets claims no longer listed.
+    /// Records the claims seen at `now`.
     pub fn saw(&self, claims: &[Claim], now: Instant) {
         let mut seen = self.first_seen.lock().expect("claim book lock");
         for c in claims {
             seen.entry(c.runner_id).or_insert(now);
         }
+    }
+
+    /// Forgets the claims that a listing of every runner, asked for at `asked`, no longer has:
+    /// their runners were deleted (ids are never reused), so the book does not grow with every
+    /// job. Claims first seen after `asked` stay: that listing may predate their registration.
+    pub fn forget_unlisted(&self, listed: &[Runner], asked: Instant) {
+        let ids: std::collections::HashSet<i64> = listed.iter().map(|r| r.id).collect();
+        self.first_seen
+            .lock()
+            .expect("claim book lock")
+            .retain(|id, first| ids.contains(id) || *first > asked);
     }
 
     /// Whether `c` is a dead host's claim at `now`.
@@ -218,5 +229,37 @@ mod tests {
         assert!(book.is_stale(&offline, t0 + Duration::from_secs(10)));
         book.forget(4);
         assert!(!book.is_stale(&offline, t0 + Duration::from_secs(10)));
+    }
+
+    fn runner(id: i64) -> Runner {
+        Runner {
+            id,
+            uuid: String::new(),
+            name: format!("fr-{id:08x}"),
+            description: "fkr-qemu@h job 1 a/b".into(),
+            owner_id: 0,
+            repo_id: 0,
+            version: String::new(),
+            labels: Vec::new(),
+            ephemeral: true,
+            status: "offline".into(),
+        }
+    }
+
+    #[test]
+    fn deleted_claims_are_forgotten_and_newer_ones_kept() {
+        let book = ClaimBook::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        book.saw(&[claim(1, "a", false), claim(2, "b", false)], t0);
+        // A listing asked for later has runner 2 only: runner 1 was deleted.
+        let asked = t0 + Duration::from_secs(1);
+        // Meanwhile another job's listing, newer than that one, saw runner 3.
+        book.saw(&[claim(3, "c", false)], asked + Duration::from_millis(5));
+        book.forget_unlisted(&[runner(2)], asked);
+        let seen = book.first_seen.lock().unwrap();
+        let mut ids: Vec<i64> = seen.keys().copied().collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [2, 3]);
+        assert_eq!(seen[&2], t0, "first sight stays");
     }
 }

@@ -341,9 +341,11 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         let env = self.env.clone();
         let mut settled = false;
         loop {
+            let asked = Instant::now();
             let runners = env.forge.runners().await.map_err(StepError::Claim)?;
             let claims = claim::claims_on(&runners, self.job.id);
             let now = Instant::now();
+            env.claims.forget_unlisted(&runners, asked);
             env.claims.saw(&claims, now);
             match claim::decide(mine, &claims, |c| env.claims.is_stale(c, now)) {
                 Decision::Lost { host, runner_id } => return Ok(Claimed::Lost { host, runner_id }),
