@@ -2,7 +2,7 @@
 # Builds the fkr-qemu test guest: a GPT disk whose EFI system partition holds a Unified Kernel Image
 # (Debian 12's cloud kernel + a busybox initramfs, on the systemd EFI stub) at EFI/BOOT/BOOTX64.EFI.
 # Boots through OVMF under TCG in a few seconds; its /init applies the cloud-config subset of
-# CONTRACTS.md §B. Built from Debian packages alone, without root (no loop mounts).
+# ARCHITECTURE.md's "Seed contract". Built from Debian packages alone, without root (no loop mounts).
 #
 # Usage: image-builder/test-guest.sh [--out PATH] [--force]
 #   --out PATH   output qcow2 (default target/test-guest/test-guest.qcow2)

@@ -1,4 +1,4 @@
-# network-config v2 (the shape of CONTRACTS.md §B) → lines for /init:
+# network-config v2 (the shape of ARCHITECTURE.md's "Seed contract") → lines for /init:
 #   mac M | name N | addr A/P | route TO VIA | dns D
 function unq(s) {
   if (s ~ /^'.*'$/ || s ~ /^".*"$/) return substr(s, 2, length(s) - 2)

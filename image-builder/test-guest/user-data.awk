@@ -1,4 +1,4 @@
-# The cloud-config subset of CONTRACTS.md §B, turned into records for /init:
+# The cloud-config subset of ARCHITECTURE.md's "Seed contract", turned into records for /init:
 #   W <US> path <US> permissions <US> owner <US> encoding <US> content   (one per write_files item)
 #   P <US> mode                                                          (power_state)
 # and each runcmd item, unquoted, into its own file dir/runcmd.N. Unknown keys are ignored.
