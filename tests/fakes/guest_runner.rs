@@ -145,7 +145,7 @@ async fn rpc(
 }
 
 /// Runs the job as the runner stand-in does; returns what happened, for the console.
-async fn run_job(r: &RunnerArgs) -> Result<String, String> {
+async fn run_job(r: &RunnerArgs, work: Duration) -> Result<String, String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
@@ -186,6 +186,8 @@ async fn run_job(r: &RunnerArgs) -> Result<String, String> {
         return Ok(format!("gave up: no task for handle {}", r.handle));
     };
     say(&format!("got task {task} for handle {}", r.handle));
+    // The job's own work (benchmarks give jobs a duration; tests use none).
+    tokio::time::sleep(work).await;
     rpc(
         &client,
         r,
@@ -280,7 +282,8 @@ fn power_off(clients: &Mutex<Vec<std::os::unix::net::UnixStream>>, guest: bool) 
 }
 
 /// Runs the "guest" to its power-off.
-pub fn run(args: &[String], listener: std::os::unix::net::UnixListener) -> ! {
+/// `work`: how long the job itself takes once the runner has its task.
+pub fn run(args: &[String], listener: std::os::unix::net::UnixListener, work: Duration) -> ! {
     let runner = runner_args(&user_data(seed_bytes(args)));
     let clients = Arc::new(Mutex::new(Vec::new()));
     let ready = Arc::new((Mutex::new(false), Condvar::new()));
@@ -296,7 +299,7 @@ pub fn run(args: &[String], listener: std::os::unix::net::UnixListener) -> ! {
         .enable_all()
         .build()
         .expect("a runtime");
-    match rt.block_on(run_job(&runner)) {
+    match rt.block_on(run_job(&runner, work)) {
         Ok(done) => say(&done),
         Err(e) => say(&format!("error: {e}")),
     }

@@ -156,8 +156,20 @@ fn main() {
             .collect::<Vec<_>>()
     };
     let chardevs = value_of("-chardev");
-    if behaviour == Some("runner".as_ref()) {
-        guest_runner::run(&args, qmp_listener(&chardevs));
+    // `runner`, or `runner-<N>s` for jobs that take N seconds.
+    if let Some(work) = behaviour
+        .and_then(|b| b.to_str())
+        .and_then(|b| b.strip_prefix("runner"))
+        .and_then(|rest| match rest {
+            "" => Some(0),
+            secs => secs.strip_prefix('-')?.strip_suffix('s')?.parse().ok(),
+        })
+    {
+        guest_runner::run(
+            &args,
+            qmp_listener(&chardevs),
+            std::time::Duration::from_secs(work),
+        );
     }
     let accel = value_of("-accel").into_iter().next().unwrap_or_default();
     if accel != "kvm" {
