@@ -249,6 +249,17 @@ struct VmCtl {
     user_data: String,
 }
 
+impl VmCtl {
+    /// The fake VM ends with `outcome` (its `wait` returns).
+    fn end(&mut self, outcome: Outcome) {
+        self.exit
+            .take()
+            .expect("the VM is still running")
+            .send(outcome)
+            .expect("the job waits for its VM");
+    }
+}
+
 #[derive(Default)]
 struct FakeVms {
     fail: bool,
@@ -562,11 +573,7 @@ async fn a_job_walks_every_state_and_releases_everything() {
     }
     picked_up.send_replace(true);
     board_shows(&env, "running").await;
-    vm.exit
-        .take()
-        .unwrap()
-        .send(Outcome::GuestPoweredOff)
-        .unwrap();
+    vm.end(Outcome::GuestPoweredOff);
 
     let report = task.await.unwrap();
     assert_eq!(report.outcome, JobOutcome::Completed);
@@ -674,11 +681,7 @@ async fn no_token_policy_needs_no_ci_user() {
     let mut vm = env.vms.next().await;
     assert_eq!(registry_logins(&vm.user_data), Vec::<String>::new());
     tx.send_replace(true);
-    vm.exit
-        .take()
-        .unwrap()
-        .send(Outcome::GuestPoweredOff)
-        .unwrap();
+    vm.end(Outcome::GuestPoweredOff);
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
     assert_released(&env);
     assert_eq!(
@@ -701,11 +704,7 @@ async fn a_failing_release_step_does_not_keep_the_others_from_running() {
     let (task, tx, _stop) = start(&env, job(5));
     let mut vm = env.vms.next().await;
     tx.send_replace(true);
-    vm.exit
-        .take()
-        .unwrap()
-        .send(Outcome::GuestPoweredOff)
-        .unwrap();
+    vm.end(Outcome::GuestPoweredOff);
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
     // The token is left for the sweep; the runner and the network are released all the same.
     assert_eq!(env.forge.live(), (1, 0));
@@ -751,11 +750,7 @@ async fn a_picked_up_job_outlives_the_boot_deadline() {
         !vm.stop.is_cancelled(),
         "the boot deadline stopped a running job"
     );
-    vm.exit
-        .take()
-        .unwrap()
-        .send(Outcome::GuestPoweredOff)
-        .unwrap();
+    vm.end(Outcome::GuestPoweredOff);
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
     assert_released(&env);
 }
@@ -820,7 +815,7 @@ async fn kvm_failing_a_guest_is_retried_once_and_only_under_auto() {
             accel: failed,
             detail: "KVM internal error. Suberror: 1".into(),
         };
-        vm.exit.take().unwrap().send(internal).unwrap();
+        vm.end(internal);
         let report = task.await.unwrap();
         assert_eq!(report.outcome, outcome, "{policy} {failed} {picked}");
         assert_eq!(report.retry.is_some(), retry, "{policy} {failed} {picked}");
@@ -906,11 +901,7 @@ async fn a_higher_claim_or_a_claim_on_another_job_does_not_stop_this_host() {
     // The other host registers after us: a higher id.
     let mut vm = env.vms.next().await;
     tx.send_replace(true);
-    vm.exit
-        .take()
-        .unwrap()
-        .send(Outcome::GuestPoweredOff)
-        .unwrap();
+    vm.end(Outcome::GuestPoweredOff);
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
 }
 
@@ -930,11 +921,7 @@ async fn a_dead_hosts_stale_claim_is_deleted_and_the_job_taken_over() {
     let mut vm = env.vms.next().await;
     assert!(!env.forge.runners.lock().unwrap().contains_key(&dead));
     tx.send_replace(true);
-    vm.exit
-        .take()
-        .unwrap()
-        .send(Outcome::GuestPoweredOff)
-        .unwrap();
+    vm.end(Outcome::GuestPoweredOff);
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
     assert_released(&env);
 }
@@ -1045,11 +1032,7 @@ async fn two_hosts_racing_on_bursts_boot_each_job_exactly_once() {
         for (i, h) in hosts.iter().enumerate() {
             for mut vm in h.vms.launched.lock().unwrap().drain(..) {
                 booted.entry(vm.job_id).or_default().push(i);
-                vm.exit
-                    .take()
-                    .unwrap()
-                    .send(Outcome::GuestPoweredOff)
-                    .unwrap();
+                vm.end(Outcome::GuestPoweredOff);
             }
         }
         for j in &jobs {
