@@ -157,6 +157,7 @@ fn qemu_gets_the_flash_format_the_chosen_descriptor_declares() {
                 seed: 16,
             },
             qmp_fd: 17,
+            serial_fd: 18,
             net: None,
         });
         let fmt = want.format;

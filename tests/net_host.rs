@@ -33,7 +33,7 @@ fn tap_is_created_attached_isolated_and_removed() {
     let host = &topo.host;
     let cfg = config();
     host.run(|| {
-        let hn = HostNetwork::setup(&cfg).expect("setup");
+        let hn = HostNetwork::setup(&cfg, &[]).expect("setup");
         assert_eq!(
             hn.uplink(),
             Topology::HOST_VETH,
@@ -123,7 +123,7 @@ fn nft_table_exists_while_set_up_and_is_gone_after_teardown_and_sweep() {
     };
     host.run(|| {
         assert!(!net::nft::table_exists().unwrap());
-        let hn = HostNetwork::setup(&cfg).expect("setup");
+        let hn = HostNetwork::setup(&cfg, &[]).expect("setup");
         assert!(net::nft::table_exists().unwrap());
         let rules = host.exec("nft", &["list", "table", "inet", "fkr_qemu"]);
         for needle in [
@@ -137,7 +137,7 @@ fn nft_table_exists_while_set_up_and_is_gone_after_teardown_and_sweep() {
         }
         assert!(bridge_table(host).contains("jump from_vm"));
         // A second setup (a restart over a crash's leftovers) replaces the table in one go.
-        let again = HostNetwork::setup(&cfg).expect("setup again");
+        let again = HostNetwork::setup(&cfg, &[]).expect("setup again");
         let count = host
             .exec("nft", &["list", "tables"])
             .matches("fkr_qemu")
@@ -150,7 +150,7 @@ fn nft_table_exists_while_set_up_and_is_gone_after_teardown_and_sweep() {
 
         // A crash (no teardown, no Drop of the VM's tap) leaves the tables, the tap and the
         // pinned neighbour entry; the sweep removes them.
-        let crashed = HostNetwork::setup(&cfg).expect("setup");
+        let crashed = HostNetwork::setup(&cfg, &[]).expect("setup");
         let lease = crashed.allocate_address().unwrap();
         let addr = lease.address();
         std::mem::forget(crashed.create_tap(&vm_name("fr-0000dead"), &lease).unwrap());
@@ -172,7 +172,7 @@ fn nft_table_exists_while_set_up_and_is_gone_after_teardown_and_sweep() {
             net::nft::table_exists().unwrap(),
             "a dropped guard fails closed"
         );
-        let report = net::sweep(&cfg).expect("sweep");
+        let report = net::sweep(&cfg, &[]).expect("sweep");
         assert!(report.table_removed);
         assert_eq!(report.taps_removed, vec!["fr-0000dead"]);
         assert_eq!(report.neighbours_removed, vec![addr]);
@@ -180,7 +180,7 @@ fn nft_table_exists_while_set_up_and_is_gone_after_teardown_and_sweep() {
         let neigh = host.ip(&["-4", "neigh", "show", "dev", "fkr0"]);
         assert!(!neigh.contains(&format!("{addr} ")), "{neigh}");
         assert!(neigh.contains("192.0.2.9 "), "{neigh}");
-        let report = net::sweep(&cfg).expect("second sweep");
+        let report = net::sweep(&cfg, &[]).expect("second sweep");
         assert!(!report.table_removed);
     });
 }
@@ -190,7 +190,7 @@ fn allocation_ignores_neighbours_and_skips_leases_and_bridge_addresses() {
     let topo = Topology::new();
     let host = &topo.host;
     host.run(|| {
-        let hn = HostNetwork::setup(&config()).expect("setup");
+        let hn = HostNetwork::setup(&config(), &[]).expect("setup");
         // What a guest announcing addresses leaves in the host's neighbour table, in every state:
         // none of it may keep an address from a new VM.
         for (last, nud) in [
@@ -342,7 +342,7 @@ fn forged_frames_from_a_tap_are_dropped_before_the_bridge_learns_anything() {
         ..config()
     };
     host.run(|| {
-        let hn = HostNetwork::setup(&cfg).expect("setup");
+        let hn = HostNetwork::setup(&cfg, &[]).expect("setup");
         let gw = hn.gateway();
         let MacAddr(gw_mac) = hn.bridge_mac();
         let sock = UdpSocket::bind((gw, HOST_UDP)).expect("bind");
@@ -548,7 +548,7 @@ fn connection_limits_hold_one_vm_and_not_its_neighbour() {
         ..config()
     };
     host.run(|| {
-        let hn = HostNetwork::setup(&cfg).expect("setup");
+        let hn = HostNetwork::setup(&cfg, &[]).expect("setup");
         let (gw, MacAddr(gw_mac)) = (hn.gateway(), hn.bridge_mac());
         let sock = UdpSocket::bind((gw, HOST_UDP)).expect("bind");
         sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -605,7 +605,7 @@ fn connection_limits_hold_one_vm_and_not_its_neighbour() {
         ..config()
     };
     host.run(|| {
-        let hn = HostNetwork::setup(&cfg).expect("setup");
+        let hn = HostNetwork::setup(&cfg, &[]).expect("setup");
         let (gw, MacAddr(gw_mac)) = (hn.gateway(), hn.bridge_mac());
         let sock = UdpSocket::bind((gw, HOST_UDP)).expect("bind");
         sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -650,7 +650,7 @@ fn sweep_removes_only_vm_taps() {
     ns.ip(&["link", "add", "fr-br0", "type", "bridge"]);
     ns.ip(&["tuntap", "add", "dev", "fr-Upper0", "mode", "tap"]);
     let cfg = config();
-    let report = ns.run(|| net::sweep(&cfg).expect("sweep"));
+    let report = ns.run(|| net::sweep(&cfg, &[]).expect("sweep"));
     let mut removed = report.taps_removed.clone();
     removed.sort();
     assert_eq!(removed, vec!["fr-deadbeef", "fr-feedf00d"]);
@@ -675,7 +675,7 @@ fn sweep_removes_only_vm_taps() {
 fn setup_explains_what_is_missing() {
     let ns = NetNs::create("fkrt-bare");
     ns.run(|| {
-        let err = HostNetwork::setup(&config()).unwrap_err();
+        let err = HostNetwork::setup(&config(), &[]).unwrap_err();
         assert!(matches!(err, net::Error::NoUplink), "{err}");
         assert!(err.to_string().contains("net.uplink"), "{err}");
         assert_eq!(
@@ -686,7 +686,7 @@ fn setup_explains_what_is_missing() {
             uplink: Some("nonexistent0".into()),
             ..config()
         };
-        let err = HostNetwork::setup(&cfg).unwrap_err();
+        let err = HostNetwork::setup(&cfg, &[]).unwrap_err();
         assert!(matches!(err, net::Error::UplinkMissing(_)), "{err}");
         // Nothing was created on the way to these errors.
         assert_eq!(links(&ns), vec!["lo"]);

@@ -171,7 +171,7 @@ fn vm_guests_reach_upstream_through_nat_but_not_host_peers_or_private_ranges() {
         if br_nf.exists() {
             std::fs::write(br_nf, "0").expect("disable bridge-nf-call-iptables in the test netns");
         }
-        let hn = HostNetwork::setup(&cfg).expect("host network");
+        let hn = HostNetwork::setup(&cfg, &[]).expect("host network");
         // From the host itself the private server answers: a guest that cannot reach it is
         // stopped by the firewall, not by the topology.
         assert_eq!(
@@ -510,7 +510,7 @@ fn vm_hostile_guest_cannot_spoof_flood_or_starve_its_neighbour() {
         if br_nf.exists() {
             std::fs::write(br_nf, "0").expect("disable bridge-nf-call-iptables in the test netns");
         }
-        let hn = HostNetwork::setup(&cfg).expect("host network");
+        let hn = HostNetwork::setup(&cfg, &[]).expect("host network");
         let (go, say) = signal_server(host, at(hn.gateway(), HOST_OPEN_PORT));
         let names = [VmName::generate(), VmName::generate()];
         let leases = [

@@ -396,7 +396,7 @@ fn vm_sweep_kills_only_our_qemu_and_removes_only_our_dirs() {
         disk_dir: disks.clone(),
         ..vm::VmConfig::default()
     };
-    let report = vm::sweep(&cfg).unwrap();
+    let report = vm::sweep(&cfg, &[]).unwrap();
     assert!(!left_disk.exists());
     assert!(disks.join("keep-me").exists());
     // The QEMU was our child: reap it so /proc forgets it.

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::adopt::{self, Found, Keep};
 use super::ciuser::CiUserStore;
 use super::claim::{self, ClaimBook};
 use super::credentials::{Credentials, PasswordKeys};
@@ -193,6 +194,41 @@ impl Scheduler {
         self.env.board.set_queued(self.queue.len());
     }
 
+    /// Supervises a job whose VM was taken over after a restart, like one dispatched here.
+    fn adopt(&mut self, f: Found) {
+        let net = f.meta.address.and_then(|address| {
+            match crate::controller::ports::Network::adopt(&self.env.net, &f.name, address) {
+                Ok(hold) => Some(hold),
+                Err(e) => {
+                    tracing::warn!(vm = %f.name, "cannot take over the tap of VM {}: {e}", f.name);
+                    None
+                }
+            }
+        });
+        let handle = f.job.handle.clone();
+        let (tx, rx) = watch::channel(f.picked_up);
+        self.active.insert(handle.clone(), tx);
+        self.queue.in_flight(&handle);
+        let adopted = job::Adopted {
+            name: f.name,
+            owner: f.meta.owner,
+            repo: f.meta.repo,
+            address: f.meta.address,
+            vm: f.vm,
+            held: job::Held {
+                token: f.token,
+                runner: f.meta.runner_id,
+                net,
+            },
+            job: f.job,
+            boot_deadline_left: f.boot_deadline_left,
+        };
+        let env = self.env.clone();
+        let stop = self.stop_vms.child_token();
+        self.tasks
+            .spawn(async move { (handle, job::run_adopted(env, adopted, rx, stop).await) });
+    }
+
     /// Bookkeeping when a job's task ended.
     fn finished(&mut self, joined: Result<(String, Report), tokio::task::JoinError>) {
         match joined {
@@ -348,8 +384,12 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     let markers: Vec<String> = std::iter::once(runner_marker.clone())
         .chain(legacy_marker.filter(|m| *m != runner_marker))
         .collect();
-    sweep::startup_sweep(&cfg, &creds, &markers, &metrics).await;
-    let net = crate::net::HostNetwork::setup(&cfg.net)?;
+    // VMs a previous daemon left running with their jobs are taken over, not swept.
+    let found = adopt::take_over(&cfg, &creds, &metrics).await;
+    let keep = Keep::of(&found);
+    sweep::startup_sweep(&cfg, &creds, &markers, &metrics, &keep).await;
+    // The table is replaced with the taken-over VMs' elements in the same transaction.
+    let net = crate::net::HostNetwork::setup(&cfg.net, &keep.taps)?;
     let cfg = Arc::new(cfg);
     let env = Arc::new(JobEnv {
         forge: creds,
@@ -382,6 +422,9 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     );
 
     let mut sched = Scheduler::new(env.clone(), cfg.clone());
+    for f in found {
+        sched.adopt(f);
+    }
     let mut interval = tokio::time::interval(cfg.poll_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let first_signal = loop {

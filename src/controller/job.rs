@@ -211,6 +211,8 @@ pub(crate) struct JobRun<F: Forge, N: Network, V: Vms> {
     state: JobState,
     held: Held,
     launched: bool,
+    /// Taken over from a previous daemon: its preparation and boot were not timed here.
+    adopted: bool,
 }
 
 impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
@@ -224,6 +226,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             state: JobState::Queued,
             held: Held::default(),
             launched: false,
+            adopted: false,
         }
     }
 
@@ -321,11 +324,22 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         );
         spec.net = Some(attachment.device);
         spec.disk = disk;
+        // Everything a restarted daemon needs to take the job over (see `adopt.rs`).
         spec.job = Some(vm::JobMeta {
             job_id: self.job.id,
             owner: repo.owner.clone(),
             repo: repo.name.clone(),
             address: Some(address),
+            handle: self.job.handle.clone(),
+            repo_id: self.job.repo_id,
+            runner_id: Some(runner.id),
+            token: self.held.token.as_ref().map(|t| vm::TokenMeta {
+                username: t.user.username.clone(),
+                user_repo_id: t.user.repo_id,
+                id: t.id,
+                name: t.name.clone(),
+            }),
+            boot_deadline_at: Some(OffsetDateTime::now_utc() + env.settings.boot_deadline),
         });
         env.vms
             .launch(spec)
@@ -456,11 +470,14 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         handle: V::Vm,
         picked_up_rx: &mut watch::Receiver<bool>,
         stop: &CancellationToken,
+        boot_deadline: Duration,
     ) -> Supervised {
         let env = self.env.clone();
         let (name, job_id) = (self.name.clone(), self.job.id);
         let started: Started = handle.started();
-        tracing::info!("VM {name} started for job {job_id}");
+        if !self.adopted {
+            tracing::info!("VM {name} started for job {job_id}");
+        }
         self.enter(JobState::Booting);
         env.board.vm_update(name.as_str(), |v| {
             v.pid = Some(started.pid);
@@ -481,10 +498,16 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         let mut vm_state = handle.watch_state();
         let wait = handle.wait();
         tokio::pin!(wait);
-        let boot_deadline = tokio::time::sleep(env.settings.boot_deadline);
+        let boot_deadline = tokio::time::sleep(boot_deadline);
         tokio::pin!(boot_deadline);
-        let mut qmp_ready: Option<Instant> = None;
+        // A VM taken over was neither prepared nor booted here: nothing to time.
+        let mut qmp_ready: Option<Instant> = self.adopted.then(Instant::now);
         let (mut picked_up, mut boot_timeout, mut host_stop) = (false, false, false);
+        if *picked_up_rx.borrow_and_update() {
+            // Known from the start (a job taken over while its runner works).
+            picked_up = true;
+            self.enter(JobState::Running);
+        }
         let exit = loop {
             tokio::select! {
                 exit = &mut wait => break exit,
@@ -502,7 +525,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                     if changed.is_ok() && *picked_up_rx.borrow() {
                         picked_up = true;
                         self.enter(JobState::Running);
-                        if let Some(ready) = qmp_ready {
+                        if let Some(ready) = qmp_ready.filter(|_| !self.adopted) {
                             env.metrics.observe_boot(ready.elapsed());
                         }
                         tracing::info!(vm = %name, "job {job_id} picked up by its runner");
@@ -671,9 +694,50 @@ pub(crate) async fn run<F: Forge, N: Network, V: Vms>(
         }
         Ok(Some(handle)) => {
             job.launched = true;
-            job.supervise(handle, &mut ticket.picked_up, &stop).await
+            let boot_deadline = env.settings.boot_deadline;
+            job.supervise(handle, &mut ticket.picked_up, &stop, boot_deadline)
+                .await
         }
     };
+    job.finish(supervised).await
+}
+
+/// A job whose VM a previous daemon started, as `adopt.rs` found it: the VM (taken over by the
+/// driver) and what the job holds (token, runner, tap and lease), ready to be supervised.
+pub(crate) struct Adopted<Vm> {
+    pub name: VmName,
+    pub job: Job,
+    pub owner: String,
+    pub repo: String,
+    pub address: Option<std::net::Ipv4Addr>,
+    pub vm: Vm,
+    pub held: Held,
+    /// What is left of the boot deadline (counted from the original launch).
+    pub boot_deadline_left: Duration,
+}
+
+/// Runs a job taken over after a restart to its end, exactly as [`run`] does from the moment its
+/// VM was launched: supervision (boot deadline, pick-up, host stop) and the one release path.
+pub(crate) async fn run_adopted<F: Forge, N: Network, V: Vms>(
+    env: Arc<JobEnv<F, N, V>>,
+    a: Adopted<V::Vm>,
+    mut picked_up: watch::Receiver<bool>,
+    stop: CancellationToken,
+) -> Report {
+    let mut job = JobRun::new(env.clone(), a.job, Instant::now());
+    job.name = a.name;
+    job.held = a.held;
+    job.launched = true;
+    job.adopted = true;
+    job.enter(JobState::Preparing);
+    env.board.vm_update(job.name.as_str(), |v| {
+        v.owner = a.owner;
+        v.repo = a.repo;
+        v.address = a.address.map(|a| a.to_string());
+    });
+    let supervised = job
+        .supervise(a.vm, &mut picked_up, &stop, a.boot_deadline_left)
+        .await;
     job.finish(supervised).await
 }
 

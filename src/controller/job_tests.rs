@@ -237,6 +237,15 @@ impl Network for FakeNet {
             hold: Box::new(Hold(self.live.clone())),
         })
     }
+
+    fn adopt(
+        &self,
+        _name: &VmName,
+        _address: std::net::Ipv4Addr,
+    ) -> Result<Box<dyn Send>, crate::net::Error> {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(Hold(self.live.clone())))
+    }
 }
 
 /// The test's side of one fake VM.

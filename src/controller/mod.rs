@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+mod adopt;
 pub mod check;
 pub mod ciuser;
 mod claim;

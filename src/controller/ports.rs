@@ -134,6 +134,9 @@ pub(crate) struct Attachment {
 pub(crate) trait Network: Send + Sync + 'static {
     /// Leases an address and creates the VM's tap, bound to it.
     fn attach(&self, name: &VmName) -> Result<Attachment, net::Error>;
+    /// Takes over the tap and address of a VM that survived a restart; the guard releases them
+    /// like [`Attachment::hold`].
+    fn adopt(&self, name: &VmName, address: Ipv4Addr) -> Result<Box<dyn Send>, net::Error>;
 }
 
 impl Network for HostNetwork {
@@ -152,6 +155,11 @@ impl Network for HostNetwork {
             // The tap goes first (it unregisters the lease's address from the bridge), then the lease.
             hold: Box::new((tap, lease)),
         })
+    }
+
+    fn adopt(&self, name: &VmName, address: Ipv4Addr) -> Result<Box<dyn Send>, net::Error> {
+        let (tap, lease) = self.adopt_tap(name, address)?;
+        Ok(Box::new((tap, lease)))
     }
 }
 

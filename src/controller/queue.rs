@@ -148,6 +148,12 @@ impl JobQueue {
             .retain(|h| queued.contains(h.as_str()) || alive(h));
     }
 
+    /// A job that is in flight without having been queued here (taken over after a restart): its
+    /// handle is known until [`JobQueue::finished`], so discovery never gives it a second VM.
+    pub fn in_flight(&mut self, handle: &str) {
+        self.known.insert(handle.to_owned());
+    }
+
     /// Empties the queue (shutdown); in-flight handles stay known.
     pub fn clear(&mut self) {
         for q in self.entries.drain(..) {
@@ -185,7 +191,19 @@ mod tests {
     }
 
     #[test]
-    fn fifo_and_dedupe_by_handle() {
+    fn an_adopted_job_is_never_queued_while_in_flight() {
+        let mut q = JobQueue::default();
+        let now = Instant::now();
+        q.in_flight("a");
+        let o = q.observe(&[waiting(1, "a"), waiting(2, "b")], now);
+        assert_eq!(o.new, [(2, "b".into())], "the adopted job is not queued again");
+        assert_eq!(q.finished("a", true), None);
+        let o = q.observe(&[waiting(1, "a")], now);
+        assert_eq!(o.new, [(1, "a".into())], "once it ended, a job still waiting is new again");
+    }
+
+    #[test]
+        fn fifo_and_dedupe_by_handle() {
         let mut q = JobQueue::default();
         let now = Instant::now();
         let o = q.observe(&[waiting(1, "a"), waiting(2, "b")], now);

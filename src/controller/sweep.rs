@@ -9,7 +9,10 @@
 //!   hosts' tokens are left alone.
 //! - Runners: runners named like our VMs (`fr-<8 hex>`), not busy (status other than `active`), and
 //!   registered by this host (their description starts with this host's marker) are deleted.
+//!
+//! What `adopt.rs` took over (its VM dirs, taps and addresses, tokens and runners) is left alone.
 
+use super::adopt::Keep;
 use super::credentials::{CredentialError, Credentials, TokenRef};
 use super::Config;
 use crate::forgejo::{token_minter, TokenMinter};
@@ -24,11 +27,12 @@ pub(crate) async fn startup_sweep(
     creds: &Credentials,
     runner_markers: &[String],
     metrics: &Metrics,
+    keep: &Keep,
 ) {
     tracing::info!("startup sweep...");
     let mut found = Vec::new();
 
-    match crate::vm::sweep(&cfg.vm) {
+    match crate::vm::sweep(&cfg.vm, &keep.vms) {
         Ok(r) => {
             for (name, pid) in &r.killed {
                 tracing::info!("sweep: killed QEMU {pid} of leftover VM {name}");
@@ -48,7 +52,7 @@ pub(crate) async fn startup_sweep(
         Err(e) => tracing::warn!("sweep: VMs: {e}"),
     }
 
-    match crate::net::sweep(&cfg.net) {
+    match crate::net::sweep(&cfg.net, &keep.taps) {
         Ok(r) => {
             for tap in &r.taps_removed {
                 tracing::info!("sweep: removed leftover tap {tap}");
@@ -58,10 +62,10 @@ pub(crate) async fn startup_sweep(
         Err(e) => tracing::warn!("sweep: network: {e}"),
     }
 
-    found.push((SweepKind::Token, sweep_tokens(creds).await));
+    found.push((SweepKind::Token, sweep_tokens(creds, keep).await));
     found.push((
         SweepKind::Runner,
-        sweep_runners(creds, runner_markers).await,
+        sweep_runners(creds, runner_markers, keep).await,
     ));
 
     for (kind, n) in &found {
@@ -74,7 +78,7 @@ pub(crate) async fn startup_sweep(
     tracing::info!("startup sweep done: {}", summary.join(", "));
 }
 
-async fn sweep_tokens(creds: &Credentials) -> usize {
+async fn sweep_tokens(creds: &Credentials, keep: &Keep) -> usize {
     let mut revoked = 0;
     for mut user in creds.stored_users().await {
         let username = user.username.clone();
@@ -96,7 +100,10 @@ async fn sweep_tokens(creds: &Credentials) -> usize {
             Some(TokenMinter::Legacy) => true,
             None => false,
         };
-        for t in tokens.into_iter().filter(|t| ours(&t.name)) {
+        for t in tokens
+            .into_iter()
+            .filter(|t| ours(&t.name) && !keep.tokens.contains(&t.name))
+        {
             let token = TokenRef {
                 user: user.clone(),
                 id: t.id,
@@ -119,7 +126,7 @@ async fn sweep_tokens(creds: &Credentials) -> usize {
     revoked
 }
 
-async fn sweep_runners(creds: &Credentials, runner_markers: &[String]) -> usize {
+async fn sweep_runners(creds: &Credentials, runner_markers: &[String], keep: &Keep) -> usize {
     let runners = match creds.client.runners().await {
         Ok(r) => r,
         Err(e) => {
@@ -136,7 +143,7 @@ async fn sweep_runners(creds: &Credentials, runner_markers: &[String]) -> usize 
                     .strip_prefix(m.as_str())
                     .is_some_and(|rest| rest.starts_with(' '))
             });
-        if !ours {
+        if !ours || keep.runners.contains(&r.id) {
             continue;
         }
         if r.status == "active" {

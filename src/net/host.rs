@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use netlink_packet_route::link::InfoKind;
 
-use super::addr::{render_network_config, AddressPool, Lease};
+use super::addr::{mac_for, render_network_config, AddressPool, Lease};
 use super::config::NetConfig;
 use super::netlink::Netlink;
 use super::{current_netns, ioctl, nft, Error, Tap};
@@ -32,8 +32,10 @@ pub struct HostNetwork {
 
 impl HostNetwork {
     /// Installs (atomically replaces) the `inet fkr_qemu` table, creates (or adopts) the bridge,
-    /// gives it its MAC and address, brings it up, and enables IPv4 forwarding.
-    pub fn setup(config: &NetConfig) -> Result<HostNetwork, Error> {
+    /// gives it its MAC and address, brings it up, and enables IPv4 forwarding. `running`: the taps
+    /// and addresses of VMs that survived a restart; their anti-spoofing elements are part of the
+    /// same transaction that replaces the table.
+    pub fn setup(config: &NetConfig, running: &[(VmName, Ipv4Addr)]) -> Result<HostNetwork, Error> {
         config.validate()?;
         let dns_servers = config.resolved_dns_servers()?;
         if !Path::new("/dev/net/tun").exists() {
@@ -61,6 +63,14 @@ impl HostNetwork {
             host_ports: &config.host_ports,
             conn_rate_per_sec: config.conn_rate_per_sec,
             max_conns_per_vm: config.max_conns_per_vm,
+            ports: &running
+                .iter()
+                .map(|(name, address)| nft::VmPort {
+                    tap: name.as_str(),
+                    mac: mac_for(name.as_str()),
+                    address: *address,
+                })
+                .collect::<Vec<_>>(),
         };
         nft::install(&rules)?;
         let nl_err = |e| Error::io(format!("looking up {bridge}"), e);
@@ -145,6 +155,14 @@ impl HostNetwork {
         let mut tap = Tap::create(vm_name, &self.config.bridge)?;
         tap.bind(self.bridge_index, lease.address())?;
         Ok(tap)
+    }
+
+    /// Takes over the tap and the address of a VM that survived a restart (see
+    /// [`Tap::adopt`]); the address is leased again so no new VM gets it.
+    pub fn adopt_tap(&self, vm_name: &VmName, address: Ipv4Addr) -> Result<(Tap, Lease), Error> {
+        let lease = self.pool.reserve(address)?;
+        let tap = Tap::adopt(vm_name, self.bridge_index, address)?;
+        Ok((tap, lease))
     }
 
     /// Leases a VM address that is neither leased nor one of the bridge's own. What guests
@@ -241,8 +259,10 @@ pub struct SweepReport {
 
 /// Startup sweep: removes leftover VM taps (named `fr-…` AND really taps; nothing else), the
 /// permanent neighbour entries of our subnet on our bridge (pinned for VMs of a crashed run), and
-/// our nftables tables. The bridge itself stays.
-pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
+/// our nftables tables. The bridge itself stays. `keep`: the taps and addresses of VMs taken over
+/// after a restart — left as they are, and so is the table while any is kept (the next
+/// [`HostNetwork::setup`] replaces it atomically).
+pub fn sweep(config: &NetConfig, keep: &[(VmName, Ipv4Addr)]) -> Result<SweepReport, Error> {
     let mut netlink = Netlink::open().map_err(|e| Error::io("opening a netlink socket", e))?;
     let links = netlink
         .links()
@@ -251,6 +271,7 @@ pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
     for link in links
         .iter()
         .filter(|l| VmName::is_valid(&l.name) && l.is_tap())
+        .filter(|l| !keep.iter().any(|(k, _)| k.as_str() == l.name))
     {
         match netlink.delete_link(link.index) {
             Ok(()) => {}
@@ -273,7 +294,10 @@ pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
         let pinned = netlink
             .permanent_neighbours(bridge.index)
             .map_err(|e| Error::io("reading the bridge's neighbour table", e))?;
-        for addr in pinned.into_iter().filter(|a| config.subnet.contains(*a)) {
+        for addr in pinned
+            .into_iter()
+            .filter(|a| config.subnet.contains(*a) && !keep.iter().any(|(_, k)| k == a))
+        {
             netlink
                 .delete_neighbour(bridge.index, addr)
                 .map_err(|e| Error::io(format!("removing the neighbour entry of {addr}"), e))?;
@@ -281,7 +305,7 @@ pub fn sweep(config: &NetConfig) -> Result<SweepReport, Error> {
             report.neighbours_removed.push(addr);
         }
     }
-    if nft::table_exists()? {
+    if keep.is_empty() && nft::table_exists()? {
         nft::remove()?;
         tracing::info!(table = nft::TABLE, "removed a leftover firewall table");
         report.table_removed = true;

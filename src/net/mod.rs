@@ -83,6 +83,8 @@ pub enum Error {
     PoolExhausted { subnet: Ipv4Cidr },
     #[error("the VM address {0} is already leased")]
     AddressInUse(Ipv4Addr),
+    #[error("the tap {0} of a VM taken over is gone or no longer a port of our bridge")]
+    TapGone(String),
     #[error("the host network was set up in another network namespace than the caller's")]
     WrongNamespace,
     #[error("{what}: {source}")]
@@ -118,6 +120,7 @@ impl Error {
             | Error::Nft { .. }
             | Error::PoolExhausted { .. }
             | Error::AddressInUse(_)
+            | Error::TapGone(_)
             | Error::WrongNamespace
             | Error::Io { .. } => ErrorClass::Network,
         }

@@ -45,6 +45,9 @@ pub struct RuleSet<'a> {
     pub conn_rate_per_sec: u32,
     /// Tracked connections per VM address.
     pub max_conns_per_vm: u32,
+    /// VMs that run already (taken over after a restart): their elements go into the new table
+    /// in the same transaction, so they are never unfiltered nor cut off.
+    pub ports: &'a [VmPort<'a>],
 }
 
 impl RuleSet<'_> {
@@ -148,6 +151,9 @@ impl RuleSet<'_> {
         );
         s.push_str("}\n");
         s.push_str(&render_bridge_table());
+        for port in self.ports {
+            s.push_str(&port.render("add"));
+        }
         s
     }
 }
@@ -324,6 +330,7 @@ mod tests {
             host_ports: &[3128, 53],
             conn_rate_per_sec: 7,
             max_conns_per_vm: 99,
+            ports: &[],
         };
         let s = rules.render();
         assert!(
@@ -397,6 +404,7 @@ mod tests {
         let custom = RuleSet {
             conn_rate_per_sec: 3,
             max_conns_per_vm: 8,
+            ports: &[],
             ..rules_struct()
         }
         .render();
@@ -503,6 +511,7 @@ mod tests {
             host_ports: &[],
             conn_rate_per_sec: 50,
             max_conns_per_vm: 1024,
+            ports: &[],
         }
     }
 }

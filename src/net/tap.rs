@@ -22,7 +22,9 @@ pub struct Tap {
     name: String,
     index: u32,
     mac: MacAddr,
-    file: File,
+    /// Our descriptor of the tap; `None` for a tap taken over after a restart (QEMU's descriptor
+    /// keeps it alive then).
+    file: Option<File>,
     /// Opened in the tap's network namespace, so Drop deletes the right interface from any thread.
     netlink: Netlink,
     binding: Option<Binding>,
@@ -73,7 +75,7 @@ impl Tap {
             name: vm_name.to_owned(),
             index,
             mac: mac_for(vm_name),
-            file,
+            file: Some(file),
             netlink,
             binding: None,
         };
@@ -147,10 +149,43 @@ impl Tap {
     /// A duplicate of the tap fd for QEMU's `-netdev tap,fd=N` (close-on-exec: the VM driver
     /// clears the flag in the child only). The tap stays owned by `self`.
     pub fn fd_for_qemu(&self) -> Result<OwnedFd, Error> {
-        self.file
-            .as_fd()
+        let file = self.file.as_ref().ok_or_else(|| {
+            Error::io(
+                format!("duplicating the tap fd of {}", self.name),
+                io::Error::other("a tap taken over after a restart has no descriptor here"),
+            )
+        })?;
+        file.as_fd()
             .try_clone_to_owned()
             .map_err(|e| Error::io(format!("duplicating the tap fd of {}", self.name), e))
+    }
+
+    /// Takes over the tap of a VM that survived a daemon restart: it must exist, be a tap, and be
+    /// a port of the bridge `bridge_index`. Its FDB entry, port flags and neighbour entry are still
+    /// in place (nothing removed them); its anti-spoofing elements were re-applied with the table
+    /// ([`super::HostNetwork::setup`]). Drop undoes all of it, like for a tap created here.
+    pub(crate) fn adopt(name: &VmName, bridge_index: u32, address: Ipv4Addr) -> Result<Tap, Error> {
+        let vm_name = name.as_str();
+        let mut netlink = Netlink::open().map_err(|e| Error::io("opening a netlink socket", e))?;
+        let link = netlink
+            .link_by_name(vm_name)
+            .map_err(|e| Error::io(format!("looking up the tap {vm_name}"), e))?
+            .filter(|l| l.is_tap() && l.controller == Some(bridge_index))
+            .ok_or_else(|| Error::TapGone(vm_name.to_owned()))?;
+        Ok(Tap {
+            name: vm_name.to_owned(),
+            index: link.index,
+            mac: mac_for(vm_name),
+            file: None,
+            netlink,
+            binding: Some(Binding {
+                address,
+                bridge_index,
+                neighbour: true,
+                nft: true,
+                netns: current_netns()?,
+            }),
+        })
     }
 }
 
@@ -172,6 +207,14 @@ impl Drop for Tap {
             }
         }
         // Delete while our fd still pins the device, so the index cannot belong to anything else.
+        // Without our fd (a tap taken over), the tap vanishes with QEMU's: delete it only if the
+        // name still has our index.
+        if self.file.is_none() {
+            match self.netlink.link_by_name(&self.name) {
+                Ok(Some(l)) if l.index == self.index => {}
+                _ => return,
+            }
+        }
         match self.netlink.delete_link(self.index) {
             Ok(()) => tracing::debug!(tap = %self.name, "tap removed"),
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}

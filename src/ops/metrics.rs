@@ -25,6 +25,7 @@
 //! | `fkr_qemu_sweep_findings_total` | counter | `kind` ([`SweepKind`]) |
 //! | `fkr_qemu_ci_user_refusals_total` | counter | (a Forgejo account holds the CI user's name without proof it is ours) |
 //! | `fkr_qemu_job_tokens_total` | counter | `access` ([`TokenAccess`]: `write`, `read`, `none`) |
+//! | `fkr_qemu_restart_vms_total` | counter | `result` ([`RestartResult`]: VMs a start found running: `adopted`, `swept`) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -158,6 +159,26 @@ impl SweepKind {
     }
 }
 
+/// What a daemon start did with a VM it found from before (see `controller/adopt.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RestartResult {
+    /// Taken over and supervised to its end.
+    Adopted,
+    /// Not adoptable: stopped and cleaned by the sweep.
+    Swept,
+}
+
+impl RestartResult {
+    pub const ALL: [RestartResult; 2] = [RestartResult::Adopted, RestartResult::Swept];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartResult::Adopted => "adopted",
+            RestartResult::Swept => "swept",
+        }
+    }
+}
+
 /// What a job's registry token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TokenAccess {
@@ -190,7 +211,12 @@ macro_rules! label_value_via_as_str {
         }
     )*};
 }
-label_value_via_as_str!(JobOutcome, RemovalReason, SweepKind, TokenAccess);
+label_value_via_as_str!(JobOutcome, RemovalReason, SweepKind, TokenAccess, RestartResult);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RestartLabels {
+    result: RestartResult,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct AccessLabels {
@@ -254,6 +280,7 @@ struct Inner {
     sweep_findings: Family<KindLabels, Counter>,
     ci_user_refusals: Counter,
     job_tokens: Family<AccessLabels, Counter>,
+    restart_vms: Family<RestartLabels, Counter>,
 }
 
 /// The daemon's metrics. Clone it freely: clones share the same counters.
@@ -300,6 +327,7 @@ impl Metrics {
         let sweep_findings = Family::<KindLabels, Counter>::default();
         let ci_user_refusals = Counter::default();
         let job_tokens = Family::<AccessLabels, Counter>::default();
+        let restart_vms = Family::<RestartLabels, Counter>::default();
 
         registry.register(
             "jobs_seen",
@@ -388,6 +416,11 @@ impl Metrics {
             "Registry tokens given to jobs, by access (read: pull requests from forks)",
             job_tokens.clone(),
         );
+        registry.register(
+            "restart_vms",
+            "VMs a daemon start found running from before: taken over (adopted) or stopped and cleaned (swept)",
+            restart_vms.clone(),
+        );
 
         // Create every labelled series up front so scrapes show zeros instead of missing series
         // (rate() and alerts behave better on series that exist from the start).
@@ -402,6 +435,9 @@ impl Metrics {
         }
         for access in TokenAccess::ALL {
             drop(job_tokens.get_or_create(&AccessLabels { access }));
+        }
+        for result in RestartResult::ALL {
+            drop(restart_vms.get_or_create(&RestartLabels { result }));
         }
 
         Metrics {
@@ -425,6 +461,7 @@ impl Metrics {
                 sweep_findings,
                 ci_user_refusals,
                 job_tokens,
+                restart_vms,
             }),
         }
     }
@@ -432,6 +469,14 @@ impl Metrics {
     /// A job failed because its CI user's name is held by an account that is not provably ours.
     pub fn ci_user_refused(&self) {
         self.inner.ci_user_refusals.inc();
+    }
+
+    /// A daemon start adopted or swept a VM it found running.
+    pub fn restart_vm(&self, result: RestartResult) {
+        self.inner
+            .restart_vms
+            .get_or_create(&RestartLabels { result })
+            .inc();
     }
 
     /// A job got a registry token of `access` (or none).

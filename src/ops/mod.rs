@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 pub use control::{Client, ControlServer};
 pub use http::{MetricsConfig, MetricsServer};
-pub use metrics::{JobOutcome, Metrics, RemovalReason, SweepKind, TokenAccess};
+pub use metrics::{JobOutcome, Metrics, RemovalReason, RestartResult, SweepKind, TokenAccess};
 pub use status::{
     DaemonStatus, FleetRunner, LastError, LeftState, StatusBoard, StatusSource, VmInfo, VmLimits,
     VmState,

@@ -38,6 +38,9 @@ pub struct QemuPlan {
     pub fds: DiskFds,
     /// A listening Unix socket the daemon bound for QMP.
     pub qmp_fd: RawFd,
+    /// A listening Unix socket the daemon bound for the serial console (it connects before QEMU
+    /// starts, so QEMU's `wait=on` finds the connection waiting and no byte is lost).
+    pub serial_fd: RawFd,
     /// The tap fd and the NIC's MAC.
     pub net: Option<(RawFd, MacAddr)>,
 }
@@ -48,8 +51,9 @@ pub(super) fn path_opt(p: &Path) -> String {
 }
 
 /// The arguments after the program name. QEMU opens no file by path: every disk, the firmware and
-/// the VARS copy come as descriptors in fdsets, the serial console goes to stdout, QMP is a socket
-/// the daemon bound.
+/// the VARS copy come as descriptors in fdsets; the serial console and QMP are sockets the daemon
+/// bound. Both are sockets (not pipes) so that a restarted daemon can connect to them again and
+/// take a running VM over.
 pub fn build_argv(plan: &QemuPlan) -> Vec<String> {
     let (accel, cpu) = match plan.accel {
         Accel::Kvm => ("kvm".to_owned(), "host"),
@@ -126,9 +130,10 @@ pub fn build_argv(plan: &QemuPlan) -> Vec<String> {
         "driver=raw,node-name=seed0,file=seed0-file,read-only=on".into(),
         "-device".into(),
         "virtio-blk-pci,drive=seed0".into(),
-        // The serial console on stdout: the daemon writes the log, capped.
+        // The serial console on a socket: the daemon writes the log, capped. When no daemon is
+        // connected (between a crash and the next start) QEMU drops the bytes instead of blocking.
         "-chardev".into(),
-        "stdio,id=serial0,signal=off".into(),
+        format!("socket,id=serial0,fd={},server=on,wait=on", plan.serial_fd),
         "-serial".into(),
         "chardev:serial0".into(),
         "-chardev".into(),
@@ -175,6 +180,7 @@ mod tests {
                 seed: 16,
             },
             qmp_fd: 17,
+            serial_fd: 18,
             net,
         }
     }
@@ -220,7 +226,11 @@ mod tests {
             "-blockdev",
             "driver=qcow2,node-name=disk0,file=disk0-file,backing=base,discard=unmap,cache.no-flush=on"
         ));
-        assert!(has_pair(&a, "-chardev", "stdio,id=serial0,signal=off"));
+        assert!(has_pair(
+            &a,
+            "-chardev",
+            "socket,id=serial0,fd=18,server=on,wait=on"
+        ));
         assert!(has_pair(
             &a,
             "-chardev",

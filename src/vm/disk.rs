@@ -166,12 +166,30 @@ impl Drop for DiskReservation {
     }
 }
 
+/// Records the reservation of a VM that already runs (taken over after a restart): no admission
+/// check — its disk is in use whatever the answer — but later admissions count it.
+pub fn adopt_reservation(max: u64, overlay: &Path) -> DiskReservation {
+    static_next_id(|id| {
+        let mut l = LEDGER.lock().unwrap_or_else(|e| e.into_inner());
+        l.push(Reserved {
+            id,
+            max,
+            overlay: Some(overlay.to_owned()),
+        });
+        DiskReservation { id, max }
+    })
+}
+
+fn static_next_id<T>(f: impl FnOnce(u64) -> T) -> T {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    f(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Admits one more VM only if the worst case fits: every running VM's overlay growing to its
 /// `disk_max`, plus this one's, within the file system's free space (and within `disk_budget`,
 /// when set, counting full reservations). Otherwise `Error::DiskSpace`: the caller keeps the job
 /// waiting rather than start a VM that could fill the disk.
 pub fn reserve_disk(config: &super::VmConfig) -> Result<DiskReservation, Error> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let max = config.disk_max();
     let mut l = LEDGER.lock().unwrap_or_else(|e| e.into_inner());
     let still_to_grow: u64 = l
@@ -193,13 +211,14 @@ pub fn reserve_disk(config: &super::VmConfig) -> Result<DiskReservation, Error> 
             available,
         });
     }
-    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    l.push(Reserved {
-        id,
-        max,
-        overlay: None,
-    });
-    Ok(DiskReservation { id, max })
+    Ok(static_next_id(|id| {
+        l.push(Reserved {
+            id,
+            max,
+            overlay: None,
+        });
+        DiskReservation { id, max }
+    }))
 }
 
 #[cfg(test)]

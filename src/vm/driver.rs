@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,6 +23,7 @@ use super::disk::{
     allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation,
 };
 use super::firmware::discover_firmware;
+use super::adopt::Process;
 use super::meta::{JobMeta, VmMeta};
 use super::qmp::{QmpClient, QmpEvent};
 use super::sandbox::{self, UidLease};
@@ -208,7 +210,8 @@ struct OpenFiles {
     overlay_rw: File,
     overlay_ro: File,
     seed: File,
-    qmp: std::os::unix::net::UnixListener,
+    qmp: UnixListener,
+    serial: UnixListener,
 }
 
 impl OpenFiles {
@@ -235,6 +238,7 @@ impl OpenFiles {
             f.overlay_ro,
             f.seed,
             self.qmp.as_raw_fd(),
+            self.serial.as_raw_fd(),
         ]
     }
 }
@@ -247,6 +251,8 @@ pub struct PreparedVm {
     dir: VmDir,
     plan: QemuPlan,
     files: OpenFiles,
+    /// The daemon's end of the serial console, connected before QEMU runs.
+    serial_conn: UnixStream,
     qmp_socket: PathBuf,
     qemu: PathBuf,
     accel: AccelChoice,
@@ -302,7 +308,7 @@ fn open_rw(path: &Path) -> Result<File, Error> {
 }
 
 /// The cgroup layout, found and prepared once per process.
-fn cgroup_layout() -> Result<Layout, Error> {
+pub(super) fn cgroup_layout() -> Result<Layout, Error> {
     static LAYOUT: std::sync::OnceLock<Result<Layout, String>> = std::sync::OnceLock::new();
     LAYOUT
         .get_or_init(|| {
@@ -396,8 +402,15 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         tracing::info!(pruned, dir = %config.log_dir.display(), "removed old serial logs");
     }
     let qmp_socket = dir_path.join(files::QMP);
-    let qmp = std::os::unix::net::UnixListener::bind(&qmp_socket)
+    let qmp = UnixListener::bind(&qmp_socket)
         .map_err(|e| Error::io(format!("binding {}", qmp_socket.display()), e))?;
+    let serial_socket = dir_path.join(files::SERIAL);
+    let serial = UnixListener::bind(&serial_socket)
+        .map_err(|e| Error::io(format!("binding {}", serial_socket.display()), e))?;
+    // Connected now, before QEMU exists: the connection waits in the listener's backlog, and
+    // QEMU (`wait=on`) accepts it before the guest runs, so the firmware's first byte is logged.
+    let serial_conn = UnixStream::connect(&serial_socket)
+        .map_err(|e| Error::io(format!("connecting to {}", serial_socket.display()), e))?;
     let files = OpenFiles {
         code: open_ro(&firmware.code)?,
         vars_rw: open_rw(&vars)?,
@@ -407,6 +420,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         overlay_ro: open_ro(&overlay)?,
         seed: open_ro(&seed)?,
         qmp,
+        serial,
     };
 
     let plan = QemuPlan {
@@ -419,6 +433,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         vm_dir: dir_path,
         fds: files.fds(),
         qmp_fd: files.qmp.as_raw_fd(),
+        serial_fd: files.serial.as_raw_fd(),
         net: spec.net.as_ref().map(|n| (n.tap.as_raw_fd(), n.mac)),
     };
     Ok(PreparedVm {
@@ -426,6 +441,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         dir,
         plan,
         files,
+        serial_conn,
         qmp_socket,
         qemu,
         accel,
@@ -477,10 +493,12 @@ impl PreparedVm {
 
     /// Spawns QEMU and the supervisor task that owns it from now on. Must run inside a tokio runtime.
     pub fn start(mut self) -> Result<VmHandle, Error> {
+        let argv = self.argv();
         let mut cmd = Command::new(&self.qemu);
-        cmd.args(self.argv())
+        cmd.args(&argv)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            // The serial console has its own socket; nothing else of QEMU's goes to stdout.
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             // Its own process group: a terminal's Ctrl+C reaches the daemon, which stops VMs in order,
             // instead of killing every QEMU at once.
@@ -507,6 +525,31 @@ impl PreparedVm {
                     e,
                 )
             })?;
+        let now = time::OffsetDateTime::now_utc();
+        let mut meta = VmMeta {
+            name: self.name.clone(),
+            created_at: now,
+            pid: None,
+            pid_start: None,
+            argv: std::iter::once(self.qemu.to_string_lossy().into_owned())
+                .chain(argv)
+                .collect(),
+            deadline_at: Some(now + self.deadline),
+            accel: Some(self.accel.accel),
+            serial_log: self.dir.serial_log.clone(),
+            disk_dir: self.dir.disk_dir.clone(),
+            disk_max: self.disk_max,
+            uid,
+            cgroup: self
+                .dir
+                .cgroup
+                .as_ref()
+                .map(|cg| cg.memory_dir().to_owned()),
+            job: self.job.take(),
+        };
+        // Recorded before QEMU exists: whatever happens to the daemon from here on, the record
+        // names the VM, its job and everything the job holds.
+        meta.write(&self.dir.dir)?;
         let mut state = VmState::Created;
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -523,7 +566,7 @@ impl PreparedVm {
         };
         let spawned = Instant::now();
         state.transition(VmState::Starting)?;
-        // QEMU holds its own copies of the tap, the disks and the QMP socket now.
+        // QEMU holds its own copies of the tap, the disks and the sockets now.
         drop(self.net.take());
         let pid = child.id().unwrap_or(0);
         self.dir.pid = Some(pid);
@@ -531,56 +574,26 @@ impl PreparedVm {
             &self.dir.dir.join(files::PID),
             format!("{pid}\n").as_bytes(),
         )?;
-        VmMeta {
-            name: self.name.clone(),
-            created_at: time::OffsetDateTime::now_utc(),
-            pid: Some(pid),
-            accel: Some(self.accel.accel),
-            serial_log: self.dir.serial_log.clone(),
-            disk_dir: self.dir.disk_dir.clone(),
-            disk_max: self.disk_max,
-            uid,
-            cgroup: self
-                .dir
-                .cgroup
-                .as_ref()
-                .map(|cg| cg.memory_dir().to_owned()),
-            job: self.job.take(),
-        }
-        .write(&self.dir.dir)?;
+        // `spawn` returned after the exec: the process's start time and command line are QEMU's.
+        meta.pid = Some(pid);
+        meta.pid_start = super::adopt::start_time(pid);
+        meta.write(&self.dir.dir)?;
         tracing::info!(vm = %self.name, pid, accel = %self.accel.accel, uid, "QEMU started");
 
         let stderr = super::accel::keep_stderr(&mut child);
         let (serial_tx, serial_rx) = mpsc::unbounded_channel();
-        let pump = child
-            .stdout
-            .take()
-            .map(|out| tokio::spawn(pump_serial(out, serial, serial_tx)));
-        let (state_tx, state_rx) = watch::channel(state);
-        let stop = CancellationToken::new();
-        let mut handle = VmHandle {
-            name: self.name.clone(),
-            pid,
-            serial_log: self.dir.serial_log.clone(),
-            dir: self.dir.dir.clone(),
-            accel: self.accel.clone(),
-            resources: VmResources {
-                uid,
-                cgroup: self.dir.cgroup.as_ref().map(|c| c.memory_dir().to_owned()),
-                overlay: self.dir.disk_dir.join(files::OVERLAY),
-                disk_max: self.disk_max,
-            },
-            spawned,
-            state: state_rx,
-            stop: stop.clone(),
-            task: None,
-        };
+        let pump = self
+            .serial_conn
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(self.serial_conn))
+            .map_err(|e| Error::io("watching the serial console", e))?;
+        let pump = Some(tokio::spawn(pump_serial(pump, serial, serial_tx)));
         let overlay = self.dir.disk_dir.join(files::OVERLAY);
         let sup = Supervisor {
             name: self.name,
             state,
-            state_tx,
-            child,
+            state_tx: watch::channel(state).0,
+            process: Qemu::Child(child),
             dir: self.dir,
             qmp_socket: self.qmp_socket,
             pump,
@@ -590,10 +603,10 @@ impl PreparedVm {
             powerdown_grace: self.powerdown_grace,
             quit_grace: self.quit_grace,
             accel: self.accel.accel,
-            qemu: self.qemu.clone(),
+            qemu_bin: self.qemu.clone(),
             overlay,
             disk_max: self.disk_max,
-            stop,
+            stop: CancellationToken::new(),
             timings: Timings::default(),
             stop_decided: None,
             shutdown_reason: None,
@@ -604,9 +617,97 @@ impl PreparedVm {
         };
         // The daemon's copies of QEMU's descriptors are not needed any more.
         drop(self.files);
-        handle.task = Some(tokio::spawn(sup.run(serial_rx)));
-        Ok(handle)
+        Ok(sup.into_handle(self.accel, serial_rx, None))
     }
+}
+
+/// A VM a previous daemon started, checked by `adopt.rs` (the process is that QEMU, QMP answers)
+/// with the resources it holds taken over.
+pub(super) struct Adopted {
+    pub name: VmName,
+    pub meta: VmMeta,
+    pub dir: PathBuf,
+    pub process: Process,
+    pub qmp: (QmpClient, mpsc::UnboundedReceiver<QmpEvent>),
+    pub serial: Option<tokio::net::UnixStream>,
+    pub uid: Option<UidLease>,
+    pub cgroup: Option<VmCgroup>,
+    pub disk: DiskReservation,
+    pub qemu_bin: PathBuf,
+}
+
+/// Supervises an adopted VM to its end exactly like one this daemon started: deadline, stop
+/// ladder, disk cap, teardown. `spawned` and the deadline count from the original start.
+pub(super) fn supervise_adopted(config: &VmConfig, a: Adopted) -> Result<VmHandle, Error> {
+    let now_wall = time::OffsetDateTime::now_utc();
+    let age = Duration::try_from(now_wall - a.meta.created_at).unwrap_or_default();
+    let now = Instant::now();
+    let spawned = now.checked_sub(age).unwrap_or(now);
+    let left = a
+        .meta
+        .deadline_at
+        .and_then(|d| Duration::try_from(d - now_wall).ok())
+        .unwrap_or_default();
+    let mut log = CappedLog::resume(
+        &a.meta.serial_log,
+        config.serial_head_kib << 10,
+        config.serial_tail_kib << 10,
+    )
+    .map_err(|e| Error::io(format!("opening serial log {}", a.meta.serial_log.display()), e))?;
+    let (serial_tx, serial_rx) = mpsc::unbounded_channel();
+    let pump = match a.serial {
+        Some(conn) => {
+            let _ = log.write(b"\r\n[fkr-qemu: the daemon restarted and took this VM over; output in between is lost]\r\n");
+            Some(tokio::spawn(pump_serial(conn, log, serial_tx)))
+        }
+        None => None,
+    };
+    let mut state = VmState::Created;
+    state.transition(VmState::Starting)?;
+    let pid = a.process.pid();
+    let dir = VmDir {
+        dir: a.dir,
+        disk_dir: a.meta.disk_dir.clone(),
+        serial_log: a.meta.serial_log.clone(),
+        keep_serial_log: config.keep_serial_log,
+        pid: Some(pid),
+        cgroup: a.cgroup,
+        uid: a.uid,
+        disk: Some(a.disk),
+        done: false,
+    };
+    let sup = Supervisor {
+        name: a.name,
+        state,
+        state_tx: watch::channel(state).0,
+        process: Qemu::Adopted(a.process),
+        qmp_socket: dir.dir.join(files::QMP),
+        overlay: dir.disk_dir.join(files::OVERLAY),
+        dir,
+        pump,
+        // Its stderr went to the previous daemon.
+        stderr: Arc::default(),
+        spawned,
+        deadline: now + left,
+        powerdown_grace: config.powerdown_grace(),
+        quit_grace: config.quit_grace(),
+        accel: a.meta.accel.unwrap_or(Accel::Tcg),
+        qemu_bin: a.qemu_bin,
+        disk_max: a.meta.disk_max,
+        stop: CancellationToken::new(),
+        timings: Timings::default(),
+        stop_decided: None,
+        shutdown_reason: None,
+        crashed: None,
+        internal_error: None,
+        disk_exceeded: None,
+        qemu_version: None,
+    };
+    let accel = AccelChoice {
+        accel: sup.accel,
+        reason: "taken over from the previous daemon".into(),
+    };
+    Ok(sup.into_handle(accel, serial_rx, Some(a.qmp)))
 }
 
 /// A running VM. Dropping the handle asks the VM to stop (the supervisor keeps running until QEMU is
@@ -719,7 +820,7 @@ struct Supervisor {
     state_tx: watch::Sender<VmState>,
     /// Declared before `dir`: dropped first, so `kill_on_drop` has signalled QEMU by the time the
     /// directory guard waits for it.
-    child: Child,
+    process: Qemu,
     dir: VmDir,
     qmp_socket: PathBuf,
     /// The serial pump (it reports first output and kernel panics on a channel given to `run`).
@@ -731,7 +832,7 @@ struct Supervisor {
     quit_grace: Duration,
     accel: Accel,
     /// The QEMU binary, to mark its KVM broken after an internal error.
-    qemu: PathBuf,
+    qemu_bin: PathBuf,
     /// The overlay and how far it may grow on the host.
     overlay: PathBuf,
     disk_max: u64,
@@ -806,7 +907,7 @@ impl Supervisor {
                 tracing::error!(vm = %self.name, accel = %self.accel, stderr = %detail, "QEMU stopped in run state internal-error: the accelerator cannot run this guest");
                 if self.accel == Accel::Kvm {
                     super::accel::mark_kvm_broken(
-                        &self.qemu,
+                        &self.qemu_bin,
                         &format!("run state internal-error ({detail})"),
                     );
                 }
@@ -842,8 +943,38 @@ impl Supervisor {
         }
     }
 
-    async fn run(mut self, mut serial_rx: mpsc::UnboundedReceiver<SerialNote>) -> VmExit {
-        let result = self.supervise(&mut serial_rx).await;
+    /// Starts the supervisor task; returns the handle that follows it.
+    fn into_handle(
+        self,
+        accel: AccelChoice,
+        serial_rx: mpsc::UnboundedReceiver<SerialNote>,
+        qmp: Option<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>)>,
+    ) -> VmHandle {
+        VmHandle {
+            name: self.name.clone(),
+            pid: self.dir.pid.unwrap_or(0),
+            serial_log: self.dir.serial_log.clone(),
+            dir: self.dir.dir.clone(),
+            accel,
+            resources: VmResources {
+                uid: self.dir.uid.as_ref().map(UidLease::uid),
+                cgroup: self.dir.cgroup.as_ref().map(|c| c.memory_dir().to_owned()),
+                overlay: self.overlay.clone(),
+                disk_max: self.disk_max,
+            },
+            spawned: self.spawned,
+            state: self.state_tx.subscribe(),
+            stop: self.stop.clone(),
+            task: Some(tokio::spawn(self.run(serial_rx, qmp))),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut serial_rx: mpsc::UnboundedReceiver<SerialNote>,
+        qmp: Option<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>)>,
+    ) -> VmExit {
+        let result = self.supervise(&mut serial_rx, qmp).await;
         // QEMU has exited: its stdout ends, and the pump writes the last bytes (a guest's final
         // words before power-off) before the log is read or removed.
         if let Some(pump) = self.pump.take() {
@@ -876,50 +1007,16 @@ impl Supervisor {
     async fn supervise(
         &mut self,
         serial: &mut mpsc::UnboundedReceiver<SerialNote>,
+        adopted_qmp: Option<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>)>,
     ) -> (Outcome, VmState) {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let stop = self.stop.clone();
-        let socket = self.qmp_socket.clone();
-        let connect = QmpClient::connect(&socket, QMP_CONNECT_TIMEOUT);
-        tokio::pin!(connect);
-        // Phase 1: QEMU spawned, QMP not up yet.
-        let early: Result<_, StopCause> = 'early: loop {
-            tokio::select! {
-                r = &mut connect => match r {
-                    Ok(pair) => break 'early Ok(pair),
-                    Err(e) => {
-                        // QEMU died (its end closed the socket): report its exit, not the socket.
-                        if let Ok(status) = tokio::time::timeout(Duration::from_millis(500), self.child.wait()).await {
-                            return self.exited_early(status);
-                        }
-                        tracing::warn!(vm = %self.name, error = %e, "QMP did not come up");
-                        return self.stop_ladder(None, None, StopCause::Host, Some(e.to_string())).await;
-                    }
-                },
-                status = self.child.wait() => return self.exited_early(status),
-                Some(note) = serial.recv() => {
-                    if self.on_serial(note) {
-                        return self.stop_ladder(None, None, StopCause::GuestPanic, None).await;
-                    }
-                }
-                _ = stop.cancelled() => break 'early Err(StopCause::Host),
-                _ = tokio::time::sleep_until(deadline) => break 'early Err(StopCause::Deadline),
-            }
-        };
-        let (qmp, mut events) = match early {
-            Ok(pair) => pair,
-            Err(cause) => {
-                // Asked to stop while QEMU was still starting (a loaded host): QMP is usually a
-                // moment away, and `quit` is kinder than SIGKILL. Wait for it, briefly.
-                self.decide_stop();
-                return match tokio::time::timeout(self.quit_grace, &mut connect).await {
-                    Ok(Ok((qmp, mut events))) => {
-                        self.stop_ladder(Some(&qmp), Some(&mut events), cause, None)
-                            .await
-                    }
-                    _ => self.stop_ladder(None, None, cause, None).await,
-                };
-            }
+        let (qmp, mut events) = match adopted_qmp {
+            Some(pair) => pair,
+            None => match self.start_up(serial).await {
+                Ok(pair) => pair,
+                Err(end) => return end,
+            },
         };
         self.timings.qmp_ready_ms = Some(self.ms());
         self.qemu_version = Some(qmp.greeting().to_string());
@@ -964,7 +1061,7 @@ impl Supervisor {
                     Some(e) => self.on_event(&e),
                     None => events_open = false,
                 },
-                status = self.child.wait() => {
+                status = self.process.wait() => {
                     // QEMU's last events (its SHUTDOWN) may still be on their way: read them to the
                     // end of the socket before classifying the exit.
                     if events_open {
@@ -992,6 +1089,60 @@ impl Supervisor {
         }
     }
 
+    /// Phase 1: QEMU spawned, QMP not up yet. Ends with the QMP connection, or with the VM's end
+    /// when it died or had to be stopped before QMP answered.
+    async fn start_up(
+        &mut self,
+        serial: &mut mpsc::UnboundedReceiver<SerialNote>,
+    ) -> Result<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>), (Outcome, VmState)> {
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let stop = self.stop.clone();
+        let socket = self.qmp_socket.clone();
+        let connect = QmpClient::connect(&socket, QMP_CONNECT_TIMEOUT);
+        tokio::pin!(connect);
+        // Phase 1: QEMU spawned, QMP not up yet.
+        let early: Result<_, StopCause> = 'early: loop {
+            tokio::select! {
+                r = &mut connect => match r {
+                    Ok(pair) => break 'early Ok(pair),
+                    Err(e) => {
+                        // QEMU died (its end closed the socket): report its exit, not the socket.
+                        if let Ok(status) = tokio::time::timeout(Duration::from_millis(500), self.process.wait()).await {
+                            return Err(self.exited_early(status));
+                        }
+                        tracing::warn!(vm = %self.name, error = %e, "QMP did not come up");
+                        return Err(self.stop_ladder(None, None, StopCause::Host, Some(e.to_string())).await);
+                    }
+                },
+                status = self.process.wait() => return Err(self.exited_early(status)),
+                Some(note) = serial.recv() => {
+                    if self.on_serial(note) {
+                        return Err(self.stop_ladder(None, None, StopCause::GuestPanic, None).await);
+                    }
+                }
+                _ = stop.cancelled() => break 'early Err(StopCause::Host),
+                _ = tokio::time::sleep_until(deadline) => break 'early Err(StopCause::Deadline),
+            }
+        };
+        match early {
+            Ok(pair) => Ok(pair),
+            Err(cause) => {
+                // Asked to stop while QEMU was still starting (a loaded host): QMP is usually a
+                // moment away, and `quit` is kinder than SIGKILL. Wait for it, briefly.
+                self.decide_stop();
+                Err(
+                    match tokio::time::timeout(self.quit_grace, &mut connect).await {
+                        Ok(Ok((qmp, mut events))) => {
+                            self.stop_ladder(Some(&qmp), Some(&mut events), cause, None)
+                                .await
+                        }
+                        _ => self.stop_ladder(None, None, cause, None).await,
+                    },
+                )
+            }
+        }
+    }
+
     /// Returns true if the guest panicked.
     fn on_serial(&mut self, note: SerialNote) -> bool {
         match note {
@@ -1009,13 +1160,7 @@ impl Supervisor {
         }
     }
 
-    fn exited_early(
-        &mut self,
-        status: std::io::Result<std::process::ExitStatus>,
-    ) -> (Outcome, VmState) {
-        let status = status
-            .map(|s| s.to_string())
-            .unwrap_or_else(|e| e.to_string());
+    fn exited_early(&mut self, status: String) -> (Outcome, VmState) {
         let detail = self.oom_note() + &self.stderr_tail();
         tracing::warn!(vm = %self.name, %status, %detail, "QEMU exited during start-up");
         (Outcome::QemuExited { status, detail }, VmState::Failed)
@@ -1033,7 +1178,7 @@ impl Supervisor {
     }
 
     /// QEMU exited on its own while running: classify by the SHUTDOWN reason, not the exit code.
-    fn exited(&mut self, status: std::io::Result<std::process::ExitStatus>) -> (Outcome, VmState) {
+    fn exited(&mut self, status: String) -> (Outcome, VmState) {
         if let Some(reason) = self.crashed.clone() {
             return (Outcome::GuestCrashed { reason }, VmState::Failed);
         }
@@ -1042,9 +1187,6 @@ impl Supervisor {
                 (Outcome::GuestPoweredOff, VmState::Stopped)
             }
             other => {
-                let status = status
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string());
                 let mut detail = self.oom_note() + &self.stderr_tail();
                 if let Some((guest, r)) = other {
                     detail = format!("SHUTDOWN guest={guest} reason={r}; {detail}");
@@ -1069,7 +1211,7 @@ impl Supervisor {
                 }
             };
             tokio::select! {
-                r = self.child.wait() => return r.is_ok(),
+                _ = self.process.wait() => return true,
                 e = ev => match e {
                     Some(e) => self.on_event(&e),
                     None => *events = None,
@@ -1133,8 +1275,8 @@ impl Supervisor {
         }
         if !done {
             tracing::warn!(vm = %self.name, "killing QEMU");
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
+            self.process.start_kill();
+            let _ = self.process.wait().await;
         }
         tracing::info!(vm = %self.name, ?step, "VM stopped");
         match cause {
@@ -1177,6 +1319,39 @@ impl Supervisor {
     }
 }
 
+/// The QEMU process a supervisor watches: spawned by this daemon, or taken over from a previous
+/// one (then not our child: its exit status is unknown, its end is seen in `/proc`).
+enum Qemu {
+    Child(Child),
+    Adopted(Process),
+}
+
+impl Qemu {
+    /// Waits until the process has exited (cancel-safe); says how, as far as is known.
+    async fn wait(&mut self) -> String {
+        match self {
+            Qemu::Child(c) => c
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string()),
+            Qemu::Adopted(p) => {
+                p.exited().await;
+                "exited (taken over after a restart: exit status unknown)".into()
+            }
+        }
+    }
+
+    fn start_kill(&mut self) {
+        match self {
+            Qemu::Child(c) => {
+                let _ = c.start_kill();
+            }
+            Qemu::Adopted(p) => p.kill(),
+        }
+    }
+}
+
 enum SerialNote {
     FirstOutput(Instant),
     Panic,
@@ -1185,7 +1360,7 @@ enum SerialNote {
 /// Copies QEMU's stdout (the serial console) into the capped log, reporting the first byte once
 /// and a kernel panic once.
 async fn pump_serial(
-    mut out: tokio::process::ChildStdout,
+    mut out: tokio::net::UnixStream,
     mut log: CappedLog,
     tx: mpsc::UnboundedSender<SerialNote>,
 ) {

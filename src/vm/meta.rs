@@ -21,6 +21,30 @@ pub struct JobMeta {
     pub repo: String,
     /// The guest's address on the host bridge.
     pub address: Option<Ipv4Addr>,
+    /// The job attempt's handle (what the runner was bound to).
+    #[serde(default)]
+    pub handle: String,
+    #[serde(default)]
+    pub repo_id: i64,
+    /// The job's ephemeral runner (named like the VM).
+    #[serde(default)]
+    pub runner_id: Option<i64>,
+    /// The job's registry token: enough to revoke it, never the secret.
+    #[serde(default)]
+    pub token: Option<TokenMeta>,
+    /// Until when the runner may take to pick the job up (wall clock: it survives a restart).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub boot_deadline_at: Option<OffsetDateTime>,
+}
+
+/// A minted token as recorded for a restarted daemon: its owner and its id and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenMeta {
+    pub username: String,
+    /// The repository the CI user belongs to.
+    pub user_repo_id: i64,
+    pub id: i64,
+    pub name: String,
 }
 
 /// The content of `<runtime_root>/vms/<name>/vm.json`.
@@ -31,6 +55,16 @@ pub struct VmMeta {
     pub created_at: OffsetDateTime,
     /// QEMU's pid, once spawned.
     pub pid: Option<u32>,
+    /// When that process started (`/proc/<pid>/stat` field 22, clock ticks since boot): with
+    /// `argv`, what tells our QEMU from a process that got the same pid later.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
+    /// QEMU's command line as spawned (program first); no secret is ever in it.
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// The VM's whole time budget ends here (wall clock: it survives a restart).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub deadline_at: Option<OffsetDateTime>,
     /// The accelerator QEMU runs under: `kvm` or `tcg`.
     pub accel: Option<Accel>,
     pub serial_log: PathBuf,
@@ -91,6 +125,9 @@ mod tests {
             name: VmName::parse("fr-0123abcd").unwrap(),
             created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
             pid: Some(42),
+            pid_start: Some(1234),
+            argv: vec!["qemu-system-x86_64".into(), "-name".into()],
+            deadline_at: Some(OffsetDateTime::from_unix_timestamp(1_700_003_600).unwrap()),
             accel: Some(Accel::Tcg),
             serial_log: "/var/lib/fkr-qemu/logs/fr-0123abcd.serial.log".into(),
             disk_dir: "/var/lib/fkr-qemu/disks/fr-0123abcd".into(),
@@ -113,6 +150,16 @@ mod tests {
             owner: "alice".into(),
             repo: "web".into(),
             address: Some(Ipv4Addr::new(10, 88, 0, 2)),
+            handle: "h-1".into(),
+            repo_id: 3,
+            runner_id: Some(11),
+            token: Some(TokenMeta {
+                username: "alice-web-ci".into(),
+                user_repo_id: 3,
+                id: 5,
+                name: "orch-7-host-00ff".into(),
+            }),
+            boot_deadline_at: Some(OffsetDateTime::from_unix_timestamp(1_700_000_900).unwrap()),
         }));
         with_job.write(dir.path()).unwrap();
         assert_eq!(VmMeta::read(dir.path()), Some(with_job));

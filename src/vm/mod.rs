@@ -7,6 +7,7 @@
 //! See ARCHITECTURE.md (`## VM driver`).
 
 mod accel;
+mod adopt;
 mod argv;
 pub mod cgroup;
 mod config;
@@ -22,6 +23,7 @@ pub mod serial;
 mod state;
 mod sweep;
 
+pub use adopt::{adopt, record, start_time, vm_dirs, AdoptError};
 pub use accel::{mark_kvm_broken, probe_accel, resolve_accel, AccelChoice, KVM_PROBE_TIMEOUT};
 pub use argv::{build_argv, DiskFds, QemuPlan};
 pub use config::VmConfig;
@@ -33,7 +35,7 @@ pub use error::Error;
 pub use firmware::{
     discover_firmware, discover_firmware_with, select_descriptor, Firmware, FirmwareDescriptor,
 };
-pub use meta::{JobMeta, VmMeta};
+pub use meta::{JobMeta, TokenMeta, VmMeta};
 pub use seed::{write_seed, Seed};
 pub use serial::PANIC_MARKER;
 pub use state::VmState;
@@ -56,6 +58,7 @@ pub struct NetDevice {
 pub mod files {
     pub const PID: &str = "qemu.pid";
     pub const QMP: &str = "qmp.sock";
+    pub const SERIAL: &str = "serial.sock";
     pub const OVERLAY: &str = "overlay.qcow2";
     pub const SEED: &str = "seed.img";
     pub const VARS: &str = "vars.fd";

@@ -83,6 +83,21 @@ pub fn acquire_uid(runtime_root: &Path, base: u32, count: u32) -> Result<UidLeas
     Err(Error::UidsExhausted { base, count })
 }
 
+/// Takes the lease of one particular uid again (a VM taken over after a restart keeps its uid);
+/// `None` when another process holds it.
+pub fn lease_uid(runtime_root: &Path, uid: u32) -> Result<Option<UidLease>, Error> {
+    let path = runtime_root.join("uids").join(format!("{uid}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .ok()
+        .map(|lock| UidLease { uid, _lock: lock }))
+}
+
 /// The group owning `/dev/kvm`, if that group may read and write it (Debian: `root:kvm 0660`).
 fn kvm_group() -> Option<u32> {
     let m = std::fs::metadata("/dev/kvm").ok()?;

@@ -118,6 +118,30 @@ impl CappedLog {
         })
     }
 
+    /// Opens an existing log to continue it (a VM taken over after a daemon restart), with the
+    /// same caps; created when missing.
+    pub fn resume(path: &Path, head: u64, tail: u64) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Self {
+            file,
+            head,
+            tail: tail.max(2),
+            // A cut made before the restart left its marker somewhere after the head: from here
+            // on it is part of the rolling output.
+            roll_start: head,
+            len,
+            dropped: 0,
+        })
+    }
+
     /// Bytes of output dropped so far.
     pub fn dropped(&self) -> u64 {
         self.dropped
@@ -245,6 +269,26 @@ mod tests {
         let text = std::fs::read(&p).unwrap();
         assert!(text.len() <= 100 + 200 + 80);
         assert!(text.ends_with(&[b'z'; 100]));
+    }
+
+    #[test]
+    fn a_resumed_log_continues_the_file_and_keeps_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fr-00000001.serial.log");
+        let mut log = CappedLog::create(&p, 100, 200).unwrap();
+        log.write(&[b'h'; 80]).unwrap();
+        drop(log);
+        let mut log = CappedLog::resume(&p, 100, 200).unwrap();
+        log.write(b"after the restart\n").unwrap();
+        let text = std::fs::read(&p).unwrap();
+        assert_eq!(&text[..80], &[b'h'; 80][..], "the earlier output stays");
+        assert!(text.ends_with(b"after the restart\n"));
+        for _ in 0..50 {
+            log.write(b"more output\n").unwrap();
+        }
+        let text = std::fs::read(&p).unwrap();
+        assert!(text.len() <= 100 + 200 + 80, "{} bytes", text.len());
+        assert_eq!(&text[..80], &[b'h'; 80][..], "the head survives the cut");
     }
 
     #[test]

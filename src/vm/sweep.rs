@@ -67,17 +67,64 @@ pub(crate) fn kill_and_wait(pid: u32, vm_dir: &Path, timeout: Duration) -> bool 
     false
 }
 
-/// Cleans what VMs of a dead daemon left: kills our QEMUs (`<runtime_root>/vms/fr-…/qemu.pid`),
-/// removes every `fr-…` directory there and in `disk_dir`, and (as root) VM cgroups no process
-/// uses. Entries whose name is not a VM name are never touched.
-pub fn sweep(config: &super::VmConfig) -> Result<SweepReport, Error> {
-    let mut report = sweep_runtime(&config.runtime_root)?;
+/// Every running QEMU whose command line names a VM dir under `vms` (`<vms>/fr-…`), by VM: found
+/// in `/proc`, so even a QEMU whose pid file was never written (a daemon killed right after the
+/// spawn) is found.
+fn running_qemus(vms: &Path) -> Vec<(VmName, u32)> {
+    let prefix = format!("{}/", vms.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let name = raw
+            .split(|b| *b == 0)
+            .filter_map(|a| std::str::from_utf8(a).ok())
+            .find_map(|a| {
+                let at = a.find(&prefix)? + prefix.len();
+                let rest = &a[at..];
+                VmName::parse(rest.split(['/', ',']).next()?).ok()
+            });
+        if let Some(name) = name {
+            if is_our_qemu(pid, &vms.join(name.as_str())) {
+                found.push((name, pid));
+            }
+        }
+    }
+    found
+}
+
+/// Cleans what VMs of a dead daemon left: kills our QEMUs (those `<runtime_root>/vms/fr-…/qemu.pid`
+/// names, and any other QEMU whose command line names such a dir), removes every `fr-…`
+/// directory there and in `disk_dir`, and (as root) VM cgroups no process uses. Entries whose name
+/// is not a VM name are never touched, nor are the VMs in `keep` (taken over after a restart).
+pub fn sweep(config: &super::VmConfig, keep: &[VmName]) -> Result<SweepReport, Error> {
+    let mut report = sweep_runtime(&config.runtime_root, keep)?;
+    let vms = config.runtime_root.join("vms");
+    for (name, pid) in running_qemus(&vms) {
+        if keep.contains(&name) {
+            continue;
+        }
+        if kill_and_wait(pid, &vms.join(name.as_str()), Duration::from_secs(10)) {
+            tracing::warn!(vm = %name, pid, "sweep killed a leftover QEMU that had no pid file");
+            report.killed.push((name, pid));
+        }
+    }
     // Every QEMU of ours is gone now: no disk dir is in use.
     if let Ok(entries) = std::fs::read_dir(&config.disk_dir) {
         for e in entries.flatten() {
             let Ok(name) = VmName::parse(&e.file_name().to_string_lossy()) else {
                 continue;
             };
+            if keep.contains(&name) {
+                continue;
+            }
             match std::fs::remove_dir_all(e.path()) {
                 Ok(()) => {
                     tracing::info!(vm = %name, "sweep removed a leftover disk directory");
@@ -97,7 +144,7 @@ pub fn sweep(config: &super::VmConfig) -> Result<SweepReport, Error> {
     Ok(report)
 }
 
-fn sweep_runtime(runtime_root: &Path) -> Result<SweepReport, Error> {
+fn sweep_runtime(runtime_root: &Path, keep: &[VmName]) -> Result<SweepReport, Error> {
     let vms = runtime_root.join("vms");
     let mut report = SweepReport::default();
     let entries = match std::fs::read_dir(&vms) {
@@ -109,6 +156,9 @@ fn sweep_runtime(runtime_root: &Path) -> Result<SweepReport, Error> {
         let Ok(name) = VmName::parse(&entry.file_name().to_string_lossy()) else {
             continue;
         };
+        if keep.contains(&name) {
+            continue;
+        }
         let dir = entry.path();
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;

@@ -1,0 +1,265 @@
+//! Taking over a VM that a previous daemon started (it crashed, was killed, or handed over for an
+//! upgrade). The VM's `vm.json` says everything needed; nothing secret is. A VM is taken over only
+//! when the process it recorded is still that QEMU — same pid, same start time, same command line
+//! (a recycled pid never qualifies) — and its QMP socket answers. Then the driver supervises it to
+//! its end like a VM it started itself (see `driver::supervise_adopted`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::driver::{supervise_adopted, Adopted};
+use super::meta::VmMeta;
+use super::qmp::QmpClient;
+use super::{cgroup, disk, files, sandbox, Error, VmConfig, VmHandle};
+use crate::types::VmName;
+
+/// How long a live QEMU's QMP may take to greet a new client.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an adopted QEMU (not our child: no `waitpid`) is looked for in `/proc`.
+const EXIT_POLL: Duration = Duration::from_millis(100);
+
+/// Why a VM was not taken over (it is swept instead).
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("its vm.json is missing or unreadable")]
+    NoRecord,
+    #[error("QEMU was never started")]
+    NotSpawned,
+    #[error("its record has no process identity (written by an older version)")]
+    NoIdentity,
+    #[error("QEMU (pid {0}) is gone")]
+    Gone(u32),
+    #[error("pid {0} is now another process (its start time or command line differ)")]
+    Recycled(u32),
+    #[error("QMP does not answer: {0}")]
+    Qmp(String),
+    #[error("its uid {0} is held by another process")]
+    UidBusy(u32),
+    #[error(transparent)]
+    Vm(#[from] Error),
+}
+
+/// `/proc/<pid>/stat`: the process state and its start time (field 22, clock ticks since boot).
+fn stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: fields follow its last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// When process `pid` started, or `None` if there is no such process.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat(pid).map(|(_, start)| start)
+}
+
+/// The process's command line, argument by argument.
+fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// A QEMU process this daemon did not spawn, known by pid and start time.
+#[derive(Debug)]
+pub struct Process {
+    pid: u32,
+    start: u64,
+}
+
+impl Process {
+    /// The process `meta` recorded, if it still runs and is still that QEMU.
+    pub fn find(meta: &VmMeta) -> Result<Process, AdoptError> {
+        let pid = meta.pid.ok_or(AdoptError::NotSpawned)?;
+        let start = meta.pid_start.ok_or(AdoptError::NoIdentity)?;
+        if meta.argv.is_empty() {
+            return Err(AdoptError::NoIdentity);
+        }
+        match stat(pid) {
+            None | Some(('Z' | 'X', _)) => return Err(AdoptError::Gone(pid)),
+            Some((_, s)) if s != start => return Err(AdoptError::Recycled(pid)),
+            Some(_) => {}
+        }
+        if cmdline(pid).as_ref() != Some(&meta.argv) {
+            return Err(AdoptError::Recycled(pid));
+        }
+        Ok(Process { pid, start })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Still running (a zombie waiting for init to reap it counts as gone).
+    pub fn alive(&self) -> bool {
+        matches!(stat(self.pid), Some((state, start)) if start == self.start && state != 'Z' && state != 'X')
+    }
+
+    /// Returns once the process is gone.
+    pub async fn exited(&self) {
+        while self.alive() {
+            tokio::time::sleep(EXIT_POLL).await;
+        }
+    }
+
+    /// SIGKILL, only while the pid is still this process.
+    pub fn kill(&self) {
+        if self.alive() {
+            if let Ok(pid) = i32::try_from(self.pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Takes over VM `name`: checks the process, re-takes its uid lease, cgroup and disk reservation,
+/// connects to its QMP and serial sockets, and hands it to a supervisor.
+pub async fn adopt(config: &VmConfig, name: &VmName) -> Result<VmHandle, AdoptError> {
+    let dir = config.vms_dir().join(name.as_str());
+    let meta = VmMeta::read(&dir).ok_or(AdoptError::NoRecord)?;
+    let process = Process::find(&meta)?;
+    let privileged = sandbox::privileged();
+    let uid = match meta.uid {
+        Some(uid) if privileged => Some(
+            sandbox::lease_uid(&config.runtime_root, uid)?.ok_or(AdoptError::UidBusy(uid))?,
+        ),
+        _ => None,
+    };
+    let cgroup = match &meta.cgroup {
+        Some(_) if privileged => cgroup::VmCgroup::existing(
+            &super::driver::cgroup_layout()?,
+            name.as_str(),
+        ),
+        _ => None,
+    };
+    let disk = disk::adopt_reservation(meta.disk_max, &meta.disk_dir.join(files::OVERLAY));
+    let qmp = QmpClient::connect(&dir.join(files::QMP), QMP_TIMEOUT)
+        .await
+        .map_err(|e| AdoptError::Qmp(e.to_string()))?;
+    let serial = match tokio::net::UnixStream::connect(dir.join(files::SERIAL)).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(vm = %name, "cannot reconnect to the serial console ({e}); its log ends here");
+            None
+        }
+    };
+    let qemu_bin = PathBuf::from(&meta.argv[0]);
+    Ok(supervise_adopted(
+        config,
+        Adopted {
+            name: name.clone(),
+            meta,
+            dir,
+            process,
+            qmp,
+            serial,
+            uid,
+            cgroup,
+            disk,
+            qemu_bin,
+        },
+    )?)
+}
+
+/// The VM dirs under `<runtime_root>/vms` (names only; what each holds is for [`adopt`] to judge).
+pub fn vm_dirs(config: &VmConfig) -> Vec<VmName> {
+    let Ok(entries) = std::fs::read_dir(config.vms_dir()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<VmName> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| VmName::parse(&e.file_name().to_string_lossy()).ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The VM dir's record, if any (for the caller's own checks before adopting).
+pub fn record(config: &VmConfig, name: &VmName) -> Option<VmMeta> {
+    VmMeta::read(&config.vms_dir().join(name.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_of(pid: u32, start: Option<u64>, argv: Vec<String>) -> VmMeta {
+        VmMeta {
+            name: VmName::parse("fr-0123abcd").unwrap(),
+            created_at: time::OffsetDateTime::now_utc(),
+            pid: Some(pid),
+            pid_start: start,
+            argv,
+            deadline_at: None,
+            accel: None,
+            serial_log: "/nonexistent".into(),
+            disk_dir: "/nonexistent".into(),
+            disk_max: 0,
+            uid: None,
+            cgroup: None,
+            job: None,
+        }
+    }
+
+    #[test]
+    fn a_process_is_found_only_with_its_pid_start_time_and_command_line() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start = start_time(pid).expect("a running child has a start time");
+        // The parent may return from spawn before the kernel has published the new command line.
+        let mut argv = Vec::new();
+        for _ in 0..200 {
+            argv = cmdline(pid).unwrap();
+            if !argv.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(argv, ["sleep", "30"]);
+        let p = Process::find(&meta_of(pid, Some(start), argv.clone())).unwrap();
+        assert!(p.alive());
+        // The same pid with another start time: a recycled pid.
+        assert!(matches!(
+            Process::find(&meta_of(pid, Some(start + 1), argv.clone())),
+            Err(AdoptError::Recycled(_))
+        ));
+        // Another command line.
+        assert!(matches!(
+            Process::find(&meta_of(pid, Some(start), vec!["qemu-system-x86_64".into()])),
+            Err(AdoptError::Recycled(_))
+        ));
+        assert!(matches!(
+            Process::find(&meta_of(pid, None, argv.clone())),
+            Err(AdoptError::NoIdentity)
+        ));
+        p.kill();
+        child.wait().unwrap();
+        assert!(!p.alive());
+        assert!(matches!(
+            Process::find(&meta_of(pid, Some(start), argv)),
+            Err(AdoptError::Gone(_))
+        ));
+    }
+
+    #[test]
+    fn stat_survives_a_command_name_with_parentheses_and_spaces() {
+        // Our own process: its start time is stable and its state is running.
+        let me = std::process::id();
+        let (state, start) = stat(me).unwrap();
+        assert_ne!(state, 'Z');
+        assert_eq!(start_time(me), Some(start));
+    }
+}
