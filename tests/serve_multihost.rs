@@ -349,7 +349,8 @@ fn serve_multihost_vm_twelve_jobs_two_hosts_each_job_runs_once() {
 }
 
 /// Host A is restarted (killed, then started again) while host B runs a job of the same
-/// repository: A's startup sweep revokes A's token and deletes A's runner, and leaves B's token
+/// repository, and A's VM cannot be taken over (its `vm.json` is unreadable): A's startup sweep
+/// kills that VM, revokes A's token and deletes A's runner, and leaves B's token
 /// (`orch-<job>-host-b-…`) and B's runner alone; B's job finishes, and A runs its job again.
 #[test]
 fn serve_multihost_vm_restarted_host_sweeps_only_its_own() {
@@ -382,8 +383,21 @@ fn serve_multihost_vm_restarted_host_sweeps_only_its_own() {
 
     serve_a.signal(Signal::SIGKILL);
     serve_a.wait_exit(Duration::from_secs(10));
+    // Unreadable metadata: nothing says what the VM holds, so it is swept, not taken over.
+    let meta = a.runtime_dir().join("vms").join(&vm_a.name).join("vm.json");
+    std::fs::write(&meta, "{\"name\": \"fr-").unwrap();
     let mut serve_a = a.serve(1);
     serve_a.wait_ready();
+    assert_eq!(
+        a.metrics()
+            .get("fkr_qemu_restart_vms_total{result=\"swept\"}") as u64,
+        1
+    );
+    let said = format!(
+        "restart: VM {}: swept: its vm.json is missing or unreadable",
+        vm_a.name
+    );
+    assert!(serve_a.log_text().contains(&said), "{said:?} not logged");
     let found = |kind: SweepKind| {
         a.metrics().get(&format!(
             "fkr_qemu_sweep_findings_total{{kind=\"{}\"}}",

@@ -140,6 +140,8 @@ async fn consider(
         Some(id) if !meta.handle.is_empty() => id,
         _ => return Err("its record has no runner or handle (written by an older version)".into()),
     };
+    // The local check first: a dead QEMU or a recycled pid needs no question to Forgejo.
+    vm::check_process(&record).map_err(|e| e.to_string())?;
     let now = OffsetDateTime::now_utc();
     if record.deadline_at.is_some_and(|d| d <= now) {
         return Err("it is past its deadline".into());
@@ -174,9 +176,7 @@ async fn consider(
     if !runners.iter().any(|r| r.id == runner_id) {
         return Err(format!("its runner {runner_id} is no longer registered"));
     }
-    let vm = vm::adopt(&cfg.vm, name)
-        .await
-        .map_err(|e| e.to_string())?;
+    let vm = vm::adopt(&cfg.vm, name).await.map_err(|e| e.to_string())?;
     let token = match &meta.token {
         Some(t) => Some(token_ref(creds, t).await),
         None => None,

@@ -196,15 +196,19 @@ impl Scheduler {
 
     /// Supervises a job whose VM was taken over after a restart, like one dispatched here.
     fn adopt(&mut self, f: Found) {
-        let net = f.meta.address.and_then(|address| {
-            match crate::controller::ports::Network::adopt(&self.env.net, &f.name, address) {
+        let net = f.meta.address.and_then(
+            |address| match crate::controller::ports::Network::adopt(
+                &self.env.net,
+                &f.name,
+                address,
+            ) {
                 Ok(hold) => Some(hold),
                 Err(e) => {
                     tracing::warn!(vm = %f.name, "cannot take over the tap of VM {}: {e}", f.name);
                     None
                 }
-            }
-        });
+            },
+        );
         let handle = f.job.handle.clone();
         let (tx, rx) = watch::channel(f.picked_up);
         self.active.insert(handle.clone(), tx);

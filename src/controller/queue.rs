@@ -196,14 +196,22 @@ mod tests {
         let now = Instant::now();
         q.in_flight("a");
         let o = q.observe(&[waiting(1, "a"), waiting(2, "b")], now);
-        assert_eq!(o.new, [(2, "b".into())], "the adopted job is not queued again");
+        assert_eq!(
+            o.new,
+            [(2, "b".into())],
+            "the adopted job is not queued again"
+        );
         assert_eq!(q.finished("a", true), None);
         let o = q.observe(&[waiting(1, "a")], now);
-        assert_eq!(o.new, [(1, "a".into())], "once it ended, a job still waiting is new again");
+        assert_eq!(
+            o.new,
+            [(1, "a".into())],
+            "once it ended, a job still waiting is new again"
+        );
     }
 
     #[test]
-        fn fifo_and_dedupe_by_handle() {
+    fn fifo_and_dedupe_by_handle() {
         let mut q = JobQueue::default();
         let now = Instant::now();
         let o = q.observe(&[waiting(1, "a"), waiting(2, "b")], now);

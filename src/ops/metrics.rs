@@ -211,7 +211,13 @@ macro_rules! label_value_via_as_str {
         }
     )*};
 }
-label_value_via_as_str!(JobOutcome, RemovalReason, SweepKind, TokenAccess, RestartResult);
+label_value_via_as_str!(
+    JobOutcome,
+    RemovalReason,
+    SweepKind,
+    TokenAccess,
+    RestartResult
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RestartLabels {

@@ -121,6 +121,11 @@ impl Process {
     }
 }
 
+/// Whether the process `meta` recorded is still that QEMU (no side effect: a cheap first check).
+pub fn check_process(meta: &VmMeta) -> Result<(), AdoptError> {
+    Process::find(meta).map(|_| ())
+}
+
 /// Takes over VM `name`: checks the process, re-takes its uid lease, cgroup and disk reservation,
 /// connects to its QMP and serial sockets, and hands it to a supervisor.
 pub async fn adopt(config: &VmConfig, name: &VmName) -> Result<VmHandle, AdoptError> {
@@ -129,16 +134,15 @@ pub async fn adopt(config: &VmConfig, name: &VmName) -> Result<VmHandle, AdoptEr
     let process = Process::find(&meta)?;
     let privileged = sandbox::privileged();
     let uid = match meta.uid {
-        Some(uid) if privileged => Some(
-            sandbox::lease_uid(&config.runtime_root, uid)?.ok_or(AdoptError::UidBusy(uid))?,
-        ),
+        Some(uid) if privileged => {
+            Some(sandbox::lease_uid(&config.runtime_root, uid)?.ok_or(AdoptError::UidBusy(uid))?)
+        }
         _ => None,
     };
     let cgroup = match &meta.cgroup {
-        Some(_) if privileged => cgroup::VmCgroup::existing(
-            &super::driver::cgroup_layout()?,
-            name.as_str(),
-        ),
+        Some(_) if privileged => {
+            cgroup::VmCgroup::existing(&super::driver::cgroup_layout()?, name.as_str())
+        }
         _ => None,
     };
     let disk = disk::adopt_reservation(meta.disk_max, &meta.disk_dir.join(files::OVERLAY));
@@ -238,7 +242,11 @@ mod tests {
         ));
         // Another command line.
         assert!(matches!(
-            Process::find(&meta_of(pid, Some(start), vec!["qemu-system-x86_64".into()])),
+            Process::find(&meta_of(
+                pid,
+                Some(start),
+                vec!["qemu-system-x86_64".into()]
+            )),
             Err(AdoptError::Recycled(_))
         ));
         assert!(matches!(

@@ -189,11 +189,7 @@ impl VmCgroup {
 
     /// The cgroup `<parent>/<name>` of a VM taken over after a restart, if it exists.
     pub fn existing(layout: &Layout, name: &str) -> Option<VmCgroup> {
-        let dirs: Vec<PathBuf> = layout
-            .parents()
-            .into_iter()
-            .map(|p| p.join(name))
-            .collect();
+        let dirs: Vec<PathBuf> = layout.parents().into_iter().map(|p| p.join(name)).collect();
         dirs.iter().all(|d| d.is_dir()).then_some(VmCgroup { dirs })
     }
 

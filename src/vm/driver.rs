@@ -2,8 +2,8 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -17,13 +17,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::accel::{resolve_accel, AccelChoice};
+use super::adopt::Process;
 use super::argv::{build_argv, DiskFds, QemuPlan};
 use super::cgroup::{self, Layout, VmCgroup};
 use super::disk::{
     allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation,
 };
 use super::firmware::discover_firmware;
-use super::adopt::Process;
 use super::meta::{JobMeta, VmMeta};
 use super::qmp::{QmpClient, QmpEvent};
 use super::sandbox::{self, UidLease};
@@ -653,7 +653,12 @@ pub(super) fn supervise_adopted(config: &VmConfig, a: Adopted) -> Result<VmHandl
         config.serial_head_kib << 10,
         config.serial_tail_kib << 10,
     )
-    .map_err(|e| Error::io(format!("opening serial log {}", a.meta.serial_log.display()), e))?;
+    .map_err(|e| {
+        Error::io(
+            format!("opening serial log {}", a.meta.serial_log.display()),
+            e,
+        )
+    })?;
     let (serial_tx, serial_rx) = mpsc::unbounded_channel();
     let pump = match a.serial {
         Some(conn) => {

@@ -23,8 +23,8 @@ pub mod serial;
 mod state;
 mod sweep;
 
-pub use adopt::{adopt, record, start_time, vm_dirs, AdoptError};
 pub use accel::{mark_kvm_broken, probe_accel, resolve_accel, AccelChoice, KVM_PROBE_TIMEOUT};
+pub use adopt::{adopt, check_process, record, start_time, vm_dirs, AdoptError};
 pub use argv::{build_argv, DiskFds, QemuPlan};
 pub use config::VmConfig;
 pub use disk::{allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation};

@@ -4,9 +4,9 @@
 //! its user-data, speaks the runner's Connect RPC (`Declare`, `FetchSingleTask` for that handle,
 //! `UpdateLog`, `UpdateTask` with success), then powers the "guest" off: QMP `SHUTDOWN` with reason
 //! `guest-shutdown`, exit 0. For tests that start many VMs (the multi-host race) where booting real
-//! guests would take too long. What it did goes to its serial console (stdout), `fake-guest: …`.
+//! guests would take too long. What it did goes to its serial console, `fake-guest: …`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
@@ -30,9 +30,7 @@ struct RunnerArgs {
 }
 
 fn say(what: &str) {
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "fake-guest: {what}");
-    let _ = out.flush();
+    super::serial_write(format!("fake-guest: {what}\n").as_bytes());
 }
 
 /// The seed image's bytes: `-add-fd fd=N,set=5,…` names the descriptor.

@@ -12,7 +12,9 @@
 //!
 //! Tests call it through a symlink named `qemu-system-x86_64` (the driver's rule for "our QEMU"
 //! looks at argv0). It reads only its arguments and inherited descriptors, as QEMU does under the
-//! driver's sandbox (empty environment, QMP as `fd=N`, serial console on stdout).
+//! driver's sandbox (empty environment, QMP and the serial console as listening sockets `fd=N`).
+//! Like QEMU's socket chardevs, both accept a new client once the previous one left (a restarted
+//! daemon takes the VM over), and serial bytes written while no client is connected are dropped.
 
 #[path = "guest_runner.rs"]
 mod guest_runner;
@@ -22,7 +24,7 @@ use std::os::fd::FromRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const FAIL_AFTER: Duration = Duration::from_millis(1500);
@@ -126,19 +128,86 @@ fn allocate_forever() -> ! {
     std::process::exit(3);
 }
 
-/// QMP: a listening socket the caller bound and passed as `fd=N` (or a path to bind).
-fn qmp_listener(chardevs: &[String]) -> UnixListener {
-    let qmp = chardevs
-        .iter()
-        .find(|c| c.starts_with("socket,"))
-        .expect("a socket chardev for QMP");
-    match opt(qmp, "fd") {
+/// A socket chardev's listener: the socket the caller bound and passed as `fd=N` (or a path to bind).
+fn socket_listener(chardev: &str) -> UnixListener {
+    match opt(chardev, "fd") {
         Some(fd) => {
             let fd: i32 = fd.parse().expect("a descriptor number");
             // SAFETY: the caller passed this descriptor for QMP; nothing else in this process owns it.
             UnixListener::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
         }
-        None => UnixListener::bind(Path::new(&opt(qmp, "path").expect("path="))).expect("bind"),
+        None => UnixListener::bind(Path::new(&opt(chardev, "path").expect("path="))).expect("bind"),
+    }
+}
+
+/// QMP: the socket chardev that is not the serial console.
+fn qmp_listener(chardevs: &[String]) -> UnixListener {
+    let qmp = chardevs
+        .iter()
+        .find(|c| c.starts_with("socket,") && opt(c, "id").as_deref() != Some("serial0"))
+        .expect("a socket chardev for QMP");
+    socket_listener(qmp)
+}
+
+/// Where the serial console goes: QEMU's chardev `serial0`.
+enum Serial {
+    /// A socket: the connected client, if any.
+    Socket(Arc<Mutex<Option<UnixStream>>>),
+    Out(Mutex<Box<dyn Write + Send>>),
+}
+
+static SERIAL: OnceLock<Serial> = OnceLock::new();
+
+/// Opens the serial console named by `-chardev …,id=serial0`: a socket (with `wait=on`, the first
+/// client is accepted before the "guest" runs, as QEMU does), a file, or stdout.
+fn serial_init(chardevs: &[String]) {
+    let dev = chardevs
+        .iter()
+        .find(|c| opt(c, "id").as_deref() == Some("serial0"));
+    let serial = match dev {
+        Some(c) if c.starts_with("socket,") => {
+            let listener = socket_listener(c);
+            let current = Arc::new(Mutex::new(None));
+            if opt(c, "wait").as_deref() == Some("on") {
+                let (first, _) = listener.accept().expect("accept the serial client");
+                *current.lock().unwrap() = Some(first);
+            }
+            let slot = current.clone();
+            std::thread::spawn(move || {
+                for s in listener.incoming().flatten() {
+                    *slot.lock().unwrap() = Some(s);
+                }
+            });
+            Serial::Socket(current)
+        }
+        Some(c) if c.starts_with("file,") => Serial::Out(Mutex::new(Box::new(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(opt(c, "path").expect("path="))
+                .expect("open the serial log"),
+        ))),
+        _ => Serial::Out(Mutex::new(Box::new(std::io::stdout()))),
+    };
+    let _ = SERIAL.set(serial);
+}
+
+/// Writes to the serial console; dropped when no client is connected (or it left).
+fn serial_write(bytes: &[u8]) {
+    match SERIAL.get() {
+        Some(Serial::Socket(current)) => {
+            let mut c = current.lock().unwrap();
+            if let Some(s) = c.as_mut() {
+                if s.write_all(bytes).is_err() {
+                    *c = None;
+                }
+            }
+        }
+        Some(Serial::Out(out)) => {
+            let mut out = out.lock().unwrap();
+            let _ = out.write_all(bytes).and_then(|()| out.flush());
+        }
+        None => {}
     }
 }
 
@@ -156,6 +225,13 @@ fn main() {
             .collect::<Vec<_>>()
     };
     let chardevs = value_of("-chardev");
+    let accel = value_of("-accel").into_iter().next().unwrap_or_default();
+    let runner_mode = behaviour
+        .and_then(|b| b.to_str())
+        .is_some_and(|b| b.starts_with("runner"));
+    if runner_mode || accel == "kvm" {
+        serial_init(&chardevs);
+    }
     // `runner`, or `runner-<N>s` for jobs that take N seconds.
     if let Some(work) = behaviour
         .and_then(|b| b.to_str())
@@ -171,33 +247,14 @@ fn main() {
             std::time::Duration::from_secs(work),
         );
     }
-    let accel = value_of("-accel").into_iter().next().unwrap_or_default();
     if accel != "kvm" {
         let err = std::process::Command::new(real_qemu()).args(&args).exec();
         eprintln!("fake qemu: exec failed: {err}");
         std::process::exit(1);
     }
     let listener = qmp_listener(&chardevs);
-    // The serial console: stdout (`stdio`) or a file chardev.
-    let mut serial: Box<dyn Write> = match chardevs
-        .iter()
-        .filter(|c| c.starts_with("file,"))
-        .find_map(|c| opt(c, "path"))
-    {
-        Some(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
-                .expect("open the serial log"),
-        ),
-        None => Box::new(std::io::stdout()),
-    };
     // OVMF's first words, as the probe wants to see them.
-    serial
-        .write_all(b"BdsDxe: fake firmware running under kvm\r\n")
-        .and_then(|()| serial.flush())
-        .expect("write the serial console");
+    serial_write(b"BdsDxe: fake firmware running under kvm\r\n");
     let vm = Arc::new(Mutex::new(Vm {
         status: "running",
         clients: Vec::new(),

@@ -1,0 +1,177 @@
+//! A restart never kills a job (ARCHITECTURE.md, "Restarts: taking VMs over"): `serve` is killed
+//! with SIGKILL while its VM's runner is mid-job, started again, and takes the VM over — the job
+//! finishes in the VM it started in, Forgejo never sees a second runner or task for it, and
+//! afterwards token, runner, tap, files and QEMU are gone. A VM dir whose recorded pid now
+//! belongs to another process is swept, and that process is neither adopted nor killed. The VMs'
+//! QEMU is the fake whose "guest" runs its job through the runner RPC (no kernel boots); its QMP
+//! and serial sockets accept a new client after the old one left, as QEMU's do.
+
+mod common {
+    pub mod daemon;
+    pub mod emulator;
+    pub mod fake_qemu;
+    pub mod fleet;
+    pub mod links;
+    pub mod netns;
+    pub mod netns_exec;
+    pub mod prometheus;
+}
+
+use std::time::Duration;
+
+use common::daemon::{wait_for, Settings};
+use common::emulator::JobStatus;
+use common::fake_qemu::fake_qemu;
+use common::fleet::Fleet;
+use fkr_qemu::ops::JobOutcome;
+use nix::sys::signal::Signal;
+
+const LABEL: &str = "external-host";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn restarts(h: &common::fleet::Host, result: &str) -> u64 {
+    h.metrics().get(&format!(
+        "fkr_qemu_restart_vms_total{{result=\"{result}\"}}"
+    )) as u64
+}
+
+#[test]
+fn serve_adopt_sigkill_mid_job_the_job_finishes_in_its_vm() {
+    let fake = tempfile::tempdir().unwrap();
+    // The "job" takes 12 s once its runner has the task: the daemon dies in the middle of it.
+    let f = Fleet::new(vec![Settings {
+        qemu: Some(fake_qemu(fake.path(), "runner-12s")),
+        poll_interval: "200ms",
+        boot_deadline: "30s",
+        job_deadline: "120s",
+        vm_extra: "disk_max_mib = 4096",
+        ..Settings::default()
+    }]);
+    let h = &f.hosts[0];
+    let mut serve = h.serve(0);
+    serve.wait_ready();
+    let job = f.emu.add_job("alice/web", &[LABEL], "build").id;
+    let vm = serve.wait_vm(job, "QEMU running", WAIT, |v| v.pid.is_some());
+    serve.wait("the runner to take the task", WAIT, || {
+        (f.emu.job(job).unwrap().status == JobStatus::Running).then_some(())
+    });
+    let login = "alice-web-ci";
+    let tokens = h.tokens(&f.emu, login);
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+
+    serve.signal(Signal::SIGKILL);
+    serve.wait_exit(Duration::from_secs(10));
+    let qemu = vm.pid.expect("the VM's pid");
+    assert!(h.qemus().contains(&qemu), "the VM outlives its daemon");
+
+    let mut serve = h.serve(1);
+    serve.wait_ready();
+    assert_eq!((restarts(h, "adopted"), restarts(h, "swept")), (1, 0));
+    let log = serve.log_text();
+    let said = format!(
+        "restart: VM {} (job {job} of alice/web): adopted; its runner is running the job",
+        vm.name
+    );
+    assert!(log.contains(&said), "{said:?} not logged; log:\n{log}");
+    // Nothing of the job's was swept: its token and runner are the ones it had.
+    assert_eq!(h.tokens(&f.emu, login), tokens);
+    assert!(f.emu.runner_names().contains(&vm.name));
+    let seen = serve.wait_vm(job, "the adopted VM on the board", WAIT, |v| {
+        v.pid.is_some()
+    });
+    assert_eq!((seen.name.as_str(), seen.pid), (vm.name.as_str(), vm.pid));
+    let board = h.status().expect("the daemon answers");
+    assert_eq!(board.vms.len(), 1, "{board:#?}");
+
+    serve.wait("the job to finish", WAIT, || {
+        (h.finished(JobOutcome::Completed) == 1).then_some(())
+    });
+    let done = f.emu.job(job).unwrap();
+    assert_eq!(done.status, JobStatus::Success);
+    // One runner ever for the job, and it ran it: no second VM, no second task.
+    let claims = f.claims_on(job);
+    assert_eq!(claims.len(), 1, "{claims:#?}");
+    assert!(claims[0].host == h.id && claims[0].booted(), "{claims:#?}");
+    assert_eq!(done.runner_id, Some(claims[0].runner.id));
+    assert_eq!(claims[0].runner.tasks.len(), 1, "{claims:#?}");
+    wait_for("the token to be revoked", WAIT, || {
+        h.tokens(&f.emu, login).is_empty().then_some(())
+    });
+    assert!(f.emu.deleted_runner_names().contains(&vm.name));
+    wait_for("the VM's tap, dir and QEMU to go", WAIT, || {
+        (h.qemus().is_empty() && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
+            .then_some(())
+    });
+    h.assert_clean();
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// A VM dir whose record names a job and a pid that now belongs to another process (same pid, not
+/// that QEMU): that process is never adopted and never killed; the dir is swept.
+#[test]
+fn serve_adopt_a_recycled_pid_is_never_adopted_or_killed() {
+    let fake = tempfile::tempdir().unwrap();
+    let f = Fleet::new(vec![Settings {
+        qemu: Some(fake_qemu(fake.path(), "runner")),
+        vm_extra: "disk_max_mib = 4096",
+        ..Settings::default()
+    }]);
+    let h = &f.hosts[0];
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    let pid = bystander.id();
+    let start = fkr_qemu::vm::start_time(pid).expect("the bystander runs");
+    let name = "fr-0badf00d";
+    let dir = h.runtime_dir().join("vms").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let meta = serde_json::json!({
+        "name": name,
+        "created_at": now.format(&time::format_description::well_known::Rfc3339).unwrap(),
+        "pid": pid,
+        // The start time it has, but not the command line QEMU had: a recycled pid either way.
+        "pid_start": start,
+        "argv": ["/usr/bin/qemu-system-x86_64", "-name", name],
+        "deadline_at": (now + time::Duration::hours(1))
+            .format(&time::format_description::well_known::Rfc3339).unwrap(),
+        "accel": "tcg",
+        "serial_log": h.dir.join("fr-0badf00d.serial.log"),
+        "disk_dir": h.dir.join("disks").join(name),
+        "disk_max": 1u64 << 30,
+        "uid": null,
+        "cgroup": null,
+        "job_id": 1,
+        "owner": "alice",
+        "repo": "web",
+        "address": "10.88.0.2",
+        "handle": "h",
+        "repo_id": 1,
+        "runner_id": 1,
+    });
+    std::fs::write(dir.join("vm.json"), meta.to_string()).unwrap();
+    std::fs::write(dir.join("qemu.pid"), format!("{pid}\n")).unwrap();
+
+    let mut serve = h.serve(0);
+    serve.wait_ready();
+    assert_eq!((restarts(h, "adopted"), restarts(h, "swept")), (0, 1));
+    assert_eq!(h.metrics().sum("fkr_qemu_restart_vms_total"), 1.0);
+    let log = serve.log_text();
+    assert!(
+        log.contains(&format!(
+            "restart: VM {name}: swept: pid {pid} is now another process"
+        )),
+        "no sweep line for {name}; log:\n{log}"
+    );
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the process that got the pid was killed"
+    );
+    assert!(!dir.exists(), "the VM dir was not swept");
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
