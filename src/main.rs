@@ -41,6 +41,8 @@ enum Command {
     CiUsers(cli::ci_users::Args),
     /// Ask the running daemon whether it is healthy.
     Status(cli::status::Args),
+    /// Upgrade without draining: the daemon re-executes its binary and takes its VMs over.
+    Handover(cli::handover::Args),
 }
 
 fn init_logging(format: LogFormat) {
@@ -81,6 +83,7 @@ fn main() -> ExitCode {
             Command::Console(a) => cli::console::run(a).await,
             Command::CiUsers(a) => cli::ci_users::run(a).await,
             Command::Status(a) => cli::status::run(a).await,
+            Command::Handover(a) => cli::handover::run(a).await,
         }
     });
     match result {

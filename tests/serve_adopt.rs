@@ -175,3 +175,75 @@ fn serve_adopt_a_recycled_pid_is_never_adopted_or_killed() {
     let _ = bystander.kill();
     let _ = bystander.wait();
 }
+
+/// The upgrade path: `fkr-qemu handover` while a job's runner is mid-job. The daemon re-executes
+/// itself (same pid) within seconds and takes the VM over; the job finishes in its VM; afterwards
+/// nothing is left.
+#[test]
+fn serve_adopt_handover_during_a_job_takes_seconds_and_loses_nothing() {
+    let fake = tempfile::tempdir().unwrap();
+    let f = Fleet::new(vec![Settings {
+        qemu: Some(fake_qemu(fake.path(), "runner-10s")),
+        poll_interval: "200ms",
+        boot_deadline: "30s",
+        job_deadline: "120s",
+        vm_extra: "disk_max_mib = 4096",
+        ..Settings::default()
+    }]);
+    let h = &f.hosts[0];
+    let mut serve = h.serve(0);
+    let before = serve.wait_ready();
+    let job = f.emu.add_job("bob/api", &[LABEL], "build").id;
+    let vm = serve.wait_vm(job, "QEMU running", WAIT, |v| v.pid.is_some());
+    serve.wait("the runner to take the task", WAIT, || {
+        (f.emu.job(job).unwrap().status == JobStatus::Running).then_some(())
+    });
+    let tokens = h.tokens(&f.emu, "bob-api-ci");
+
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(common::daemon::serve_bin())
+        .args(["handover", "--config"])
+        .arg(&h.config)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "handover failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(10), "the handover took {took:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("1 VM(s) running"), "{said}");
+    let after = h.status().expect("the new daemon answers");
+    assert_eq!(after.pid, before.pid, "re-executed in place");
+    assert!(after.started_at > before.started_at);
+    assert_eq!(restarts(h, "adopted"), 1);
+    assert_eq!(
+        h.tokens(&f.emu, "bob-api-ci"),
+        tokens,
+        "nothing was revoked"
+    );
+    let log = serve.log_text();
+    assert!(
+        log.contains(&format!("job {job}: VM {} handed over, running", vm.name)),
+        "log:\n{log}"
+    );
+
+    serve.wait("the job to finish", WAIT, || {
+        (h.finished(JobOutcome::Completed) == 1).then_some(())
+    });
+    assert_eq!(f.emu.job(job).unwrap().status, JobStatus::Success);
+    let claims = f.claims_on(job);
+    assert_eq!(claims.len(), 1, "one runner ever: {claims:#?}");
+    wait_for("the VM's token, dir and QEMU to go", WAIT, || {
+        (h.tokens(&f.emu, "bob-api-ci").is_empty()
+            && h.qemus().is_empty()
+            && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
+        .then_some(())
+    });
+    h.assert_clean();
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+}

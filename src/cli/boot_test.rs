@@ -439,6 +439,8 @@ async fn drive(
             format!("the VM did not finish within the timeout (stopped by {stopped_by:?})")
         }
         (Outcome::HostStopped { .. }, _) => "stopped by the host".into(),
+        // boot-test never hands a VM over; said for completeness.
+        (Outcome::HandedOver, _) => "handed over to another daemon".into(),
         (Outcome::QemuExited { status, detail }, _) => format!("QEMU exited ({status}): {detail}"),
         (Outcome::DiskLimitExceeded { limit, used }, _) => {
             format!("the VM's disk grew to {used} bytes on the host, past disk_max ({limit} bytes)")

@@ -336,8 +336,91 @@ fn runner_marker(host_id: &str) -> String {
     format!("fkr-qemu@{host_id}")
 }
 
+/// How the discovery loop ended.
+enum Stop {
+    /// SIGINT/SIGTERM: drain.
+    Signal(&'static str),
+    /// SIGUSR2 (`fkr-qemu handover`): re-execute, leaving every VM running.
+    Handover,
+}
+
+/// How long a handover waits for jobs that are still preparing to reach their VM.
+const HANDOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// Hands every VM over to a new daemon: the jobs let go of their VMs and of what they hold
+/// (nothing is stopped, revoked, deleted or removed), the operator services close, and the
+/// process re-executes its binary — after a package upgrade, the new version — which takes the
+/// VMs over at start like after any restart (`adopt.rs`). Same pid, same systemd unit and cgroup:
+/// nothing outside notices. Returns only if the exec failed.
+async fn hand_over(
+    mut sched: Scheduler,
+    env: Arc<LiveEnv>,
+    services: ops::Services,
+    board: &StatusBoard,
+    exe: &std::path::Path,
+) -> Result<(), crate::Error> {
+    board.set_ready(false);
+    sched.queue.clear();
+    let n = sched.tasks.len();
+    tracing::info!(
+        "received SIGUSR2: handing {n} VM(s) over to a new daemon ({})",
+        exe.display()
+    );
+    ops::systemd::status(&format!("handing {n} VM(s) over"));
+    env.handover.cancel();
+    let wait = tokio::time::sleep(HANDOVER_WAIT);
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            joined = sched.tasks.join_next() => match joined {
+                Some(j) => sched.finished(j),
+                None => break,
+            },
+            () = &mut wait => {
+                tracing::warn!(
+                    "{} job(s) did not let go of their VM within {}s; they end with this process",
+                    sched.tasks.len(),
+                    HANDOVER_WAIT.as_secs()
+                );
+                break;
+            }
+        }
+    }
+    services.stop().await;
+    drop(sched);
+    // The taps, the leases and the firewall table stay as they are: the next daemon replaces the
+    // table atomically with these VMs in it. Nothing of the environment may run its Drop.
+    std::mem::forget(env);
+    let args: Vec<std::ffi::CString> = std::env::args_os()
+        .filter_map(|a| {
+            std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str())).ok()
+        })
+        .collect();
+    let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(exe.as_os_str()))
+        .map_err(|_| {
+            Error::io(
+                "cannot re-execute",
+                exe,
+                std::io::ErrorKind::InvalidInput.into(),
+            )
+        })?;
+    tracing::info!("re-executing {}", exe.display());
+    let err = match nix::unistd::execv(&path, &args) {
+        Err(e) => e,
+        Ok(never) => match never {},
+    };
+    Err(Error::io("cannot re-execute", exe, std::io::Error::from(err)).into())
+}
+
 /// Runs the daemon until a signal ends it.
 pub async fn run(cfg: Config) -> Result<(), crate::Error> {
+    // SIGUSR2 (a handover) must never kill the daemon, whenever it comes.
+    let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+        .map_err(|e| Error::io("cannot install a signal handler for", "SIGUSR2", e))?;
+    // The binary to re-execute on a handover: the path it was started from (after an upgrade,
+    // the new version is there; /proc/self/exe would name the old, deleted file).
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::io("cannot find its own binary", "/proc/self/exe", e))?;
     let mut signals = Signals::new()
         .map_err(|e| Error::io("cannot install a signal handler for", "SIGINT/SIGTERM", e))?;
     for w in cfg.plain_http_warnings() {
@@ -414,6 +497,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
             runner_marker,
             claim_settle: claim::SETTLE,
         },
+        handover: CancellationToken::new(),
     });
 
     board.set_ready(true);
@@ -433,13 +517,14 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let first_signal = loop {
         tokio::select! {
-            sig = signals.recv() => break sig,
+            sig = signals.recv() => break Stop::Signal(sig),
+            _ = usr2.recv() => break Stop::Handover,
             Some(joined) = sched.tasks.join_next() => {
                 sched.finished(joined);
                 let step = sched.dispatch();
                 tokio::select! {
                     () = step => {}
-                    sig = signals.recv() => break sig,
+                    sig = signals.recv() => break Stop::Signal(sig),
                 }
             }
             _ = interval.tick() => {
@@ -449,7 +534,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
                 };
                 tokio::select! {
                     () = step => {}
-                    sig = signals.recv() => break sig,
+                    sig = signals.recv() => break Stop::Signal(sig),
                 }
                 let (running, queued) = (sched.tasks.len(), sched.queue.len());
                 ops::systemd::status(&format!("ready: {running} running, {queued} queued"));
@@ -457,6 +542,10 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
         }
     };
 
+    let first_signal = match first_signal {
+        Stop::Signal(sig) => sig,
+        Stop::Handover => return hand_over(sched, env, services, &board, &exe).await,
+    };
     // First signal: no new jobs; wait for the ones in flight.
     board.set_draining();
     board.set_ready(false);

@@ -43,6 +43,9 @@ pub(crate) struct JobEnv<F, N, V> {
     pub settings: JobSettings,
     /// Other hosts' claims as this host first saw them.
     pub claims: ClaimBook,
+    /// Cancelled when the daemon hands its VMs over to its successor (`fkr-qemu handover`): every
+    /// job lets go of its VM and of what it holds, all left running for the next daemon.
+    pub handover: CancellationToken,
 }
 
 /// The configuration one job reads.
@@ -199,6 +202,8 @@ struct Supervised {
     picked_up: bool,
     /// The VM stopped in `internal-error` under KVM.
     kvm_failed: bool,
+    /// The VM was handed over, running, to the next daemon.
+    handed_over: bool,
 }
 
 /// One job in flight: its state, its resources, and the environment it runs in.
@@ -495,6 +500,8 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             });
         });
         let vm_stop = handle.stop_token();
+        let vm_detach = handle.detach_token();
+        let mut handing_over = false;
         let mut vm_state = handle.watch_state();
         let wait = handle.wait();
         tokio::pin!(wait);
@@ -539,6 +546,10 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                     boot_timeout = true;
                     vm_stop.cancel();
                 }
+                () = env.handover.cancelled(), if !handing_over => {
+                    handing_over = true;
+                    vm_detach.cancel();
+                }
                 () = stop.cancelled(), if !host_stop => {
                     tracing::info!(vm = %name, "stopping VM {name} (job {job_id}): the daemon is shutting down");
                     host_stop = true;
@@ -546,6 +557,17 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                 }
             }
         };
+        if exit
+            .as_ref()
+            .is_ok_and(|e| e.outcome == Outcome::HandedOver)
+        {
+            return Supervised {
+                outcome: JobOutcome::Shutdown,
+                picked_up,
+                kvm_failed: false,
+                handed_over: true,
+            };
+        }
         let mut kvm_failed = false;
         let outcome = match exit {
             Ok(exit) => {
@@ -583,6 +605,26 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             outcome,
             picked_up,
             kvm_failed,
+            handed_over: false,
+        }
+    }
+
+    /// The VM was handed over: its token, runner, tap and lease are the next daemon's now.
+    /// Nothing is released, and the tap's guard is never dropped (its `Drop` would remove it).
+    fn hand_over(&mut self, s: Supervised) -> Report {
+        let held = std::mem::take(&mut self.held);
+        std::mem::forget(held.net);
+        tracing::info!(
+            vm = %self.name,
+            "job {}: VM {} handed over, running, with its token and runner",
+            self.job.id,
+            self.name
+        );
+        self.env.board.vm_removed(self.name.as_str());
+        Report {
+            outcome: s.outcome,
+            picked_up: s.picked_up,
+            retry: None,
         }
     }
 
@@ -683,6 +725,7 @@ pub(crate) async fn run<F: Forge, N: Network, V: Vms>(
             outcome: JobOutcome::ClaimedElsewhere,
             picked_up: false,
             kvm_failed: false,
+            handed_over: false,
         },
         Err(e) => {
             tracing::error!(vm = %job.name, "job {}: preparing the VM failed: {e}", job.job.id);
@@ -690,6 +733,7 @@ pub(crate) async fn run<F: Forge, N: Network, V: Vms>(
                 outcome: JobOutcome::PrepareFailed,
                 picked_up: false,
                 kvm_failed: false,
+                handed_over: false,
             }
         }
         Ok(Some(handle)) => {
@@ -699,6 +743,9 @@ pub(crate) async fn run<F: Forge, N: Network, V: Vms>(
                 .await
         }
     };
+    if supervised.handed_over {
+        return job.hand_over(supervised);
+    }
     job.finish(supervised).await
 }
 
@@ -738,6 +785,9 @@ pub(crate) async fn run_adopted<F: Forge, N: Network, V: Vms>(
     let supervised = job
         .supervise(a.vm, &mut picked_up, &stop, a.boot_deadline_left)
         .await;
+    if supervised.handed_over {
+        return job.hand_over(supervised);
+    }
     job.finish(supervised).await
 }
 
@@ -746,7 +796,7 @@ fn outcome_of(exit: &Outcome, picked_up: bool, boot_timeout: bool) -> JobOutcome
         Outcome::GuestPoweredOff => JobOutcome::Completed,
         Outcome::DeadlineExceeded { .. } => JobOutcome::Deadline,
         Outcome::HostStopped { .. } if boot_timeout => JobOutcome::BootFailure,
-        Outcome::HostStopped { .. } => JobOutcome::Shutdown,
+        Outcome::HostStopped { .. } | Outcome::HandedOver => JobOutcome::Shutdown,
         Outcome::GuestCrashed { .. }
         | Outcome::QemuExited { .. }
         | Outcome::InternalError { .. }

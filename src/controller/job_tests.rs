@@ -294,6 +294,7 @@ impl FakeVms {
 struct FakeVm {
     name: VmName,
     stop: CancellationToken,
+    detach: CancellationToken,
     state: watch::Receiver<vm::VmState>,
     exit: oneshot::Receiver<Outcome>,
 }
@@ -322,6 +323,7 @@ impl Vms for FakeVms {
         Ok(FakeVm {
             name: spec.name,
             stop,
+            detach: CancellationToken::new(),
             state: state_rx,
             exit: exit_rx,
         })
@@ -347,6 +349,10 @@ impl RunningVm for FakeVm {
         self.stop.clone()
     }
 
+    fn detach_token(&self) -> CancellationToken {
+        self.detach.clone()
+    }
+
     fn watch_state(&self) -> watch::Receiver<vm::VmState> {
         self.state.clone()
     }
@@ -357,6 +363,7 @@ impl RunningVm for FakeVm {
         let outcome = tokio::select! {
             o = self.exit => o.expect("the test dropped the VM's controls: a supervisor panic"),
             () = self.stop.cancelled() => Outcome::HostStopped { stopped_by: StopStep::Powerdown },
+            () = self.detach.cancelled() => Outcome::HandedOver,
         };
         Ok(VmExit {
             name: self.name,
@@ -398,6 +405,7 @@ fn env_claims(
         board: StatusBoard::new(Some(metrics.clone())),
         metrics,
         claims: ClaimBook::new(claim_timeout),
+        handover: CancellationToken::new(),
         settings: JobSettings {
             label: "external-host".into(),
             runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
@@ -975,6 +983,7 @@ fn emulator_hosts(
                 board: StatusBoard::new(Some(metrics.clone())),
                 metrics,
                 claims: ClaimBook::new(Duration::from_secs(600)),
+                handover: CancellationToken::new(),
                 settings: JobSettings {
                     label: "external-host".into(),
                     runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
@@ -1192,4 +1201,117 @@ fn the_board_shows_the_job_state_by_name() {
             serde_json::json!(s.as_str())
         );
     }
+}
+
+/// A job whose VM a previous daemon launched, as `adopt.rs` hands it over: its token (41) and
+/// runner (42) exist in Forgejo, its tap is taken over. Returns its task and its VM's controls.
+async fn adopt_one(
+    env: &Arc<Env>,
+    picked_up: bool,
+    boot_left: Duration,
+) -> (tokio::task::JoinHandle<Report>, VmCtl) {
+    env.forge.tokens.lock().unwrap().insert(41);
+    env.forge
+        .runners
+        .lock()
+        .unwrap()
+        .insert(42, ("fkr-qemu@test job 9 alice/web".into(), "active"));
+    let name = VmName::generate();
+    let seed = Seed {
+        instance_id: name.to_string(),
+        hostname: name.to_string(),
+        user_data: String::new(),
+        network_config: None,
+    };
+    let spec = VmSpec::new(name.clone(), "/base.qcow2", seed, Duration::from_secs(3600));
+    let vm = env.vms.launch(spec).await.unwrap();
+    let ctl = env.vms.next().await;
+    let net = env.net.adopt(&name, "10.88.0.2".parse().unwrap()).unwrap();
+    let held = Held {
+        token: Some(TokenRef {
+            user: CiUserRef {
+                repo_id: 7,
+                username: "alice-web-ci".into(),
+                password: Secret::new("stored"),
+            },
+            id: 41,
+            name: "orch-9-test-00ff".into(),
+        }),
+        runner: Some(42),
+        net: Some(net),
+    };
+    let adopted = Adopted {
+        name,
+        job: job(9),
+        owner: "alice".into(),
+        repo: "web".into(),
+        address: Some("10.88.0.2".parse().unwrap()),
+        vm,
+        held,
+        boot_deadline_left: boot_left,
+    };
+    let (tx, rx) = watch::channel(picked_up);
+    let env = env.clone();
+    let task = tokio::spawn(async move {
+        // The scheduler's side of the pick-up switch lives as long as the job.
+        let _scheduler = tx;
+        run_adopted(env, adopted, rx, CancellationToken::new()).await
+    });
+    (task, ctl)
+}
+
+#[tokio::test]
+async fn an_adopted_job_runs_to_its_end_and_releases_what_it_held() {
+    let env = env();
+    let (task, mut vm) = adopt_one(&env, true, Duration::ZERO).await;
+    // Its runner had the job before the restart: running at once, no boot deadline.
+    let v = board_shows(&env, "running").await;
+    assert_eq!((v.owner.as_str(), v.repo.as_str()), ("alice", "web"));
+    assert_eq!(v.address.as_deref(), Some("10.88.0.2"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!vm.stop.is_cancelled());
+    vm.end(Outcome::GuestPoweredOff);
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::Completed);
+    assert!(report.picked_up);
+    assert_released(&env);
+    assert_eq!(env.forge.calls(), ["revoke_token", "delete_runner"]);
+    // Neither prepared nor booted here: not timed.
+    assert!(metric(&env, "fkr_qemu_vm_boot_seconds_count").ends_with(" 0"));
+    assert!(metric(&env, "fkr_qemu_vm_prepare_seconds_count").ends_with(" 0"));
+}
+
+#[tokio::test]
+async fn an_adopted_job_not_picked_up_gets_only_what_is_left_of_its_boot_deadline() {
+    let env = env();
+    let (task, vm) = adopt_one(&env, false, Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let report = task.await.unwrap();
+    assert!(vm.stop.is_cancelled(), "the VM was stopped");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(report.outcome, JobOutcome::BootFailure);
+    assert_released(&env);
+}
+
+#[tokio::test]
+async fn a_handover_lets_go_of_the_vm_and_of_everything_the_job_holds() {
+    let env = env();
+    let (task, picked_up, _stop) = start(&env, job(5));
+    let vm = env.vms.next().await;
+    board_shows(&env, "booting").await;
+    picked_up.send_replace(true);
+    board_shows(&env, "running").await;
+    env.handover.cancel();
+    let report = task.await.unwrap();
+    assert!(report.picked_up && report.retry.is_none());
+    assert!(!vm.stop.is_cancelled(), "a handed-over VM is never stopped");
+    // Nothing released: token, runner and network are the next daemon's.
+    assert_eq!(env.forge.live(), (1, 1));
+    assert_eq!(env.net.live.load(Ordering::SeqCst), 1);
+    let calls = env.forge.calls();
+    assert!(
+        !calls.contains(&"revoke_token") && !calls.contains(&"delete_runner"),
+        "{calls:?}"
+    );
+    assert!(env.board.snapshot().vms.is_empty());
 }

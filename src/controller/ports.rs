@@ -177,6 +177,8 @@ pub(crate) trait RunningVm: Send + 'static {
     fn started(&self) -> Started;
     /// Cancelling it runs the stop ladder.
     fn stop_token(&self) -> CancellationToken;
+    /// Cancelling it lets go of the VM, running (a handover to the next daemon).
+    fn detach_token(&self) -> CancellationToken;
     /// The driver's view: `running` once QMP answered.
     fn watch_state(&self) -> watch::Receiver<vm::VmState>;
     /// Waits for the end (teardown included).
@@ -195,6 +197,10 @@ impl RunningVm for VmHandle {
 
     fn stop_token(&self) -> CancellationToken {
         VmHandle::stop_token(self)
+    }
+
+    fn detach_token(&self) -> CancellationToken {
+        VmHandle::detach_token(self)
     }
 
     fn watch_state(&self) -> watch::Receiver<vm::VmState> {

@@ -78,6 +78,8 @@ pub enum Error {
     Output(std::io::Error),
     #[error("the daemon is not ready yet (its startup sweep is still running)")]
     NotReady,
+    #[error("handover: {0}")]
+    Handover(String),
 }
 
 impl Error {
@@ -95,7 +97,8 @@ impl Error {
             | Error::ControlSocketInUse(_)
             | Error::DaemonNotRunning(_)
             | Error::ControlSocket { .. }
-            | Error::Output(_) => ErrorClass::Runtime,
+            | Error::Output(_)
+            | Error::Handover(_) => ErrorClass::Runtime,
             Error::NotReady => ErrorClass::CheckFailed,
         }
     }

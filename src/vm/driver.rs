@@ -108,6 +108,9 @@ pub enum Outcome {
     QemuExited { status: String, detail: String },
     /// The overlay grew past `disk_max` on the host; the VM was stopped at once.
     DiskLimitExceeded { limit: u64, used: u64 },
+    /// The daemon handed the VM over to its successor (`fkr-qemu handover`): QEMU still runs and
+    /// every file and resource of the VM stays for the next daemon to take over.
+    HandedOver,
     /// QEMU stopped the vCPUs in run state `internal-error`: the accelerator could not run the guest
     /// (e.g. "KVM internal error … emulation failure"). QEMU stays paused then, so the driver ends it
     /// at once. `detail` holds QEMU's last stderr lines.
@@ -161,6 +164,15 @@ struct VmDir {
 }
 
 impl VmDir {
+    /// Lets go of the VM without releasing anything (a handover: the next daemon takes it over).
+    /// The uid lease and disk reservation are this process's bookkeeping and go with it; the
+    /// cgroup and the files stay.
+    fn leave(&mut self) {
+        self.done = true;
+        self.pid = None;
+        std::mem::forget(self.cgroup.take());
+    }
+
     fn teardown(&mut self) -> Result<(), String> {
         if self.done {
             return Ok(());
@@ -607,6 +619,7 @@ impl PreparedVm {
             overlay,
             disk_max: self.disk_max,
             stop: CancellationToken::new(),
+            detach: CancellationToken::new(),
             timings: Timings::default(),
             stop_decided: None,
             shutdown_reason: None,
@@ -700,6 +713,7 @@ pub(super) fn supervise_adopted(config: &VmConfig, a: Adopted) -> Result<VmHandl
         qemu_bin: a.qemu_bin,
         disk_max: a.meta.disk_max,
         stop: CancellationToken::new(),
+        detach: CancellationToken::new(),
         timings: Timings::default(),
         stop_decided: None,
         shutdown_reason: None,
@@ -730,6 +744,7 @@ pub struct VmHandle {
     spawned: Instant,
     state: watch::Receiver<VmState>,
     stop: CancellationToken,
+    detach: CancellationToken,
     task: Option<JoinHandle<VmExit>>,
 }
 
@@ -784,6 +799,12 @@ impl VmHandle {
         self.stop.cancel();
     }
 
+    /// A token that, when cancelled, makes the supervisor let go of the VM without stopping it
+    /// (`wait` then returns `HandedOver`): for a daemon that hands its VMs over to its successor.
+    pub fn detach_token(&self) -> CancellationToken {
+        self.detach.clone()
+    }
+
     /// Waits until QEMU is gone and the VM's files are removed.
     pub async fn wait(mut self) -> Result<VmExit, Error> {
         let task = self
@@ -800,7 +821,7 @@ impl VmHandle {
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        if self.task.as_ref().is_some_and(|t| !t.is_finished()) {
+        if self.task.as_ref().is_some_and(|t| !t.is_finished()) && !self.detach.is_cancelled() {
             tracing::info!(vm = %self.name, "VM handle dropped: stopping the VM");
             self.stop.cancel();
         }
@@ -842,6 +863,7 @@ struct Supervisor {
     overlay: PathBuf,
     disk_max: u64,
     stop: CancellationToken,
+    detach: CancellationToken,
     timings: Timings,
     stop_decided: Option<u64>,
     shutdown_reason: Option<(bool, String)>,
@@ -970,6 +992,7 @@ impl Supervisor {
             spawned: self.spawned,
             state: self.state_tx.subscribe(),
             stop: self.stop.clone(),
+            detach: self.detach.clone(),
             task: Some(tokio::spawn(self.run(serial_rx, qmp))),
         }
     }
@@ -980,6 +1003,23 @@ impl Supervisor {
         qmp: Option<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>)>,
     ) -> VmExit {
         let result = self.supervise(&mut serial_rx, qmp).await;
+        if result.0 == Outcome::HandedOver {
+            tracing::info!(vm = %self.name, "VM handed over: left running for the next daemon");
+            self.dir.leave();
+            // No kill on drop: the process is the next daemon's now.
+            if let Qemu::Child(c) = std::mem::replace(&mut self.process, Qemu::Gone) {
+                std::mem::forget(c);
+            }
+            return VmExit {
+                name: self.name.clone(),
+                outcome: Outcome::HandedOver,
+                state: self.state,
+                accel: self.accel,
+                qemu_version: self.qemu_version.clone(),
+                timings: self.timings.clone(),
+                teardown_error: None,
+            };
+        }
         // QEMU has exited: its stdout ends, and the pump writes the last bytes (a guest's final
         // words before power-off) before the log is read or removed.
         if let Some(pump) = self.pump.take() {
@@ -1016,6 +1056,7 @@ impl Supervisor {
     ) -> (Outcome, VmState) {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let stop = self.stop.clone();
+        let detach = self.detach.clone();
         let (qmp, mut events) = match adopted_qmp {
             Some(pair) => pair,
             None => match self.start_up(serial).await {
@@ -1087,6 +1128,7 @@ impl Supervisor {
                 _ = stop.cancelled() => {
                     return self.stop_ladder(Some(&qmp), Some(&mut events), StopCause::Host, None).await
                 }
+                _ = detach.cancelled() => return (Outcome::HandedOver, self.state),
                 _ = tokio::time::sleep_until(deadline) => {
                     return self.stop_ladder(Some(&qmp), Some(&mut events), StopCause::Deadline, None).await
                 }
@@ -1102,6 +1144,7 @@ impl Supervisor {
     ) -> Result<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>), (Outcome, VmState)> {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let stop = self.stop.clone();
+        let detach = self.detach.clone();
         let socket = self.qmp_socket.clone();
         let connect = QmpClient::connect(&socket, QMP_CONNECT_TIMEOUT);
         tokio::pin!(connect);
@@ -1126,6 +1169,8 @@ impl Supervisor {
                     }
                 }
                 _ = stop.cancelled() => break 'early Err(StopCause::Host),
+                // QMP is a moment away: the next daemon connects to it.
+                _ = detach.cancelled() => return Err((Outcome::HandedOver, self.state)),
                 _ = tokio::time::sleep_until(deadline) => break 'early Err(StopCause::Deadline),
             }
         };
@@ -1329,6 +1374,8 @@ impl Supervisor {
 enum Qemu {
     Child(Child),
     Adopted(Process),
+    /// Handed over to the next daemon: no longer watched here.
+    Gone,
 }
 
 impl Qemu {
@@ -1344,6 +1391,7 @@ impl Qemu {
                 p.exited().await;
                 "exited (taken over after a restart: exit status unknown)".into()
             }
+            Qemu::Gone => "handed over".into(),
         }
     }
 
@@ -1353,6 +1401,7 @@ impl Qemu {
                 let _ = c.start_kill();
             }
             Qemu::Adopted(p) => p.kill(),
+            Qemu::Gone => {}
         }
     }
 }
