@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod controller;
 pub mod error;
+pub mod failpoint;
 pub mod forgejo;
 pub mod layer;
 pub mod net;

@@ -9,6 +9,7 @@ const MODULES: &[&str] = &[
     "cli",
     "controller",
     "error",
+    "failpoint",
     "forgejo",
     "layer",
     "net",
@@ -145,7 +146,12 @@ fn the_layering_of_architecture_md_holds() {
         "layer is a leaf: {:?}",
         deps("layer")
     );
-    let leaves = ["types", "secret", "layer", "paths"];
+    assert!(
+        deps("failpoint").is_empty(),
+        "failpoint is a leaf: {:?}",
+        deps("failpoint")
+    );
+    let leaves = ["types", "secret", "layer", "paths", "failpoint"];
     let paths_extra: Vec<_> = deps("paths")
         .into_iter()
         .filter(|d| !leaves.contains(&d.as_str()))
@@ -169,6 +175,7 @@ fn the_layering_of_architecture_md_holds() {
         "error",
         "paths",
         "layer",
+        "failpoint",
     ] {
         assert!(!deps(m).contains("cli"), "{m} imports cli");
     }

@@ -20,7 +20,7 @@ mod common {
 use std::time::Duration;
 
 use common::daemon::{wait_for, Settings};
-use common::emulator::JobStatus;
+use common::emulator::{FaultKind, JobStatus};
 use common::fake_qemu::fake_qemu;
 use common::fleet::Fleet;
 use fkr_qemu::ops::JobOutcome;
@@ -246,4 +246,145 @@ fn serve_adopt_handover_during_a_job_takes_seconds_and_loses_nothing() {
     h.assert_clean();
     serve.signal(Signal::SIGTERM);
     assert!(serve.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// The same with a real guest (the test guest under TCG, real QEMU): its QMP and serial sockets
+/// take the new daemon as their client. The runner has its task and cannot report yet (Forgejo
+/// fails its `UpdateLog`, so it retries) when the daemon is killed; after the restart Forgejo
+/// recovers, the runner reports, the guest powers off, and the new daemon cleans up.
+#[test]
+fn serve_adopt_vm_real_guest_survives_a_sigkill_of_its_daemon() {
+    let f = Fleet::new(vec![Settings {
+        vm_extra: "disk_max_mib = 4096",
+        ..Settings::default()
+    }]);
+    let h = &f.hosts[0];
+    let report = "/api/actions/runner.v1.RunnerService/UpdateLog";
+    f.emu
+        .inject("POST", report, FaultKind::Status { status: 500 }, None);
+    let mut serve = h.serve(0);
+    serve.wait_ready();
+    let job = f.emu.add_job("carol/lib", &[LABEL], "build").id;
+    let boot = Duration::from_secs(240);
+    let vm = serve.wait_vm(job, "QEMU running", boot, |v| v.pid.is_some());
+    serve.wait("the runner to take the task", boot, || {
+        (f.emu.job(job).unwrap().status == JobStatus::Running).then_some(())
+    });
+    serve.signal(Signal::SIGKILL);
+    serve.wait_exit(Duration::from_secs(10));
+    // Kept after the VM ends (the test config's keep_serial_log).
+    let serial = h
+        .dir
+        .join("state/logs")
+        .join(format!("{}.serial.log", vm.name));
+    assert!(
+        h.qemus().contains(&vm.pid.unwrap()),
+        "the VM died with its daemon; serial:\n{}\nlog:\n{}",
+        std::fs::read_to_string(&serial).unwrap_or_default(),
+        serve.log_text()
+    );
+
+    let mut serve = h.serve(1);
+    serve.wait_ready();
+    assert_eq!(restarts(h, "adopted"), 1, "log:\n{}", serve.log_text());
+    f.emu.clear_faults();
+    serve.wait("the job to finish", boot, || {
+        (h.finished(JobOutcome::Completed) == 1).then_some(())
+    });
+    assert_eq!(f.emu.job(job).unwrap().status, JobStatus::Success);
+    assert_eq!(f.claims_on(job).len(), 1);
+    // The serial log goes on after the restart: the guest's last words are in it.
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        text.contains("the daemon restarted and took this VM over"),
+        "{text}"
+    );
+    assert!(text.contains("fkr-guest: poweroff"), "{text}");
+    wait_for("the VM's token, dir and QEMU to go", boot, || {
+        (h.tokens(&f.emu, "carol-lib-ci").is_empty()
+            && h.qemus().is_empty()
+            && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
+        .then_some(())
+    });
+    h.assert_clean();
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(60)).success());
+}
+
+/// The daemon dies (SIGKILL) at each step of a dispatch, then starts again. Each case ends with
+/// the job done exactly once — its VM taken over, or everything of the crashed attempt swept and
+/// the job run again — and nothing left: no token, runner, tap, VM dir or QEMU.
+#[test]
+fn serve_adopt_a_crash_at_each_dispatch_step_leaks_nothing_and_runs_the_job_once() {
+    let fake = tempfile::tempdir().unwrap();
+    let f = Fleet::new(vec![Settings {
+        qemu: Some(fake_qemu(fake.path(), "runner-2s")),
+        poll_interval: "200ms",
+        boot_deadline: "30s",
+        job_deadline: "120s",
+        vm_extra: "disk_max_mib = 4096",
+        ..Settings::default()
+    }]);
+    let h = &f.hosts[0];
+    // (crash point, the next start takes the VM over)
+    let points = [
+        ("after-runner", false),
+        ("after-ci-user", false),
+        ("after-token", false),
+        ("after-network", false),
+        ("after-disks", false),
+        ("after-spawn", true),
+        ("before-qmp", true),
+    ];
+    for (round, (point, adopted)) in points.into_iter().enumerate() {
+        let n = 2 * round as u32;
+        let repo = format!("dora/app{round}");
+        let login = format!("dora-app{round}-ci");
+        let job = f.emu.add_job(&repo, &[LABEL], "build").id;
+        let mut crashing = h.serve_env(n, &[("FKR_QEMU_CRASH_AT", point)]);
+        let st = crashing.wait_exit(WAIT);
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(9),
+            "{point}: the daemon did not crash there; log:\n{}",
+            crashing.log_text()
+        );
+        let mut serve = h.serve(n + 1);
+        serve.wait_ready();
+        assert_eq!(
+            restarts(h, "adopted"),
+            u64::from(adopted),
+            "{point}; log:\n{}",
+            serve.log_text()
+        );
+        serve.wait(&format!("{point}: the job to be done"), WAIT, || {
+            (f.emu.job(job).unwrap().status == JobStatus::Success).then_some(())
+        });
+        // Run once: one runner got a task, ever.
+        let ran: Vec<_> = f
+            .claims_on(job)
+            .into_iter()
+            .filter(|c| !c.runner.tasks.is_empty())
+            .collect();
+        assert_eq!(ran.len(), 1, "{point}: {ran:#?}");
+        wait_for(&format!("{point}: nothing left"), WAIT, || {
+            let live_runners = f
+                .emu
+                .runners_ever()
+                .into_iter()
+                .filter(|r| r.deleted_because.is_none())
+                .count();
+            (h.tokens(&f.emu, &login).is_empty()
+                && live_runners == 0
+                && h.qemus().is_empty()
+                && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
+            .then_some(())
+        });
+        h.assert_clean();
+        serve.signal(Signal::SIGTERM);
+        assert!(
+            serve.wait_exit(Duration::from_secs(30)).success(),
+            "{point}"
+        );
+    }
 }

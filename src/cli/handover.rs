@@ -32,6 +32,14 @@ async fn status(runtime_dir: &std::path::Path) -> Result<DaemonStatus, crate::Er
 pub async fn run(args: Args) -> Result<(), crate::Error> {
     let dirs = args.dirs.resolve()?;
     let before = status(&dirs.runtime_dir).await?;
+    if !before.handover {
+        // SIGUSR2 would kill a daemon that does not handle it, and its VMs with it.
+        return Err(Error::Handover(format!(
+            "the running daemon (version {}) cannot hand over; restart it instead (it drains first)",
+            before.version
+        ))
+        .into());
+    }
     if before.draining {
         return Err(Error::Handover(
             "the daemon is draining (stopping); nothing to hand over".into(),

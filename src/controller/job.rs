@@ -176,12 +176,14 @@ pub(crate) async fn registry_login<F: Forge>(
         }
     };
     let user = forge.ci_user(repo).await.map_err(StepError::CiUser)?;
+    crate::failpoint::crash_point("after-ci-user");
     let (token, secret) = forge
         .mint_token(&user, job.id, scopes)
         .await
         .map_err(StepError::Token)?;
     let username = token.user.username.clone();
     held.token = Some(token);
+    crate::failpoint::crash_point("after-token");
     metrics.job_token(access);
     Ok(Some((username, secret)))
 }
@@ -313,10 +315,12 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                 return Ok(None);
             }
         }
+        crate::failpoint::crash_point("after-runner");
         let registry = self.registry_login(&repo).await?;
         let attachment = env.net.attach(&self.name).map_err(StepError::Network)?;
         let address = attachment.address;
         self.held.net = Some(attachment.hold);
+        crate::failpoint::crash_point("after-network");
         env.board.vm_update(self.name.as_str(), |v| {
             v.address = Some(address.to_string())
         });

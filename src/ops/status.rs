@@ -145,6 +145,10 @@ pub struct DaemonStatus {
     pub fleet: Vec<FleetRunner>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub fleet_at: Option<OffsetDateTime>,
+    /// The daemon hands its VMs over on SIGUSR2 (`fkr-qemu handover`). Absent (false) from
+    /// versions before that, to which SIGUSR2 is fatal.
+    #[serde(default)]
+    pub handover: bool,
 }
 
 /// One runner of a host of the fleet (from its description `fkr-qemu@<host> job <id> …`).
@@ -173,6 +177,7 @@ impl DaemonStatus {
             vms: Vec::new(),
             fleet: Vec::new(),
             fleet_at: None,
+            handover: true,
         }
     }
 }

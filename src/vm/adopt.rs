@@ -69,6 +69,15 @@ fn cmdline(pid: u32) -> Option<Vec<String>> {
     )
 }
 
+/// The process whose command line is exactly `argv`, if one runs.
+fn with_cmdline(argv: &[String]) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| cmdline(*pid).as_deref() == Some(argv))
+}
+
 /// A QEMU process this daemon did not spawn, known by pid and start time.
 #[derive(Debug)]
 pub struct Process {
@@ -77,13 +86,22 @@ pub struct Process {
 }
 
 impl Process {
-    /// The process `meta` recorded, if it still runs and is still that QEMU.
+    /// The process `meta` recorded, if it still runs and is still that QEMU. A record written
+    /// just before the spawn (the daemon died before it could add the pid) is matched by its
+    /// command line alone: it names the VM's own dir and descriptors, so only that QEMU has it.
     pub fn find(meta: &VmMeta) -> Result<Process, AdoptError> {
-        let pid = meta.pid.ok_or(AdoptError::NotSpawned)?;
-        let start = meta.pid_start.ok_or(AdoptError::NoIdentity)?;
         if meta.argv.is_empty() {
             return Err(AdoptError::NoIdentity);
         }
+        let (pid, start) = match (meta.pid, meta.pid_start) {
+            (Some(pid), Some(start)) => (pid, start),
+            (Some(_), None) => return Err(AdoptError::NoIdentity),
+            (None, _) => {
+                let pid = with_cmdline(&meta.argv).ok_or(AdoptError::NotSpawned)?;
+                let start = start_time(pid).ok_or(AdoptError::Gone(pid))?;
+                (pid, start)
+            }
+        };
         match stat(pid) {
             None | Some(('Z' | 'X', _)) => return Err(AdoptError::Gone(pid)),
             Some((_, s)) if s != start => return Err(AdoptError::Recycled(pid)),
@@ -252,6 +270,15 @@ mod tests {
         assert!(matches!(
             Process::find(&meta_of(pid, None, argv.clone())),
             Err(AdoptError::NoIdentity)
+        ));
+        // A record without the pid (the daemon died right after the spawn): found by argv.
+        let mut unrecorded = meta_of(pid, None, argv.clone());
+        unrecorded.pid = None;
+        assert_eq!(Process::find(&unrecorded).unwrap().pid(), pid);
+        unrecorded.argv = vec!["sleep".into(), "31".into()];
+        assert!(matches!(
+            Process::find(&unrecorded),
+            Err(AdoptError::NotSpawned)
         ));
         p.kill();
         child.wait().unwrap();

@@ -435,6 +435,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         serial,
     };
 
+    crate::failpoint::crash_point("after-disks");
     let plan = QemuPlan {
         name: spec.name.clone(),
         accel: accel.accel,
@@ -577,6 +578,7 @@ impl PreparedVm {
             }
         };
         let spawned = Instant::now();
+        crate::failpoint::crash_point("after-spawn");
         state.transition(VmState::Starting)?;
         // QEMU holds its own copies of the tap, the disks and the sockets now.
         drop(self.net.take());
@@ -590,6 +592,7 @@ impl PreparedVm {
         meta.pid = Some(pid);
         meta.pid_start = super::adopt::start_time(pid);
         meta.write(&self.dir.dir)?;
+        crate::failpoint::crash_point("before-qmp");
         tracing::info!(vm = %self.name, pid, accel = %self.accel.accel, uid, "QEMU started");
 
         let stderr = super::accel::keep_stderr(&mut child);

@@ -168,14 +168,16 @@ listen = "{metrics}"
     .unwrap();
 }
 
-/// Starts `fkr-qemu serve --config config` in `ns` with the admin token in its environment; its
-/// log goes to `log`, its control socket is under `runtime_dir`.
+/// Starts `fkr-qemu serve --config config` in `ns` with the admin token and `env` (e.g.
+/// `FKR_QEMU_CRASH_AT`) in its environment; its log goes to `log`, its control socket is under
+/// `runtime_dir`.
 pub fn start_serve(
     ns: &NetNs,
     config: &Path,
     log: PathBuf,
     runtime_dir: PathBuf,
     admin_token: &str,
+    env: &[(&str, &str)],
 ) -> Serve {
     let file = std::fs::File::create(&log).unwrap();
     let child = ns
@@ -183,6 +185,7 @@ pub fn start_serve(
         .args(["serve", "--config", config.to_str().unwrap()])
         .env("FORGEJO_ADMIN_TOKEN", admin_token)
         .env("FKR_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .spawn()

@@ -182,12 +182,18 @@ impl Host {
 
     /// Starts `fkr-qemu serve` in this host's namespace; its log goes to `<dir>/serve-<n>.log`.
     pub fn serve(&self, n: u32) -> Serve {
+        self.serve_env(n, &[])
+    }
+
+    /// [`Host::serve`] with more environment variables.
+    pub fn serve_env(&self, n: u32, env: &[(&str, &str)]) -> Serve {
         daemon::start_serve(
             &self.ns,
             &self.config,
             self.dir.join(format!("serve-{n}.log")),
             self.runtime_dir(),
             &self.admin_token,
+            env,
         )
     }
 

@@ -62,6 +62,7 @@ impl World {
             self.dir.path().join(format!("serve-{n}.log")),
             self.runtime_dir(),
             self.emu.admin_token(),
+            &[],
         )
     }
 
