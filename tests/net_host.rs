@@ -697,3 +697,82 @@ fn setup_explains_what_is_missing() {
 fn vm_name(s: &str) -> VmName {
     VmName::parse(s).expect("a VM name")
 }
+
+/// A restart while a VM runs: its daemon died (nothing of the daemon's ran its `Drop`; QEMU's
+/// descriptor keeps the tap). The sweep leaves the kept VM's tap, its pinned neighbour entry and
+/// the tables; the new setup replaces the tables in one transaction with the VM's elements in
+/// them, so its honest frames still pass and a forged one is still dropped; its address is not
+/// handed out again; the taken-over tap, dropped, removes its elements and the device.
+#[test]
+fn a_running_vm_keeps_its_tap_and_its_filter_across_a_restart() {
+    let topo = Topology::new();
+    let host = &topo.host;
+    let cfg = NetConfig {
+        host_ports: vec![HOST_UDP],
+        ..config()
+    };
+    host.run(|| {
+        let hn = HostNetwork::setup(&cfg, &[]).expect("setup");
+        let gw = hn.gateway();
+        let MacAddr(gw_mac) = hn.bridge_mac();
+        let sock = UdpSocket::bind((gw, HOST_UDP)).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let lease = hn.allocate_address().unwrap();
+        let Vm {
+            tap,
+            mut end,
+            mac,
+            ip,
+        } = vm(&hn, "fr-0000c0de", &lease);
+        let name = vm_name("fr-0000c0de");
+        let udp = |src: Ipv4Addr, text: &str| {
+            frames::ether(
+                gw_mac,
+                mac,
+                ETH_IPV4,
+                &frames::udp(src, 40000, gw, HOST_UDP, text.as_bytes()),
+            )
+        };
+        // The crash.
+        std::mem::forget(tap);
+        std::mem::forget(lease);
+        std::mem::forget(hn);
+
+        let keep = [(name.clone(), ip)];
+        let report = net::sweep(&cfg, &keep).expect("sweep");
+        assert!(report.taps_removed.is_empty(), "{report:?}");
+        assert!(report.neighbours_removed.is_empty(), "{report:?}");
+        assert!(!report.table_removed, "{report:?}");
+        let hn = HostNetwork::setup(&cfg, &keep).expect("setup with the running VM");
+        let table = bridge_table(host);
+        assert!(table.contains("\"fr-0000c0de\""), "{table}");
+        let (tap, lease) = hn.adopt_tap(&name, ip).expect("take the tap over");
+        assert_ne!(hn.allocate_address().unwrap().address(), ip);
+        assert!(matches!(
+            hn.adopt_tap(&vm_name("fr-0000f00d"), Ipv4Addr::new(10, 88, 0, 40)),
+            Err(net::Error::TapGone(_))
+        ));
+
+        end.send(&udp(ip, "after the restart"));
+        assert_eq!(
+            datagrams(&sock, Duration::from_millis(500)),
+            vec![("after the restart".to_owned(), ip)]
+        );
+        let drops = bridge_drops(host);
+        end.send(&udp(Ipv4Addr::new(10, 88, 0, 77), "forged"));
+        assert!(datagrams(&sock, Duration::from_millis(500)).is_empty());
+        assert_eq!(
+            bridge_drops(host),
+            drops + 1,
+            "the forged frame was counted"
+        );
+
+        drop(tap);
+        drop(lease);
+        assert!(!bridge_table(host).contains("fr-0000c0de"));
+        assert!(vm_links(host).is_empty(), "{:?}", vm_links(host));
+        drop(end);
+        hn.teardown().expect("teardown");
+    });
+}
