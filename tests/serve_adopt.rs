@@ -19,10 +19,10 @@ mod common {
 
 use std::time::Duration;
 
-use common::daemon::{wait_for, Settings};
+use common::daemon::{wait_for, Serve, Settings};
 use common::emulator::{FaultKind, JobStatus};
 use common::fake_qemu::fake_qemu;
-use common::fleet::Fleet;
+use common::fleet::{Fleet, Host};
 use fkr_qemu::ops::JobOutcome;
 use nix::sys::signal::Signal;
 
@@ -35,18 +35,49 @@ fn restarts(h: &common::fleet::Host, result: &str) -> u64 {
     )) as u64
 }
 
-#[test]
-fn serve_adopt_sigkill_mid_job_the_job_finishes_in_its_vm() {
+/// One host whose QEMU is the fake with `behaviour` (`runner-<N>s`: a job of N seconds).
+fn fake_host(behaviour: &str) -> (tempfile::TempDir, Fleet) {
     let fake = tempfile::tempdir().unwrap();
-    // The "job" takes 12 s once its runner has the task: the daemon dies in the middle of it.
     let f = Fleet::new(vec![Settings {
-        qemu: Some(fake_qemu(fake.path(), "runner-12s")),
+        qemu: Some(fake_qemu(fake.path(), behaviour)),
         poll_interval: "200ms",
         boot_deadline: "30s",
         job_deadline: "120s",
         vm_extra: "disk_max_mib = 4096",
         ..Settings::default()
     }]);
+    (fake, f)
+}
+
+/// Waits until `login`'s tokens of this host, every runner, the VM dirs and the QEMUs are gone,
+/// then checks that no tap is left either.
+fn assert_nothing_left(f: &Fleet, h: &Host, login: &str, timeout: Duration) {
+    wait_for("nothing left", timeout, || {
+        let live_runners = f
+            .emu
+            .runners_ever()
+            .into_iter()
+            .filter(|r| r.deleted_because.is_none())
+            .count();
+        (h.tokens(&f.emu, login).is_empty()
+            && live_runners == 0
+            && h.qemus().is_empty()
+            && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
+        .then_some(())
+    });
+    h.assert_clean();
+}
+
+/// SIGTERM, and a clean exit.
+fn stop(mut serve: Serve) {
+    serve.signal(Signal::SIGTERM);
+    assert!(serve.wait_exit(Duration::from_secs(60)).success());
+}
+
+#[test]
+fn serve_adopt_sigkill_mid_job_the_job_finishes_in_its_vm() {
+    // The "job" takes 12 s once its runner has the task: the daemon dies in the middle of it.
+    let (_fake, f) = fake_host("runner-12s");
     let h = &f.hosts[0];
     let mut serve = h.serve(0);
     serve.wait_ready();
@@ -94,29 +125,16 @@ fn serve_adopt_sigkill_mid_job_the_job_finishes_in_its_vm() {
     assert!(claims[0].host == h.id && claims[0].booted(), "{claims:#?}");
     assert_eq!(done.runner_id, Some(claims[0].runner.id));
     assert_eq!(claims[0].runner.tasks.len(), 1, "{claims:#?}");
-    wait_for("the token to be revoked", WAIT, || {
-        h.tokens(&f.emu, login).is_empty().then_some(())
-    });
+    assert_nothing_left(&f, h, login, WAIT);
     assert!(f.emu.deleted_runner_names().contains(&vm.name));
-    wait_for("the VM's tap, dir and QEMU to go", WAIT, || {
-        (h.qemus().is_empty() && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
-            .then_some(())
-    });
-    h.assert_clean();
-    serve.signal(Signal::SIGTERM);
-    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    stop(serve);
 }
 
 /// A VM dir whose record names a job and a pid that now belongs to another process (same pid, not
 /// that QEMU): that process is never adopted and never killed; the dir is swept.
 #[test]
 fn serve_adopt_a_recycled_pid_is_never_adopted_or_killed() {
-    let fake = tempfile::tempdir().unwrap();
-    let f = Fleet::new(vec![Settings {
-        qemu: Some(fake_qemu(fake.path(), "runner")),
-        vm_extra: "disk_max_mib = 4096",
-        ..Settings::default()
-    }]);
+    let (_fake, f) = fake_host("runner");
     let h = &f.hosts[0];
     let mut bystander = std::process::Command::new("sleep")
         .arg("300")
@@ -170,8 +188,7 @@ fn serve_adopt_a_recycled_pid_is_never_adopted_or_killed() {
         "the process that got the pid was killed"
     );
     assert!(!dir.exists(), "the VM dir was not swept");
-    serve.signal(Signal::SIGTERM);
-    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    stop(serve);
     let _ = bystander.kill();
     let _ = bystander.wait();
 }
@@ -181,15 +198,7 @@ fn serve_adopt_a_recycled_pid_is_never_adopted_or_killed() {
 /// nothing is left.
 #[test]
 fn serve_adopt_handover_during_a_job_takes_seconds_and_loses_nothing() {
-    let fake = tempfile::tempdir().unwrap();
-    let f = Fleet::new(vec![Settings {
-        qemu: Some(fake_qemu(fake.path(), "runner-10s")),
-        poll_interval: "200ms",
-        boot_deadline: "30s",
-        job_deadline: "120s",
-        vm_extra: "disk_max_mib = 4096",
-        ..Settings::default()
-    }]);
+    let (_fake, f) = fake_host("runner-10s");
     let h = &f.hosts[0];
     let mut serve = h.serve(0);
     let before = serve.wait_ready();
@@ -237,15 +246,8 @@ fn serve_adopt_handover_during_a_job_takes_seconds_and_loses_nothing() {
     assert_eq!(f.emu.job(job).unwrap().status, JobStatus::Success);
     let claims = f.claims_on(job);
     assert_eq!(claims.len(), 1, "one runner ever: {claims:#?}");
-    wait_for("the VM's token, dir and QEMU to go", WAIT, || {
-        (h.tokens(&f.emu, "bob-api-ci").is_empty()
-            && h.qemus().is_empty()
-            && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
-        .then_some(())
-    });
-    h.assert_clean();
-    serve.signal(Signal::SIGTERM);
-    assert!(serve.wait_exit(Duration::from_secs(30)).success());
+    assert_nothing_left(&f, h, "bob-api-ci", WAIT);
+    stop(serve);
 }
 
 /// The same with a real guest (the test guest under TCG, real QEMU): its QMP and serial sockets
@@ -300,15 +302,8 @@ fn serve_adopt_vm_real_guest_survives_a_sigkill_of_its_daemon() {
         "{text}"
     );
     assert!(text.contains("fkr-guest: poweroff"), "{text}");
-    wait_for("the VM's token, dir and QEMU to go", boot, || {
-        (h.tokens(&f.emu, "carol-lib-ci").is_empty()
-            && h.qemus().is_empty()
-            && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
-        .then_some(())
-    });
-    h.assert_clean();
-    serve.signal(Signal::SIGTERM);
-    assert!(serve.wait_exit(Duration::from_secs(60)).success());
+    assert_nothing_left(&f, h, "carol-lib-ci", boot);
+    stop(serve);
 }
 
 /// The daemon dies (SIGKILL) at each step of a dispatch, then starts again. Each case ends with
@@ -316,15 +311,7 @@ fn serve_adopt_vm_real_guest_survives_a_sigkill_of_its_daemon() {
 /// the job run again — and nothing left: no token, runner, tap, VM dir or QEMU.
 #[test]
 fn serve_adopt_a_crash_at_each_dispatch_step_leaks_nothing_and_runs_the_job_once() {
-    let fake = tempfile::tempdir().unwrap();
-    let f = Fleet::new(vec![Settings {
-        qemu: Some(fake_qemu(fake.path(), "runner-2s")),
-        poll_interval: "200ms",
-        boot_deadline: "30s",
-        job_deadline: "120s",
-        vm_extra: "disk_max_mib = 4096",
-        ..Settings::default()
-    }]);
+    let (_fake, f) = fake_host("runner-2s");
     let h = &f.hosts[0];
     // (crash point, the next start takes the VM over)
     let points = [
@@ -367,24 +354,7 @@ fn serve_adopt_a_crash_at_each_dispatch_step_leaks_nothing_and_runs_the_job_once
             .filter(|c| !c.runner.tasks.is_empty())
             .collect();
         assert_eq!(ran.len(), 1, "{point}: {ran:#?}");
-        wait_for(&format!("{point}: nothing left"), WAIT, || {
-            let live_runners = f
-                .emu
-                .runners_ever()
-                .into_iter()
-                .filter(|r| r.deleted_because.is_none())
-                .count();
-            (h.tokens(&f.emu, &login).is_empty()
-                && live_runners == 0
-                && h.qemus().is_empty()
-                && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
-            .then_some(())
-        });
-        h.assert_clean();
-        serve.signal(Signal::SIGTERM);
-        assert!(
-            serve.wait_exit(Duration::from_secs(30)).success(),
-            "{point}"
-        );
+        assert_nothing_left(&f, h, &login, WAIT);
+        stop(serve);
     }
 }

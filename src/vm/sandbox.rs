@@ -69,22 +69,15 @@ pub fn acquire_uid(runtime_root: &Path, base: u32, count: u32) -> Result<UidLeas
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     for uid in (0..count).filter_map(|i| base.checked_add(i)) {
-        let path = dir.join(format!("{uid}.lock"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            return Ok(UidLease { uid, _lock: lock });
+        if let Some(lease) = lease_uid(runtime_root, uid)? {
+            return Ok(lease);
         }
     }
     Err(Error::UidsExhausted { base, count })
 }
 
-/// Takes the lease of one particular uid again (a VM taken over after a restart keeps its uid);
-/// `None` when another process holds it.
+/// Takes the lease of `uid` if no process holds it (`flock` on `<runtime_root>/uids/<uid>.lock`);
+/// also how a VM taken over after a restart gets its own uid back.
 pub fn lease_uid(runtime_root: &Path, uid: u32) -> Result<Option<UidLease>, Error> {
     let path = runtime_root.join("uids").join(format!("{uid}.lock"));
     let file = std::fs::OpenOptions::new()
