@@ -223,6 +223,7 @@ fn serve_adopt_handover_during_a_job_takes_seconds_and_loses_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(took < Duration::from_secs(10), "the handover took {took:?}");
+    eprintln!("handover with one VM mid-job took {took:?}");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("1 VM(s) running"), "{said}");
     let after = h.status().expect("the new daemon answers");
