@@ -23,6 +23,7 @@ use super::disk::{
 };
 use super::firmware::discover_firmware;
 use super::meta::{JobMeta, VmMeta};
+use super::phases::{Milestone, PhaseDetector, Seen};
 use super::qmp::{QmpClient, QmpEvent};
 use super::sandbox::{self, UidLease};
 use super::serial::{contains, CappedLog, PANIC_MARKER};
@@ -45,6 +46,9 @@ pub struct VmSpec {
     pub job: Option<JobMeta>,
     /// The disk space admitted for this VM ([`reserve_disk`]); taken at prepare when absent.
     pub disk: Option<DiskReservation>,
+    /// Text the guest prints on its console when it is ready (boot-test's proof, the runner's start
+    /// line): its arrival is [`Timings::ready_ms`], the end of the userspace phase.
+    pub ready_marker: Option<String>,
 }
 
 impl VmSpec {
@@ -62,6 +66,7 @@ impl VmSpec {
             deadline,
             job: None,
             disk: None,
+            ready_marker: None,
         }
     }
 }
@@ -117,6 +122,13 @@ pub enum Outcome {
 pub struct Timings {
     pub qmp_ready_ms: Option<u64>,
     pub first_serial_ms: Option<u64>,
+    /// Boot milestones on the serial console ([`super::phases`]): the kernel's banner (firmware
+    /// done), the first userspace process (kernel done), the spec's ready marker (userspace done).
+    pub kernel_ms: Option<u64>,
+    pub userspace_ms: Option<u64>,
+    pub ready_ms: Option<u64>,
+    /// The guest kernel's own timestamp of the userspace line: the kernel phase by the guest clock.
+    pub userspace_guest_ms: Option<u64>,
     /// The guest's own `SHUTDOWN` event.
     pub shutdown_ms: Option<u64>,
     /// The moment the VM's end was decided: the guest shut down, the host began the stop ladder,
@@ -257,6 +269,7 @@ pub struct PreparedVm {
     quit_grace: Duration,
     serial_cap: (u64, u64),
     disk_max: u64,
+    ready_marker: Option<String>,
 }
 
 /// Resolves `qemu` like `execvp` would (a name without `/` is looked up in `PATH`).
@@ -432,6 +445,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         net: spec.net,
         deadline: spec.deadline,
         job: spec.job,
+        ready_marker: spec.ready_marker,
         powerdown_grace: config.powerdown_grace(),
         quit_grace: config.quit_grace(),
         serial_cap: (config.serial_head_kib << 10, config.serial_tail_kib << 10),
@@ -552,10 +566,11 @@ impl PreparedVm {
 
         let stderr = super::accel::keep_stderr(&mut child);
         let (serial_tx, serial_rx) = mpsc::unbounded_channel();
+        let phases = PhaseDetector::new(self.ready_marker.take());
         let pump = child
             .stdout
             .take()
-            .map(|out| tokio::spawn(pump_serial(out, serial, serial_tx)));
+            .map(|out| tokio::spawn(pump_serial(out, serial, phases, serial_tx)));
         let (state_tx, state_rx) = watch::channel(state);
         let stop = CancellationToken::new();
         let mut handle = VmHandle {
@@ -1000,6 +1015,18 @@ impl Supervisor {
                     Some(at.saturating_duration_since(self.spawned).as_millis() as u64);
                 false
             }
+            SerialNote::Milestone(seen) => {
+                let ms = Some(seen.at.saturating_duration_since(self.spawned).as_millis() as u64);
+                match seen.milestone {
+                    Milestone::Kernel => self.timings.kernel_ms = ms,
+                    Milestone::Userspace => {
+                        self.timings.userspace_ms = ms;
+                        self.timings.userspace_guest_ms = seen.guest.map(|g| g.as_millis() as u64);
+                    }
+                    Milestone::Ready => self.timings.ready_ms = ms,
+                }
+                false
+            }
             SerialNote::Panic => {
                 tracing::warn!(vm = %self.name, "kernel panic on the serial console");
                 self.crashed
@@ -1179,14 +1206,16 @@ impl Supervisor {
 
 enum SerialNote {
     FirstOutput(Instant),
+    Milestone(Seen),
     Panic,
 }
 
-/// Copies QEMU's stdout (the serial console) into the capped log, reporting the first byte once
-/// and a kernel panic once.
+/// Copies QEMU's stdout (the serial console) into the capped log, reporting the first byte once,
+/// each boot milestone once and a kernel panic once.
 async fn pump_serial(
     mut out: tokio::process::ChildStdout,
     mut log: CappedLog,
+    mut phases: PhaseDetector,
     tx: mpsc::UnboundedSender<SerialNote>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
@@ -1198,9 +1227,13 @@ async fn pump_serial(
             Ok(n) => n,
         };
         let chunk = &buf[..n];
+        let now = Instant::now();
         if !seen {
             seen = true;
-            let _ = tx.send(SerialNote::FirstOutput(Instant::now()));
+            let _ = tx.send(SerialNote::FirstOutput(now));
+        }
+        for m in phases.feed(chunk, now) {
+            let _ = tx.send(SerialNote::Milestone(m));
         }
         if let Err(e) = log.write(chunk) {
             if !write_failed {
