@@ -656,6 +656,17 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         "no default route via {GATEWAY}: `{route}`; {}",
         context()
     );
+    // cloud-init's network stage runs after networkd started (the image orders it so, since
+    // nothing waits for "online" any more), not beside it.
+    let at = |needle: &str| serial.find(needle);
+    assert!(
+        matches!(
+            (at("Started systemd-networkd.service"), at("running 'init' at")),
+            (Some(networkd), Some(stage)) if networkd < stage
+        ),
+        "cloud-init's network stage did not come after networkd's start; {}",
+        context()
+    );
     // The address is static: nothing in the boot waits for the network to be "online".
     assert!(
         !serial.contains("Starting systemd-networkd-wait-online"),

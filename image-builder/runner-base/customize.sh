@@ -30,8 +30,10 @@ if [ "$FKR_VARIANT" = full ]; then
 fi
 
 # Network: cloud-init renders network-config for systemd-networkd; resolved serves DNS. Nothing waits
-# for "online" (masked-units says why).
+# for "online" (masked-units says why); cloud-init's network stage still comes after networkd's start.
 in_root systemctl enable systemd-networkd.service systemd-resolved.service
+install -D -m 0644 "$conf/cloud-init-network.conf" \
+  "$root/etc/systemd/system/cloud-init-network.service.d/90-fkr-qemu.conf"
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 
 while read -r unit; do
