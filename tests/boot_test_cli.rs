@@ -103,6 +103,18 @@ fn vm_boot_test_passes_on_the_test_guest_and_reports_every_phase() {
     // Stopping a guest that powered itself off is reaping and removing files: no power-button wait.
     assert!(r["teardown_ms"].as_u64().unwrap() < 5000, "{r}");
     assert!(r["failed_phase"].is_null());
+    // Boot phases: the test guest's kernel is `quiet` (no banner), so only userspace is known: from
+    // its /init's first words to the proof, within the time from spawn to the proof.
+    assert!(
+        r["firmware_ms"].is_null() && r["kernel_ms"].is_null(),
+        "{r}"
+    );
+    let userspace = r["userspace_ms"].as_u64().expect("userspace_ms");
+    let to_proof: u64 = ["qmp_ready", "first_serial", "proof"]
+        .iter()
+        .map(|p| r[format!("{p}_ms")].as_u64().unwrap())
+        .sum();
+    assert!(userspace <= to_proof, "{r}");
     assert_nothing_left(dir.path());
     assert_tmp_empty(dir.path());
 }

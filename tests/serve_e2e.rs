@@ -208,7 +208,7 @@ fn serve_vm_end_to_end_runs_a_job_and_cleans_up() {
     let contract = [
         "startup sweep...".to_owned(),
         "startup sweep done: 0 process, 0 vm_dir, 0 tap, 0 token, 0 runner".to_owned(),
-        "entering discovery loop (label=external-host, interval=0.3s, max_vms=2)".to_owned(),
+        "entering discovery loop (label=external-host, interval=0.3s, interval_min=0.3s, max_vms=2)".to_owned(),
         format!("queue: dispatching job {id} (handle={})", job.handle),
         format!("dispatch job {id} for alice/web (vm={name})"),
         "creating CI user alice-web-ci for alice/web".to_owned(),

@@ -423,6 +423,23 @@ struct Attempt {
     outcome: Outcome,
     serial: String,
     elapsed: Duration,
+    timings: vm::Timings,
+}
+
+/// The boot's phases as the driver saw them on the serial console, for the test's output (and
+/// ARCHITECTURE.md's "Boot phases"): firmware, kernel, userspace up to the runner's start line.
+fn phases_line(t: &vm::Timings) -> String {
+    let s =
+        |ms: Option<u64>| ms.map_or("-".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
+    let span = |a: Option<u64>, b: Option<u64>| s(b.zip(a).and_then(|(b, a)| b.checked_sub(a)));
+    format!(
+        "firmware {} | kernel {} (guest clock {}) | userspace to the runner {} | runner start at {}",
+        s(t.kernel_ms),
+        span(t.kernel_ms, t.userspace_ms),
+        s(t.userspace_guest_ms),
+        span(t.userspace_ms, t.ready_ms),
+        s(t.ready_ms),
+    )
 }
 
 /// Boots `image` once with serve's user-data (plus the report command) and `net`'s network-config.
@@ -445,6 +462,8 @@ fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt 
         },
         BOOT_DEADLINE,
     );
+    // The runcmd's first words: the runner starts now (serve's user-data, `userdata::render`).
+    spec.ready_marker = Some("fkr: starting forgejo-runner for job handle".into());
     spec.net = Some(vm::NetDevice {
         tap: tap.fd_for_qemu().expect("the tap fd for QEMU"),
         mac: tap.mac(),
@@ -479,6 +498,7 @@ fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt 
         outcome: exit.outcome,
         serial,
         elapsed,
+        timings: exit.timings,
     }
 }
 
@@ -488,7 +508,11 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         nix::unistd::Uid::effective().is_root(),
         "this test builds an image (mmdebstrap --mode=root) and creates a network namespace: run it as root"
     );
-    let image = reduced_image();
+    // FKR_RUNNER_IMAGE boots an image built elsewhere (e.g. to compare boot phases before and
+    // after a change to runner-base/) instead of the cached build of the current inputs.
+    let image = std::env::var_os("FKR_RUNNER_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(reduced_image);
 
     // The guest's network: a bridge with the gateway address in a namespace of our own, the tap
     // created by net's code, "Forgejo" listening on the gateway address.
@@ -544,6 +568,7 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         outcome,
         serial,
         elapsed,
+        timings,
     } = attempt;
     let context = || {
         format!(
@@ -556,6 +581,14 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
     eprintln!(
         "boot to power-off under TCG: {:.1} s ({outcome:?})",
         elapsed.as_secs_f64()
+    );
+    eprintln!("boot phases: {}", phases_line(&timings));
+    // The image's kernel is not `quiet`: every milestone shows, in boot order.
+    let order = [timings.kernel_ms, timings.userspace_ms, timings.ready_ms];
+    assert!(
+        order.iter().all(Option::is_some) && order.is_sorted(),
+        "boot milestones missing or out of order: {timings:?}; {}",
+        context()
     );
 
     // cloud-init ran the runner with exactly serve's arguments: the stand-in read the token file,
@@ -623,11 +656,38 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         "no default route via {GATEWAY}: `{route}`; {}",
         context()
     );
+    // cloud-init's network stage runs after networkd started (the image orders it so, since
+    // nothing waits for "online" any more), not beside it.
+    let at = |needle: &str| serial.find(needle);
     assert!(
-        !serial.contains("Timeout occurred while waiting for network connectivity"),
-        "systemd-networkd-wait-online timed out: network-config was not applied; {}",
+        matches!(
+            (at("Started systemd-networkd.service"), at("running 'init' at")),
+            (Some(networkd), Some(stage)) if networkd < stage
+        ),
+        "cloud-init's network stage did not come after networkd's start; {}",
         context()
     );
+    // The address is static: nothing in the boot waits for the network to be "online".
+    assert!(
+        !serial.contains("Starting systemd-networkd-wait-online"),
+        "systemd-networkd-wait-online ran (the image masks it); {}",
+        context()
+    );
+    // First-boot work was done when the image was built (ConditionNeedsUpdate= is false), and the
+    // transient machine-id is not written to the throw-away disk.
+    for unit in [
+        "ldconfig.service",
+        "systemd-journal-catalog-update.service",
+        "systemd-update-done.service",
+        "systemd-sysusers.service",
+        "systemd-machine-id-commit.service",
+    ] {
+        assert!(
+            !serial.contains(&format!("Starting {unit}")),
+            "{unit} ran in the VM; {}",
+            context()
+        );
+    }
 
     // power_state: the guest powered itself off.
     assert_eq!(outcome, Outcome::GuestPoweredOff, "{}", context());

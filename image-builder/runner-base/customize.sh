@@ -15,6 +15,7 @@ printf 'UUID=%s\t/\text4\tdefaults,noatime,errors=remount-ro\t0\t1\n' "$FKR_ROOT
 
 install -D -m 0644 "$conf/cloud-init.cfg" "$root/etc/cloud/cloud.cfg.d/90-fkr-qemu.cfg"
 install -D -m 0644 "$conf/journald.conf" "$root/etc/systemd/journald.conf.d/90-fkr-qemu.conf"
+install -D -m 0644 "$conf/modprobe-blacklist.conf" "$root/etc/modprobe.d/fkr-qemu.conf"
 
 # The runner: the pinned release or the binary given with --runner-bin, on PATH for cloud-init's runcmd.
 install -D -m 0755 "$FKR_RUNNER_BIN" "$root/usr/local/bin/forgejo-runner"
@@ -28,10 +29,11 @@ if [ "$FKR_VARIANT" = full ]; then
   install -D -m 0644 "$conf/registries.conf" "$root/etc/containers/registries.conf.d/50-fkr-qemu.conf"
 fi
 
-# Network: cloud-init renders network-config for systemd-networkd; resolved serves DNS.
+# Network: cloud-init renders network-config for systemd-networkd; resolved serves DNS. Nothing waits
+# for "online" (masked-units says why); cloud-init's network stage still comes after networkd's start.
 in_root systemctl enable systemd-networkd.service systemd-resolved.service
-install -D -m 0644 "$conf/wait-online.conf" \
-  "$root/etc/systemd/system/systemd-networkd-wait-online.service.d/90-fkr-qemu.conf"
+install -D -m 0644 "$conf/cloud-init-network.conf" \
+  "$root/etc/systemd/system/cloud-init-network.service.d/90-fkr-qemu.conf"
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 
 while read -r unit; do
@@ -52,3 +54,17 @@ in_root ukify build \
   --os-release @/etc/os-release \
   --uname "$kver" \
   --output /boot/fkr-qemu-uki.efi
+
+# First-boot work, done once here instead of in every VM. Every VM's root is a fresh overlay of this
+# image, so units guarded by ConditionNeedsUpdate= (ldconfig, systemd-journal-catalog-update,
+# systemd-sysusers, systemd-update-done, …) would otherwise run at every boot: their condition is true
+# while /etc/.updated and /var/.updated are older than /usr. Do their work now, then write those
+# stamps as systemd-update-done does (mkfs.ext4 -d keeps the tree's modification times).
+in_root ldconfig
+in_root journalctl --update-catalog
+in_root systemd-sysusers
+in_root /usr/lib/systemd/systemd-update-done
+if [ ! -f "$root/etc/.updated" ] || [ ! -f "$root/var/.updated" ]; then
+  echo "customize.sh: systemd-update-done wrote no /etc/.updated or /var/.updated" >&2
+  exit 1
+fi

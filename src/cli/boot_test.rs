@@ -72,6 +72,12 @@ total_ms; null for a phase not reached):
   teardown_ms        stop decided (power-off, stop ladder or QEMU exit) -> every resource released
                      (QEMU reaped, per-VM files removed)
   total_ms           command start -> report
+Boot phases, from the serial console (null when a marker was not seen, e.g. a `quiet` kernel prints
+no banner); they add up to the time from QEMU's spawn to the proof:
+  firmware_ms        QEMU spawned -> the kernel's banner (`Linux version`): firmware and UKI stub
+  kernel_ms          kernel banner -> first userspace process (`Run /init`, `systemd[1]`)
+  userspace_ms       first userspace process -> the proof line
+  kernel_guest_ms    the kernel phase by the guest's own clock (the printk timestamp of that line)
 accel and accel_reason say which accelerator ran and why (auto: the KVM probe's verdict).
 SIGINT and SIGTERM stop the VM, remove its files and exit 1 with failed_phase and error set.";
 
@@ -92,6 +98,11 @@ pub struct Report {
     pub guest_shutdown_ms: Option<u64>,
     pub teardown_ms: Option<u64>,
     pub total_ms: u64,
+    /// Boot phases read from the serial console, see [`PHASE_HELP`].
+    pub firmware_ms: Option<u64>,
+    pub kernel_ms: Option<u64>,
+    pub userspace_ms: Option<u64>,
+    pub kernel_guest_ms: Option<u64>,
     /// The first phase that did not pass.
     pub failed_phase: Option<String>,
     pub error: Option<String>,
@@ -127,6 +138,10 @@ impl Report {
             guest_shutdown_ms: None,
             teardown_ms: None,
             total_ms: 0,
+            firmware_ms: None,
+            kernel_ms: None,
+            userspace_ms: None,
+            kernel_guest_ms: None,
             failed_phase: None,
             error: None,
             outcome: None,
@@ -174,6 +189,27 @@ impl Report {
             }
         }
         println!("  {:<15} {:>7} ms", "total", self.total_ms);
+        println!("  boot phases (serial console):");
+        let ms =
+            |v: Option<u64>| v.map_or_else(|| format!("{:>7}   ", "-"), |v| format!("{v:>7} ms"));
+        println!(
+            "    {:<13} {}  QEMU spawned -> kernel banner",
+            "firmware",
+            ms(self.firmware_ms)
+        );
+        println!(
+            "    {:<13} {}  -> first userspace process{}",
+            "kernel",
+            ms(self.kernel_ms),
+            self.kernel_guest_ms
+                .map(|g| format!(" (guest clock {g} ms)"))
+                .unwrap_or_default()
+        );
+        println!(
+            "    {:<13} {}  -> proof",
+            "userspace",
+            ms(self.userspace_ms)
+        );
         if let Some(log) = &self.serial_log {
             println!("  serial log: {}", log.display());
         }
@@ -282,12 +318,13 @@ pub async fn run(args: Args) -> Result<(), crate::Error> {
         user_data: proof_user_data(nonce),
         network_config: None,
     };
-    let spec = VmSpec::new(
+    let mut spec = VmSpec::new(
         name.clone(),
         &args.image,
         seed,
         Duration::from_secs(args.timeout),
     );
+    spec.ready_marker = Some(proof_line(nonce));
 
     let result = drive(&config, spec, nonce, &mut report, &ms, start, &mut signals).await;
     if args.keep {
@@ -352,6 +389,16 @@ fn fill_phases(report: &mut Report, at: [Option<u64>; 5], teardown: Option<u64>)
     report.teardown_ms = teardown;
 }
 
+/// The boot phases from the driver's serial milestones (ms since spawn) and the proof: each runs
+/// from the milestone before it to its own, and is `None` when either end was not seen.
+fn fill_boot_phases(report: &mut Report, t: &vm::Timings, proof: Option<u64>) {
+    let span = |from: Option<u64>, to: Option<u64>| Some(to?.saturating_sub(from?));
+    report.firmware_ms = t.kernel_ms;
+    report.kernel_ms = span(t.kernel_ms, t.userspace_ms);
+    report.userspace_ms = span(t.userspace_ms, proof);
+    report.kernel_guest_ms = t.userspace_guest_ms;
+}
+
 /// Launches the VM and fills `report`. Errors before the VM runs are returned (they name a missing
 /// dependency or a broken image); failures after that are recorded as the failed phase.
 async fn drive(
@@ -404,6 +451,10 @@ async fn drive(
     };
     let t = &exit.timings;
     let since_start = |v: u64| spawn_at + v;
+    // The serial pump saw the proof the moment it arrived; the 10 ms poll a moment later.
+    if let Some(ready) = t.ready_ms {
+        proof_at = Some(since_start(ready));
+    }
     if proof_at.is_none() && serial::contains(&watch.poll(), &expected) {
         // Found in the last bytes written before QEMU exited; the exact moment is not known.
         proof_at = t.shutdown_ms.map(since_start);
@@ -430,6 +481,8 @@ async fn drive(
             .is_none()
             .then(|| t.torn_down_ms.saturating_sub(t.stop_decided_ms)),
     );
+    let proof_since_spawn = proof_at.map(|p| p.saturating_sub(spawn_at));
+    fill_boot_phases(report, t, proof_since_spawn);
     report.outcome = Some(exit.outcome.clone());
     let why = match (&exit.outcome, interrupted) {
         (_, Some(sig)) => format!("interrupted by {sig}: the VM was stopped and its files removed"),
@@ -505,5 +558,39 @@ mod tests {
             (r.spawn_ms, r.qmp_ready_ms, r.first_serial_ms),
             (Some(100), None, None)
         );
+    }
+
+    #[test]
+    fn boot_phases_span_from_one_milestone_to_the_next() {
+        let mut r = Report::new(Path::new("x.qcow2"));
+        let t = vm::Timings {
+            kernel_ms: Some(3_000),
+            userspace_ms: Some(9_500),
+            userspace_guest_ms: Some(6_100),
+            ..vm::Timings::default()
+        };
+        fill_boot_phases(&mut r, &t, Some(40_000));
+        assert_eq!(
+            (
+                r.firmware_ms,
+                r.kernel_ms,
+                r.userspace_ms,
+                r.kernel_guest_ms
+            ),
+            (Some(3_000), Some(6_500), Some(30_500), Some(6_100))
+        );
+        // A quiet kernel: no banner, so neither firmware nor kernel phase, but userspace still.
+        let t = vm::Timings {
+            userspace_ms: Some(5_000),
+            ..vm::Timings::default()
+        };
+        fill_boot_phases(&mut r, &t, Some(5_400));
+        assert_eq!(
+            (r.firmware_ms, r.kernel_ms, r.userspace_ms),
+            (None, None, Some(400))
+        );
+        // No proof: the userspace phase did not end.
+        fill_boot_phases(&mut r, &t, None);
+        assert_eq!(r.userspace_ms, None);
     }
 }

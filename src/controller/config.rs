@@ -44,6 +44,9 @@ pub const CREDENTIAL_NAME: &str = "forgejo-admin-token";
 pub const DEFAULT_LABEL: &str = "external-host";
 /// `poll_interval`'s default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(15);
+/// `poll_interval_min`'s default (or `poll_interval`, if that is shorter): at most one job-list
+/// request per second from a host.
+pub const DEFAULT_POLL_INTERVAL_MIN: Duration = Duration::from_secs(1);
 /// `max_vms`'s default.
 pub const DEFAULT_MAX_VMS: usize = 3;
 /// `boot_deadline`'s default.
@@ -135,8 +138,11 @@ pub struct Config {
     pub label: String,
     /// This host among the hosts serving one Forgejo (default: the hostname, made valid).
     pub host_id: String,
-    /// How often Forgejo is asked for waiting jobs.
+    /// How often Forgejo is asked for waiting jobs when the host is idle.
     pub poll_interval: Duration,
+    /// How often while jobs wait or were seen recently; also the least time between two job-list
+    /// requests (polls, dispatch's fresh look, claims' checks).
+    pub poll_interval_min: Duration,
     /// At most this many VMs at once.
     pub max_vms: usize,
     /// The read-only base image (default `<state_dir>/images/runner-base.qcow2`).
@@ -230,6 +236,7 @@ impl Config {
             label,
             host_id,
             poll_interval,
+            poll_interval_min,
             max_vms,
             base_image,
             boot_deadline,
@@ -257,6 +264,9 @@ impl Config {
             label: label.unwrap_or_else(|| DEFAULT_LABEL.to_owned()),
             host_id: host_id.unwrap_or_else(default_host_id),
             poll_interval: poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL),
+            poll_interval_min: poll_interval_min.unwrap_or_else(|| {
+                DEFAULT_POLL_INTERVAL_MIN.min(poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL))
+            }),
             max_vms: max_vms.unwrap_or(DEFAULT_MAX_VMS),
             base_image: base_image.unwrap_or_else(|| dirs.default_base_image()),
             boot_deadline: boot_deadline.unwrap_or(DEFAULT_BOOT_DEADLINE),
@@ -323,12 +333,23 @@ impl Config {
         }
         for (key, d) in [
             ("poll_interval", self.poll_interval),
+            ("poll_interval_min", self.poll_interval_min),
             ("boot_deadline", self.boot_deadline),
             ("job_deadline", self.job_deadline),
         ] {
             if d.is_zero() {
                 return invalid(key, duration::format(d), "must be positive");
             }
+        }
+        if self.poll_interval_min > self.poll_interval {
+            return invalid(
+                "poll_interval_min",
+                duration::format(self.poll_interval_min),
+                &format!(
+                    "is longer than poll_interval ({})",
+                    duration::format(self.poll_interval)
+                ),
+            );
         }
         if self.boot_deadline > self.job_deadline {
             return invalid(
@@ -479,6 +500,7 @@ impl From<Config> for ConfigLayer {
             label,
             host_id,
             poll_interval,
+            poll_interval_min,
             max_vms,
             base_image,
             boot_deadline,
@@ -501,6 +523,7 @@ impl From<Config> for ConfigLayer {
             label: Some(label),
             host_id: Some(host_id),
             poll_interval: Some(poll_interval),
+            poll_interval_min: Some(poll_interval_min),
             max_vms: Some(max_vms),
             base_image: Some(base_image),
             boot_deadline: Some(boot_deadline),
@@ -628,6 +651,7 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!(c.label, "external-host");
         assert_eq!(c.poll_interval, Duration::from_secs(15));
+        assert_eq!(c.poll_interval_min, Duration::from_secs(1));
         assert_eq!(c.max_vms, 3);
         assert_eq!(c.state_dir, Path::new("/var/lib/fkr-qemu"));
         assert_eq!(c.runtime_dir, Path::new("/run/fkr-qemu"));
@@ -1031,6 +1055,21 @@ mod tests {
     }
 
     #[test]
+    fn poll_interval_min_defaults_to_one_second_or_a_shorter_poll_interval() {
+        let c = parse("poll_interval = \"300ms\"").unwrap();
+        assert_eq!(c.poll_interval_min, Duration::from_millis(300));
+        c.validate().unwrap();
+        let c = parse("poll_interval = \"1m\"\npoll_interval_min = \"2s\"").unwrap();
+        assert_eq!(c.poll_interval_min, Duration::from_secs(2));
+        let e = parse("poll_interval = \"1s\"\npoll_interval_min = \"2s\"").unwrap_err();
+        assert!(
+            e.to_string().contains("poll_interval_min")
+                && e.to_string().contains("poll_interval (1s)"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn validation_rejects_bad_values() {
         let c = parse("").unwrap();
         c.validate().unwrap();
@@ -1039,6 +1078,8 @@ mod tests {
             |c: &mut Config| c.label = "a,b".into(),
             |c: &mut Config| c.label = String::new(),
             |c: &mut Config| c.poll_interval = Duration::ZERO,
+            |c: &mut Config| c.poll_interval_min = Duration::ZERO,
+            |c: &mut Config| c.poll_interval_min = Duration::from_secs(16),
             |c: &mut Config| c.boot_deadline = Duration::from_secs(10 * 3600),
             |c: &mut Config| c.vm.vcpus = 0,
             |c: &mut Config| c.forgejo.url = Url::parse("ftp://f/").unwrap(),
@@ -1122,6 +1163,7 @@ mod tests {
         for key in [
             "label = ",
             "poll_interval = \"15s\"",
+            "poll_interval_min = \"1s\"",
             "[forgejo]",
             "[vm]",
             "[tokens]",
@@ -1131,7 +1173,7 @@ mod tests {
         assert!(!printed.contains("runtime_root"), "{printed}");
         // Every optional key set, so that each one is printed.
         round_trip(
-            "label = \"l\"\npoll_interval = \"500ms\"\nmax_vms = 7\nbase_image = \"/b.qcow2\"\n\
+            "label = \"l\"\npoll_interval = \"500ms\"\npoll_interval_min = \"200ms\"\nmax_vms = 7\nbase_image = \"/b.qcow2\"\n\
              boot_deadline = \"2m\"\njob_deadline = 9000\nstate_dir = \"/s\"\nruntime_dir = \"/r\"\n\
              [forgejo]\nurl = \"https://f.example/\"\nlevel = { repo = { owner = \"o\", repo = \"r\" } }\n\
              request_timeout_ms = 1\nconnect_timeout_ms = 2\nretries = 0\nretry_backoff_ms = 3\n\

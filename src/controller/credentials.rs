@@ -176,6 +176,8 @@ pub struct Credentials {
     /// Marks the tokens this host mints (`orch-<job>-<host_id>-…`).
     pub host_id: String,
     pub keys: PasswordKeys,
+    /// Every job-list request of this host goes through it (rate limit, shared answers).
+    pub job_lists: super::joblist::JobLister,
 }
 
 impl Credentials {

@@ -14,6 +14,8 @@ use super::ciuser::CiUserStore;
 use super::claim::{self, ClaimBook};
 use super::credentials::{Credentials, PasswordKeys};
 use super::job::{self, JobEnv, JobSettings, Report, Ticket};
+use super::joblist::JobLister;
+use super::pacing::Pacing;
 use super::ports::LiveVms;
 use super::queue::JobQueue;
 use super::{sweep, Config, Error};
@@ -81,8 +83,16 @@ impl Scheduler {
         }
     }
 
-    async fn list_jobs(&self) -> Option<Vec<Job>> {
-        match self.env.forge.client.jobs(&[self.cfg.label.as_str()]).await {
+    /// The jobs list as Forgejo answered a request sent at or after `since` (shared with the other
+    /// job-list callers of this host, within its request rate: [`JobLister`]).
+    async fn list_jobs(&self, since: tokio::time::Instant) -> Option<Arc<Vec<Job>>> {
+        let labels = [self.cfg.label.as_str()];
+        let forge = &self.env.forge;
+        match forge
+            .job_lists
+            .list_since(labels[0], since, || forge.client.jobs(&labels))
+            .await
+        {
             Ok(jobs) => Some(jobs),
             Err(e) => {
                 tracing::warn!("polling Forgejo for jobs failed: {e}");
@@ -100,10 +110,11 @@ impl Scheduler {
     }
 
     /// One discovery round: new waiting jobs enter the queue, queued jobs that are no longer
-    /// waiting leave it, in-flight jobs Forgejo shows running are marked picked up.
-    async fn poll(&mut self) {
-        let Some(jobs) = self.list_jobs().await else {
-            return;
+    /// waiting leave it, in-flight jobs Forgejo shows running are marked picked up. Returns whether
+    /// a new job was seen.
+    async fn poll(&mut self, since: tokio::time::Instant) -> bool {
+        let Some(jobs) = self.list_jobs(since).await else {
+            return false;
         };
         self.mark_running(&jobs);
         let observed = self.queue.observe(&jobs, Instant::now());
@@ -114,6 +125,7 @@ impl Scheduler {
         self.log_dropped(&observed.dropped);
         self.env.board.set_queued(self.queue.len());
         self.refresh_fleet().await;
+        !observed.new.is_empty()
     }
 
     /// Tells in-flight jobs that Forgejo shows them running (their runner picked them up).
@@ -131,17 +143,18 @@ impl Scheduler {
         if self.active.is_empty() {
             return;
         }
-        if let Some(jobs) = self.list_jobs().await {
+        if let Some(jobs) = self.list_jobs(tokio::time::Instant::now()).await {
             self.mark_running(&jobs);
         }
     }
 
-    /// Starts queued jobs while VM slots are free, each re-checked against a fresh list first.
-    async fn dispatch(&mut self) {
+    /// Starts queued jobs while VM slots are free, each re-checked against a list requested at or
+    /// after `since` (the round's own poll when there was one: no second request for it).
+    async fn dispatch(&mut self, since: tokio::time::Instant) {
         if self.queue.is_empty() || self.tasks.len() >= self.cfg.max_vms {
             return;
         }
-        let Some(fresh) = self.list_jobs().await else {
+        let Some(fresh) = self.list_jobs(since).await else {
             return;
         };
         let still_waiting: HashSet<&str> = fresh
@@ -453,6 +466,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
         metrics: metrics.clone(),
         host_id: cfg.host_id.clone(),
         keys,
+        job_lists: JobLister::new(cfg.poll_interval_min),
     };
     if creds.keys.is_empty() && !creds.client.uses_admin_token_routes() {
         tracing::info!(
@@ -503,9 +517,10 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     board.set_ready(true);
     ops::systemd::ready("ready: 0 running, 0 queued");
     tracing::info!(
-        "entering discovery loop (label={}, interval={}s, max_vms={})",
+        "entering discovery loop (label={}, interval={}s, interval_min={}s, max_vms={})",
         cfg.label,
         cfg.poll_interval.as_secs_f64(),
+        cfg.poll_interval_min.as_secs_f64(),
         cfg.max_vms
     );
 
@@ -513,34 +528,45 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     for f in found {
         sched.adopt(f);
     }
-    let mut interval = tokio::time::interval(cfg.poll_interval);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Fast (poll_interval_min) while jobs wait or came recently, backing off to poll_interval.
+    let mut pacing = Pacing::new(cfg.poll_interval_min, cfg.poll_interval, Instant::now());
+    let mut next_poll = tokio::time::Instant::now();
+    // A job ended since the last poll: its workflow's next job may be about to wait.
+    let mut ended = false;
     let first_signal = loop {
         tokio::select! {
             sig = signals.recv() => break Stop::Signal(sig),
             _ = usr2.recv() => break Stop::Handover,
             Some(joined) = sched.tasks.join_next() => {
                 sched.finished(joined);
-                let step = sched.dispatch();
+                ended = true;
+                let step = sched.dispatch(tokio::time::Instant::now());
                 tokio::select! {
                     () = step => {}
                     sig = signals.recv() => break Stop::Signal(sig),
                 }
             }
-            _ = interval.tick() => {
+            () = tokio::time::sleep_until(next_poll) => {
+                let round = tokio::time::Instant::now();
                 let step = async {
-                    sched.poll().await;
-                    sched.dispatch().await;
+                    let seen = sched.poll(round).await;
+                    sched.dispatch(round).await;
+                    seen
                 };
-                tokio::select! {
-                    () = step => {}
+                let seen = tokio::select! {
+                    seen = step => seen,
                     sig = signals.recv() => break Stop::Signal(sig),
-                }
+                };
+                let active = seen || !sched.queue.is_empty() || std::mem::take(&mut ended);
+                let pause = pacing.next(Instant::now(), active);
+                next_poll = round + pacing.jittered(pause, rand::random::<f64>());
                 let (running, queued) = (sched.tasks.len(), sched.queue.len());
                 ops::systemd::status(&format!("ready: {running} running, {queued} queued"));
             }
         }
     };
+    let mut interval = tokio::time::interval(cfg.poll_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let first_signal = match first_signal {
         Stop::Signal(sig) => sig,

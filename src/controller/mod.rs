@@ -12,6 +12,8 @@ mod credentials;
 pub mod daemon;
 pub mod duration;
 mod job;
+mod joblist;
+mod pacing;
 mod ports;
 #[cfg(test)]
 mod prepare_tests;

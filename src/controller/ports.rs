@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::credentials::{CiUserRef, CredentialError, Credentials, TokenRef};
-use crate::forgejo::{self, Job, RegisteredRunner, Repository, Runner};
+use crate::forgejo::{self, Job, JobStatus, RegisteredRunner, Repository, Runner};
 use crate::net::{self, HostNetwork};
 use crate::ops::TokenAccess;
 use crate::secret::Secret;
@@ -113,8 +113,18 @@ impl Forge for Credentials {
     }
 
     async fn still_waiting(&self, job: &Job, label: &str) -> Result<bool, forgejo::Error> {
-        let waiting = self.client.waiting_jobs(&[label]).await?;
-        Ok(waiting.iter().any(|j| j.handle == job.handle))
+        // Asked after the claim's listing, so only a list requested from now on answers it (shared
+        // with discovery and other claims, within the host's job-list rate).
+        let labels = [label];
+        let jobs = self
+            .job_lists
+            .list_since(label, tokio::time::Instant::now(), || {
+                self.client.jobs(&labels)
+            })
+            .await?;
+        Ok(jobs
+            .iter()
+            .any(|j| j.status == JobStatus::Waiting && j.handle == job.handle))
     }
 }
 

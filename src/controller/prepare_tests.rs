@@ -12,6 +12,7 @@ use super::ciuser::{marker, CiUserStore};
 use super::config::ConfigLayer;
 use super::credentials::{Credentials, PasswordKeys};
 use super::job::{registry_login, release, Held, StepError};
+use super::joblist::JobLister;
 use super::userdata::{self, RegistryAuth, RunnerParams};
 use super::Config;
 use crate::forgejo::{self, Job, JobStatus, Repository};
@@ -88,6 +89,8 @@ pub(crate) fn host_credentials(
         metrics: Metrics::new(),
         host_id: host_id.to_owned(),
         keys,
+        // No gap: these tests are about credentials and claims, not the request rate.
+        job_lists: JobLister::new(std::time::Duration::ZERO),
     }
 }
 

@@ -25,6 +25,7 @@ use super::disk::{
 };
 use super::firmware::discover_firmware;
 use super::meta::{JobMeta, VmMeta};
+use super::phases::{Milestone, PhaseDetector, Seen};
 use super::qmp::{QmpClient, QmpEvent};
 use super::sandbox::{self, UidLease};
 use super::serial::{contains, CappedLog, PANIC_MARKER};
@@ -47,6 +48,9 @@ pub struct VmSpec {
     pub job: Option<JobMeta>,
     /// The disk space admitted for this VM ([`reserve_disk`]); taken at prepare when absent.
     pub disk: Option<DiskReservation>,
+    /// Text the guest prints on its console when it is ready (boot-test's proof, the runner's start
+    /// line): its arrival is [`Timings::ready_ms`], the end of the userspace phase.
+    pub ready_marker: Option<String>,
 }
 
 impl VmSpec {
@@ -64,6 +68,7 @@ impl VmSpec {
             deadline,
             job: None,
             disk: None,
+            ready_marker: None,
         }
     }
 }
@@ -122,6 +127,13 @@ pub enum Outcome {
 pub struct Timings {
     pub qmp_ready_ms: Option<u64>,
     pub first_serial_ms: Option<u64>,
+    /// Boot milestones on the serial console ([`super::phases`]): the kernel's banner (firmware
+    /// done), the first userspace process (kernel done), the spec's ready marker (userspace done).
+    pub kernel_ms: Option<u64>,
+    pub userspace_ms: Option<u64>,
+    pub ready_ms: Option<u64>,
+    /// The guest kernel's own timestamp of the userspace line: the kernel phase by the guest clock.
+    pub userspace_guest_ms: Option<u64>,
     /// The guest's own `SHUTDOWN` event.
     pub shutdown_ms: Option<u64>,
     /// The moment the VM's end was decided: the guest shut down, the host began the stop ladder,
@@ -275,6 +287,7 @@ pub struct PreparedVm {
     quit_grace: Duration,
     serial_cap: (u64, u64),
     disk_max: u64,
+    ready_marker: Option<String>,
 }
 
 /// Resolves `qemu` like `execvp` would (a name without `/` is looked up in `PATH`).
@@ -461,6 +474,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         net: spec.net,
         deadline: spec.deadline,
         job: spec.job,
+        ready_marker: spec.ready_marker,
         powerdown_grace: config.powerdown_grace(),
         quit_grace: config.quit_grace(),
         serial_cap: (config.serial_head_kib << 10, config.serial_tail_kib << 10),
@@ -602,7 +616,8 @@ impl PreparedVm {
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixStream::from_std(self.serial_conn))
             .map_err(|e| Error::io("watching the serial console", e))?;
-        let pump = Some(tokio::spawn(pump_serial(pump, serial, serial_tx)));
+        let phases = PhaseDetector::new(self.ready_marker.take());
+        let pump = Some(tokio::spawn(pump_serial(pump, serial, phases, serial_tx)));
         let overlay = self.dir.disk_dir.join(files::OVERLAY);
         let sup = Supervisor {
             name: self.name,
@@ -679,7 +694,8 @@ pub(super) fn supervise_adopted(config: &VmConfig, a: Adopted) -> Result<VmHandl
     let pump = match a.serial {
         Some(conn) => {
             let _ = log.write(b"\r\n[fkr-qemu: the daemon restarted and took this VM over; output in between is lost]\r\n");
-            Some(tokio::spawn(pump_serial(conn, log, serial_tx)))
+            // The boot is long past: no milestone is looked for.
+            Some(tokio::spawn(pump_serial(conn, log, PhaseDetector::new(None), serial_tx)))
         }
         None => None,
     };
@@ -1204,6 +1220,18 @@ impl Supervisor {
                     Some(at.saturating_duration_since(self.spawned).as_millis() as u64);
                 false
             }
+            SerialNote::Milestone(seen) => {
+                let ms = Some(seen.at.saturating_duration_since(self.spawned).as_millis() as u64);
+                match seen.milestone {
+                    Milestone::Kernel => self.timings.kernel_ms = ms,
+                    Milestone::Userspace => {
+                        self.timings.userspace_ms = ms;
+                        self.timings.userspace_guest_ms = seen.guest.map(|g| g.as_millis() as u64);
+                    }
+                    Milestone::Ready => self.timings.ready_ms = ms,
+                }
+                false
+            }
             SerialNote::Panic => {
                 tracing::warn!(vm = %self.name, "kernel panic on the serial console");
                 self.crashed
@@ -1411,14 +1439,16 @@ impl Qemu {
 
 enum SerialNote {
     FirstOutput(Instant),
+    Milestone(Seen),
     Panic,
 }
 
-/// Copies QEMU's stdout (the serial console) into the capped log, reporting the first byte once
-/// and a kernel panic once.
+/// Copies QEMU's stdout (the serial console) into the capped log, reporting the first byte once,
+/// each boot milestone once and a kernel panic once.
 async fn pump_serial(
     mut out: tokio::net::UnixStream,
     mut log: CappedLog,
+    mut phases: PhaseDetector,
     tx: mpsc::UnboundedSender<SerialNote>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
@@ -1430,9 +1460,13 @@ async fn pump_serial(
             Ok(n) => n,
         };
         let chunk = &buf[..n];
+        let now = Instant::now();
         if !seen {
             seen = true;
-            let _ = tx.send(SerialNote::FirstOutput(Instant::now()));
+            let _ = tx.send(SerialNote::FirstOutput(now));
+        }
+        for m in phases.feed(chunk, now) {
+            let _ = tx.send(SerialNote::Milestone(m));
         }
         if let Err(e) = log.write(chunk) {
             if !write_failed {

@@ -16,6 +16,7 @@ mod driver;
 mod error;
 mod firmware;
 mod meta;
+pub mod phases;
 pub mod qmp;
 pub mod sandbox;
 mod seed;
@@ -29,7 +30,7 @@ pub use argv::{build_argv, DiskFds, QemuPlan};
 pub use config::VmConfig;
 pub use disk::{allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation};
 pub use driver::{
-    launch, prepare, Outcome, PreparedVm, StopStep, VmExit, VmHandle, VmResources, VmSpec,
+    launch, prepare, Outcome, PreparedVm, StopStep, Timings, VmExit, VmHandle, VmResources, VmSpec,
 };
 pub use error::Error;
 pub use firmware::{

@@ -36,6 +36,11 @@ layer! {
         #[arg(long, value_parser = duration::parse)]
         #[serde(with = "duration::option")]
         pub poll_interval: Option<Duration>,
+        /// How often to poll while jobs wait or were seen recently; also the least time between two
+        /// job-list requests of this host [default: 1s, or poll-interval if that is shorter].
+        #[arg(long, value_parser = duration::parse)]
+        #[serde(with = "duration::option")]
+        pub poll_interval_min: Option<Duration>,
         /// At most this many VMs at once [default: 3].
         #[arg(long)]
         pub max_vms: Option<usize>,
