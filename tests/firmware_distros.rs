@@ -158,6 +158,7 @@ fn qemu_gets_the_flash_format_the_chosen_descriptor_declares() {
             },
             qmp_fd: 17,
             net: None,
+            agent_fd: None,
         });
         let fmt = want.format;
         for drive in [

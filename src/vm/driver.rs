@@ -45,6 +45,9 @@ pub struct VmSpec {
     pub job: Option<JobMeta>,
     /// The disk space admitted for this VM ([`reserve_disk`]); taken at prepare when absent.
     pub disk: Option<DiskReservation>,
+    /// Warm pool: give the guest the job agent's virtio-serial port (`agent.rs`), its host end
+    /// a socket the daemon binds in the VM's runtime dir (`files::AGENT`).
+    pub agent: bool,
 }
 
 impl VmSpec {
@@ -62,6 +65,7 @@ impl VmSpec {
             deadline,
             job: None,
             disk: None,
+            agent: false,
         }
     }
 }
@@ -209,6 +213,8 @@ struct OpenFiles {
     overlay_ro: File,
     seed: File,
     qmp: std::os::unix::net::UnixListener,
+    /// Warm pool: the job agent's port (see `VmSpec::agent`).
+    agent: Option<std::os::unix::net::UnixListener>,
 }
 
 impl OpenFiles {
@@ -236,6 +242,9 @@ impl OpenFiles {
             f.seed,
             self.qmp.as_raw_fd(),
         ]
+        .into_iter()
+        .chain(self.agent.as_ref().map(AsRawFd::as_raw_fd))
+        .collect()
     }
 }
 
@@ -398,6 +407,16 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
     let qmp_socket = dir_path.join(files::QMP);
     let qmp = std::os::unix::net::UnixListener::bind(&qmp_socket)
         .map_err(|e| Error::io(format!("binding {}", qmp_socket.display()), e))?;
+    // Warm pool: like QMP, the agent's socket is bound here (0700 dir: root only) and passed.
+    let agent = if spec.agent {
+        let path = dir_path.join(files::AGENT);
+        Some(
+            std::os::unix::net::UnixListener::bind(&path)
+                .map_err(|e| Error::io(format!("binding {}", path.display()), e))?,
+        )
+    } else {
+        None
+    };
     let files = OpenFiles {
         code: open_ro(&firmware.code)?,
         vars_rw: open_rw(&vars)?,
@@ -407,6 +426,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         overlay_ro: open_ro(&overlay)?,
         seed: open_ro(&seed)?,
         qmp,
+        agent,
     };
 
     let plan = QemuPlan {
@@ -419,6 +439,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         vm_dir: dir_path,
         fds: files.fds(),
         qmp_fd: files.qmp.as_raw_fd(),
+        agent_fd: files.agent.as_ref().map(AsRawFd::as_raw_fd),
         net: spec.net.as_ref().map(|n| (n.tap.as_raw_fd(), n.mac)),
     };
     Ok(PreparedVm {

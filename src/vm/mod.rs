@@ -7,6 +7,7 @@
 //! See ARCHITECTURE.md (`## VM driver`).
 
 mod accel;
+pub mod agent;
 mod argv;
 pub mod cgroup;
 mod config;
@@ -60,4 +61,6 @@ pub mod files {
     pub const SEED: &str = "seed.img";
     pub const VARS: &str = "vars.fd";
     pub const META: &str = "vm.json";
+    /// Warm pool: the host end of the job agent's virtio-serial port.
+    pub const AGENT: &str = "agent.sock";
 }
