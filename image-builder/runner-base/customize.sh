@@ -34,6 +34,11 @@ install -D -m 0644 "$conf/wait-online.conf" \
   "$root/etc/systemd/system/systemd-networkd-wait-online.service.d/90-fkr-qemu.conf"
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 
+# Warm pool: the job agent (started only in VMs that have its virtio-serial port).
+install -D -m 0755 "$conf/fkr-agent" "$root/usr/local/sbin/fkr-agent"
+install -D -m 0644 "$conf/fkr-agent.service" "$root/etc/systemd/system/fkr-agent.service"
+in_root systemctl enable fkr-agent.service
+
 while read -r unit; do
   case "$unit" in '' | '#'*) continue ;; esac
   ln -sfn /dev/null "$root/etc/systemd/system/$unit"
