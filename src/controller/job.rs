@@ -24,11 +24,15 @@ use url::Url;
 
 use super::claim::{self, ClaimBook, Decision};
 use super::credentials::{CredentialError, TokenRef};
+use super::pool::{self, WarmVm};
 use super::ports::{Forge, Network, RunningVm, Started, Vms};
 use super::queue::Queued;
-use super::userdata::{self, RegistryAuth, RunnerParams};
+use super::userdata::{self, JobPlan, RegistryAuth, RunnerParams};
 use crate::forgejo::{self, Job, Repository, READ_TOKEN_SCOPES, TOKEN_SCOPES};
-use crate::ops::{JobOutcome, Metrics, RemovalReason, StatusBoard, TokenAccess, VmInfo, VmLimits};
+use crate::ops::{
+    DiscardReason, JobOutcome, Metrics, RemovalReason, StartPath, StatusBoard, TokenAccess, VmInfo,
+    VmLimits,
+};
 use crate::secret::Secret;
 use crate::types::{Accel, JobState, VmName};
 use crate::vm::{self, Outcome, Seed, VmSpec};
@@ -64,10 +68,12 @@ pub(crate) struct JobSettings {
     pub runner_marker: String,
     /// How long a winning claim waits before its second look (`claim::SETTLE`).
     pub claim_settle: Duration,
+    /// Warm pool: how long a warm VM may take to acknowledge its payload (`pool.bind_timeout`).
+    pub bind_timeout: Duration,
 }
 
 /// A job taken from the queue, and how the scheduler tells it that Forgejo shows it picked up.
-pub(crate) struct Ticket {
+pub(crate) struct Ticket<Vm> {
     pub job: Job,
     pub seen_at: Instant,
     pub picked_up: watch::Receiver<bool>,
@@ -76,17 +82,32 @@ pub(crate) struct Ticket {
     /// How long to wait before claiming the job: longer the busier this host is, so that with
     /// equal hosts the one with more free slots claims first (plus jitter, so none starves).
     pub claim_delay: Duration,
+    /// Warm pool: the ready warm VM the job runs in (its name becomes the runner's).
+    pub warm: Option<WarmVm<Vm>>,
 }
 
 /// What the scheduler learns when a job's task ends.
-#[derive(Debug)]
-pub(crate) struct Report {
+pub(crate) struct Report<Vm> {
     pub outcome: JobOutcome,
     /// The runner picked the job up (Forgejo showed it running).
     pub picked_up: bool,
     /// The host's accelerator failed the guest under `accel = "auto"`: KVM is now marked broken,
     /// and the job should get a fresh VM (under TCG) if it is still waiting.
     pub retry: Option<Queued>,
+    /// Warm pool: the warm VM the job took but did not use (claim lost, a step before the bind
+    /// failed): it goes back to the pool.
+    pub unused_warm: Option<WarmVm<Vm>>,
+}
+
+impl<Vm> std::fmt::Debug for Report<Vm> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Report")
+            .field("outcome", &self.outcome)
+            .field("picked_up", &self.picked_up)
+            .field("retry", &self.retry)
+            .field("unused_warm", &self.unused_warm.as_ref().map(|w| &w.name))
+            .finish()
+    }
 }
 
 /// A step of the pipeline that failed, and why. The cause is printed once, in the message.
@@ -211,19 +232,36 @@ pub(crate) struct JobRun<F: Forge, N: Network, V: Vms> {
     state: JobState,
     held: Held,
     launched: bool,
+    /// Warm pool: the warm VM taken for this job, until its payload is delivered.
+    warm: Option<WarmVm<V::Vm>>,
+    /// A warm VM that did not acknowledge its payload, stopping; awaited in `finish`.
+    discarding: Option<tokio::task::JoinHandle<()>>,
+    /// Dispatch on the host's wall clock (ms), for the bind latency against the guest's stamp.
+    dispatched_unix_ms: i64,
 }
 
 impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
-    fn new(env: Arc<JobEnv<F, N, V>>, job: Job, seen_at: Instant) -> Self {
+    fn new(
+        env: Arc<JobEnv<F, N, V>>,
+        job: Job,
+        seen_at: Instant,
+        warm: Option<WarmVm<V::Vm>>,
+    ) -> Self {
         Self {
             env,
-            name: VmName::generate(),
+            // A warm VM's name becomes the runner's (and the job's VM's).
+            name: warm
+                .as_ref()
+                .map_or_else(VmName::generate, |w| w.name.clone()),
             job,
             seen_at,
             dispatched: Instant::now(),
             state: JobState::Queued,
             held: Held::default(),
             launched: false,
+            warm,
+            discarding: None,
+            dispatched_unix_ms: crate::vm::agent::unix_ms_now(),
         }
     }
 
@@ -306,6 +344,13 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             }
         }
         let registry = self.registry_login(&repo).await?;
+        if let Some(warm) = self.warm.take() {
+            match self.bind(warm, &runner, registry.as_ref()).await? {
+                Some(vm) => return Ok(Some(vm)),
+                None => self.rename_for_cold_boot(&repo),
+            }
+        }
+        env.metrics.job_started(StartPath::Cold);
         let attachment = env.net.attach(&self.name).map_err(StepError::Network)?;
         let address = attachment.address;
         self.held.net = Some(attachment.hold);
@@ -332,6 +377,102 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             .await
             .map(Some)
             .map_err(StepError::Launch)
+    }
+
+    /// Warm pool: delivers the job's payload to `warm` and waits for its STARTED. `Ok(None)`: it
+    /// did not acknowledge within `bind_timeout`; it is being stopped, and the job boots cold.
+    async fn bind(
+        &mut self,
+        mut warm: WarmVm<V::Vm>,
+        runner: &forgejo::RegisteredRunner,
+        registry: Option<&(String, Secret)>,
+    ) -> Result<Option<V::Vm>, StepError> {
+        let env = self.env.clone();
+        let s = &env.settings;
+        let plan = JobPlan::new(
+            &RunnerParams {
+                forgejo_url: &s.runner_url,
+                runner_uuid: &runner.uuid,
+                runner_token: &runner.token,
+                label: &s.label,
+                handle: &self.job.handle,
+            },
+            registry
+                .map(|(username, token)| RegistryAuth {
+                    host: RegistryAuth::host_of(&s.runner_url),
+                    username,
+                    token,
+                })
+                .as_ref(),
+        )
+        .map_err(StepError::Seed)?;
+        match warm
+            .agent
+            .deliver(&plan.agent_payload(), s.bind_timeout)
+            .await
+        {
+            Ok(guest_ms) => {
+                let started_ms = guest_ms + warm.clock_offset_ms;
+                let latency = Duration::from_millis(
+                    u64::try_from(started_ms - self.dispatched_unix_ms).unwrap_or(0),
+                );
+                let age = warm.ready_at.elapsed();
+                env.metrics.job_started(StartPath::Warm);
+                env.metrics.pool_bound(latency, age);
+                tracing::info!(
+                    vm = %self.name,
+                    "job {}: bound to warm VM {} (ready {}s); its runner started {} ms after dispatch",
+                    self.job.id,
+                    self.name,
+                    age.as_secs(),
+                    latency.as_millis()
+                );
+                let WarmVm {
+                    vm, hold, address, ..
+                } = warm;
+                self.held.net = Some(hold);
+                env.board.vm_update(self.name.as_str(), |v| {
+                    v.address = Some(address.to_string())
+                });
+                Ok(Some(vm))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    vm = %self.name,
+                    "job {}: warm VM {} did not take the job ({e}); stopping it, booting a VM for the job",
+                    self.job.id,
+                    self.name
+                );
+                // The payload may have reached the guest: the VM is stopped, never given back.
+                warm.vm.stop_token().cancel();
+                self.discarding = Some(tokio::spawn(pool::discard(
+                    &env,
+                    warm,
+                    DiscardReason::NoAck,
+                )));
+                Ok(None)
+            }
+        }
+    }
+
+    /// After a failed bind the job boots cold under a fresh VM name (the discarded warm VM still
+    /// holds its own); its runner keeps the warm VM's name.
+    fn rename_for_cold_boot(&mut self, repo: &Repository) {
+        let old = std::mem::replace(&mut self.name, VmName::generate());
+        self.env.board.vm_removed(old.as_str());
+        self.env.board.vm_added(VmInfo {
+            name: self.name.to_string(),
+            job_id: self.job.id,
+            owner: repo.owner.clone(),
+            repo: repo.name.clone(),
+            state: self.state.into(),
+            address: None,
+            started_at: OffsetDateTime::now_utc(),
+            accel: None,
+            pid: None,
+            serial_log: None,
+            limits: None,
+        });
     }
 
     /// Decides whether this host runs the job (see `claim.rs`): ours when our claim `mine` is the
@@ -564,12 +705,18 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
     }
 
     /// Cleaning: releases what the job holds, records the outcome, and ends in `done` or `failed`.
-    async fn finish(&mut self, s: Supervised) -> Report {
+    async fn finish(&mut self, s: Supervised) -> Report<V::Vm> {
         let env = self.env.clone();
         let (name, job_id, outcome) = (self.name.clone(), self.job.id, s.outcome);
         self.enter(JobState::Cleaning);
         let ended = Instant::now();
         let failed = release(&env.forge, &name, std::mem::take(&mut self.held)).await;
+        if let Some(d) = self.discarding.take() {
+            // The warm VM that did not acknowledge: gone before the job counts as done.
+            if let Err(e) = d.await {
+                tracing::error!(vm = %name, "stopping the discarded warm VM failed: {e}");
+            }
+        }
         env.metrics.observe_teardown(ended.elapsed());
         env.metrics.job_finished(outcome, self.dispatched.elapsed());
         if self.launched {
@@ -608,6 +755,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             outcome,
             picked_up: s.picked_up,
             retry,
+            unused_warm: self.warm.take(),
         }
     }
 }
@@ -645,10 +793,15 @@ impl<F: Forge, N: Network, V: Vms> Drop for JobRun<F, N, V> {
 /// Runs one job to the end. Never fails: every failure becomes the outcome and a log line.
 pub(crate) async fn run<F: Forge, N: Network, V: Vms>(
     env: Arc<JobEnv<F, N, V>>,
-    mut ticket: Ticket,
+    mut ticket: Ticket<V::Vm>,
     stop: CancellationToken,
-) -> Report {
-    let mut job = JobRun::new(env.clone(), ticket.job.clone(), ticket.seen_at);
+) -> Report<V::Vm> {
+    let mut job = JobRun::new(
+        env.clone(),
+        ticket.job.clone(),
+        ticket.seen_at,
+        ticket.warm.take(),
+    );
     job.enter(JobState::Preparing);
     env.metrics
         .job_dispatched(job.dispatched.saturating_duration_since(ticket.seen_at));

@@ -11,6 +11,7 @@ mod credentials;
 pub mod daemon;
 pub mod duration;
 mod job;
+mod pool;
 mod ports;
 #[cfg(test)]
 mod prepare_tests;

@@ -173,6 +173,8 @@ pub(crate) trait RunningVm: Send + 'static {
     fn watch_state(&self) -> watch::Receiver<vm::VmState>;
     /// Waits for the end (teardown included).
     fn wait(self) -> impl Future<Output = Result<VmExit, vm::Error>> + Send;
+    /// Warm pool: the host end of the job agent's port (`VmSpec::agent`).
+    fn agent_socket(&self) -> PathBuf;
 }
 
 impl RunningVm for VmHandle {
@@ -195,6 +197,10 @@ impl RunningVm for VmHandle {
 
     async fn wait(self) -> Result<VmExit, vm::Error> {
         VmHandle::wait(self).await
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.dir().join(vm::files::AGENT)
     }
 }
 
