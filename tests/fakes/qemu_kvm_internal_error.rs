@@ -8,7 +8,8 @@
 //!
 //! Called through a symlink in a directory named `oom`, it is instead a QEMU that allocates memory
 //! without bound (for the VM cgroup's memory limit); in a directory named `runner`, a QEMU whose
-//! "guest" runs its job at once through the runner RPC and powers off (`guest_runner.rs`).
+//! "guest" runs its job at once through the runner RPC and powers off (`guest_runner.rs`; a warm
+//! VM takes its job over the job agent's port, and in `runner-noack` never acknowledges it).
 //!
 //! Tests call it through a symlink named `qemu-system-x86_64` (the driver's rule for "our QEMU"
 //! looks at argv0). It reads only its arguments and inherited descriptors, as QEMU does under the
@@ -156,19 +157,25 @@ fn main() {
             .collect::<Vec<_>>()
     };
     let chardevs = value_of("-chardev");
-    // `runner`, or `runner-<N>s` for jobs that take N seconds.
-    if let Some(work) = behaviour
+    // `runner`, or `runner-<N>s` for jobs that take N seconds; `runner-noack`: a warm VM that
+    // never acknowledges its payload.
+    if let Some((work, ack)) = behaviour
         .and_then(|b| b.to_str())
         .and_then(|b| b.strip_prefix("runner"))
         .and_then(|rest| match rest {
-            "" => Some(0),
-            secs => secs.strip_prefix('-')?.strip_suffix('s')?.parse().ok(),
+            "" => Some((0, true)),
+            "-noack" => Some((0, false)),
+            secs => Some((
+                secs.strip_prefix('-')?.strip_suffix('s')?.parse().ok()?,
+                true,
+            )),
         })
     {
         guest_runner::run(
             &args,
             qmp_listener(&chardevs),
             std::time::Duration::from_secs(work),
+            ack,
         );
     }
     let accel = value_of("-accel").into_iter().next().unwrap_or_default();
