@@ -101,12 +101,13 @@ cp /bin/busybox "$root/bin/busybox"
 install -m 0755 "$guest_dir/init" "$root/init"
 install -m 0644 "$guest_dir/user-data.awk" "$guest_dir/network-config.awk" "$root/etc/fkr/"
 install -m 0755 "$guest_dir/fkr-report" "$root/usr/local/bin/fkr-report"
+install -m 0755 "$guest_dir/fkr-agent" "$root/usr/local/bin/fkr-agent"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
 printf 'root:x:0:\n' >"$root/etc/group"
 printf 'fkr-test-guest\n' >"$root/etc/hostname"
 
 # Kernel modules with their dependencies, dependencies first (insmod does not resolve them).
-wanted="virtio_pci virtio_blk virtio_net vfat nls_cp437 nls_ascii nls_utf8 button evdev"
+wanted="virtio_pci virtio_blk virtio_net virtio_console vfat nls_cp437 nls_ascii nls_utf8 button evdev"
 declare -A done_mod=()
 order=()
 add_module() {

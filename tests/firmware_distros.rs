@@ -159,6 +159,7 @@ fn qemu_gets_the_flash_format_the_chosen_descriptor_declares() {
             qmp_fd: 17,
             serial_fd: 18,
             net: None,
+            agent_fd: None,
         });
         let fmt = want.format;
         for drive in [

@@ -31,7 +31,7 @@ fn repo() -> PathBuf {
 fn image_builder_scripts() -> Vec<PathBuf> {
     let dir = repo().join("image-builder");
     let mut scripts = vec![dir.join("build-runner-base.sh")];
-    for name in ["customize.sh", "initramfs-hook"] {
+    for name in ["customize.sh", "initramfs-hook", "fkr-agent"] {
         scripts.push(dir.join("runner-base").join(name));
     }
     for path in &scripts {

@@ -36,6 +36,11 @@ install -D -m 0644 "$conf/cloud-init-network.conf" \
   "$root/etc/systemd/system/cloud-init-network.service.d/90-fkr-qemu.conf"
 ln -sfn ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 
+# Warm pool: the job agent (started only in VMs that have its virtio-serial port).
+install -D -m 0755 "$conf/fkr-agent" "$root/usr/local/sbin/fkr-agent"
+install -D -m 0644 "$conf/fkr-agent.service" "$root/etc/systemd/system/fkr-agent.service"
+in_root systemctl enable fkr-agent.service
+
 while read -r unit; do
   case "$unit" in '' | '#'*) continue ;; esac
   ln -sfn /dev/null "$root/etc/systemd/system/$unit"

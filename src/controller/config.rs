@@ -35,7 +35,9 @@ use crate::paths::{ConfigFile, Dirs, FileError};
 use crate::secret::Secret;
 use crate::vm::VmConfig;
 
-pub use layer::{ConfigLayer, ForgejoLayer, MetricsLayer, NetLayer, TokensLayer, VmLayer};
+pub use layer::{
+    ConfigLayer, ForgejoLayer, MetricsLayer, NetLayer, PoolLayer, TokensLayer, VmLayer,
+};
 
 /// The systemd credential name (`LoadCredential=forgejo-admin-token:…`).
 pub const CREDENTIAL_NAME: &str = "forgejo-admin-token";
@@ -81,6 +83,27 @@ impl TokenPolicy {
         self.fork_write_repos
             .iter()
             .any(|r| r.eq_ignore_ascii_case(full_name))
+    }
+}
+
+/// `[pool]`: the warm pool (ARCHITECTURE.md, "Warm pool").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Booted VMs kept ready for the next job, counted in `max_vms`; 0 turns the pool off.
+    pub size: usize,
+    /// A warm VM older than this is replaced (so a base-image update reaches the pool).
+    pub max_age: Duration,
+    /// How long a warm VM may take to acknowledge its job (STARTED) before it is discarded.
+    pub bind_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            size: 1,
+            max_age: Duration::from_secs(3600),
+            bind_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -170,6 +193,7 @@ pub struct Config {
     pub net: NetConfig,
     pub metrics: MetricsConfig,
     pub tokens: TokenPolicy,
+    pub pool: PoolConfig,
 }
 
 /// Where the configuration comes from; `env` is a lookup so tests need not touch the process env.
@@ -248,6 +272,7 @@ impl Config {
             net,
             metrics,
             tokens,
+            pool,
         } = layer;
         // The driver's runtime root is always the daemon's runtime dir.
         let vm = VmLayer {
@@ -283,6 +308,7 @@ impl Config {
             net: net.resolve(NetConfig::default()),
             metrics: metrics.resolve(MetricsConfig::default()),
             tokens: tokens.resolve(TokenPolicy::default()),
+            pool: pool.resolve(PoolConfig::default()),
         }
     }
 
@@ -336,6 +362,8 @@ impl Config {
             ("poll_interval_min", self.poll_interval_min),
             ("boot_deadline", self.boot_deadline),
             ("job_deadline", self.job_deadline),
+            ("pool.max_age", self.pool.max_age),
+            ("pool.bind_timeout", self.pool.bind_timeout),
         ] {
             if d.is_zero() {
                 return invalid(key, duration::format(d), "must be positive");
@@ -518,6 +546,7 @@ impl From<Config> for ConfigLayer {
             net,
             metrics,
             tokens,
+            pool,
         } = c;
         ConfigLayer {
             label: Some(label),
@@ -544,6 +573,7 @@ impl From<Config> for ConfigLayer {
             net: net.into(),
             metrics: metrics.into(),
             tokens: tokens.into(),
+            pool: pool.into(),
         }
     }
 }

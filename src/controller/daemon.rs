@@ -13,9 +13,10 @@ use super::adopt::{self, Found, Keep};
 use super::ciuser::CiUserStore;
 use super::claim::{self, ClaimBook};
 use super::credentials::{Credentials, PasswordKeys};
-use super::job::{self, JobEnv, JobSettings, Report, Ticket};
+use super::job::{self, JobEnv, JobSettings, Ticket};
 use super::joblist::JobLister;
 use super::pacing::Pacing;
+use super::pool::Pool;
 use super::ports::LiveVms;
 use super::queue::JobQueue;
 use super::{sweep, Config, Error};
@@ -26,6 +27,7 @@ use crate::ops::{self, JobOutcome, Metrics, StatusBoard};
 /// The environment of this host's jobs: Forgejo through the CI-user credentials, the host
 /// network, the VM driver.
 type LiveEnv = JobEnv<Credentials, crate::net::HostNetwork, LiveVms>;
+type Report = job::Report<crate::vm::VmHandle>;
 
 /// The discovery queue and the jobs in flight.
 struct Scheduler {
@@ -41,21 +43,42 @@ struct Scheduler {
     waiting_for_disk: bool,
     /// When the fleet's runners were last listed for `status`.
     fleet_listed: Option<Instant>,
+    /// The warm pool (`pool.rs`); its VMs count in `max_vms` with the jobs in flight.
+    pool: Pool<crate::vm::VmHandle>,
 }
 
 impl Scheduler {
     fn new(env: Arc<LiveEnv>, cfg: Arc<Config>) -> Self {
         Self {
             env,
-            cfg,
             queue: JobQueue::default(),
             active: HashMap::new(),
             tasks: JoinSet::new(),
             stop_vms: CancellationToken::new(),
             waiting_for_disk: false,
             fleet_listed: None,
+            pool: Pool::new(cfg.pool.clone()),
+            cfg,
         }
     }
+
+    // --- warm pool -------------------------------------------------------------------------
+
+    /// VM slots in use: jobs in flight and the pool's VMs.
+    fn slots_used(&self) -> usize {
+        self.tasks.len() + self.pool.occupied()
+    }
+
+    /// Replaces stale warm VMs and refills the pool from the slots queued jobs do not need.
+    fn tend_pool(&mut self) {
+        self.pool.maintain(&self.env);
+        if self.queue.is_empty() {
+            let free = self.cfg.max_vms.saturating_sub(self.slots_used());
+            self.pool.refill(&self.env, free);
+        }
+    }
+
+    // -------------------------------------------------------------------------------------------
 
     /// Every `FLEET_EVERY`, the runners every host holds, for `status` (one request).
     async fn refresh_fleet(&mut self) {
@@ -151,7 +174,10 @@ impl Scheduler {
     /// Starts queued jobs while VM slots are free, each re-checked against a list requested at or
     /// after `since` (the round's own poll when there was one: no second request for it).
     async fn dispatch(&mut self, since: tokio::time::Instant) {
-        if self.queue.is_empty() || self.tasks.len() >= self.cfg.max_vms {
+        // A ready warm VM is a slot of its own: a job bound to it takes no new one.
+        if self.queue.is_empty()
+            || (self.slots_used() >= self.cfg.max_vms && !self.pool.has_ready())
+        {
             return;
         }
         let Some(fresh) = self.list_jobs(since).await else {
@@ -163,10 +189,19 @@ impl Scheduler {
             .map(|j| j.handle.as_str())
             .collect();
         let mut dropped = Vec::new();
-        while self.tasks.len() < self.cfg.max_vms {
+        loop {
+            // A ready warm VM first (its disk was reserved when it booted); else a free slot.
+            let warm = self.pool.take(&self.env);
+            if warm.is_none() && self.slots_used() >= self.cfg.max_vms {
+                break;
+            }
             // Disk first: a VM is started only if every running VM and this one can grow to their
             // disk_max. The reservation travels with the job to its VM.
-            let disk = match crate::vm::reserve_disk(&self.cfg.vm) {
+            let disk = match warm
+                .is_some()
+                .then_some(None)
+                .map_or_else(|| crate::vm::reserve_disk(&self.cfg.vm).map(Some), Ok)
+            {
                 Ok(d) => d,
                 Err(e) => {
                     if !self.waiting_for_disk {
@@ -178,6 +213,9 @@ impl Scheduler {
                 }
             };
             let Some(q) = self.queue.next_still_waiting(&still_waiting, &mut dropped) else {
+                if let Some(w) = warm {
+                    self.pool.give_back(&self.env, w);
+                }
                 break;
             };
             if std::mem::take(&mut self.waiting_for_disk) {
@@ -195,8 +233,9 @@ impl Scheduler {
                 job: q.job,
                 seen_at: q.seen_at,
                 picked_up: rx,
-                disk: Some(disk),
+                disk,
                 claim_delay: claim_delay(self.tasks.len(), self.cfg.max_vms),
+                warm,
             };
             let env = self.env.clone();
             let stop = self.stop_vms.child_token();
@@ -249,8 +288,11 @@ impl Scheduler {
     /// Bookkeeping when a job's task ended.
     fn finished(&mut self, joined: Result<(String, Report), tokio::task::JoinError>) {
         match joined {
-            Ok((handle, report)) => {
+            Ok((handle, mut report)) => {
                 self.active.remove(&handle);
+                if let Some(w) = report.unused_warm.take() {
+                    self.pool.give_back(&self.env, w);
+                }
                 if report.outcome == JobOutcome::ClaimedElsewhere {
                     // The other host has the job until its claim goes stale.
                     let until = Instant::now() + self.env.claims.timeout();
@@ -381,14 +423,17 @@ async fn hand_over(
     );
     ops::systemd::status(&format!("handing {n} VM(s) over"));
     env.handover.cancel();
+    // Warm VMs hold no job: they stop (the next daemon boots its own pool).
+    sched.pool.shutdown(&env);
     let wait = tokio::time::sleep(HANDOVER_WAIT);
     tokio::pin!(wait);
     loop {
+        if sched.tasks.is_empty() && sched.pool.is_empty() {
+            break;
+        }
         tokio::select! {
-            joined = sched.tasks.join_next() => match joined {
-                Some(j) => sched.finished(j),
-                None => break,
-            },
+            Some(j) = sched.tasks.join_next() => sched.finished(j),
+            event = sched.pool.next_event() => sched.pool.on_event(&env, event),
             () = &mut wait => {
                 tracing::warn!(
                     "{} job(s) did not let go of their VM within {}s; they end with this process",
@@ -510,6 +555,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
             accel: cfg.vm.accel,
             runner_marker,
             claim_settle: claim::SETTLE,
+            bind_timeout: cfg.pool.bind_timeout,
         },
         handover: CancellationToken::new(),
     });
@@ -523,6 +569,13 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
         cfg.poll_interval_min.as_secs_f64(),
         cfg.max_vms
     );
+    if cfg.pool.size > 0 {
+        tracing::info!(
+            "warm pool: {} VM(s), replaced after {}s",
+            cfg.pool.size,
+            cfg.pool.max_age.as_secs()
+        );
+    }
 
     let mut sched = Scheduler::new(env.clone(), cfg.clone());
     for f in found {
@@ -545,6 +598,16 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
                     () = step => {}
                     sig = signals.recv() => break Stop::Signal(sig),
                 }
+                sched.tend_pool();
+            }
+            event = sched.pool.next_event() => {
+                sched.pool.on_event(&env, event);
+                let step = sched.dispatch(tokio::time::Instant::now());
+                tokio::select! {
+                    () = step => {}
+                    sig = signals.recv() => break Stop::Signal(sig),
+                }
+                sched.tend_pool();
             }
             () = tokio::time::sleep_until(next_poll) => {
                 let round = tokio::time::Instant::now();
@@ -560,6 +623,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
                 let active = seen || !sched.queue.is_empty() || std::mem::take(&mut ended);
                 let pause = pacing.next(Instant::now(), active);
                 next_poll = round + pacing.jittered(pause, rand::random::<f64>());
+                sched.tend_pool();
                 let (running, queued) = (sched.tasks.len(), sched.queue.len());
                 ops::systemd::status(&format!("ready: {running} running, {queued} queued"));
             }
@@ -577,16 +641,19 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     board.set_ready(false);
     sched.queue.clear();
     board.set_queued(0);
+    // Warm VMs hold no job: they stop at once.
+    sched.pool.shutdown(&env);
     let n = sched.tasks.len();
     tracing::info!("received {first_signal}: stopping discovery; waiting for {n} in-flight VM(s) (signal again to stop them)");
     ops::systemd::stopping(&format!("draining {n} VM(s)"));
     let mut stopping = false;
     loop {
+        if sched.tasks.is_empty() && sched.pool.is_empty() {
+            break;
+        }
         tokio::select! {
-            joined = sched.tasks.join_next() => match joined {
-                Some(j) => sched.finished(j),
-                None => break,
-            },
+            Some(j) = sched.tasks.join_next() => sched.finished(j),
+            event = sched.pool.next_event() => sched.pool.on_event(&env, event),
             sig = signals.recv(), if !stopping => {
                 stopping = true;
                 tracing::info!("received {sig} again: stopping {} VM(s)", sched.tasks.len());

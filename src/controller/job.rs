@@ -14,6 +14,7 @@
 //! Every state change goes through [`JobRun::enter`], which checks the transition and shows the
 //! state on the status board and in the log, so the three always agree.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,11 +25,15 @@ use url::Url;
 
 use super::claim::{self, ClaimBook, Decision};
 use super::credentials::{CredentialError, TokenRef};
+use super::pool::{self, WarmVm};
 use super::ports::{Forge, Network, RunningVm, Started, Vms};
 use super::queue::Queued;
-use super::userdata::{self, RegistryAuth, RunnerParams};
+use super::userdata::{self, JobPlan, RegistryAuth, RunnerParams};
 use crate::forgejo::{self, Job, Repository, READ_TOKEN_SCOPES, TOKEN_SCOPES};
-use crate::ops::{JobOutcome, Metrics, RemovalReason, StatusBoard, TokenAccess, VmInfo, VmLimits};
+use crate::ops::{
+    DiscardReason, JobOutcome, Metrics, RemovalReason, StartPath, StatusBoard, TokenAccess, VmInfo,
+    VmLimits,
+};
 use crate::secret::Secret;
 use crate::types::{Accel, JobState, VmName};
 use crate::vm::{self, Outcome, Seed, VmSpec};
@@ -67,10 +72,12 @@ pub(crate) struct JobSettings {
     pub runner_marker: String,
     /// How long a winning claim waits before its second look (`claim::SETTLE`).
     pub claim_settle: Duration,
+    /// Warm pool: how long a warm VM may take to acknowledge its payload (`pool.bind_timeout`).
+    pub bind_timeout: Duration,
 }
 
 /// A job taken from the queue, and how the scheduler tells it that Forgejo shows it picked up.
-pub(crate) struct Ticket {
+pub(crate) struct Ticket<Vm> {
     pub job: Job,
     pub seen_at: Instant,
     pub picked_up: watch::Receiver<bool>,
@@ -79,17 +86,32 @@ pub(crate) struct Ticket {
     /// How long to wait before claiming the job: longer the busier this host is, so that with
     /// equal hosts the one with more free slots claims first (plus jitter, so none starves).
     pub claim_delay: Duration,
+    /// Warm pool: the ready warm VM the job runs in (its name becomes the runner's).
+    pub warm: Option<WarmVm<Vm>>,
 }
 
 /// What the scheduler learns when a job's task ends.
-#[derive(Debug)]
-pub(crate) struct Report {
+pub(crate) struct Report<Vm> {
     pub outcome: JobOutcome,
     /// The runner picked the job up (Forgejo showed it running).
     pub picked_up: bool,
     /// The host's accelerator failed the guest under `accel = "auto"`: KVM is now marked broken,
     /// and the job should get a fresh VM (under TCG) if it is still waiting.
     pub retry: Option<Queued>,
+    /// Warm pool: the warm VM the job took but did not use (claim lost, a step before the bind
+    /// failed): it goes back to the pool.
+    pub unused_warm: Option<WarmVm<Vm>>,
+}
+
+impl<Vm> std::fmt::Debug for Report<Vm> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Report")
+            .field("outcome", &self.outcome)
+            .field("picked_up", &self.picked_up)
+            .field("retry", &self.retry)
+            .field("unused_warm", &self.unused_warm.as_ref().map(|w| &w.name))
+            .finish()
+    }
 }
 
 /// A step of the pipeline that failed, and why. The cause is printed once, in the message.
@@ -220,13 +242,27 @@ pub(crate) struct JobRun<F: Forge, N: Network, V: Vms> {
     launched: bool,
     /// Taken over from a previous daemon: its preparation and boot were not timed here.
     adopted: bool,
+    /// Warm pool: the warm VM taken for this job, until its payload is delivered.
+    warm: Option<WarmVm<V::Vm>>,
+    /// A warm VM that did not acknowledge its payload, stopping; awaited in `finish`.
+    discarding: Option<tokio::task::JoinHandle<()>>,
+    /// Dispatch on the host's wall clock (ms), for the bind latency against the guest's stamp.
+    dispatched_unix_ms: i64,
 }
 
 impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
-    fn new(env: Arc<JobEnv<F, N, V>>, job: Job, seen_at: Instant) -> Self {
+    fn new(
+        env: Arc<JobEnv<F, N, V>>,
+        job: Job,
+        seen_at: Instant,
+        warm: Option<WarmVm<V::Vm>>,
+    ) -> Self {
         Self {
             env,
-            name: VmName::generate(),
+            // A warm VM's name becomes the runner's (and the job's VM's).
+            name: warm
+                .as_ref()
+                .map_or_else(VmName::generate, |w| w.name.clone()),
             job,
             seen_at,
             dispatched: Instant::now(),
@@ -234,6 +270,9 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             held: Held::default(),
             launched: false,
             adopted: false,
+            warm,
+            discarding: None,
+            dispatched_unix_ms: crate::vm::agent::unix_ms_now(),
         }
     }
 
@@ -317,6 +356,13 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         }
         crate::failpoint::crash_point("after-runner");
         let registry = self.registry_login(&repo).await?;
+        if let Some(warm) = self.warm.take() {
+            match self.bind(warm, &repo, &runner, registry.as_ref()).await? {
+                Some(vm) => return Ok(Some(vm)),
+                None => self.rename_for_cold_boot(&repo),
+            }
+        }
+        env.metrics.job_started(StartPath::Cold);
         let attachment = env.net.attach(&self.name).map_err(StepError::Network)?;
         let address = attachment.address;
         self.held.net = Some(attachment.hold);
@@ -333,28 +379,136 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         );
         spec.net = Some(attachment.device);
         spec.disk = disk;
-        // Everything a restarted daemon needs to take the job over (see `adopt.rs`).
-        spec.job = Some(vm::JobMeta {
+        spec.job = Some(self.job_meta(&repo, runner.id, address));
+        env.vms
+            .launch(spec)
+            .await
+            .map(Some)
+            .map_err(StepError::Launch)
+    }
+
+    /// Everything a restarted daemon needs to take the job over (see `adopt.rs`), for `vm.json`.
+    fn job_meta(&self, repo: &Repository, runner_id: i64, address: Ipv4Addr) -> vm::JobMeta {
+        vm::JobMeta {
             job_id: self.job.id,
             owner: repo.owner.clone(),
             repo: repo.name.clone(),
             address: Some(address),
             handle: self.job.handle.clone(),
             repo_id: self.job.repo_id,
-            runner_id: Some(runner.id),
+            runner_id: Some(runner_id),
             token: self.held.token.as_ref().map(|t| vm::TokenMeta {
                 username: t.user.username.clone(),
                 user_repo_id: t.user.repo_id,
                 id: t.id,
                 name: t.name.clone(),
             }),
-            boot_deadline_at: Some(OffsetDateTime::now_utc() + env.settings.boot_deadline),
-        });
-        env.vms
-            .launch(spec)
+            boot_deadline_at: Some(OffsetDateTime::now_utc() + self.env.settings.boot_deadline),
+        }
+    }
+
+    /// Warm pool: delivers the job's payload to `warm` and waits for its STARTED. `Ok(None)`: it
+    /// did not acknowledge within `bind_timeout`; it is being stopped, and the job boots cold.
+    async fn bind(
+        &mut self,
+        mut warm: WarmVm<V::Vm>,
+        repo: &Repository,
+        runner: &forgejo::RegisteredRunner,
+        registry: Option<&(String, Secret)>,
+    ) -> Result<Option<V::Vm>, StepError> {
+        let env = self.env.clone();
+        // Recorded before the payload leaves: from here on a restart takes the VM over with its job.
+        if let Err(e) = warm
+            .vm
+            .record_job(self.job_meta(repo, runner.id, warm.address))
+        {
+            tracing::warn!(vm = %self.name, "cannot record job {} in the warm VM's vm.json ({e}): a restart would sweep it", self.job.id);
+        }
+        let s = &env.settings;
+        let plan = JobPlan::new(
+            &RunnerParams {
+                forgejo_url: &s.runner_url,
+                runner_uuid: &runner.uuid,
+                runner_token: &runner.token,
+                label: &s.label,
+                handle: &self.job.handle,
+            },
+            registry
+                .map(|(username, token)| RegistryAuth {
+                    host: RegistryAuth::host_of(&s.runner_url),
+                    username,
+                    token,
+                })
+                .as_ref(),
+        )
+        .map_err(StepError::Seed)?;
+        match warm
+            .agent
+            .deliver(&plan.agent_payload(), s.bind_timeout)
             .await
-            .map(Some)
-            .map_err(StepError::Launch)
+        {
+            Ok(guest_ms) => {
+                let started_ms = guest_ms + warm.clock_offset_ms;
+                let latency = Duration::from_millis(
+                    u64::try_from(started_ms - self.dispatched_unix_ms).unwrap_or(0),
+                );
+                let age = warm.ready_at.elapsed();
+                env.metrics.job_started(StartPath::Warm);
+                env.metrics.pool_bound(latency, age);
+                tracing::info!(
+                    vm = %self.name,
+                    "job {}: bound to warm VM {} (ready {}s); its runner started {} ms after dispatch",
+                    self.job.id,
+                    self.name,
+                    age.as_secs(),
+                    latency.as_millis()
+                );
+                let WarmVm {
+                    vm, hold, address, ..
+                } = warm;
+                self.held.net = Some(hold);
+                env.board.vm_update(self.name.as_str(), |v| {
+                    v.address = Some(address.to_string())
+                });
+                Ok(Some(vm))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    vm = %self.name,
+                    "job {}: warm VM {} did not take the job ({e}); stopping it, booting a VM for the job",
+                    self.job.id,
+                    self.name
+                );
+                // The payload may have reached the guest: the VM is stopped, never given back.
+                warm.vm.stop_token().cancel();
+                self.discarding = Some(tokio::spawn(pool::discard(
+                    &env,
+                    warm,
+                    DiscardReason::NoAck,
+                )));
+                Ok(None)
+            }
+        }
+    }
+
+    /// After a failed bind the job boots cold under a fresh VM name (the discarded warm VM still
+    /// holds its own); its runner keeps the warm VM's name.
+    fn rename_for_cold_boot(&mut self, repo: &Repository) {
+        let old = std::mem::replace(&mut self.name, VmName::generate());
+        self.env.board.vm_removed(old.as_str());
+        self.env.board.vm_added(VmInfo {
+            name: self.name.to_string(),
+            job_id: self.job.id,
+            owner: repo.owner.clone(),
+            repo: repo.name.clone(),
+            state: self.state.into(),
+            address: None,
+            started_at: OffsetDateTime::now_utc(),
+            accel: None,
+            pid: None,
+            serial_log: None,
+            limits: None,
+        });
     }
 
     /// Decides whether this host runs the job (see `claim.rs`): ours when our claim `mine` is the
@@ -615,7 +769,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
 
     /// The VM was handed over: its token, runner, tap and lease are the next daemon's now.
     /// Nothing is released, and the tap's guard is never dropped (its `Drop` would remove it).
-    fn hand_over(&mut self, s: Supervised) -> Report {
+    fn hand_over(&mut self, s: Supervised) -> Report<V::Vm> {
         let held = std::mem::take(&mut self.held);
         std::mem::forget(held.net);
         tracing::info!(
@@ -629,16 +783,23 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             outcome: s.outcome,
             picked_up: s.picked_up,
             retry: None,
+            unused_warm: self.warm.take(),
         }
     }
 
     /// Cleaning: releases what the job holds, records the outcome, and ends in `done` or `failed`.
-    async fn finish(&mut self, s: Supervised) -> Report {
+    async fn finish(&mut self, s: Supervised) -> Report<V::Vm> {
         let env = self.env.clone();
         let (name, job_id, outcome) = (self.name.clone(), self.job.id, s.outcome);
         self.enter(JobState::Cleaning);
         let ended = Instant::now();
         let failed = release(&env.forge, &name, std::mem::take(&mut self.held)).await;
+        if let Some(d) = self.discarding.take() {
+            // The warm VM that did not acknowledge: gone before the job counts as done.
+            if let Err(e) = d.await {
+                tracing::error!(vm = %name, "stopping the discarded warm VM failed: {e}");
+            }
+        }
         env.metrics.observe_teardown(ended.elapsed());
         env.metrics.job_finished(outcome, self.dispatched.elapsed());
         if self.launched {
@@ -677,6 +838,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             outcome,
             picked_up: s.picked_up,
             retry,
+            unused_warm: self.warm.take(),
         }
     }
 }
@@ -714,10 +876,15 @@ impl<F: Forge, N: Network, V: Vms> Drop for JobRun<F, N, V> {
 /// Runs one job to the end. Never fails: every failure becomes the outcome and a log line.
 pub(crate) async fn run<F: Forge, N: Network, V: Vms>(
     env: Arc<JobEnv<F, N, V>>,
-    mut ticket: Ticket,
+    mut ticket: Ticket<V::Vm>,
     stop: CancellationToken,
-) -> Report {
-    let mut job = JobRun::new(env.clone(), ticket.job.clone(), ticket.seen_at);
+) -> Report<V::Vm> {
+    let mut job = JobRun::new(
+        env.clone(),
+        ticket.job.clone(),
+        ticket.seen_at,
+        ticket.warm.take(),
+    );
     job.enter(JobState::Preparing);
     env.metrics
         .job_dispatched(job.dispatched.saturating_duration_since(ticket.seen_at));
@@ -760,7 +927,7 @@ pub(crate) struct Adopted<Vm> {
     pub job: Job,
     pub owner: String,
     pub repo: String,
-    pub address: Option<std::net::Ipv4Addr>,
+    pub address: Option<Ipv4Addr>,
     pub vm: Vm,
     pub held: Held,
     /// What is left of the boot deadline (counted from the original launch).
@@ -774,8 +941,8 @@ pub(crate) async fn run_adopted<F: Forge, N: Network, V: Vms>(
     a: Adopted<V::Vm>,
     mut picked_up: watch::Receiver<bool>,
     stop: CancellationToken,
-) -> Report {
-    let mut job = JobRun::new(env.clone(), a.job, Instant::now());
+) -> Report<V::Vm> {
+    let mut job = JobRun::new(env.clone(), a.job, Instant::now(), None);
     job.name = a.name;
     job.held = a.held;
     job.launched = true;

@@ -353,6 +353,10 @@ impl RunningVm for FakeVm {
         self.detach.clone()
     }
 
+    fn record_job(&self, _job: vm::JobMeta) -> Result<(), vm::Error> {
+        Ok(())
+    }
+
     fn watch_state(&self) -> watch::Receiver<vm::VmState> {
         self.state.clone()
     }
@@ -374,6 +378,11 @@ impl RunningVm for FakeVm {
             timings: Default::default(),
             teardown_error: None,
         })
+    }
+
+    /// The doubles have no agent: a warm VM of theirs never says READY.
+    fn agent_socket(&self) -> std::path::PathBuf {
+        "/nonexistent/agent.sock".into()
     }
 }
 
@@ -415,6 +424,7 @@ fn env_claims(
             accel,
             runner_marker: "fkr-qemu@test".into(),
             claim_settle: Duration::from_millis(5),
+            bind_timeout: Duration::from_secs(1),
         },
     })
 }
@@ -450,7 +460,7 @@ fn start(
     env: &Arc<Env>,
     job: Job,
 ) -> (
-    tokio::task::JoinHandle<Report>,
+    tokio::task::JoinHandle<Report<FakeVm>>,
     watch::Sender<bool>,
     CancellationToken,
 ) {
@@ -462,6 +472,7 @@ fn start(
         picked_up: rx,
         disk: None,
         claim_delay: Duration::ZERO,
+        warm: None,
     };
     let task = tokio::spawn(run(env.clone(), ticket, stop.clone()));
     (task, tx, stop)
@@ -993,6 +1004,7 @@ fn emulator_hosts(
                     accel: Accel::Tcg,
                     runner_marker: format!("fkr-qemu@{id}"),
                     claim_settle,
+                    bind_timeout: Duration::from_secs(1),
                 },
             })
         })
@@ -1027,6 +1039,7 @@ async fn two_hosts_racing_on_bursts_boot_each_job_exactly_once() {
                         picked_up: rx,
                         disk: None,
                         claim_delay: Duration::ZERO,
+                        warm: None,
                     };
                     run(env, ticket, CancellationToken::new()).await
                 }));
@@ -1097,7 +1110,7 @@ async fn claim_cost() {
     let hosts = emulator_hosts(&emu, &dirs, claim::SETTLE);
     /// Registers `env`'s claim on `job` and decides it; the time from registration to decision.
     async fn one(env: EmulatorHost, job: Job) -> (Duration, bool) {
-        let mut run = JobRun::new(env.clone(), job, Instant::now());
+        let mut run = JobRun::new(env.clone(), job, Instant::now(), None);
         let repo = env.forge.repository(run.job.repo_id).await.unwrap();
         let runner = run.register_runner(&repo).await.unwrap();
         let t = Instant::now();
@@ -1209,7 +1222,7 @@ async fn adopt_one(
     env: &Arc<Env>,
     picked_up: bool,
     boot_left: Duration,
-) -> (tokio::task::JoinHandle<Report>, VmCtl) {
+) -> (tokio::task::JoinHandle<Report<FakeVm>>, VmCtl) {
     env.forge.tokens.lock().unwrap().insert(41);
     env.forge
         .runners

@@ -14,6 +14,7 @@ pub mod duration;
 mod job;
 mod joblist;
 mod pacing;
+mod pool;
 mod ports;
 #[cfg(test)]
 mod prepare_tests;

@@ -189,10 +189,14 @@ pub(crate) trait RunningVm: Send + 'static {
     fn stop_token(&self) -> CancellationToken;
     /// Cancelling it lets go of the VM, running (a handover to the next daemon).
     fn detach_token(&self) -> CancellationToken;
+    /// Records the job a warm VM was bound to in its `vm.json` (for a restart to take it over).
+    fn record_job(&self, job: vm::JobMeta) -> Result<(), vm::Error>;
     /// The driver's view: `running` once QMP answered.
     fn watch_state(&self) -> watch::Receiver<vm::VmState>;
     /// Waits for the end (teardown included).
     fn wait(self) -> impl Future<Output = Result<VmExit, vm::Error>> + Send;
+    /// Warm pool: the host end of the job agent's port (`VmSpec::agent`).
+    fn agent_socket(&self) -> PathBuf;
 }
 
 impl RunningVm for VmHandle {
@@ -213,12 +217,20 @@ impl RunningVm for VmHandle {
         VmHandle::detach_token(self)
     }
 
+    fn record_job(&self, job: vm::JobMeta) -> Result<(), vm::Error> {
+        VmHandle::record_job(self, job)
+    }
+
     fn watch_state(&self) -> watch::Receiver<vm::VmState> {
         VmHandle::watch_state(self)
     }
 
     async fn wait(self) -> Result<VmExit, vm::Error> {
         VmHandle::wait(self).await
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.dir().join(vm::files::AGENT)
     }
 }
 

@@ -108,65 +108,105 @@ pub fn runner_command(r: &RunnerParams<'_>) -> String {
     )
 }
 
+/// What a job VM is given, whichever way it gets it: root-only files (path, content) and the
+/// commands to run in order with `sh -c`. The cold path renders it as user-data ([`render`]); a
+/// warm VM gets it over the job agent's channel ([`JobPlan::agent_payload`]). Holds secrets.
+pub struct JobPlan {
+    pub files: Vec<(&'static str, String)>,
+    pub commands: Vec<String>,
+}
+
+impl JobPlan {
+    /// Checks every value and builds the files and commands.
+    pub fn new(
+        runner: &RunnerParams<'_>,
+        registry: Option<&RegistryAuth<'_>>,
+    ) -> Result<JobPlan, Error> {
+        for (what, v) in [
+            ("the runner uuid", runner.runner_uuid),
+            ("the runner token", runner.runner_token.expose()),
+            ("the label", runner.label),
+            ("the job handle", runner.handle),
+        ] {
+            check_one_line(what, v)?;
+        }
+        if let Some(registry) = registry {
+            for (what, v) in [
+                ("the registry host", registry.host.as_str()),
+                ("the CI user name", registry.username),
+                ("the registry token", registry.token.expose()),
+            ] {
+                check_one_line(what, v)?;
+            }
+        }
+        let mut files = vec![(RUNNER_TOKEN_PATH, runner.runner_token.expose().to_owned())];
+        if let Some(registry) = registry {
+            let auth = registry_auth_json(registry);
+            files.push((DOCKER_CONFIG_PATH, auth.clone()));
+            files.push((CONTAINERS_AUTH_PATH, auth));
+        }
+        let copy_for_runner = "if id runner >/dev/null 2>&1; then \
+            for f in .docker/config.json .config/containers/auth.json; do \
+            d=/home/runner/$(dirname $f); mkdir -p $d && chmod 0700 $d && cp /root/$f /home/runner/$f \
+            && chmod 0600 /home/runner/$f; done; \
+            chown -R runner:runner /home/runner/.docker /home/runner/.config; fi";
+        let run = format!(
+            "echo \"fkr: starting forgejo-runner for job handle {h}\"; {cmd}; \
+             echo \"fkr: forgejo-runner exited with status $?\"",
+            h = runner.handle.replace(['"', '\\', '$', '`'], "_"),
+            cmd = runner_command(runner),
+        );
+        let commands = match registry {
+            Some(_) => vec![copy_for_runner.to_owned(), run],
+            None => vec![run],
+        };
+        Ok(JobPlan { files, commands })
+    }
+
+    /// The warm pool's payload: the same files (0600) and the commands as one script.
+    pub fn agent_payload(&self) -> crate::vm::agent::Payload {
+        use crate::vm::agent::{Payload, PayloadFile};
+        Payload {
+            files: self
+                .files
+                .iter()
+                .map(|(path, content)| PayloadFile {
+                    path: (*path).to_owned(),
+                    mode: 0o600,
+                    content: Secret::new(content.clone()),
+                })
+                .collect(),
+            command: Secret::new(self.commands.join("\n")),
+        }
+    }
+}
+
 /// Renders the user-data. The result contains secrets (the runner token, the registry token): it goes
 /// only into the VM's 0600 seed image. Without `registry`, no registry auth files are written.
 pub fn render(
     runner: &RunnerParams<'_>,
     registry: Option<&RegistryAuth<'_>>,
 ) -> Result<String, Error> {
-    for (what, v) in [
-        ("the runner uuid", runner.runner_uuid),
-        ("the runner token", runner.runner_token.expose()),
-        ("the label", runner.label),
-        ("the job handle", runner.handle),
-    ] {
-        check_one_line(what, v)?;
-    }
-    if let Some(registry) = registry {
-        for (what, v) in [
-            ("the registry host", registry.host.as_str()),
-            ("the CI user name", registry.username),
-            ("the registry token", registry.token.expose()),
-        ] {
-            check_one_line(what, v)?;
-        }
-    }
-    let mut files = vec![(RUNNER_TOKEN_PATH, runner.runner_token.expose().to_owned())];
-    if let Some(registry) = registry {
-        let auth = registry_auth_json(registry);
-        files.push((DOCKER_CONFIG_PATH, auth.clone()));
-        files.push((CONTAINERS_AUTH_PATH, auth));
-    }
-    let copy_for_runner = "if id runner >/dev/null 2>&1; then \
-        for f in .docker/config.json .config/containers/auth.json; do \
-        d=/home/runner/$(dirname $f); mkdir -p $d && chmod 0700 $d && cp /root/$f /home/runner/$f \
-        && chmod 0600 /home/runner/$f; done; \
-        chown -R runner:runner /home/runner/.docker /home/runner/.config; fi";
-    let run = format!(
-        "echo \"fkr: starting forgejo-runner for job handle {h}\"; {cmd}; \
-         echo \"fkr: forgejo-runner exited with status $?\"",
-        h = runner.handle.replace(['"', '\\', '$', '`'], "_"),
-        cmd = runner_command(runner),
-    );
-
+    let plan = JobPlan::new(runner, registry)?;
     let mut out = String::from("#cloud-config\nwrite_files:\n");
-    for (path, content) in files {
+    for (path, content) in &plan.files {
         out.push_str(&format!(
             "- path: {path}\n  owner: root:root\n  permissions: '0600'\n  encoding: b64\n  content: {}\n",
             b64(content.as_bytes())
         ));
     }
     out.push_str("runcmd:\n");
-    let cmds: Vec<&str> = match registry {
-        Some(_) => vec![copy_for_runner, run.as_str()],
-        None => vec![run.as_str()],
-    };
-    for cmd in cmds {
+    for cmd in &plan.commands {
         out.push_str(&format!("- {}\n", yaml_single(cmd)));
     }
     out.push_str("power_state:\n  mode: poweroff\n  timeout: 30\n  condition: true\n");
     Ok(out)
 }
+
+/// A warm VM's user-data: nothing of any job. The guest's job agent (enabled by the presence of
+/// its virtio-serial port) waits for the payload; there is no `power_state`, since the VM must
+/// stay up until a job is bound to it.
+pub const WARM_USER_DATA: &str = "#cloud-config\n";
 
 #[cfg(test)]
 mod tests {

@@ -26,6 +26,11 @@
 //! | `fkr_qemu_ci_user_refusals_total` | counter | (a Forgejo account holds the CI user's name without proof it is ours) |
 //! | `fkr_qemu_job_tokens_total` | counter | `access` ([`TokenAccess`]: `write`, `read`, `none`) |
 //! | `fkr_qemu_restart_vms_total` | counter | `result` ([`RestartResult`]: VMs a start found running: `adopted`, `swept`) |
+//! | `fkr_qemu_pool_warm_vms` | gauge | warm VMs ready for a job (said READY, none bound) |
+//! | `fkr_qemu_job_starts_total` | counter | `path` ([`StartPath`]: `warm` bound to a warm VM, `cold` booted for the job) |
+//! | `fkr_qemu_pool_bind_seconds` | histogram | a warm bind: dispatch → the runner started (the guest's STARTED stamp, on the host's clock) |
+//! | `fkr_qemu_pool_warm_age_seconds` | histogram | a warm VM's age (since READY) when a job took it |
+//! | `fkr_qemu_pool_discards_total` | counter | `reason` ([`DiscardReason`]) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -202,6 +207,126 @@ impl TokenAccess {
     }
 }
 
+/// How a job's runner got its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StartPath {
+    /// Bound to a warm VM of the pool.
+    Warm,
+    /// A VM booted for the job (no warm VM was ready, the pool is off, or the bind failed).
+    Cold,
+}
+
+impl StartPath {
+    pub const ALL: [StartPath; 2] = [StartPath::Warm, StartPath::Cold];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartPath::Warm => "warm",
+            StartPath::Cold => "cold",
+        }
+    }
+}
+
+/// Why a warm VM was stopped without running a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DiscardReason {
+    /// It did not acknowledge its job (STARTED) within `pool.bind_timeout`.
+    NoAck,
+    /// It never said READY within `boot_deadline` (or failed to launch).
+    NotReady,
+    /// Older than `pool.max_age`.
+    Aged,
+    /// The base image file changed since it booted.
+    ImageChanged,
+    /// Its QEMU ended or its channel closed while it waited.
+    Died,
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+impl DiscardReason {
+    pub const ALL: [DiscardReason; 6] = [
+        DiscardReason::NoAck,
+        DiscardReason::NotReady,
+        DiscardReason::Aged,
+        DiscardReason::ImageChanged,
+        DiscardReason::Died,
+        DiscardReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiscardReason::NoAck => "no_ack",
+            DiscardReason::NotReady => "not_ready",
+            DiscardReason::Aged => "aged",
+            DiscardReason::ImageChanged => "image_changed",
+            DiscardReason::Died => "died",
+            DiscardReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PathLabels {
+    path: StartPath,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DiscardLabels {
+    reason: DiscardReason,
+}
+
+/// The warm pool's metrics.
+struct PoolMetrics {
+    warm: Gauge,
+    starts: Family<PathLabels, Counter>,
+    bind: Histogram,
+    age: Histogram,
+    discards: Family<DiscardLabels, Counter>,
+}
+
+impl PoolMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = PoolMetrics {
+            warm: Gauge::default(),
+            starts: Family::default(),
+            // 10 ms … ~80 s: a bind is sub-second; a fallback to a cold boot is not.
+            bind: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            // 1 s … ~4.5 h: up to max_age.
+            age: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            discards: Family::default(),
+        };
+        registry.register("pool_warm_vms", "Warm VMs ready for a job", m.warm.clone());
+        registry.register(
+            "job_starts",
+            "Jobs whose runner started in a warm VM or in a VM booted for them",
+            m.starts.clone(),
+        );
+        registry.register(
+            "pool_bind_seconds",
+            "Warm binds: dispatch to the runner started in the guest",
+            m.bind.clone(),
+        );
+        registry.register(
+            "pool_warm_age_seconds",
+            "Age of a warm VM (since READY) when a job took it",
+            m.age.clone(),
+        );
+        registry.register(
+            "pool_discards",
+            "Warm VMs stopped without running a job, by reason",
+            m.discards.clone(),
+        );
+        for path in StartPath::ALL {
+            drop(m.starts.get_or_create(&PathLabels { path }));
+        }
+        for reason in DiscardReason::ALL {
+            drop(m.discards.get_or_create(&DiscardLabels { reason }));
+        }
+        m
+    }
+}
+
 macro_rules! label_value_via_as_str {
     ($($t:ty),*) => {$(
         impl EncodeLabelValue for $t {
@@ -216,7 +341,9 @@ label_value_via_as_str!(
     RemovalReason,
     SweepKind,
     TokenAccess,
-    RestartResult
+    RestartResult,
+    StartPath,
+    DiscardReason
 );
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -287,6 +414,7 @@ struct Inner {
     ci_user_refusals: Counter,
     job_tokens: Family<AccessLabels, Counter>,
     restart_vms: Family<RestartLabels, Counter>,
+    pool: PoolMetrics,
 }
 
 /// The daemon's metrics. Clone it freely: clones share the same counters.
@@ -428,6 +556,8 @@ impl Metrics {
             restart_vms.clone(),
         );
 
+        let pool = PoolMetrics::register(&mut registry);
+
         // Create every labelled series up front so scrapes show zeros instead of missing series
         // (rate() and alerts behave better on series that exist from the start).
         for outcome in JobOutcome::ALL {
@@ -468,8 +598,41 @@ impl Metrics {
                 ci_user_refusals,
                 job_tokens,
                 restart_vms,
+                pool,
             }),
         }
+    }
+
+    /// Warm VMs ready now.
+    pub fn set_pool_warm(&self, n: usize) {
+        self.inner
+            .pool
+            .warm
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A job's runner started on `path`.
+    pub fn job_started(&self, path: StartPath) {
+        self.inner
+            .pool
+            .starts
+            .get_or_create(&PathLabels { path })
+            .inc();
+    }
+
+    /// A warm bind: dispatch → runner started took `latency`; the warm VM was `age` old.
+    pub fn pool_bound(&self, latency: Duration, age: Duration) {
+        self.inner.pool.bind.observe(latency.as_secs_f64());
+        self.inner.pool.age.observe(age.as_secs_f64());
+    }
+
+    /// A warm VM was stopped without a job.
+    pub fn pool_discarded(&self, reason: DiscardReason) {
+        self.inner
+            .pool
+            .discards
+            .get_or_create(&DiscardLabels { reason })
+            .inc();
     }
 
     /// A job failed because its CI user's name is held by an account that is not provably ours.
@@ -692,6 +855,33 @@ mod tests {
             2.0
         );
         assert!(t.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn pool_metrics_move() {
+        let m = Metrics::new();
+        let t = m.encode();
+        assert_eq!(sample(&t, "fkr_qemu_job_starts_total{path=\"warm\"}"), 0.0);
+        assert_eq!(
+            sample(&t, "fkr_qemu_pool_discards_total{reason=\"no_ack\"}"),
+            0.0
+        );
+        m.set_pool_warm(2);
+        m.job_started(StartPath::Warm);
+        m.job_started(StartPath::Cold);
+        m.job_started(StartPath::Warm);
+        m.pool_bound(Duration::from_millis(250), Duration::from_secs(30));
+        m.pool_discarded(DiscardReason::NoAck);
+        let t = m.encode();
+        assert_eq!(sample(&t, "fkr_qemu_pool_warm_vms"), 2.0);
+        assert_eq!(sample(&t, "fkr_qemu_job_starts_total{path=\"warm\"}"), 2.0);
+        assert_eq!(sample(&t, "fkr_qemu_job_starts_total{path=\"cold\"}"), 1.0);
+        assert_eq!(sample(&t, "fkr_qemu_pool_bind_seconds_sum"), 0.25);
+        assert_eq!(sample(&t, "fkr_qemu_pool_warm_age_seconds_sum"), 30.0);
+        assert_eq!(
+            sample(&t, "fkr_qemu_pool_discards_total{reason=\"no_ack\"}"),
+            1.0
+        );
     }
 
     #[test]

@@ -28,10 +28,13 @@ use std::path::{Path, PathBuf};
 
 pub use control::{Client, ControlServer};
 pub use http::{MetricsConfig, MetricsServer};
-pub use metrics::{JobOutcome, Metrics, RemovalReason, RestartResult, SweepKind, TokenAccess};
+pub use metrics::{
+    DiscardReason, JobOutcome, Metrics, RemovalReason, RestartResult, StartPath, SweepKind,
+    TokenAccess,
+};
 pub use status::{
-    DaemonStatus, FleetRunner, LastError, LeftState, StatusBoard, StatusSource, VmInfo, VmLimits,
-    VmState,
+    DaemonStatus, FleetRunner, LastError, LeftState, PoolState, StatusBoard, StatusSource, VmInfo,
+    VmLimits, VmState,
 };
 
 /// Errors of the `ops` module.

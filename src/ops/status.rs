@@ -26,6 +26,18 @@ pub enum VmState {
     Job(JobState),
     /// Found on disk with no daemon answering.
     Left(LeftState),
+    /// A warm VM of the pool, holding no job (`warming`, `warm`).
+    Pool(PoolState),
+}
+
+/// A warm VM's state before a job is bound to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolState {
+    /// Booting; its agent has not said READY yet.
+    Warming,
+    /// Ready for the next job.
+    Warm,
 }
 
 /// What `list` finds in the runtime dir when no daemon answers.
@@ -44,6 +56,8 @@ impl VmState {
             VmState::Job(s) => s.as_str(),
             VmState::Left(LeftState::Orphaned) => "orphaned",
             VmState::Left(LeftState::Stale) => "stale",
+            VmState::Pool(PoolState::Warming) => "warming",
+            VmState::Pool(PoolState::Warm) => "warm",
         }
     }
 }

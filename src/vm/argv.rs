@@ -43,6 +43,8 @@ pub struct QemuPlan {
     pub serial_fd: RawFd,
     /// The tap fd and the NIC's MAC.
     pub net: Option<(RawFd, MacAddr)>,
+    /// Warm pool: a listening Unix socket the daemon bound for the job agent's port.
+    pub agent_fd: Option<RawFd>,
 }
 
 /// QEMU option values separate keys with `,`; a literal comma in a path is written `,,`.
@@ -148,6 +150,21 @@ pub fn build_argv(plan: &QemuPlan) -> Vec<String> {
         // `romfile=`: no iPXE option ROM, we never netboot (saves ~0.3 s of firmware time).
         a.push(format!("virtio-net-pci,netdev=net0,mac={mac},romfile="));
     }
+    if let Some(fd) = plan.agent_fd {
+        // The warm pool's job agent: one virtio-serial port the guest sees as
+        // /dev/virtio-ports/<AGENT_PORT> (root-only), its host end the daemon's socket.
+        a.extend([
+            "-device".into(),
+            "virtio-serial-pci,id=agentbus0".into(),
+            "-chardev".into(),
+            format!("socket,id=agent0,fd={fd},server=on,wait=off"),
+            "-device".into(),
+            format!(
+                "virtserialport,bus=agentbus0.0,chardev=agent0,name={}",
+                super::agent::PORT_NAME
+            ),
+        ]);
+    }
     a
 }
 
@@ -182,6 +199,7 @@ mod tests {
             qmp_fd: 17,
             serial_fd: 18,
             net,
+            agent_fd: None,
         }
     }
 
@@ -259,6 +277,25 @@ mod tests {
             &a,
             "-device",
             "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile="
+        ));
+    }
+
+    #[test]
+    fn the_agent_port_is_there_only_when_asked_for() {
+        let a = build_argv(&plan(Accel::Tcg, None));
+        assert!(!a.iter().any(|x| x.contains("virtserialport")));
+        let mut p = plan(Accel::Tcg, None);
+        p.agent_fd = Some(18);
+        let a = build_argv(&p);
+        assert!(has_pair(
+            &a,
+            "-chardev",
+            "socket,id=agent0,fd=18,server=on,wait=off"
+        ));
+        assert!(has_pair(
+            &a,
+            "-device",
+            "virtserialport,bus=agentbus0.0,chardev=agent0,name=org.fkr-qemu.agent.0"
         ));
     }
 

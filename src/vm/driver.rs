@@ -51,6 +51,9 @@ pub struct VmSpec {
     /// Text the guest prints on its console when it is ready (boot-test's proof, the runner's start
     /// line): its arrival is [`Timings::ready_ms`], the end of the userspace phase.
     pub ready_marker: Option<String>,
+    /// Warm pool: give the guest the job agent's virtio-serial port (`agent.rs`), its host end
+    /// a socket the daemon binds in the VM's runtime dir (`files::AGENT`).
+    pub agent: bool,
 }
 
 impl VmSpec {
@@ -69,6 +72,7 @@ impl VmSpec {
             job: None,
             disk: None,
             ready_marker: None,
+            agent: false,
         }
     }
 }
@@ -236,6 +240,8 @@ struct OpenFiles {
     seed: File,
     qmp: UnixListener,
     serial: UnixListener,
+    /// Warm pool: the job agent's port (see `VmSpec::agent`).
+    agent: Option<UnixListener>,
 }
 
 impl OpenFiles {
@@ -264,6 +270,9 @@ impl OpenFiles {
             self.qmp.as_raw_fd(),
             self.serial.as_raw_fd(),
         ]
+        .into_iter()
+        .chain(self.agent.as_ref().map(AsRawFd::as_raw_fd))
+        .collect()
     }
 }
 
@@ -436,6 +445,16 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
     // QEMU (`wait=on`) accepts it before the guest runs, so the firmware's first byte is logged.
     let serial_conn = UnixStream::connect(&serial_socket)
         .map_err(|e| Error::io(format!("connecting to {}", serial_socket.display()), e))?;
+    // Warm pool: like QMP, the agent's socket is bound here (0700 dir: root only) and passed.
+    let agent = if spec.agent {
+        let path = dir_path.join(files::AGENT);
+        Some(
+            UnixListener::bind(&path)
+                .map_err(|e| Error::io(format!("binding {}", path.display()), e))?,
+        )
+    } else {
+        None
+    };
     let files = OpenFiles {
         code: open_ro(&firmware.code)?,
         vars_rw: open_rw(&vars)?,
@@ -446,6 +465,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         seed: open_ro(&seed)?,
         qmp,
         serial,
+        agent,
     };
 
     crate::failpoint::crash_point("after-disks");
@@ -460,6 +480,7 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         fds: files.fds(),
         qmp_fd: files.qmp.as_raw_fd(),
         serial_fd: files.serial.as_raw_fd(),
+        agent_fd: files.agent.as_ref().map(AsRawFd::as_raw_fd),
         net: spec.net.as_ref().map(|n| (n.tap.as_raw_fd(), n.mac)),
     };
     Ok(PreparedVm {
@@ -695,7 +716,12 @@ pub(super) fn supervise_adopted(config: &VmConfig, a: Adopted) -> Result<VmHandl
         Some(conn) => {
             let _ = log.write(b"\r\n[fkr-qemu: the daemon restarted and took this VM over; output in between is lost]\r\n");
             // The boot is long past: no milestone is looked for.
-            Some(tokio::spawn(pump_serial(conn, log, PhaseDetector::new(None), serial_tx)))
+            Some(tokio::spawn(pump_serial(
+                conn,
+                log,
+                PhaseDetector::new(None),
+                serial_tx,
+            )))
         }
         None => None,
     };
@@ -816,6 +842,18 @@ impl VmHandle {
     /// Asks the VM to stop; `wait` then returns `HostStopped`.
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Records `job` in the VM's `vm.json` (a warm VM bound to a job), atomically.
+    pub fn record_job(&self, job: JobMeta) -> Result<(), Error> {
+        let mut meta = VmMeta::read(&self.dir).ok_or_else(|| {
+            Error::io(
+                format!("reading {}", self.dir.join(files::META).display()),
+                std::io::ErrorKind::NotFound.into(),
+            )
+        })?;
+        meta.job = Some(job);
+        meta.write(&self.dir)
     }
 
     /// A token that, when cancelled, makes the supervisor let go of the VM without stopping it

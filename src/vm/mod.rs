@@ -8,6 +8,7 @@
 
 mod accel;
 mod adopt;
+pub mod agent;
 mod argv;
 pub mod cgroup;
 mod config;
@@ -64,4 +65,6 @@ pub mod files {
     pub const SEED: &str = "seed.img";
     pub const VARS: &str = "vars.fd";
     pub const META: &str = "vm.json";
+    /// Warm pool: the host end of the job agent's virtio-serial port.
+    pub const AGENT: &str = "agent.sock";
 }

@@ -77,6 +77,11 @@ pub struct Settings {
     pub host_id: Option<String>,
     /// `[forgejo] ci_password_key_file`.
     pub ci_password_key_file: Option<PathBuf>,
+    /// `[pool] size`: 0 (the pool off, as before the pool existed) unless a test wants warm VMs,
+    /// or `FKR_TEST_POOL_SIZE` runs the whole suite with the pool on.
+    pub pool_size: usize,
+    /// More `[pool]` lines.
+    pub pool_extra: &'static str,
 }
 
 impl Default for Settings {
@@ -92,6 +97,11 @@ impl Default for Settings {
             vm_extra: "",
             host_id: None,
             ci_password_key_file: None,
+            pool_size: std::env::var("FKR_TEST_POOL_SIZE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            pool_extra: "",
         }
     }
 }
@@ -136,7 +146,13 @@ dns_servers = ["{dns}"]
 
 [metrics]
 listen = "{metrics}"
+
+[pool]
+size = {pool_size}
+{pool_extra}
 "#,
+            pool_size = s.pool_size,
+            pool_extra = s.pool_extra,
             max_vms = s.max_vms,
             poll = s.poll_interval,
             image = test_guest().display(),

@@ -5,8 +5,12 @@
 //! `UpdateLog`, `UpdateTask` with success), then powers the "guest" off: QMP `SHUTDOWN` with reason
 //! `guest-shutdown`, exit 0. For tests that start many VMs (the multi-host race) where booting real
 //! guests would take too long. What it did goes to its serial console, `fake-guest: …`.
+//!
+//! A warm VM (argv has the job agent's `-chardev socket,id=agent0,fd=N`) takes its job over the
+//! agent's line protocol instead (`src/vm/agent.rs`): READY, the payload's runner token file and
+//! command, STARTED. Called from `runner-noack`, it reads the payload and never says STARTED.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
@@ -279,16 +283,94 @@ fn power_off(clients: &Mutex<Vec<std::os::unix::net::UnixStream>>, guest: bool) 
     std::process::exit(0);
 }
 
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+}
+
+/// The job agent's listening socket, for a warm VM.
+fn agent_listener(args: &[String]) -> Option<std::os::unix::net::UnixListener> {
+    let chardev = args
+        .windows(2)
+        .find(|w| w[0] == "-chardev" && w[1].starts_with("socket,id=agent0,"))?;
+    let fd: i32 = super::opt(&chardev[1], "fd")?.parse().ok()?;
+    // SAFETY: the caller passed this descriptor for the agent port; nothing else owns it.
+    Some(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
+}
+
+/// A warm VM's side of the agent protocol: READY, then the payload; STARTED unless `ack` is off.
+fn take_job_over_agent(listener: std::os::unix::net::UnixListener, ack: bool) -> RunnerArgs {
+    use std::io::BufRead;
+    let (mut stream, _) = listener
+        .accept()
+        .expect("the host connects to the agent port");
+    writeln!(stream, "READY {}", unix_ms()).expect("READY");
+    say("agent: ready");
+    let b64 = |v: &str| {
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .expect("base64 in the payload"),
+        )
+        .expect("UTF-8 in the payload")
+    };
+    let (mut token, mut command) = (None, None);
+    let reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+    for line in reader.lines() {
+        let line = line.expect("a payload line");
+        let words: Vec<&str> = line.split(' ').collect();
+        match words.as_slice() {
+            ["FILE", "/etc/fkr/runner-token", _, content] => token = Some(b64(content)),
+            ["FILE", ..] => {}
+            ["RUN", cmd] => command = Some(b64(cmd)),
+            ["END"] => break,
+            _ => panic!("unexpected payload line {line:?}"),
+        }
+    }
+    if !ack {
+        say("agent: got the payload; never acknowledging it");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    writeln!(stream, "STARTED {}", unix_ms()).expect("STARTED");
+    let cmd = command.expect("RUN in the payload");
+    let cmd = cmd
+        .lines()
+        .find(|l| l.contains("forgejo-runner one-job"))
+        .expect("the runner's command")
+        .to_owned();
+    let label = word_after(&cmd, "--label");
+    RunnerArgs {
+        url: word_after(&cmd, "--url"),
+        uuid: word_after(&cmd, "--uuid"),
+        token: token.expect("the runner token in the payload"),
+        label: label.split(':').next().unwrap_or_default().to_owned(),
+        handle: word_after(&cmd, "--handle"),
+    }
+}
+
 /// Runs the "guest" to its power-off.
-/// `work`: how long the job itself takes once the runner has its task.
-pub fn run(args: &[String], listener: std::os::unix::net::UnixListener, work: Duration) -> ! {
-    let runner = runner_args(&user_data(seed_bytes(args)));
+/// `work`: how long the job itself takes once the runner has its task; `ack`: whether a warm
+/// VM acknowledges its payload.
+pub fn run(
+    args: &[String],
+    listener: std::os::unix::net::UnixListener,
+    work: Duration,
+    ack: bool,
+) -> ! {
     let clients = Arc::new(Mutex::new(Vec::new()));
     let ready = Arc::new((Mutex::new(false), Condvar::new()));
     {
         let (clients, ready) = (clients.clone(), ready.clone());
         std::thread::spawn(move || serve_qmp(listener, clients, ready));
     }
+    let runner = match agent_listener(args) {
+        Some(agent) => take_job_over_agent(agent, ack),
+        None => runner_args(&user_data(seed_bytes(args))),
+    };
     say(&format!(
         "booted; the runner takes job handle {}",
         runner.handle

@@ -8,7 +8,8 @@
 //!
 //! Called through a symlink in a directory named `oom`, it is instead a QEMU that allocates memory
 //! without bound (for the VM cgroup's memory limit); in a directory named `runner`, a QEMU whose
-//! "guest" runs its job at once through the runner RPC and powers off (`guest_runner.rs`).
+//! "guest" runs its job at once through the runner RPC and powers off (`guest_runner.rs`; a warm
+//! VM takes its job over the job agent's port, and in `runner-noack` never acknowledges it).
 //!
 //! Tests call it through a symlink named `qemu-system-x86_64` (the driver's rule for "our QEMU"
 //! looks at argv0). It reads only its arguments and inherited descriptors, as QEMU does under the
@@ -140,11 +141,14 @@ fn socket_listener(chardev: &str) -> UnixListener {
     }
 }
 
-/// QMP: the socket chardev that is not the serial console.
+/// QMP: the socket chardev that is neither the serial console nor the job agent's port.
 fn qmp_listener(chardevs: &[String]) -> UnixListener {
     let qmp = chardevs
         .iter()
-        .find(|c| c.starts_with("socket,") && opt(c, "id").as_deref() != Some("serial0"))
+        .find(|c| {
+            c.starts_with("socket,")
+                && !matches!(opt(c, "id").as_deref(), Some("serial0" | "agent0"))
+        })
         .expect("a socket chardev for QMP");
     socket_listener(qmp)
 }
@@ -232,19 +236,25 @@ fn main() {
     if runner_mode || accel == "kvm" {
         serial_init(&chardevs);
     }
-    // `runner`, or `runner-<N>s` for jobs that take N seconds.
-    if let Some(work) = behaviour
+    // `runner`, or `runner-<N>s` for jobs that take N seconds; `runner-noack`: a warm VM that
+    // never acknowledges its payload.
+    if let Some((work, ack)) = behaviour
         .and_then(|b| b.to_str())
         .and_then(|b| b.strip_prefix("runner"))
         .and_then(|rest| match rest {
-            "" => Some(0),
-            secs => secs.strip_prefix('-')?.strip_suffix('s')?.parse().ok(),
+            "" => Some((0, true)),
+            "-noack" => Some((0, false)),
+            secs => Some((
+                secs.strip_prefix('-')?.strip_suffix('s')?.parse().ok()?,
+                true,
+            )),
         })
     {
         guest_runner::run(
             &args,
             qmp_listener(&chardevs),
             std::time::Duration::from_secs(work),
+            ack,
         );
     }
     if accel != "kvm" {

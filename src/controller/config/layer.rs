@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 use url::Url;
 
-use super::{ForkAccess, TokenPolicy};
+use super::{ForkAccess, PoolConfig, TokenPolicy};
 use crate::controller::duration;
 use crate::forgejo::{ClientConfig, Level, Visibility};
 use crate::layer::layer;
@@ -71,6 +71,8 @@ layer! {
         pub metrics: MetricsLayer,
         #[arg(skip)]
         pub tokens: TokensLayer,
+        #[arg(skip)]
+        pub pool: PoolLayer,
     }
 }
 
@@ -283,5 +285,44 @@ layer! {
     pub struct TokensLayer for TokenPolicy {
         pub fork_pull_requests: Option<ForkAccess>,
         pub fork_write_repos: Option<Vec<String>>,
+    }
+}
+
+layer! {
+    /// `[pool]`: [`PoolConfig`] (the warm pool).
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub struct PoolLayer {
+        pub size: Option<usize>,
+        #[serde(with = "duration::option")]
+        pub max_age: Option<Duration>,
+        #[serde(with = "duration::option")]
+        pub bind_timeout: Option<Duration>,
+    }
+}
+
+impl PoolLayer {
+    /// `base` with each field this layer sets replaced.
+    pub fn resolve(self, base: PoolConfig) -> PoolConfig {
+        PoolConfig {
+            size: self.size.unwrap_or(base.size),
+            max_age: self.max_age.unwrap_or(base.max_age),
+            bind_timeout: self.bind_timeout.unwrap_or(base.bind_timeout),
+        }
+    }
+}
+
+impl From<PoolConfig> for PoolLayer {
+    fn from(p: PoolConfig) -> Self {
+        let PoolConfig {
+            size,
+            max_age,
+            bind_timeout,
+        } = p;
+        PoolLayer {
+            size: Some(size),
+            max_age: Some(max_age),
+            bind_timeout: Some(bind_timeout),
+        }
     }
 }
