@@ -424,27 +424,10 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         {
             tracing::warn!(vm = %self.name, "cannot record job {} in the warm VM's vm.json ({e}): a restart would sweep it", self.job.id);
         }
-        let s = &env.settings;
-        let plan = JobPlan::new(
-            &RunnerParams {
-                forgejo_url: &s.runner_url,
-                runner_uuid: &runner.uuid,
-                runner_token: &runner.token,
-                label: &s.label,
-                handle: &self.job.handle,
-            },
-            registry
-                .map(|(username, token)| RegistryAuth {
-                    host: RegistryAuth::host_of(&s.runner_url),
-                    username,
-                    token,
-                })
-                .as_ref(),
-        )
-        .map_err(StepError::Seed)?;
+        let plan = self.plan(runner, registry)?;
         match warm
             .agent
-            .deliver(&plan.agent_payload(), s.bind_timeout)
+            .deliver(&plan.agent_payload(), env.settings.bind_timeout)
             .await
         {
             Ok(guest_ms) => {
@@ -594,14 +577,14 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         Ok(runner)
     }
 
-    fn seed(
+    /// The job's files and commands for its runner (a cold seed or a warm VM's payload).
+    fn plan(
         &self,
         runner: &forgejo::RegisteredRunner,
         registry: Option<&(String, Secret)>,
-        network_config: String,
-    ) -> Result<Seed, StepError> {
+    ) -> Result<JobPlan, StepError> {
         let s = &self.env.settings;
-        let user_data = userdata::render(
+        JobPlan::new(
             &RunnerParams {
                 forgejo_url: &s.runner_url,
                 runner_uuid: &runner.uuid,
@@ -617,7 +600,16 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                 })
                 .as_ref(),
         )
-        .map_err(StepError::Seed)?;
+        .map_err(StepError::Seed)
+    }
+
+    fn seed(
+        &self,
+        runner: &forgejo::RegisteredRunner,
+        registry: Option<&(String, Secret)>,
+        network_config: String,
+    ) -> Result<Seed, StepError> {
+        let user_data = self.plan(runner, registry)?.user_data();
         Ok(Seed {
             instance_id: self.name.to_string(),
             hostname: self.name.to_string(),

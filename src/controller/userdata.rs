@@ -187,20 +187,27 @@ pub fn render(
     runner: &RunnerParams<'_>,
     registry: Option<&RegistryAuth<'_>>,
 ) -> Result<String, Error> {
-    let plan = JobPlan::new(runner, registry)?;
-    let mut out = String::from("#cloud-config\nwrite_files:\n");
-    for (path, content) in &plan.files {
-        out.push_str(&format!(
+    Ok(JobPlan::new(runner, registry)?.user_data())
+}
+
+impl JobPlan {
+    /// The plan as cloud-config user-data (a cold VM's seed); it contains the plan's secrets.
+    pub fn user_data(&self) -> String {
+        let plan = self;
+        let mut out = String::from("#cloud-config\nwrite_files:\n");
+        for (path, content) in &plan.files {
+            out.push_str(&format!(
             "- path: {path}\n  owner: root:root\n  permissions: '0600'\n  encoding: b64\n  content: {}\n",
             b64(content.as_bytes())
         ));
+        }
+        out.push_str("runcmd:\n");
+        for cmd in &plan.commands {
+            out.push_str(&format!("- {}\n", yaml_single(cmd)));
+        }
+        out.push_str("power_state:\n  mode: poweroff\n  timeout: 30\n  condition: true\n");
+        out
     }
-    out.push_str("runcmd:\n");
-    for cmd in &plan.commands {
-        out.push_str(&format!("- {}\n", yaml_single(cmd)));
-    }
-    out.push_str("power_state:\n  mode: poweroff\n  timeout: 30\n  condition: true\n");
-    Ok(out)
 }
 
 /// A warm VM's user-data: nothing of any job. The guest's job agent (enabled by the presence of
