@@ -32,7 +32,6 @@ use super::userdata::{self, JobPlan, RegistryAuth, RunnerParams};
 use crate::forgejo::{self, Job, Repository, READ_TOKEN_SCOPES, TOKEN_SCOPES};
 use crate::ops::{
     DiscardReason, JobOutcome, Metrics, RemovalReason, StartPath, StatusBoard, TokenAccess, VmInfo,
-    VmLimits,
 };
 use crate::secret::Secret;
 use crate::types::{Accel, JobState, VmName};
@@ -286,19 +285,11 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         }
         tracing::debug!(vm, "job {}: {to}", self.job.id);
         match to {
-            JobState::Preparing => self.env.board.vm_added(VmInfo {
-                name: self.name.to_string(),
-                job_id: self.job.id,
-                owner: String::new(),
-                repo: String::new(),
-                state: to.into(),
-                address: None,
-                started_at: OffsetDateTime::now_utc(),
-                accel: None,
-                pid: None,
-                serial_log: None,
-                limits: None,
-            }),
+            JobState::Preparing => {
+                self.env
+                    .board
+                    .vm_added(VmInfo::new(vm, self.job.id, "", "", to.into()))
+            }
             JobState::Done | JobState::Failed => self.env.board.vm_removed(vm),
             _ => {
                 self.env.board.vm_state(vm, to);
@@ -479,19 +470,13 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
     fn rename_for_cold_boot(&mut self, repo: &Repository) {
         let old = std::mem::replace(&mut self.name, VmName::generate());
         self.env.board.vm_removed(old.as_str());
-        self.env.board.vm_added(VmInfo {
-            name: self.name.to_string(),
-            job_id: self.job.id,
-            owner: repo.owner.clone(),
-            repo: repo.name.clone(),
-            state: self.state.into(),
-            address: None,
-            started_at: OffsetDateTime::now_utc(),
-            accel: None,
-            pid: None,
-            serial_log: None,
-            limits: None,
-        });
+        self.env.board.vm_added(VmInfo::new(
+            self.name.as_str(),
+            self.job.id,
+            &repo.owner,
+            &repo.name,
+            self.state.into(),
+        ));
     }
 
     /// Decides whether this host runs the job (see `claim.rs`): ours when our claim `mine` is the
@@ -634,21 +619,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             tracing::info!("VM {name} started for job {job_id}");
         }
         self.enter(JobState::Booting);
-        env.board.vm_update(name.as_str(), |v| {
-            v.pid = Some(started.pid);
-            v.accel = Some(started.accel);
-            v.serial_log = Some(started.serial_log.clone());
-            let r = &started.resources;
-            v.limits = Some(VmLimits {
-                uid: r.uid,
-                cgroup: r.cgroup.clone(),
-                memory_used: None,
-                memory_max: None,
-                disk_used: None,
-                disk_max: r.disk_max,
-                overlay: r.overlay.clone(),
-            });
-        });
+        env.board.vm_update(name.as_str(), |v| started.show(v));
         let vm_stop = handle.stop_token();
         let vm_detach = handle.detach_token();
         let mut handing_over = false;

@@ -20,7 +20,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use time::OffsetDateTime;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +27,7 @@ use super::config::PoolConfig;
 use super::job::JobEnv;
 use super::ports::{Forge, Network, RunningVm, Vms};
 use super::userdata::WARM_USER_DATA;
-use crate::ops::{DiscardReason, PoolState, VmInfo, VmLimits, VmState};
+use crate::ops::{DiscardReason, PoolState, VmInfo, VmState};
 use crate::types::VmName;
 use crate::vm::agent::{AgentConn, AgentError};
 use crate::vm::{self, Seed, VmSpec};
@@ -359,19 +358,13 @@ impl<Vm: RunningVm> Pool<Vm> {
 
 /// Shows a warming VM on the status board (and thus in `list`).
 fn show_warming<F: Forge, N: Network, V: Vms>(env: &Arc<JobEnv<F, N, V>>, name: &VmName) {
-    env.board.vm_added(VmInfo {
-        name: name.to_string(),
-        job_id: 0,
-        owner: String::new(),
-        repo: String::new(),
-        state: VmState::Pool(PoolState::Warming),
-        address: None,
-        started_at: OffsetDateTime::now_utc(),
-        accel: None,
-        pid: None,
-        serial_log: None,
-        limits: None,
-    });
+    env.board.vm_added(VmInfo::new(
+        name.as_str(),
+        0,
+        "",
+        "",
+        VmState::Pool(PoolState::Warming),
+    ));
 }
 
 /// Shows a launched warm VM on the status board.
@@ -386,19 +379,7 @@ fn show<F: Forge, N: Network, V: Vms>(
     let updated = env.board.vm_update(name.as_str(), |v| {
         v.state = VmState::Pool(state);
         v.address = address.map(|a| a.to_string());
-        v.pid = Some(started.pid);
-        v.accel = Some(started.accel);
-        v.serial_log = Some(started.serial_log.clone());
-        let r = &started.resources;
-        v.limits = Some(VmLimits {
-            uid: r.uid,
-            cgroup: r.cgroup.clone(),
-            memory_used: None,
-            memory_max: None,
-            disk_used: None,
-            disk_max: r.disk_max,
-            overlay: r.overlay.clone(),
-        });
+        started.show(v);
     });
     if !updated {
         // Given back after a job had it (the job removed its entry).

@@ -182,6 +182,25 @@ pub(crate) struct Started {
     pub resources: VmResources,
 }
 
+impl Started {
+    /// Puts the running QEMU on a VM's board entry: pid, accelerator, serial log, limits.
+    pub fn show(&self, v: &mut crate::ops::VmInfo) {
+        v.pid = Some(self.pid);
+        v.accel = Some(self.accel);
+        v.serial_log = Some(self.serial_log.clone());
+        let r = &self.resources;
+        v.limits = Some(crate::ops::VmLimits {
+            uid: r.uid,
+            cgroup: r.cgroup.clone(),
+            memory_used: None,
+            memory_max: None,
+            disk_used: None,
+            disk_max: r.disk_max,
+            overlay: r.overlay.clone(),
+        });
+    }
+}
+
 /// A launched VM, as the pipeline drives it.
 pub(crate) trait RunningVm: Send + 'static {
     fn started(&self) -> Started;

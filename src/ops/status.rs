@@ -99,6 +99,25 @@ pub struct VmInfo {
     pub limits: Option<VmLimits>,
 }
 
+impl VmInfo {
+    /// A VM entering the board now, before its QEMU runs (no address, pid or limits yet).
+    pub fn new(name: &str, job_id: i64, owner: &str, repo: &str, state: VmState) -> VmInfo {
+        VmInfo {
+            name: name.to_owned(),
+            job_id,
+            owner: owner.to_owned(),
+            repo: repo.to_owned(),
+            state,
+            address: None,
+            started_at: OffsetDateTime::now_utc(),
+            accel: None,
+            pid: None,
+            serial_log: None,
+            limits: None,
+        }
+    }
+}
+
 /// Who a VM's QEMU runs as and what it may use; `*_used` are read when the status is asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmLimits {
