@@ -209,10 +209,84 @@ pub(crate) async fn registry_login<F: Forge>(
     Ok(Some((username, secret)))
 }
 
+/// One look at the claims on `job`: who wins among them now, and the claims themselves.
+async fn look_at_claims<F: Forge, N: Network, V: Vms>(
+    env: &JobEnv<F, N, V>,
+    job: &Job,
+    mine: i64,
+) -> Result<(Decision, Vec<claim::Claim>), StepError> {
+    let asked = Instant::now();
+    let runners = env.forge.runners().await.map_err(StepError::Claim)?;
+    let claims = claim::claims_on(&runners, job.id);
+    let now = Instant::now();
+    env.claims.forget_unlisted(&runners, asked);
+    env.claims.saw(&claims, now);
+    let decision = claim::decide(mine, &claims, |c| env.claims.is_stale(c, now));
+    Ok((decision, claims))
+}
+
+/// Decides whether this host runs the job (see `claim.rs`): ours when our claim `mine` is the
+/// lowest live one, after a second look, and Forgejo still shows the job waiting; else who won, or
+/// that the job is gone. Stale claims of dead hosts below ours are deleted.
+///
+/// `meanwhile` runs while the claim settles between the two looks (the job's CI user and token:
+/// off the critical path); it is not run when the first look already shows the claim lost.
+async fn claim_job<F: Forge, N: Network, V: Vms, T>(
+    env: &JobEnv<F, N, V>,
+    job: &Job,
+    name: &VmName,
+    mine: i64,
+    meanwhile: impl std::future::Future<Output = T>,
+) -> Result<Claimed<T>, StepError> {
+    if let (Decision::Lost { host, runner_id }, _) = look_at_claims(env, job, mine).await? {
+        return Ok(Claimed::Lost { host, runner_id });
+    }
+    let ((), done) = tokio::join!(tokio::time::sleep(env.settings.claim_settle), meanwhile);
+    let stale = match look_at_claims(env, job, mine).await? {
+        (Decision::Lost { host, runner_id }, _) => return Ok(Claimed::Lost { host, runner_id }),
+        (Decision::Won { stale }, claims) => stale
+            .into_iter()
+            .map(|id| {
+                let host = claims
+                    .iter()
+                    .find(|c| c.runner_id == id)
+                    .map(|c| c.host.clone());
+                (id, host)
+            })
+            .collect::<Vec<_>>(),
+    };
+    // No lower live claim is listed — yet a lower claim may have been deleted already because its
+    // runner took the job and finished it (Forgejo deletes an ephemeral runner once its task is
+    // done). The job is no longer waiting then: asked after the listing, Forgejo says so.
+    let waiting = env
+        .forge
+        .still_waiting(job, &env.settings.label)
+        .await
+        .map_err(StepError::Claim)?;
+    if !waiting {
+        return Ok(Claimed::Gone);
+    }
+    for (id, host) in stale {
+        tracing::warn!(
+            vm = %name,
+            "job {}: taking it over from host {}: its claim (runner {id}) stayed offline for {}s",
+            job.id,
+            host.as_deref().unwrap_or("?"),
+            env.claims.timeout().as_secs()
+        );
+        match env.forge.delete_runner(id).await {
+            Ok(_) => env.claims.forget(id),
+            Err(e) => tracing::warn!(vm = %name, "cannot delete the stale claim {id}: {e}"),
+        }
+    }
+    Ok(Claimed::Ours(done))
+}
+
 /// How this host's claim on a job ended.
-enum Claimed {
-    /// Ours is the lowest live claim and the job still waits: this host runs it.
-    Ours,
+enum Claimed<T = ()> {
+    /// Ours is the lowest live claim and the job still waits: this host runs it (with what ran
+    /// while the claim settled).
+    Ours(T),
     /// Another host's claim is lower and live.
     Lost { host: String, runner_id: i64 },
     /// The job no longer waits (another host's runner ran it, or it was cancelled).
@@ -326,8 +400,12 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         });
         tokio::time::sleep(claim_delay).await;
         let runner = self.register_runner(&repo).await?;
-        match self.claim(runner.id).await? {
-            Claimed::Ours => {}
+        crate::failpoint::crash_point("after-runner");
+        // The CI user and its token are made while the claim settles (`claim::SETTLE`): they are
+        // off the critical path of a warm bind. A lost claim's token is revoked like any other.
+        let login = registry_login(&env.forge, &env.metrics, &self.job, &repo, &mut self.held);
+        let registry = match claim_job(&env, &self.job, &self.name, runner.id, login).await? {
+            Claimed::Ours(registry) => registry?,
             Claimed::Lost { host, runner_id } => {
                 tracing::info!(
                     vm = %self.name,
@@ -344,9 +422,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                 );
                 return Ok(None);
             }
-        }
-        crate::failpoint::crash_point("after-runner");
-        let registry = self.registry_login(&repo).await?;
+        };
         if let Some(warm) = self.warm.take() {
             match self.bind(warm, &repo, &runner, registry.as_ref()).await? {
                 Some(vm) => return Ok(Some(vm)),
@@ -408,6 +484,14 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         registry: Option<&(String, Secret)>,
     ) -> Result<Option<V::Vm>, StepError> {
         let env = self.env.clone();
+        let plan = match self.plan(runner, registry) {
+            Ok(plan) => plan,
+            Err(e) => {
+                // Nothing reached the VM: it waits for the next job (`Report::unused_warm`).
+                self.warm = Some(warm);
+                return Err(e);
+            }
+        };
         // Recorded before the payload leaves: from here on a restart takes the VM over with its job.
         if let Err(e) = warm
             .vm
@@ -415,14 +499,14 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         {
             tracing::warn!(vm = %self.name, "cannot record job {} in the warm VM's vm.json ({e}): a restart would sweep it", self.job.id);
         }
-        let plan = self.plan(runner, registry)?;
-        match warm
+        let delivered = warm
             .agent
             .deliver(&plan.agent_payload(), env.settings.bind_timeout)
-            .await
-        {
+            .await;
+        warm.bind_over();
+        match delivered {
             Ok(guest_ms) => {
-                let started_ms = guest_ms + warm.clock_offset_ms;
+                let started_ms = guest_ms.saturating_add(warm.clock_offset_ms);
                 let latency = Duration::from_millis(
                     u64::try_from(started_ms - self.dispatched_unix_ms).unwrap_or(0),
                 );
@@ -477,71 +561,6 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             &repo.name,
             self.state.into(),
         ));
-    }
-
-    /// Decides whether this host runs the job (see `claim.rs`): ours when our claim `mine` is the
-    /// lowest live one, after a second look, and Forgejo still shows the job waiting; else who won,
-    /// or that the job is gone. Stale claims of dead hosts below ours are deleted.
-    async fn claim(&mut self, mine: i64) -> Result<Claimed, StepError> {
-        let env = self.env.clone();
-        let mut settled = false;
-        loop {
-            let asked = Instant::now();
-            let runners = env.forge.runners().await.map_err(StepError::Claim)?;
-            let claims = claim::claims_on(&runners, self.job.id);
-            let now = Instant::now();
-            env.claims.forget_unlisted(&runners, asked);
-            env.claims.saw(&claims, now);
-            match claim::decide(mine, &claims, |c| env.claims.is_stale(c, now)) {
-                Decision::Lost { host, runner_id } => return Ok(Claimed::Lost { host, runner_id }),
-                Decision::Won { stale } if settled => {
-                    // No lower live claim is listed — yet a lower claim may have been deleted
-                    // already because its runner took the job and finished it (Forgejo deletes an
-                    // ephemeral runner once its task is done). The job is no longer waiting then:
-                    // asked after the listing, Forgejo says so.
-                    let waiting = env
-                        .forge
-                        .still_waiting(&self.job, &env.settings.label)
-                        .await
-                        .map_err(StepError::Claim)?;
-                    if !waiting {
-                        return Ok(Claimed::Gone);
-                    }
-                    for id in stale {
-                        let host = claims
-                            .iter()
-                            .find(|c| c.runner_id == id)
-                            .map(|c| c.host.as_str());
-                        tracing::warn!(
-                            vm = %self.name,
-                            "job {}: taking it over from host {}: its claim (runner {id}) stayed offline for {}s",
-                            self.job.id,
-                            host.unwrap_or("?"),
-                            env.claims.timeout().as_secs()
-                        );
-                        match env.forge.delete_runner(id).await {
-                            Ok(_) => env.claims.forget(id),
-                            Err(e) => {
-                                tracing::warn!(vm = %self.name, "cannot delete the stale claim {id}: {e}")
-                            }
-                        }
-                    }
-                    return Ok(Claimed::Ours);
-                }
-                Decision::Won { .. } => {
-                    settled = true;
-                    tokio::time::sleep(env.settings.claim_settle).await;
-                }
-            }
-        }
-    }
-
-    async fn registry_login(
-        &mut self,
-        repo: &Repository,
-    ) -> Result<Option<(String, Secret)>, StepError> {
-        let env = self.env.clone();
-        registry_login(&env.forge, &env.metrics, &self.job, repo, &mut self.held).await
     }
 
     async fn register_runner(

@@ -615,10 +615,10 @@ async fn a_job_walks_every_state_and_releases_everything() {
             "repository",
             "register_runner",
             "runners",
-            "runners",
-            "still_waiting",
             "ci_user",
             "mint_token",
+            "runners",
+            "still_waiting",
             "revoke_token",
             "delete_runner"
         ]
@@ -627,15 +627,18 @@ async fn a_job_walks_every_state_and_releases_everything() {
 
 #[tokio::test]
 async fn every_failing_step_releases_exactly_what_it_took() {
-    // (failing step, the Forgejo calls made, a VM launched)
-    const CLAIMED: [&str; 5] = [
-        "repository",
-        "register_runner",
-        "runners",
-        "runners",
-        "still_waiting",
-    ];
-    let then = |more: &[&'static str]| -> Vec<&'static str> { [&CLAIMED[..], more].concat() };
+    // (failing step, the Forgejo calls made, a VM launched). The CI user and token are made
+    // while the claim settles, between its two looks.
+    let claimed = |login: &[&'static str], more: &[&'static str]| -> Vec<&'static str> {
+        [
+            &["repository", "register_runner", "runners"][..],
+            login,
+            &["runners", "still_waiting"],
+            more,
+        ]
+        .concat()
+    };
+    let login = ["ci_user", "mint_token"];
     let cases: [(Step, Vec<&str>); 8] = [
         (Step::Repository, vec!["repository"]),
         (Step::Runner, vec!["repository", "register_runner"]),
@@ -643,19 +646,19 @@ async fn every_failing_step_releases_exactly_what_it_took() {
             Step::Runners,
             vec!["repository", "register_runner", "runners", "delete_runner"],
         ),
-        (Step::StillWaiting, then(&["delete_runner"])),
-        (Step::CiUser, then(&["ci_user", "delete_runner"])),
         (
-            Step::Token,
-            then(&["ci_user", "mint_token", "delete_runner"]),
+            Step::StillWaiting,
+            claimed(&login, &["revoke_token", "delete_runner"]),
         ),
+        (Step::CiUser, claimed(&["ci_user"], &["delete_runner"])),
+        (Step::Token, claimed(&login, &["delete_runner"])),
         (
             Step::Network,
-            then(&["ci_user", "mint_token", "revoke_token", "delete_runner"]),
+            claimed(&login, &["revoke_token", "delete_runner"]),
         ),
         (
             Step::Launch,
-            then(&["ci_user", "mint_token", "revoke_token", "delete_runner"]),
+            claimed(&login, &["revoke_token", "delete_runner"]),
         ),
     ];
     for (step, calls) in cases {
@@ -904,14 +907,18 @@ async fn a_job_that_no_longer_waits_when_the_claim_is_won_boots_nothing() {
     let (task, _tx, _stop) = start(&env, job(16));
     let report = task.await.unwrap();
     assert_eq!(report.outcome, JobOutcome::ClaimedElsewhere);
+    // The token made while the claim settled is revoked.
     assert_eq!(
         env.forge.calls(),
         [
             "repository",
             "register_runner",
             "runners",
+            "ci_user",
+            "mint_token",
             "runners",
             "still_waiting",
+            "revoke_token",
             "delete_runner"
         ]
     );
@@ -1114,7 +1121,8 @@ async fn claim_cost() {
         let repo = env.forge.repository(run.job.repo_id).await.unwrap();
         let runner = run.register_runner(&repo).await.unwrap();
         let t = Instant::now();
-        let lost = !matches!(run.claim(runner.id).await.unwrap(), Claimed::Ours);
+        let claimed = claim_job(&env, &run.job, &run.name, runner.id, async {}).await;
+        let lost = !matches!(claimed.unwrap(), Claimed::Ours(()));
         let took = t.elapsed();
         let held = std::mem::take(&mut run.held);
         release(&env.forge, &run.name, held).await;
@@ -1327,4 +1335,200 @@ async fn a_handover_lets_go_of_the_vm_and_of_everything_the_job_holds() {
         "{calls:?}"
     );
     assert!(env.board.snapshot().vms.is_empty());
+}
+
+// --- warm pool: binding a job to a warm VM ---------------------------------------------------
+
+/// A ready warm VM of the doubles, its controls, and the guest's end of its agent channel.
+async fn warm_vm(env: &Arc<Env>) -> (super::pool::WarmVm<FakeVm>, VmCtl, tokio::net::UnixStream) {
+    let name = VmName::generate();
+    let seed = vm::Seed {
+        instance_id: name.to_string(),
+        hostname: name.to_string(),
+        user_data: super::super::userdata::WARM_USER_DATA.to_owned(),
+        network_config: None,
+    };
+    let spec = VmSpec::new(name.clone(), "/base.qcow2", seed, Duration::from_secs(600));
+    let vm = env.vms.launch(spec).await.unwrap();
+    let ctl = env.vms.launched.lock().unwrap().pop().unwrap();
+    let (host, guest) = tokio::net::UnixStream::pair().unwrap();
+    let warm = super::pool::WarmVm::for_test(
+        name,
+        vm,
+        crate::vm::agent::AgentConn::from_stream(host),
+        Box::new(()),
+        "10.88.0.9".parse().unwrap(),
+    );
+    (warm, ctl, guest)
+}
+
+/// Starts a job bound to `warm`.
+fn start_warm(
+    env: &Arc<Env>,
+    job: Job,
+    warm: super::pool::WarmVm<FakeVm>,
+) -> (
+    tokio::task::JoinHandle<Report<FakeVm>>,
+    watch::Sender<bool>,
+    CancellationToken,
+) {
+    let (tx, rx) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let ticket = Ticket {
+        job,
+        seen_at: Instant::now(),
+        picked_up: rx,
+        disk: None,
+        claim_delay: Duration::ZERO,
+        warm: Some(warm),
+    };
+    let task = tokio::spawn(run(env.clone(), ticket, stop.clone()));
+    (task, tx, stop)
+}
+
+/// The guest's agent: reads the payload up to END; answers STARTED when `ack`. Returns the lines
+/// (none when the host closed the channel without sending any).
+fn guest_agent(guest: tokio::net::UnixStream, ack: bool) -> tokio::task::JoinHandle<Vec<String>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    tokio::spawn(async move {
+        let (r, mut w) = guest.into_split();
+        let mut lines = BufReader::new(r).lines();
+        let mut got = Vec::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            let end = l == "END";
+            got.push(l);
+            if end {
+                if ack {
+                    w.write_all(b"STARTED 1\n").await.unwrap();
+                } else {
+                    // Silent: keep the channel open until the host gives up on it.
+                    let _ = lines.next_line().await;
+                }
+                break;
+            }
+        }
+        got
+    })
+}
+
+#[tokio::test]
+async fn a_job_bound_to_a_warm_vm_gets_its_payload_there_and_boots_nothing() {
+    let env = env();
+    let (warm, mut ctl, guest) = warm_vm(&env).await;
+    let warm_name = warm.name.clone();
+    let agent = guest_agent(guest, true);
+    let (task, picked_up, _stop) = start_warm(&env, job(21), warm);
+    let payload = agent.await.unwrap();
+    // The runner token file, the registry logins, the command; nothing was launched for the job.
+    assert!(payload.last().is_some_and(|l| l == "END"), "{payload:?}");
+    assert!(
+        payload
+            .iter()
+            .any(|l| l.starts_with(&format!("FILE {} 0600 ", userdata::RUNNER_TOKEN_PATH))),
+        "{payload:?}"
+    );
+    assert!(payload.iter().any(|l| l.starts_with("RUN ")), "{payload:?}");
+    assert!(
+        env.vms.launched.lock().unwrap().is_empty(),
+        "a cold VM was launched"
+    );
+    let shown = board_shows(&env, "booting").await;
+    assert_eq!(
+        shown.name,
+        warm_name.as_str(),
+        "the job's VM is the warm VM"
+    );
+    picked_up.send_replace(true);
+    board_shows(&env, "running").await;
+    ctl.end(Outcome::GuestPoweredOff);
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::Completed);
+    assert!(report.unused_warm.is_none());
+    assert!(
+        !ctl.stop.is_cancelled(),
+        "a VM that ran its job is never stopped"
+    );
+    assert_released(&env);
+    assert!(metric(&env, "fkr_qemu_job_starts_total{path=\"warm\"}").ends_with(" 1"));
+    assert!(metric(&env, "fkr_qemu_job_starts_total{path=\"cold\"}").ends_with(" 0"));
+    assert!(metric(&env, "fkr_qemu_pool_bind_seconds_count").ends_with(" 1"));
+}
+
+#[tokio::test]
+async fn a_warm_vm_that_does_not_acknowledge_is_stopped_and_the_job_boots_cold() {
+    let env = env();
+    let (warm, ctl, guest) = warm_vm(&env).await;
+    let warm_name = warm.name.clone();
+    let agent = guest_agent(guest, false);
+    let (task, picked_up, _stop) = start_warm(&env, job(22), warm);
+    // bind_timeout (1 s here) later: the warm VM is stopped, never given back, and a fresh VM
+    // under another name boots for the job with the job's seed.
+    let mut cold = env.vms.next().await;
+    assert!(
+        ctl.stop.is_cancelled(),
+        "the silent warm VM was not stopped"
+    );
+    assert_ne!(cold.name, warm_name);
+    assert_eq!(cold.job_id, 22);
+    assert!(cold.user_data.contains(userdata::RUNNER_TOKEN_PATH));
+    assert!(agent.await.unwrap().last().is_some_and(|l| l == "END"));
+    picked_up.send_replace(true);
+    cold.end(Outcome::GuestPoweredOff);
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::Completed);
+    assert!(
+        report.unused_warm.is_none(),
+        "a warm VM that may hold a payload came back"
+    );
+    assert_released(&env);
+    assert!(metric(&env, "fkr_qemu_job_starts_total{path=\"cold\"}").ends_with(" 1"));
+    assert!(metric(&env, "fkr_qemu_job_starts_total{path=\"warm\"}").ends_with(" 0"));
+    assert!(metric(&env, "fkr_qemu_pool_discards_total{reason=\"no_ack\"}").ends_with(" 1"));
+}
+
+#[tokio::test]
+async fn a_warm_vm_whose_job_is_claimed_elsewhere_gets_nothing_and_goes_back() {
+    let env = env();
+    let theirs = env.forge.foreign_claim("other", 23, "offline");
+    let (warm, ctl, guest) = warm_vm(&env).await;
+    let warm_name = warm.name.clone();
+    let agent = guest_agent(guest, true);
+    let (task, _tx, _stop) = start_warm(&env, job(23), warm);
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::ClaimedElsewhere);
+    let back = report
+        .unused_warm
+        .expect("the warm VM goes back to the pool");
+    assert_eq!(back.name, warm_name);
+    assert!(!ctl.stop.is_cancelled());
+    drop(back);
+    assert!(
+        agent.await.unwrap().is_empty(),
+        "a payload reached a VM whose job was lost"
+    );
+    assert!(env.vms.launched.lock().unwrap().is_empty());
+    let left: Vec<i64> = env.forge.runners.lock().unwrap().keys().copied().collect();
+    assert_eq!(left, [theirs], "our claim is gone, theirs stays");
+}
+
+#[tokio::test]
+async fn a_job_whose_payload_cannot_be_made_leaves_its_warm_vm_untouched() {
+    let env = env();
+    let (warm, ctl, guest) = warm_vm(&env).await;
+    let agent = guest_agent(guest, true);
+    let mut bad = job(24);
+    bad.handle = "h\nruncmd: [evil]".into();
+    let (task, _tx, _stop) = start_warm(&env, bad, warm);
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::PrepareFailed);
+    let back = report
+        .unused_warm
+        .expect("the untouched warm VM goes back to the pool");
+    assert!(!ctl.stop.is_cancelled());
+    drop(back);
+    assert!(
+        agent.await.unwrap().is_empty(),
+        "something reached the guest"
+    );
+    assert_eq!(env.forge.live(), (0, 0), "token or runner left");
 }

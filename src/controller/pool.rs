@@ -65,9 +65,39 @@ pub(crate) struct WarmVm<Vm> {
     /// Host clock minus guest clock (ms), measured at READY.
     pub clock_offset_ms: i64,
     image: Option<ImageId>,
+    /// While a job binds to this VM: dropped when the bind is over (either way), which lets the
+    /// pool refill (`Pool::binding`).
+    binding: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl<Vm: RunningVm> WarmVm<Vm> {
+    /// A ready warm VM from its parts (the job tests' doubles).
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        name: VmName,
+        vm: Vm,
+        agent: AgentConn,
+        hold: Box<dyn Send>,
+        address: Ipv4Addr,
+    ) -> Self {
+        Self {
+            name,
+            vm,
+            agent,
+            hold,
+            address,
+            ready_at: Instant::now(),
+            clock_offset_ms: 0,
+            image: None,
+            binding: None,
+        }
+    }
+
+    /// The bind is over (the payload was acknowledged, or the VM is being discarded).
+    pub(crate) fn bind_over(&mut self) {
+        self.binding = None;
+    }
+
     fn is_dead(&self) -> bool {
         let state = *self.vm.watch_state().borrow();
         state.is_final() || state == vm::VmState::Stopping
@@ -103,6 +133,8 @@ pub(crate) fn discard<F: Forge, N: Network, V: Vms>(
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     env.metrics.pool_discarded(reason);
     let board = env.board.clone();
+    let mut warm = warm;
+    warm.bind_over();
     async move {
         let WarmVm { name, vm, hold, .. } = warm;
         stop_and_release(vm, hold).await;
@@ -116,6 +148,10 @@ pub(crate) struct Pool<Vm> {
     ready: VecDeque<WarmVm<Vm>>,
     warming: JoinSet<Warmed<Vm>>,
     retiring: JoinSet<()>,
+    /// Binds in progress (taken warm VMs whose job has not yet delivered its payload): no refill
+    /// until they are over, so that a booting VM does not compete for the CPU with the guest that
+    /// is starting the job's runner (under TCG a boot takes a whole core).
+    binding: JoinSet<()>,
     /// Cancelled at shutdown: warming VMs stop.
     cancel: CancellationToken,
     /// The base image that showed it has no agent: no warm VMs from it.
@@ -135,6 +171,7 @@ impl<Vm: RunningVm> Pool<Vm> {
             ready: VecDeque::new(),
             warming: JoinSet::new(),
             retiring: JoinSet::new(),
+            binding: JoinSet::new(),
             cancel: CancellationToken::new(),
             no_agent: None,
             agent_seen: None,
@@ -163,12 +200,17 @@ impl<Vm: RunningVm> Pool<Vm> {
         &mut self,
         env: &Arc<JobEnv<F, N, V>>,
     ) -> Option<WarmVm<Vm>> {
-        while let Some(w) = self.ready.pop_front() {
+        while let Some(mut w) = self.ready.pop_front() {
             if w.is_dead() {
                 self.retiring.spawn(discard(env, w, DiscardReason::Died));
                 continue;
             }
             env.metrics.set_pool_warm(self.ready.len());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            w.binding = Some(tx);
+            self.binding.spawn(async move {
+                let _ = rx.await;
+            });
             return Some(w);
         }
         env.metrics.set_pool_warm(0);
@@ -180,8 +222,9 @@ impl<Vm: RunningVm> Pool<Vm> {
     pub(crate) fn give_back<F: Forge, N: Network, V: Vms<Vm = Vm>>(
         &mut self,
         env: &Arc<JobEnv<F, N, V>>,
-        warm: WarmVm<Vm>,
+        mut warm: WarmVm<Vm>,
     ) {
+        warm.bind_over();
         if self.shut {
             self.retiring
                 .spawn(discard(env, warm, DiscardReason::Shutdown));
@@ -233,7 +276,7 @@ impl<Vm: RunningVm> Pool<Vm> {
         env: &Arc<JobEnv<F, N, V>>,
         mut free: usize,
     ) {
-        if self.shut || self.cfg.size == 0 {
+        if self.shut || self.cfg.size == 0 || !self.binding.is_empty() {
             return;
         }
         if self.retry_at.is_some_and(|t| Instant::now() < t) {
@@ -332,14 +375,15 @@ impl<Vm: RunningVm> Pool<Vm> {
         env.metrics.set_pool_warm(0);
     }
 
-    /// The next warming VM that is ready or failed (`Some`), or retired VM that is gone
-    /// (`None`); pending forever while the pool has neither.
+    /// The next warming VM that is ready or failed (`Some`), or a retired VM that is gone or a
+    /// bind that is over (`None`); pending forever while the pool has none of them.
     pub(crate) async fn next_event(
         &mut self,
     ) -> Option<Result<Warmed<Vm>, tokio::task::JoinError>> {
         tokio::select! {
             Some(w) = self.warming.join_next() => Some(w),
             Some(_) = self.retiring.join_next() => None,
+            Some(_) = self.binding.join_next() => None,
             else => std::future::pending().await,
         }
     }
@@ -463,6 +507,7 @@ async fn warm_up<F: Forge, N: Network, V: Vms>(
             ready_at: Instant::now(),
             clock_offset_ms: ready.clock_offset_ms,
             image,
+            binding: None,
         }),
         Err((reason, detail)) => {
             stop_and_release(vm, hold).await;

@@ -6,17 +6,18 @@
 //! character device. Each VM has its own port: a guest cannot read another job's payload.
 //!
 //! ```text
-//! guest → host   READY <guest unix ms>          the guest can take a job (booted, network up)
+//! guest → host   READY <guest ms>               the guest can take a job (booted, network up)
 //! host  → guest  FILE <path> <octal mode> <b64>  0..n files, written root-only before the command
 //!                RUN <b64 of a sh script>        the job's command (the runner)
 //!                END
-//! guest → host   STARTED <guest unix ms>        the command's process was started
+//! guest → host   STARTED <guest ms>             the command's process was started
 //! ```
 //! The guest powers off when the command exits. Readiness and the acknowledgement are the guest's
-//! words, not a network probe; the timestamps are the guest's clock, which under TCG can be a
-//! second off (the RTC has second resolution): [`Ready::clock_offset_ms`] (host receipt minus the
-//! guest's READY stamp, so it includes the channel's one-way delay of well under a millisecond)
-//! puts the guest's STARTED on the host's clock.
+//! words, not a network probe. The two stamps are milliseconds on one guest clock of the agent's
+//! choosing (both agents use the monotonic `/proc/uptime`: read without a fork, and never
+//! stepped by an RTC or NTP); the host only compares them: [`Ready::clock_offset_ms`] (host
+//! receipt minus the READY stamp, so it includes the channel's one-way delay of well under a
+//! millisecond) puts the guest's STARTED on the host's clock.
 //!
 //! A guest's lines are untrusted: at most [`MAX_LINE`] bytes, anything unknown is an error.
 
@@ -170,7 +171,7 @@ impl AgentConn {
         String::from_utf8(buf).map_err(|_| AgentError::Unexpected { expected })
     }
 
-    /// `<word> <unix ms>` → the timestamp.
+    /// `<word> <guest ms>` → the timestamp.
     async fn stamped(&mut self, word: &'static str) -> Result<i64, AgentError> {
         let line = self.line(word).await?;
         line.strip_prefix(word)
@@ -184,7 +185,7 @@ impl AgentConn {
         let guest_ms = self.stamped("READY").await?;
         Ok(Ready {
             guest_ms,
-            clock_offset_ms: unix_ms_now() - guest_ms,
+            clock_offset_ms: unix_ms_now().saturating_sub(guest_ms),
         })
     }
 

@@ -200,7 +200,11 @@ pub fn start_serve(
         .command(&serve_bin())
         .args(["serve", "--config", config.to_str().unwrap()])
         .env("FORGEJO_ADMIN_TOKEN", admin_token)
-        .env("FKR_LOG", "info")
+        // FKR_TEST_LOG: a more detailed log for one run (e.g. `fkr_qemu=debug`).
+        .env(
+            "FKR_LOG",
+            std::env::var("FKR_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .envs(env.iter().copied())
         .stdout(file.try_clone().unwrap())
         .stderr(file)
