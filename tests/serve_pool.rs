@@ -2,7 +2,8 @@
 //! warm VM's seed holds no job secret, a job bound to it runs and the VM powers off, and SIGTERM
 //! stops the warm VM that holds no job at once while the job in flight finishes. With the fake
 //! QEMU (no kernel): a warm VM that never acknowledges its payload is discarded and the job still
-//! runs, in a VM booted for it.
+//! runs, in a VM booted for it; a base image without the agent turns the pool off and jobs boot
+//! cold.
 
 mod common {
     pub mod daemon;
@@ -178,4 +179,60 @@ fn serve_pool_warm_vm_that_never_acknowledges_is_discarded_and_the_job_still_run
     assert!(st.success(), "{st}; log:\n{}", serve.log_text());
     assert!(w.status().is_none(), "the control socket outlived serve");
     w.assert_clean("dave-lib-ci");
+}
+
+#[test]
+fn serve_pool_base_image_without_the_agent_turns_the_pool_off_and_jobs_boot_cold() {
+    // The fake QEMU's "image" has no job agent: its warm VM idles and never says READY.
+    let fake = tempfile::tempdir().unwrap();
+    let w = World::new(Settings {
+        pool_size: 1,
+        boot_deadline: "3s",
+        qemu: Some(fake_qemu(fake.path(), "runner-noagent")),
+        ..Settings::default()
+    });
+    let mut serve = w.serve(0);
+    serve.wait_ready();
+    wait_for(
+        "the pool to turn itself off",
+        Duration::from_secs(30),
+        || {
+            serve
+                .log_text()
+                .contains("seems to have no job agent")
+                .then_some(())
+        },
+    );
+    let m = w.metrics();
+    assert_eq!(
+        m.get("fkr_qemu_pool_discards_total{reason=\"not_ready\"}"),
+        1.0
+    );
+    // Off: no warm VM is booted again (the failure back-off alone would retry within 2 s).
+    std::thread::sleep(Duration::from_secs(5));
+    let st = w.status().expect("status");
+    assert!(
+        st.vms.iter().all(|v| !matches!(v.state, VmState::Pool(_))),
+        "a warm VM after the pool turned off: {:#?}",
+        st.vms
+    );
+    assert!(w.vm_dirs().is_empty(), "{:?}", w.vm_dirs());
+    assert_eq!(
+        w.metrics().sum("fkr_qemu_pool_discards_total"),
+        1.0,
+        "one warm VM only"
+    );
+    // Jobs boot cold, as without a pool.
+    let id = w.emu.add_job("erin/tool", &[LABEL], "build").id;
+    serve.wait("the job to finish", Duration::from_secs(60), || {
+        (w.finished(JobOutcome::Completed) == 1).then_some(())
+    });
+    assert_eq!(w.emu.job(id).unwrap().status, JobStatus::Success);
+    let m = w.metrics();
+    assert_eq!(m.get("fkr_qemu_job_starts_total{path=\"cold\"}"), 1.0);
+    assert_eq!(m.get("fkr_qemu_job_starts_total{path=\"warm\"}"), 0.0);
+    serve.signal(Signal::SIGTERM);
+    let st = serve.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{st}; log:\n{}", serve.log_text());
+    w.assert_clean("erin-tool-ci");
 }

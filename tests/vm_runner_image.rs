@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::http_server::HttpServer;
 use common::netns::NetNs;
-use fkr_qemu::controller::userdata::{self, RegistryAuth, RunnerParams};
+use fkr_qemu::controller::userdata::{self, JobPlan, RegistryAuth, RunnerParams};
 use fkr_qemu::net::{self, Ipv4Cidr, Tap};
 use fkr_qemu::secret::Secret;
 use fkr_qemu::types::{Accel, VmName};
+use fkr_qemu::vm::agent::{AgentConn, AgentError, Payload};
 use fkr_qemu::vm::{self, Outcome, Seed, VmConfig, VmSpec};
 
 fn repo() -> PathBuf {
@@ -424,6 +425,9 @@ struct Attempt {
     serial: String,
     elapsed: Duration,
     timings: vm::Timings,
+    /// Warm boots: the agent's READY (time since launch) and how long STARTED took after the
+    /// payload was sent; or what went wrong on the channel.
+    bind: Option<Result<(Duration, Duration), String>>,
 }
 
 /// The boot's phases as the driver saw them on the serial console, for the test's output (and
@@ -442,8 +446,15 @@ fn phases_line(t: &vm::Timings) -> String {
     )
 }
 
-/// Boots `image` once with serve's user-data (plus the report command) and `net`'s network-config.
-fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt {
+/// How a VM gets its job: serve's cold seed, or a warm VM's seed and then the payload over the
+/// job agent's port.
+enum Boot<'a> {
+    Cold { user_data: &'a str },
+    Warm { payload: &'a Payload },
+}
+
+/// Boots `image` once with `net`'s network-config and the job as `boot` gives it.
+fn boot_once(ns: &NetNs, image: &Path, boot: &Boot<'_>, work: &Path) -> Attempt {
     let name = VmName::generate();
     let tap: Tap = ns
         .run(|| Tap::create(&name, BRIDGE))
@@ -451,6 +462,10 @@ fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt 
     let mac = tap.mac();
     let network_config =
         net::render_network_config(mac, Ipv4Cidr::new(GUEST, 24).unwrap(), GATEWAY, &[GATEWAY]);
+    let user_data = match boot {
+        Boot::Cold { user_data } => user_data,
+        Boot::Warm { .. } => userdata::WARM_USER_DATA,
+    };
     let mut spec = VmSpec::new(
         name.clone(),
         image,
@@ -464,6 +479,7 @@ fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt 
     );
     // The runcmd's first words: the runner starts now (serve's user-data, `userdata::render`).
     spec.ready_marker = Some("fkr: starting forgejo-runner for job handle".into());
+    spec.agent = matches!(boot, Boot::Warm { .. });
     spec.net = Some(vm::NetDevice {
         tap: tap.fd_for_qemu().expect("the tap fd for QEMU"),
         mac: tap.mac(),
@@ -482,38 +498,88 @@ fn boot_once(ns: &NetNs, image: &Path, user_data: &str, work: &Path) -> Attempt 
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let started = Instant::now();
-    let (exit, serial_log) = rt.block_on(async {
+    let (exit, serial_log, bind) = rt.block_on(async {
         let handle = vm::launch(&config, spec).await.expect("launch the VM");
         let serial_log = handle.serial_log().to_path_buf();
-        (handle.wait().await.expect("wait for the VM"), serial_log)
+        let bind = match boot {
+            Boot::Cold { .. } => None,
+            Boot::Warm { payload } => {
+                let socket = handle.dir().join(vm::files::AGENT);
+                let bind = async {
+                    let mut agent = AgentConn::connect(&socket).await?;
+                    tokio::time::timeout(BOOT_DEADLINE, agent.ready())
+                        .await
+                        .map_err(|_| AgentError::Closed)??;
+                    let ready = started.elapsed();
+                    let sent = Instant::now();
+                    agent.deliver(payload, BIND_TIMEOUT).await?;
+                    Ok::<_, AgentError>((ready, sent.elapsed()))
+                };
+                let bind = bind.await.map_err(|e| e.to_string());
+                if bind.is_err() {
+                    handle.stop_token().cancel();
+                }
+                Some(bind)
+            }
+        };
+        (
+            handle.wait().await.expect("wait for the VM"),
+            serial_log,
+            bind,
+        )
     });
     let elapsed = started.elapsed();
     drop(tap);
     let serial = clean_serial(&std::fs::read(&serial_log).unwrap_or_default());
     let _ = std::fs::remove_file(&serial_log);
     // Kept for a look after a failure (target/tmp/ is cargo's scratch space for integration tests).
-    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm_runner_image.serial.log");
+    let kind = match boot {
+        Boot::Cold { .. } => "cold",
+        Boot::Warm { .. } => "warm",
+    };
+    let kept =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vm_runner_image.{kind}.serial.log"));
     let _ = std::fs::write(&kept, &serial);
     Attempt {
         outcome: exit.outcome,
         serial,
         elapsed,
         timings: exit.timings,
+        bind,
     }
 }
 
-#[test]
-fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
+/// Boots until an attempt does not hit the known rare TCG guest crash (at most twice).
+fn boot(ns: &NetNs, image: &Path, how: &Boot<'_>, work: &Path) -> Attempt {
+    let attempt = boot_once(ns, image, how, work);
+    if let Outcome::GuestCrashed { reason } = &attempt.outcome {
+        eprintln!(
+            "the guest crashed ({reason}) — a known rare TCG failure (notes/runner-image.md); retrying once. Serial tail:\n{}",
+            tail(&attempt.serial, 15)
+        );
+        return boot_once(ns, image, how, work);
+    }
+    attempt
+}
+
+/// The guest's network and "Forgejo", and the job as serve would plan it.
+struct Fixture {
+    ns: NetNs,
+    forgejo: HttpServer,
+    /// serve's plan for the job, with the report command after serve's own.
+    plan: JobPlan,
+    /// (path, mode and owner, content) of every file the job must find.
+    files: Vec<(&'static str, &'static str, String)>,
+    handle: &'static str,
+    uuid: &'static str,
+    secrets: Vec<String>,
+}
+
+fn fixture() -> Fixture {
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "this test builds an image (mmdebstrap --mode=root) and creates a network namespace: run it as root"
     );
-    // FKR_RUNNER_IMAGE boots an image built elsewhere (e.g. to compare boot phases before and
-    // after a change to runner-base/) instead of the cached build of the current inputs.
-    let image = std::env::var_os("FKR_RUNNER_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(reduced_image);
-
     // The guest's network: a bridge with the gateway address in a namespace of our own, the tap
     // created by net's code, "Forgejo" listening on the gateway address.
     let ns = NetNs::create("fkrt-img");
@@ -524,7 +590,7 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         TASK_REPLY.to_owned()
     });
 
-    // The user-data exactly as serve renders it for a job.
+    // The job exactly as serve plans it.
     let url = url::Url::parse(&format!("http://{GATEWAY}:{FORGEJO_PORT}/")).unwrap();
     let runner_token = Secret::new("runner-token-0123456789abcdef");
     let registry_token = Secret::new("orch-42-registry-token");
@@ -534,7 +600,7 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         username: "alice-web-ci",
         token: &registry_token,
     };
-    let serve_user_data = userdata::render(
+    let mut plan = JobPlan::new(
         &RunnerParams {
             forgejo_url: &url,
             runner_uuid: uuid,
@@ -544,59 +610,45 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         },
         Some(&registry),
     )
-    .expect("render user-data");
+    .expect("plan the job");
     let auth = userdata::registry_auth_json(&registry);
     let files = expected_files(runner_token.expose(), &auth);
     let paths: Vec<&str> = files.iter().map(|f| f.0).collect();
-    assert_eq!(serve_user_data.matches("\npower_state:\n").count(), 1);
-    let user_data = serve_user_data.replacen(
-        "\npower_state:\n",
-        &format!("\n- '{}'\npower_state:\n", report_command(&paths)),
-        1,
-    );
-
-    let work = tempfile::tempdir().unwrap();
-    let mut attempt = boot_once(&ns, &image, &user_data, work.path());
-    if let Outcome::GuestCrashed { reason } = &attempt.outcome {
-        eprintln!(
-            "the guest crashed ({reason}) — a known rare TCG failure (notes/runner-image.md); retrying once. Serial tail:\n{}",
-            tail(&attempt.serial, 15)
-        );
-        attempt = boot_once(&ns, &image, &user_data, work.path());
+    plan.commands.push(report_command(&paths));
+    Fixture {
+        ns,
+        forgejo,
+        plan,
+        files,
+        handle,
+        uuid,
+        secrets: vec![
+            runner_token.expose().to_owned(),
+            registry_token.expose().to_owned(),
+        ],
     }
-    let Attempt {
-        outcome,
-        serial,
-        elapsed,
-        timings,
-    } = attempt;
-    let context = || {
-        format!(
-            "outcome {outcome:?} after {:.0} s; whole serial log in {}/vm_runner_image.serial.log; its tail:\n{}",
-            elapsed.as_secs_f64(),
-            env!("CARGO_TARGET_TMPDIR"),
-            tail(&serial, 60)
-        )
-    };
-    eprintln!(
-        "boot to power-off under TCG: {:.1} s ({outcome:?})",
-        elapsed.as_secs_f64()
-    );
-    eprintln!("boot phases: {}", phases_line(&timings));
-    // The image's kernel is not `quiet`: every milestone shows, in boot order.
-    let order = [timings.kernel_ms, timings.userspace_ms, timings.ready_ms];
-    assert!(
-        order.iter().all(Option::is_some) && order.is_sorted(),
-        "boot milestones missing or out of order: {timings:?}; {}",
-        context()
-    );
+}
 
-    // cloud-init ran the runner with exactly serve's arguments: the stand-in read the token file,
-    // was given `--label <label>:host` and declared the label name (as forgejo-runner does) as the
-    // runner's uuid, fetched the task of this handle from the URL.
+/// The image for these tests: the cached build of the current inputs, or `FKR_RUNNER_IMAGE` (an
+/// image built elsewhere, e.g. to compare boot phases before and after a change to runner-base/).
+fn image() -> PathBuf {
+    std::env::var_os("FKR_RUNNER_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(reduced_image)
+}
+
+/// What a VM that ran the job shows: the runner ran with exactly serve's arguments (the stand-in
+/// read the token file, was given `--label <label>:host` and declared the label name, as
+/// forgejo-runner does, as the runner's uuid, fetched the task of this handle from the URL, and
+/// finished it), and every file has its mode, owner and content.
+fn assert_job_ran(f: &Fixture, serial: &str, context: &dyn Fn() -> String) {
+    let handle = f.handle;
     for marker in [
         format!("fkr: starting forgejo-runner for job handle {handle}"),
-        format!("fkr-runner: declared labels external-host as runner {uuid}"),
+        format!(
+            "fkr-runner: declared labels external-host as runner {}",
+            f.uuid
+        ),
         format!("fkr-runner: got task 7 for handle {handle}"),
         "fkr-runner: task 7 finished: success".to_owned(),
         "fkr: forgejo-runner exited with status 0".to_owned(),
@@ -608,13 +660,11 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         );
     }
     assert!(
-        !forgejo.clients().is_empty(),
+        !f.forgejo.clients().is_empty(),
         "the guest never reached Forgejo; {}",
         context()
     );
-
-    // write_files (and the runcmd copy for `runner`) with the right modes, owners and contents.
-    for (path, mode_owner, content) in &files {
+    for (path, mode_owner, content) in &f.files {
         let prefix = format!("FKR-REPORT file {path} ");
         let line = serial
             .lines()
@@ -636,8 +686,7 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
             "{path}: content"
         );
     }
-
-    // network-config: the static address and default route, and no 2-minute wait for the network.
+    // network-config: the static address and default route.
     let addr = serial
         .lines()
         .find(|l| l.contains("FKR-REPORT addr "))
@@ -656,6 +705,50 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         "no default route via {GATEWAY}: `{route}`; {}",
         context()
     );
+}
+
+#[test]
+fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
+    let image = image();
+    let f = fixture();
+    let serve_user_data = f.plan.user_data();
+    let work = tempfile::tempdir().unwrap();
+    let Attempt {
+        outcome,
+        serial,
+        elapsed,
+        timings,
+        ..
+    } = boot(
+        &f.ns,
+        &image,
+        &Boot::Cold {
+            user_data: &serve_user_data,
+        },
+        work.path(),
+    );
+    let context = || {
+        format!(
+            "outcome {outcome:?} after {:.0} s; whole serial log in {}/vm_runner_image.cold.serial.log; its tail:\n{}",
+            elapsed.as_secs_f64(),
+            env!("CARGO_TARGET_TMPDIR"),
+            tail(&serial, 60)
+        )
+    };
+    eprintln!(
+        "boot to power-off under TCG: {:.1} s ({outcome:?})",
+        elapsed.as_secs_f64()
+    );
+    eprintln!("boot phases: {}", phases_line(&timings));
+    // The image's kernel is not `quiet`: every milestone shows, in boot order.
+    let order = [timings.kernel_ms, timings.userspace_ms, timings.ready_ms];
+    assert!(
+        order.iter().all(Option::is_some) && order.is_sorted(),
+        "boot milestones missing or out of order: {timings:?}; {}",
+        context()
+    );
+    // cloud-init ran the runner, wrote the files (and the runcmd copied the runner's).
+    assert_job_ran(&f, &serial, &context);
     // cloud-init's network stage runs after networkd started (the image orders it so, since
     // nothing waits for "online" any more), not beside it.
     let at = |needle: &str| serial.find(needle);
@@ -688,7 +781,82 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
             context()
         );
     }
+    // A cold VM has no agent port: the job agent does not start.
+    assert!(
+        !serial.contains("fkr-agent: ready"),
+        "the job agent ran in a cold VM; {}",
+        context()
+    );
 
     // power_state: the guest powered itself off.
+    assert_eq!(outcome, Outcome::GuestPoweredOff, "{}", context());
+}
+
+/// serve's `pool.bind_timeout` default: a warm VM must acknowledge its payload within it.
+const BIND_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[test]
+fn vm_reduced_runner_image_warm_takes_its_job_over_the_agent_port() {
+    let image = image();
+    let f = fixture();
+    let payload = f.plan.agent_payload();
+    let work = tempfile::tempdir().unwrap();
+    let Attempt {
+        outcome,
+        serial,
+        elapsed,
+        bind,
+        ..
+    } = boot(
+        &f.ns,
+        &image,
+        &Boot::Warm { payload: &payload },
+        work.path(),
+    );
+    let context = || {
+        format!(
+            "outcome {outcome:?} after {:.0} s; whole serial log in {}/vm_runner_image.warm.serial.log; its tail:\n{}",
+            elapsed.as_secs_f64(),
+            env!("CARGO_TARGET_TMPDIR"),
+            tail(&serial, 60)
+        )
+    };
+    // The agent (fkr-agent.service, started by the port's presence) said READY once the system
+    // was up, and acknowledged the payload within the bind timeout.
+    let (ready, started) = match bind {
+        Some(Ok(times)) => times,
+        other => panic!("no bind: {other:?}; {}", context()),
+    };
+    eprintln!(
+        "warm runner image under TCG: READY {:.1} s after launch; payload → STARTED {} ms; power-off {:.1} s after launch",
+        ready.as_secs_f64(),
+        started.as_millis(),
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        serial.contains("fkr-agent: ready on /dev/virtio-ports/org.fkr-qemu.agent.0"),
+        "{}",
+        context()
+    );
+    // The warm seed started nothing: the runner started after the payload, not from cloud-init.
+    assert_eq!(
+        serial
+            .matches("fkr: starting forgejo-runner for job handle")
+            .count(),
+        1,
+        "{}",
+        context()
+    );
+    // The payload's files root-only (and the runner's copies), the runner run as serve plans it.
+    assert_job_ran(&f, &serial, &context);
+    // No secret on the console but in the report lines the test itself asked for (base64).
+    for secret in &f.secrets {
+        assert!(
+            !serial.contains(secret.as_str()),
+            "a secret reached the console; {}",
+            context()
+        );
+    }
+    // The agent powered the VM off after the job.
     assert_eq!(outcome, Outcome::GuestPoweredOff, "{}", context());
 }

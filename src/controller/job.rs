@@ -231,11 +231,17 @@ async fn look_at_claims<F: Forge, N: Network, V: Vms>(
 ///
 /// `meanwhile` runs while the claim settles between the two looks (the job's CI user and token:
 /// off the critical path); it is not run when the first look already shows the claim lost.
+///
+/// `confirm`: ask Forgejo whether the job still waits after the second look. A warm bind skips
+/// it (ARCHITECTURE.md, "One VM per job"): that question is a job-list request, which the host's
+/// budget of one per second delays to a second after the list that found the job — most of a warm
+/// bind's latency — while all it can save is a VM for a job already gone, never a second run.
 async fn claim_job<F: Forge, N: Network, V: Vms, T>(
     env: &JobEnv<F, N, V>,
     job: &Job,
     name: &VmName,
     mine: i64,
+    confirm: bool,
     meanwhile: impl std::future::Future<Output = T>,
 ) -> Result<Claimed<T>, StepError> {
     if let (Decision::Lost { host, runner_id }, _) = look_at_claims(env, job, mine).await? {
@@ -258,13 +264,15 @@ async fn claim_job<F: Forge, N: Network, V: Vms, T>(
     // No lower live claim is listed — yet a lower claim may have been deleted already because its
     // runner took the job and finished it (Forgejo deletes an ephemeral runner once its task is
     // done). The job is no longer waiting then: asked after the listing, Forgejo says so.
-    let waiting = env
-        .forge
-        .still_waiting(job, &env.settings.label)
-        .await
-        .map_err(StepError::Claim)?;
-    if !waiting {
-        return Ok(Claimed::Gone);
+    if confirm {
+        let waiting = env
+            .forge
+            .still_waiting(job, &env.settings.label)
+            .await
+            .map_err(StepError::Claim)?;
+        if !waiting {
+            return Ok(Claimed::Gone);
+        }
     }
     for (id, host) in stale {
         tracing::warn!(
@@ -404,7 +412,9 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         // The CI user and its token are made while the claim settles (`claim::SETTLE`): they are
         // off the critical path of a warm bind. A lost claim's token is revoked like any other.
         let login = registry_login(&env.forge, &env.metrics, &self.job, &repo, &mut self.held);
-        let registry = match claim_job(&env, &self.job, &self.name, runner.id, login).await? {
+        let confirm = self.warm.is_none();
+        let claimed = claim_job(&env, &self.job, &self.name, runner.id, confirm, login).await?;
+        let registry = match claimed {
             Claimed::Ours(registry) => registry?,
             Claimed::Lost { host, runner_id } => {
                 tracing::info!(

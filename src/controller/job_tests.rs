@@ -1121,7 +1121,7 @@ async fn claim_cost() {
         let repo = env.forge.repository(run.job.repo_id).await.unwrap();
         let runner = run.register_runner(&repo).await.unwrap();
         let t = Instant::now();
-        let claimed = claim_job(&env, &run.job, &run.name, runner.id, async {}).await;
+        let claimed = claim_job(&env, &run.job, &run.name, runner.id, true, async {}).await;
         let lost = !matches!(claimed.unwrap(), Claimed::Ours(()));
         let took = t.elapsed();
         let held = std::mem::take(&mut run.held);
@@ -1452,6 +1452,14 @@ async fn a_job_bound_to_a_warm_vm_gets_its_payload_there_and_boots_nothing() {
     assert!(metric(&env, "fkr_qemu_job_starts_total{path=\"warm\"}").ends_with(" 1"));
     assert!(metric(&env, "fkr_qemu_job_starts_total{path=\"cold\"}").ends_with(" 0"));
     assert!(metric(&env, "fkr_qemu_pool_bind_seconds_count").ends_with(" 1"));
+    // The claim was decided by its two looks alone: no "still waiting?" job list on a warm bind.
+    let calls = env.forge.calls();
+    assert_eq!(
+        calls.iter().filter(|c| **c == "runners").count(),
+        2,
+        "{calls:?}"
+    );
+    assert!(!calls.contains(&"still_waiting"), "{calls:?}");
 }
 
 #[tokio::test]

@@ -77,8 +77,8 @@ pub struct Settings {
     pub host_id: Option<String>,
     /// `[forgejo] ci_password_key_file`.
     pub ci_password_key_file: Option<PathBuf>,
-    /// `[pool] size`: 0 (the pool off, as before the pool existed) unless a test wants warm VMs,
-    /// or `FKR_TEST_POOL_SIZE` runs the whole suite with the pool on.
+    /// `[pool] size`: 0 (the pool off, as before the pool existed) unless a test wants warm VMs
+    /// (tests/serve_e2e_pool.rs runs the end-to-end suite with 1).
     pub pool_size: usize,
     /// More `[pool]` lines.
     pub pool_extra: &'static str,
@@ -97,10 +97,7 @@ impl Default for Settings {
             vm_extra: "",
             host_id: None,
             ci_password_key_file: None,
-            pool_size: std::env::var("FKR_TEST_POOL_SIZE")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+            pool_size: 0,
             pool_extra: "",
         }
     }

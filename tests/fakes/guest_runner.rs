@@ -8,7 +8,8 @@
 //!
 //! A warm VM (argv has the job agent's `-chardev socket,id=agent0,fd=N`) takes its job over the
 //! agent's line protocol instead (`src/vm/agent.rs`): READY, the payload's runner token file and
-//! command, STARTED. Called from `runner-noack`, it reads the payload and never says STARTED.
+//! command, STARTED. Called from `runner-noack`, it reads the payload and never says STARTED; from
+//! `runner-noagent`, it is an image without the agent: a warm VM idles, never saying READY.
 
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
@@ -300,6 +301,17 @@ fn agent_listener(args: &[String]) -> Option<std::os::unix::net::UnixListener> {
     Some(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
 }
 
+/// What the "guest" does with the job agent's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Agent {
+    /// READY, the payload, STARTED.
+    Acks,
+    /// READY, the payload, then silence.
+    NoAck,
+    /// No agent in the "image": a warm VM idles and never says READY (cold VMs run as usual).
+    Absent,
+}
+
 /// A warm VM's side of the agent protocol: READY, then the payload; STARTED unless `ack` is off.
 fn take_job_over_agent(listener: std::os::unix::net::UnixListener, ack: bool) -> RunnerArgs {
     use std::io::BufRead;
@@ -359,7 +371,7 @@ pub fn run(
     args: &[String],
     listener: std::os::unix::net::UnixListener,
     work: Duration,
-    ack: bool,
+    agent: Agent,
 ) -> ! {
     let clients = Arc::new(Mutex::new(Vec::new()));
     let ready = Arc::new((Mutex::new(false), Condvar::new()));
@@ -368,7 +380,13 @@ pub fn run(
         std::thread::spawn(move || serve_qmp(listener, clients, ready));
     }
     let runner = match agent_listener(args) {
-        Some(agent) => take_job_over_agent(agent, ack),
+        Some(_) if agent == Agent::Absent => {
+            say("booted; no job agent in this image: idling");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        Some(port) => take_job_over_agent(port, agent == Agent::Acks),
         None => runner_args(&user_data(seed_bytes(args))),
     };
     say(&format!(

@@ -237,16 +237,17 @@ fn main() {
         serial_init(&chardevs);
     }
     // `runner`, or `runner-<N>s` for jobs that take N seconds; `runner-noack`: a warm VM that
-    // never acknowledges its payload.
-    if let Some((work, ack)) = behaviour
+    // never acknowledges its payload; `runner-noagent`: an image without the job agent.
+    if let Some((work, agent)) = behaviour
         .and_then(|b| b.to_str())
         .and_then(|b| b.strip_prefix("runner"))
         .and_then(|rest| match rest {
-            "" => Some((0, true)),
-            "-noack" => Some((0, false)),
+            "" => Some((0, guest_runner::Agent::Acks)),
+            "-noack" => Some((0, guest_runner::Agent::NoAck)),
+            "-noagent" => Some((0, guest_runner::Agent::Absent)),
             secs => Some((
                 secs.strip_prefix('-')?.strip_suffix('s')?.parse().ok()?,
-                true,
+                guest_runner::Agent::Acks,
             )),
         })
     {
@@ -254,7 +255,7 @@ fn main() {
             &args,
             qmp_listener(&chardevs),
             std::time::Duration::from_secs(work),
-            ack,
+            agent,
         );
     }
     if accel != "kvm" {
