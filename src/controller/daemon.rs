@@ -69,12 +69,22 @@ impl Scheduler {
         self.tasks.len() + self.pool.occupied()
     }
 
-    /// Replaces stale warm VMs and refills the pool from the slots queued jobs do not need.
+    /// Replaces stale warm VMs and refills the pool from the slots (and the disk) queued jobs do
+    /// not need: a warm VM passes the disk admission a cold job does, and takes its reservation
+    /// with it to the job it is bound to.
     fn tend_pool(&mut self) {
         self.pool.maintain(&self.env);
         if self.queue.is_empty() {
             let free = self.cfg.max_vms.saturating_sub(self.slots_used());
-            self.pool.refill(&self.env, free);
+            let vm = &self.cfg.vm;
+            self.pool
+                .refill(&self.env, free, || match crate::vm::reserve_disk(vm) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        tracing::debug!("pool: no warm VM for now: {e}");
+                        None
+                    }
+                });
         }
     }
 

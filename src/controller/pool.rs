@@ -113,6 +113,9 @@ pub(crate) enum Warmed<Vm> {
         reason: DiscardReason,
         detail: String,
         image: Option<ImageId>,
+        /// It ran until `boot_deadline` without a READY (what an image without the agent does),
+        /// as opposed to failing to launch or dying.
+        silent: bool,
     },
 }
 
@@ -270,11 +273,13 @@ impl<Vm: RunningVm> Pool<Vm> {
         env.metrics.set_pool_warm(self.ready.len());
     }
 
-    /// Boots warm VMs while the pool is below its size and `free` VM slots allow.
+    /// Boots warm VMs while the pool is below its size, `free` VM slots allow and `reserve_disk`
+    /// finds disk for one (the admission a cold job passes; `None`: no room now, try later).
     pub(crate) fn refill<F: Forge, N: Network, V: Vms<Vm = Vm>>(
         &mut self,
         env: &Arc<JobEnv<F, N, V>>,
         mut free: usize,
+        mut reserve_disk: impl FnMut() -> Option<vm::DiskReservation>,
     ) {
         if self.shut || self.cfg.size == 0 || !self.binding.is_empty() {
             return;
@@ -287,13 +292,16 @@ impl<Vm: RunningVm> Pool<Vm> {
             return;
         }
         while free > 0 && self.ready.len() + self.warming.len() < self.cfg.size {
+            let Some(disk) = reserve_disk() else {
+                break;
+            };
             free -= 1;
             let name = VmName::generate();
             show_warming(env, &name);
             let (env, cancel) = (env.clone(), self.cancel.child_token());
             let max_age = self.cfg.max_age;
             self.warming
-                .spawn(async move { warm_up(env, name, image, max_age, cancel).await });
+                .spawn(async move { warm_up(env, name, image, disk, max_age, cancel).await });
         }
     }
 
@@ -331,14 +339,14 @@ impl<Vm: RunningVm> Pool<Vm> {
                 reason,
                 detail,
                 image,
+                silent,
             } => {
                 env.metrics.pool_discarded(reason);
                 env.board.vm_removed(name.as_str());
                 if self.shut {
                     return;
                 }
-                if reason == DiscardReason::NotReady && image.is_some() && self.agent_seen != image
-                {
+                if silent && image.is_some() && self.agent_seen != image {
                     tracing::warn!(
                         vm = %name,
                         "pool: warm VM {name} never said READY ({detail}): the base image {} seems to have no job agent \
@@ -438,18 +446,20 @@ async fn warm_up<F: Forge, N: Network, V: Vms>(
     env: Arc<JobEnv<F, N, V>>,
     name: VmName,
     image: Option<ImageId>,
+    disk: vm::DiskReservation,
     max_age: Duration,
     cancel: CancellationToken,
 ) -> Warmed<V::Vm> {
-    let failed = |reason, detail: String| Warmed::Failed {
+    let failed = |reason, detail: String, silent| Warmed::Failed {
         name: name.clone(),
         reason,
         detail,
         image,
+        silent,
     };
     let attachment = match env.net.attach(&name) {
         Ok(a) => a,
-        Err(e) => return failed(DiscardReason::NotReady, format!("network: {e}")),
+        Err(e) => return failed(DiscardReason::NotReady, format!("network: {e}"), false),
     };
     let s = &env.settings;
     let seed = Seed {
@@ -462,6 +472,7 @@ async fn warm_up<F: Forge, N: Network, V: Vms>(
     let deadline = s.boot_deadline + max_age + s.job_deadline;
     let mut spec = VmSpec::new(name.clone(), s.base_image.clone(), seed, deadline);
     spec.net = Some(attachment.device);
+    spec.disk = Some(disk);
     spec.agent = true;
     let hold = attachment.hold;
     let address = attachment.address;
@@ -469,7 +480,7 @@ async fn warm_up<F: Forge, N: Network, V: Vms>(
         Ok(vm) => vm,
         Err(e) => {
             drop(hold);
-            return failed(DiscardReason::NotReady, format!("launch: {e}"));
+            return failed(DiscardReason::NotReady, format!("launch: {e}"), false);
         }
     };
     show(&env, &name, PoolState::Warming, Some(address), &vm);
@@ -491,11 +502,11 @@ async fn warm_up<F: Forge, N: Network, V: Vms>(
     let outcome = tokio::select! {
         r = tokio::time::timeout(s.boot_deadline, ready) => match r {
             Ok(Ok(ok)) => Ok(ok),
-            Ok(Err(e)) => Err((DiscardReason::NotReady, format!("agent: {e}"))),
-            Err(_) => Err((DiscardReason::NotReady, format!("no READY within {}s", s.boot_deadline.as_secs()))),
+            Ok(Err(e)) => Err((DiscardReason::NotReady, format!("agent: {e}"), false)),
+            Err(_) => Err((DiscardReason::NotReady, format!("no READY within {}s", s.boot_deadline.as_secs()), true)),
         },
-        () = died => Err((DiscardReason::Died, "the VM ended before it said READY".to_owned())),
-        () = cancel.cancelled() => Err((DiscardReason::Shutdown, "the daemon is shutting down".to_owned())),
+        () = died => Err((DiscardReason::Died, "the VM ended before it said READY".to_owned(), false)),
+        () = cancel.cancelled() => Err((DiscardReason::Shutdown, "the daemon is shutting down".to_owned(), false)),
     };
     match outcome {
         Ok((agent, ready)) => Warmed::Ready(WarmVm {
@@ -509,9 +520,9 @@ async fn warm_up<F: Forge, N: Network, V: Vms>(
             image,
             binding: None,
         }),
-        Err((reason, detail)) => {
+        Err((reason, detail, silent)) => {
             stop_and_release(vm, hold).await;
-            failed(reason, detail)
+            failed(reason, detail, silent)
         }
     }
 }

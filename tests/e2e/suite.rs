@@ -10,7 +10,9 @@ use common::emulator::{FaultKind, JobStatus, LoggedRequest, RunTrigger};
 use common::fake_qemu::fake_qemu;
 use common::sandbox::assert_sandboxed;
 use common::serve::World;
-use fkr_qemu::ops::{JobOutcome, SweepKind, TokenAccess, VmState};
+use fkr_qemu::ops::{
+    DaemonStatus, JobOutcome, PoolState, SweepKind, TokenAccess, VmInfo, VmState,
+};
 use fkr_qemu::types::{Accel, JobState, VmName};
 use nix::sys::signal::Signal;
 
@@ -23,6 +25,81 @@ fn settings() -> Settings {
     Settings {
         pool_size: POOL_SIZE,
         ..Settings::default()
+    }
+}
+
+/// The VMs on the status board that hold a job (a warm VM of the pool holds none).
+fn job_vms(s: &DaemonStatus) -> Vec<&VmInfo> {
+    s.vms
+        .iter()
+        .filter(|v| matches!(v.state, VmState::Job(_)))
+        .collect()
+}
+
+/// The pool's warm (ready) VMs on the status board.
+fn warm_vms(s: &DaemonStatus) -> Vec<&VmInfo> {
+    s.vms
+        .iter()
+        .filter(|v| v.state == VmState::Pool(PoolState::Warm))
+        .collect()
+}
+
+/// With the pool on: waits until it holds `POOL_SIZE` warm VMs, so that the next job is bound to
+/// one (the path this suite's pool run is for). Returns their names (none with the pool off).
+fn wait_pool_full(serve: &mut Serve) -> BTreeSet<String> {
+    if POOL_SIZE == 0 {
+        return BTreeSet::new();
+    }
+    serve.wait_status("the pool to be full", BOOT, |s| {
+        let warm = warm_vms(s);
+        (warm.len() == POOL_SIZE).then(|| warm.iter().map(|v| v.name.clone()).collect())
+    })
+}
+
+/// `World::assert_clean` while serve still runs: what the pool keeps warm (on the status board,
+/// holding no job) is not a leftover; nothing else may be left.
+fn wait_clean_but_warm(w: &World, ci_user: &str) {
+    wait_for("cleanup", Duration::from_secs(30), || {
+        // Listed before the board is read: a warm VM's entry exists before its resources do.
+        let (dirs, taps, qemus) = (w.vm_dirs(), w.taps(), w.qemus());
+        let s = w.status()?;
+        let names: BTreeSet<&str> = s
+            .vms
+            .iter()
+            .filter(|v| matches!(v.state, VmState::Pool(_)))
+            .map(|v| v.name.as_str())
+            .collect();
+        let pids: BTreeSet<u32> = s
+            .vms
+            .iter()
+            .filter(|v| matches!(v.state, VmState::Pool(_)))
+            .filter_map(|v| v.pid)
+            .collect();
+        (job_vms(&s).is_empty()
+            && dirs.iter().all(|d| names.contains(d.as_str()))
+            && taps.iter().all(|t| names.contains(t.as_str()))
+            && qemus.iter().all(|p| pids.contains(p)))
+        .then_some(())
+    });
+    let tokens = w.job_tokens(ci_user);
+    assert!(tokens.is_empty(), "tokens left: {tokens:?}");
+    let runners = w.emu.runner_names();
+    assert!(
+        !runners.iter().any(|r| r.starts_with(VmName::PREFIX)),
+        "runners left: {runners:?}"
+    );
+}
+
+/// With the pool on, the job ran in a warm VM (bound to it), else in a VM booted for it.
+fn assert_start_path(w: &World, jobs: u64) {
+    let (warm, cold) = (
+        counter(w, "fkr_qemu_job_starts_total{path=\"warm\"}"),
+        counter(w, "fkr_qemu_job_starts_total{path=\"cold\"}"),
+    );
+    if POOL_SIZE == 0 {
+        assert_eq!((warm, cold), (0, jobs), "warm and cold starts");
+    } else {
+        assert!(warm >= 1 && warm + cold == jobs, "{warm} warm and {cold} cold starts");
     }
 }
 
@@ -141,9 +218,11 @@ fn serve_vm_end_to_end_runs_a_job_and_cleans_up() {
     let mut serve = w.serve(0);
     let ready = serve.wait_ready();
     assert!(
-        ready.vms.is_empty() && ready.queued == 0 && !ready.draining,
+        job_vms(&ready).is_empty() && ready.queued == 0 && !ready.draining,
         "{ready:#?}"
     );
+    assert!(POOL_SIZE > 0 || ready.vms.is_empty(), "{ready:#?}");
+    let warm = wait_pool_full(&mut serve);
 
     let job = w.emu.add_job("alice/web", &[LABEL], "build");
     let id = job.id;
@@ -151,6 +230,8 @@ fn serve_vm_end_to_end_runs_a_job_and_cleans_up() {
     let vm = serve.wait_vm(id, "dispatched", Duration::from_secs(30), |_| true);
     let name = vm.name.clone();
     assert!(VmName::is_valid(&name), "{vm:#?}");
+    // With the pool on, the job's VM is the warm VM it was bound to.
+    assert!(POOL_SIZE == 0 || warm.contains(&name), "{vm:#?} not of {warm:?}");
     let vm = wait_launched(&mut serve, id, Duration::from_secs(60));
     assert_eq!(vm.name, name);
     assert_eq!((vm.owner.as_str(), vm.repo.as_str()), ("alice", "web"));
@@ -166,11 +247,9 @@ fn serve_vm_end_to_end_runs_a_job_and_cleans_up() {
         Duration::from_secs(30),
     );
     assert_eq!(job_status(&w, id), JobStatus::Success);
+    assert_start_path(&w, 1);
     // The job's resources were released before its VM left the status board.
-    wait_for("cleanup", Duration::from_secs(30), || {
-        (w.vm_dirs().is_empty() && w.taps().is_empty() && w.qemus().is_empty()).then_some(())
-    });
-    w.assert_clean("alice-web-ci");
+    wait_clean_but_warm(&w, "alice-web-ci");
     // The CI user was created once (no retry), exists once, with its password in the 0600 state file.
     let created = user_creations(&w, "alice-web-ci");
     assert_eq!(
@@ -409,15 +488,34 @@ fn serve_vm_sigterm_waits_for_the_job_in_flight() {
     let w = World::new(settings());
     let mut serve = w.serve(0);
     serve.wait_ready();
+    if POOL_SIZE > 0 {
+        // A job in a warm VM is over in seconds: one 60 s delay on its log upload (which the
+        // runner stand-in gives up on after 30 s and retries) keeps it in flight meanwhile.
+        w.emu.inject(
+            "POST",
+            "/api/actions/runner.v1.RunnerService/UpdateLog",
+            FaultKind::Delay { delay_ms: 60_000 },
+            Some(1),
+        );
+    }
+    wait_pool_full(&mut serve);
     let id = add_job(&w, "bob/api");
     wait_launched(&mut serve, id, Duration::from_secs(60));
+    // With the pool on: one job in flight and one warm VM (refilled after the bind).
+    wait_pool_full(&mut serve);
+    assert_ne!(job_status(&w, id), JobStatus::Success, "the job ended too soon");
     serve.signal(Signal::SIGTERM);
     let draining = serve.wait_status("serve to drain", Duration::from_secs(10), |s| {
         s.draining.then(|| s.clone())
     });
     assert!(!draining.ready, "{draining:#?}");
-    assert_eq!(draining.running, 1, "{draining:#?}");
-    assert_eq!(draining.vms[0].job_id, id);
+    let jobs = job_vms(&draining);
+    assert_eq!(jobs.len(), 1, "{draining:#?}");
+    assert_eq!(jobs[0].job_id, id);
+    // The warm VM holds no job: it is stopped at once, while the job goes on.
+    serve.wait_status("warm VMs to stop", Duration::from_secs(20), |s| {
+        (s.vms.len() == job_vms(s).len()).then_some(())
+    });
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         w.status().is_some() || job_status(&w, id) == JobStatus::Success,
@@ -445,12 +543,15 @@ fn serve_vm_sigkill_then_restart_takes_the_booting_vm_over() {
     fail_runner_rpc(&w, "FetchSingleTask");
     let mut serve = w.serve(0);
     serve.wait_ready();
+    wait_pool_full(&mut serve);
     let id = add_job(&w, "carol/lib");
-    let vm = wait_launched(&mut serve, id, Duration::from_secs(60)).name;
-    wait_for("qemu", Duration::from_secs(30), || {
-        (!w.qemus().is_empty()).then_some(())
-    });
+    let launched = wait_launched(&mut serve, id, Duration::from_secs(60));
+    let (vm, pid) = (launched.name, launched.pid.expect("its QEMU runs"));
+    // With the pool on, the job was bound to a warm VM, and another one is warm when serve dies:
+    // that one holds no job and is swept; the job's is taken over.
+    let warm = wait_pool_full(&mut serve);
     let qemus = w.qemus();
+    assert!(qemus.contains(&pid), "{qemus:?}");
     let tokens = w.job_tokens("carol-lib-ci");
     assert!(!tokens.is_empty(), "no job token");
     assert!(w.emu.runner_names().contains(&vm));
@@ -474,10 +575,21 @@ fn serve_vm_sigkill_then_restart_takes_the_booting_vm_over() {
         "log:\n{}",
         again.log_text()
     );
+    // The warm VM's dir is swept (its QEMU and tap go with it, so they may not count again).
     for kind in SweepKind::ALL {
-        assert_eq!(found(kind), 0, "{} swept", kind.as_str());
+        let warm = warm.len() as u64;
+        match kind {
+            SweepKind::VmDir => assert_eq!(found(kind), warm, "vm_dir swept"),
+            SweepKind::Process | SweepKind::Tap => {
+                assert!(found(kind) <= warm, "{} swept", kind.as_str())
+            }
+            _ => assert_eq!(found(kind), 0, "{} swept", kind.as_str()),
+        }
     }
-    assert_eq!(w.qemus(), qemus, "the same QEMU runs on");
+    assert!(w.qemus().contains(&pid), "the job's QEMU runs on");
+    if POOL_SIZE == 0 {
+        assert_eq!(w.qemus(), qemus, "the same QEMU runs on");
+    }
     assert_eq!(w.job_tokens("carol-lib-ci"), tokens);
     assert!(w.emu.runner_names().contains(&vm));
     assert!(w.vm_dirs().contains(&vm) && w.taps().contains(&vm));
@@ -744,8 +856,9 @@ fn serve_vm_a_job_waits_for_disk_space() {
     let start = Instant::now();
     while w.finished(JobOutcome::Completed) < 2 {
         if let Some(s) = w.status() {
+            // Warm VMs pass the same disk admission: never two VMs of any kind.
             assert!(s.vms.len() <= 1, "two VMs at once: {s:#?}");
-            for v in &s.vms {
+            for v in job_vms(&s) {
                 if order.last() != Some(&v.job_id) {
                     order.push(v.job_id);
                 }
