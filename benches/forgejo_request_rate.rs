@@ -10,6 +10,7 @@
 //! first 30 s after start (fast: a fresh daemon catches up), idle after that (backing off to
 //! 15 s), and busy (12 jobs at once until all ran) —: job-list requests per second, all requests per
 //! second, and the most job-list requests seen in any 1 s window (the cap is one).
+//! `FKR_BENCH_POOL` sets `[pool] size` (default 1, serve's default; 0 as before the pool).
 
 #[allow(dead_code)]
 #[path = "../tests/common"]
@@ -28,6 +29,14 @@ mod common {
 use std::time::{Duration, Instant};
 
 use common::daemon::Settings;
+
+/// `[pool] size` for the bench (`FKR_BENCH_POOL`, default 1 like serve's).
+fn pool_size() -> usize {
+    std::env::var("FKR_BENCH_POOL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
 use common::fake_qemu::fake_qemu;
 use common::serve::World;
 use fkr_qemu::ops::JobOutcome;
@@ -106,6 +115,7 @@ fn main() {
         boot_deadline: "60s",
         job_deadline: "120s",
         vm_extra: "disk_max_mib = 4096",
+        pool_size: pool_size(),
         ..Settings::default()
     });
     let mut serve = w.serve(0);
@@ -122,7 +132,10 @@ fn main() {
     });
     // After the last job: fast for a while (a workflow's next job may come), then backing off.
     let after = seen.watch(&w, Duration::from_secs(60), || false);
-    eprintln!("one host, poll_interval 15s, poll_interval_min 1s, max_vms 2, {JOBS} jobs of 4 s:");
+    eprintln!(
+        "one host, poll_interval 15s, poll_interval_min 1s, max_vms 2, pool {}, {JOBS} jobs of 4 s:",
+        pool_size()
+    );
     seen.report("first 30 s after start", startup);
     seen.report("idle (30–120 s)", idle);
     seen.report("busy (12 jobs, until done)", busy);

@@ -629,6 +629,16 @@ fn fixture() -> Fixture {
     }
 }
 
+/// What a failed assertion shows: how the boot ended, where the whole serial log is kept, its tail.
+fn failure_context(kind: &str, outcome: &Outcome, elapsed: Duration, serial: &str) -> String {
+    format!(
+        "outcome {outcome:?} after {:.0} s; whole serial log in {}/vm_runner_image.{kind}.serial.log; its tail:\n{}",
+        elapsed.as_secs_f64(),
+        env!("CARGO_TARGET_TMPDIR"),
+        tail(serial, 60)
+    )
+}
+
 /// The image for these tests: the cached build of the current inputs, or `FKR_RUNNER_IMAGE` (an
 /// image built elsewhere, e.g. to compare boot phases before and after a change to runner-base/).
 fn image() -> PathBuf {
@@ -727,14 +737,7 @@ fn vm_reduced_runner_image_applies_serves_seed_with_real_cloud_init() {
         },
         work.path(),
     );
-    let context = || {
-        format!(
-            "outcome {outcome:?} after {:.0} s; whole serial log in {}/vm_runner_image.cold.serial.log; its tail:\n{}",
-            elapsed.as_secs_f64(),
-            env!("CARGO_TARGET_TMPDIR"),
-            tail(&serial, 60)
-        )
-    };
+    let context = || failure_context("cold", &outcome, elapsed, &serial);
     eprintln!(
         "boot to power-off under TCG: {:.1} s ({outcome:?})",
         elapsed.as_secs_f64()
@@ -813,14 +816,7 @@ fn vm_reduced_runner_image_warm_takes_its_job_over_the_agent_port() {
         &Boot::Warm { payload: &payload },
         work.path(),
     );
-    let context = || {
-        format!(
-            "outcome {outcome:?} after {:.0} s; whole serial log in {}/vm_runner_image.warm.serial.log; its tail:\n{}",
-            elapsed.as_secs_f64(),
-            env!("CARGO_TARGET_TMPDIR"),
-            tail(&serial, 60)
-        )
-    };
+    let context = || failure_context("warm", &outcome, elapsed, &serial);
     // The agent (fkr-agent.service, started by the port's presence) said READY once the system
     // was up, and acknowledged the payload within the bind timeout.
     let (ready, started) = match bind {

@@ -464,6 +464,19 @@ fn start(
     watch::Sender<bool>,
     CancellationToken,
 ) {
+    start_warm(env, job, None)
+}
+
+/// Starts a job, bound to `warm` when given.
+fn start_warm(
+    env: &Arc<Env>,
+    job: Job,
+    warm: Option<super::pool::WarmVm<FakeVm>>,
+) -> (
+    tokio::task::JoinHandle<Report<FakeVm>>,
+    watch::Sender<bool>,
+    CancellationToken,
+) {
     let (tx, rx) = watch::channel(false);
     let stop = CancellationToken::new();
     let ticket = Ticket {
@@ -472,7 +485,7 @@ fn start(
         picked_up: rx,
         disk: None,
         claim_delay: Duration::ZERO,
-        warm: None,
+        warm,
     };
     let task = tokio::spawn(run(env.clone(), ticket, stop.clone()));
     (task, tx, stop)
@@ -1352,38 +1365,16 @@ async fn warm_vm(env: &Arc<Env>) -> (super::pool::WarmVm<FakeVm>, VmCtl, tokio::
     let vm = env.vms.launch(spec).await.unwrap();
     let ctl = env.vms.launched.lock().unwrap().pop().unwrap();
     let (host, guest) = tokio::net::UnixStream::pair().unwrap();
-    let warm = super::pool::WarmVm::for_test(
+    let warm = super::pool::WarmVm::ready(
         name,
         vm,
         crate::vm::agent::AgentConn::from_stream(host),
         Box::new(()),
         "10.88.0.9".parse().unwrap(),
+        0,
+        None,
     );
     (warm, ctl, guest)
-}
-
-/// Starts a job bound to `warm`.
-fn start_warm(
-    env: &Arc<Env>,
-    job: Job,
-    warm: super::pool::WarmVm<FakeVm>,
-) -> (
-    tokio::task::JoinHandle<Report<FakeVm>>,
-    watch::Sender<bool>,
-    CancellationToken,
-) {
-    let (tx, rx) = watch::channel(false);
-    let stop = CancellationToken::new();
-    let ticket = Ticket {
-        job,
-        seen_at: Instant::now(),
-        picked_up: rx,
-        disk: None,
-        claim_delay: Duration::ZERO,
-        warm: Some(warm),
-    };
-    let task = tokio::spawn(run(env.clone(), ticket, stop.clone()));
-    (task, tx, stop)
 }
 
 /// The guest's agent: reads the payload up to END; answers STARTED when `ack`. Returns the lines
@@ -1417,7 +1408,7 @@ async fn a_job_bound_to_a_warm_vm_gets_its_payload_there_and_boots_nothing() {
     let (warm, mut ctl, guest) = warm_vm(&env).await;
     let warm_name = warm.name.clone();
     let agent = guest_agent(guest, true);
-    let (task, picked_up, _stop) = start_warm(&env, job(21), warm);
+    let (task, picked_up, _stop) = start_warm(&env, job(21), Some(warm));
     let payload = agent.await.unwrap();
     // The runner token file, the registry logins, the command; nothing was launched for the job.
     assert!(payload.last().is_some_and(|l| l == "END"), "{payload:?}");
@@ -1468,7 +1459,7 @@ async fn a_warm_vm_that_does_not_acknowledge_is_stopped_and_the_job_boots_cold()
     let (warm, ctl, guest) = warm_vm(&env).await;
     let warm_name = warm.name.clone();
     let agent = guest_agent(guest, false);
-    let (task, picked_up, _stop) = start_warm(&env, job(22), warm);
+    let (task, picked_up, _stop) = start_warm(&env, job(22), Some(warm));
     // bind_timeout (1 s here) later: the warm VM is stopped, never given back, and a fresh VM
     // under another name boots for the job with the job's seed.
     let mut cold = env.vms.next().await;
@@ -1501,7 +1492,7 @@ async fn a_warm_vm_whose_job_is_claimed_elsewhere_gets_nothing_and_goes_back() {
     let (warm, ctl, guest) = warm_vm(&env).await;
     let warm_name = warm.name.clone();
     let agent = guest_agent(guest, true);
-    let (task, _tx, _stop) = start_warm(&env, job(23), warm);
+    let (task, _tx, _stop) = start_warm(&env, job(23), Some(warm));
     let report = task.await.unwrap();
     assert_eq!(report.outcome, JobOutcome::ClaimedElsewhere);
     let back = report
@@ -1526,7 +1517,7 @@ async fn a_job_whose_payload_cannot_be_made_leaves_its_warm_vm_untouched() {
     let agent = guest_agent(guest, true);
     let mut bad = job(24);
     bad.handle = "h\nruncmd: [evil]".into();
-    let (task, _tx, _stop) = start_warm(&env, bad, warm);
+    let (task, _tx, _stop) = start_warm(&env, bad, Some(warm));
     let report = task.await.unwrap();
     assert_eq!(report.outcome, JobOutcome::PrepareFailed);
     let back = report

@@ -71,14 +71,15 @@ pub(crate) struct WarmVm<Vm> {
 }
 
 impl<Vm: RunningVm> WarmVm<Vm> {
-    /// A ready warm VM from its parts (the job tests' doubles).
-    #[cfg(test)]
-    pub(crate) fn for_test(
+    /// A VM whose agent just said READY (`clock_offset_ms`: see [`crate::vm::agent::Ready`]).
+    pub(crate) fn ready(
         name: VmName,
         vm: Vm,
         agent: AgentConn,
         hold: Box<dyn Send>,
         address: Ipv4Addr,
+        clock_offset_ms: i64,
+        image: Option<ImageId>,
     ) -> Self {
         Self {
             name,
@@ -87,8 +88,8 @@ impl<Vm: RunningVm> WarmVm<Vm> {
             hold,
             address,
             ready_at: Instant::now(),
-            clock_offset_ms: 0,
-            image: None,
+            clock_offset_ms,
+            image,
             binding: None,
         }
     }
@@ -509,17 +510,15 @@ async fn warm_up<F: Forge, N: Network, V: Vms>(
         () = cancel.cancelled() => Err((DiscardReason::Shutdown, "the daemon is shutting down".to_owned(), false)),
     };
     match outcome {
-        Ok((agent, ready)) => Warmed::Ready(WarmVm {
+        Ok((agent, ready)) => Warmed::Ready(WarmVm::ready(
             name,
             vm,
             agent,
             hold,
             address,
-            ready_at: Instant::now(),
-            clock_offset_ms: ready.clock_offset_ms,
+            ready.clock_offset_ms,
             image,
-            binding: None,
-        }),
+        )),
         Err((reason, detail, silent)) => {
             stop_and_release(vm, hold).await;
             failed(reason, detail, silent)

@@ -118,6 +118,11 @@ impl World {
         );
         assert!(self.taps().is_empty(), "taps left: {:?}", self.taps());
         assert!(self.qemus().is_empty(), "qemu left: {:?}", self.qemus());
+        self.assert_no_job_credentials(ci_user);
+    }
+
+    /// Asserts that no job token of `ci_user` and no runner of ours is left.
+    pub fn assert_no_job_credentials(&self, ci_user: &str) {
         let tokens = self.job_tokens(ci_user);
         assert!(tokens.is_empty(), "tokens left: {tokens:?}");
         let runners = self.emu.runner_names();

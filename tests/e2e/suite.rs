@@ -81,13 +81,7 @@ fn wait_clean_but_warm(w: &World, ci_user: &str) {
             && qemus.iter().all(|p| pids.contains(p)))
         .then_some(())
     });
-    let tokens = w.job_tokens(ci_user);
-    assert!(tokens.is_empty(), "tokens left: {tokens:?}");
-    let runners = w.emu.runner_names();
-    assert!(
-        !runners.iter().any(|r| r.starts_with(VmName::PREFIX)),
-        "runners left: {runners:?}"
-    );
+    w.assert_no_job_credentials(ci_user);
 }
 
 /// With the pool on, the job ran in a warm VM (bound to it), else in a VM booted for it.
