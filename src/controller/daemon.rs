@@ -35,7 +35,7 @@ struct Scheduler {
     cfg: Arc<Config>,
     queue: JobQueue,
     /// In-flight handles → "picked up" notifier.
-    active: HashMap<String, watch::Sender<bool>>,
+    active: HashMap<String, watch::Sender<job::Listed>>,
     tasks: JoinSet<(String, Report)>,
     /// Cancelled on the second signal: every job stops its VM.
     stop_vms: CancellationToken,
@@ -161,12 +161,15 @@ impl Scheduler {
         !observed.new.is_empty()
     }
 
-    /// Tells in-flight jobs that Forgejo shows them running (their runner picked them up).
+    /// Tells in-flight jobs what Forgejo lists of them (`jobs` was requested after every one of
+    /// them was dispatched): running (their runner picked them up), or gone (never seen running).
     fn mark_running(&self, jobs: &[Job]) {
-        for j in jobs.iter().filter(|j| j.status == JobStatus::Running) {
-            if let Some(tx) = self.active.get(&j.handle) {
-                tx.send_replace(true);
-            }
+        for (handle, tx) in &self.active {
+            let seen = job::Listed::of(jobs, handle);
+            tx.send_if_modified(|now| {
+                let next = now.after(seen);
+                std::mem::replace(now, next) != next
+            });
         }
     }
 
@@ -236,7 +239,7 @@ impl Scheduler {
                 q.job.id,
                 q.job.handle
             );
-            let (tx, rx) = watch::channel(false);
+            let (tx, rx) = watch::channel(job::Listed::Waiting);
             let handle = q.job.handle.clone();
             self.active.insert(handle.clone(), tx);
             let ticket = Ticket {
@@ -272,7 +275,11 @@ impl Scheduler {
             },
         );
         let handle = f.job.handle.clone();
-        let (tx, rx) = watch::channel(f.picked_up);
+        let (tx, rx) = watch::channel(if f.picked_up {
+            job::Listed::Running
+        } else {
+            job::Listed::Waiting
+        });
         self.active.insert(handle.clone(), tx);
         self.queue.in_flight(&handle);
         let adopted = job::Adopted {
@@ -319,8 +326,12 @@ impl Scheduler {
                 }
                 // A VM that powered off by itself ran its runner to the end even when no poll saw
                 // the job running (short jobs between polls).
+                // A gone job is no attempt of ours: Forgejo no longer offers it to anyone.
                 let ran = report.picked_up
-                    || matches!(report.outcome, JobOutcome::Completed | JobOutcome::Shutdown);
+                    || matches!(
+                        report.outcome,
+                        JobOutcome::Completed | JobOutcome::Shutdown | JobOutcome::Gone
+                    );
                 if let Some(n) = self.queue.finished(&handle, ran) {
                     tracing::error!(
                         "job with handle {handle}: {n} VMs ended without its runner picking it up; \
@@ -571,6 +582,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
             runner_marker,
             claim_settle: claim::SETTLE,
             bind_timeout: cfg.pool.bind_timeout,
+            gone_grace: job::GONE_GRACE,
         },
         handover: CancellationToken::new(),
     });

@@ -73,13 +73,52 @@ pub(crate) struct JobSettings {
     pub claim_settle: Duration,
     /// Warm pool: how long a warm VM may take to acknowledge its payload (`pool.bind_timeout`).
     pub bind_timeout: Duration,
+    /// How long a VM whose job is gone may take to power off by itself ([`GONE_GRACE`]).
+    pub gone_grace: Duration,
 }
 
-/// A job taken from the queue, and how the scheduler tells it that Forgejo shows it picked up.
+/// What discovery last saw of an in-flight job in Forgejo's job list (scheduler → job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listed {
+    /// Waiting for a runner (or not listed again since dispatch).
+    Waiting,
+    /// Running: its runner picked it up.
+    Running,
+    /// No longer listed, never seen running: another runner ran it, or it was cancelled.
+    Gone,
+}
+
+impl Listed {
+    /// What the job is in `jobs` (a list requested after its dispatch).
+    pub(crate) fn of(jobs: &[Job], handle: &str) -> Listed {
+        match jobs.iter().find(|j| j.handle == handle) {
+            Some(j) if j.status == forgejo::JobStatus::Running => Listed::Running,
+            Some(_) => Listed::Waiting,
+            None => Listed::Gone,
+        }
+    }
+
+    /// The state after a new listing saw `seen`: running is for good (a job this host's runner
+    /// finished leaves the list too), and only a job never seen running can be gone.
+    pub(crate) fn after(self, seen: Listed) -> Listed {
+        match (self, seen) {
+            (Listed::Running, _) | (_, Listed::Running) => Listed::Running,
+            (Listed::Gone, _) | (_, Listed::Gone) => Listed::Gone,
+            _ => Listed::Waiting,
+        }
+    }
+}
+
+/// How long a VM whose job Forgejo no longer lists (and whose runner never took it) may power off
+/// by itself before it is stopped: its runner may have run the job between two listings and be
+/// on its way out.
+pub(crate) const GONE_GRACE: Duration = Duration::from_secs(30);
+
+/// A job taken from the queue, and how the scheduler tells it what Forgejo lists of it.
 pub(crate) struct Ticket<Vm> {
     pub job: Job,
     pub seen_at: Instant,
-    pub picked_up: watch::Receiver<bool>,
+    pub picked_up: watch::Receiver<Listed>,
     /// The disk space admitted for the job's VM.
     pub disk: Option<vm::DiskReservation>,
     /// How long to wait before claiming the job: longer the busier this host is, so that with
@@ -355,6 +394,19 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             discarding: None,
             dispatched_unix_ms: crate::vm::agent::unix_ms_now(),
         }
+    }
+
+    /// Forgejo no longer lists the job and its runner never took it: says so, and returns the
+    /// grace after which the VM is stopped unless it powered off by itself.
+    fn job_gone(&self, grace: Duration) -> std::pin::Pin<Box<tokio::time::Sleep>> {
+        tracing::info!(
+            vm = %self.name,
+            "job {}: Forgejo no longer lists it (another runner ran it, or it was cancelled) and its runner never took it; stopping VM {} unless it powers off within {}s",
+            self.job.id,
+            self.name,
+            grace.as_secs()
+        );
+        Box::pin(tokio::time::sleep(grace))
     }
 
     /// Moves to `to`: the transition is checked, and the status board and the log show it.
@@ -637,7 +689,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
     async fn supervise(
         &mut self,
         handle: V::Vm,
-        picked_up_rx: &mut watch::Receiver<bool>,
+        picked_up_rx: &mut watch::Receiver<Listed>,
         stop: &CancellationToken,
         boot_deadline: Duration,
     ) -> Supervised {
@@ -660,10 +712,17 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         // A VM taken over was neither prepared nor booted here: nothing to time.
         let mut qmp_ready: Option<Instant> = self.adopted.then(Instant::now);
         let (mut picked_up, mut boot_timeout, mut host_stop) = (false, false, false);
-        if *picked_up_rx.borrow_and_update() {
+        // Forgejo no longer lists the job: a grace for the VM to power off by itself, then stop.
+        let mut gone_grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut gone_stop = false;
+        match *picked_up_rx.borrow_and_update() {
             // Known from the start (a job taken over while its runner works).
-            picked_up = true;
-            self.enter(JobState::Running);
+            Listed::Running => {
+                picked_up = true;
+                self.enter(JobState::Running);
+            }
+            Listed::Gone => gone_grace = Some(self.job_gone(env.settings.gone_grace)),
+            Listed::Waiting => {}
         }
         let exit = loop {
             tokio::select! {
@@ -679,17 +738,28 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                     }
                 }
                 changed = picked_up_rx.changed(), if !picked_up => {
-                    if changed.is_ok() && *picked_up_rx.borrow() {
-                        picked_up = true;
-                        self.enter(JobState::Running);
-                        if let Some(ready) = qmp_ready.filter(|_| !self.adopted) {
-                            env.metrics.observe_boot(ready.elapsed());
+                    let listed = changed.map(|()| *picked_up_rx.borrow());
+                    match listed {
+                        Ok(Listed::Running) => {
+                            picked_up = true;
+                            self.enter(JobState::Running);
+                            if let Some(ready) = qmp_ready.filter(|_| !self.adopted) {
+                                env.metrics.observe_boot(ready.elapsed());
+                            }
+                            tracing::info!(vm = %name, "job {job_id} picked up by its runner");
                         }
-                        tracing::info!(vm = %name, "job {job_id} picked up by its runner");
-                    } else if changed.is_err() {
+                        Ok(Listed::Gone) if gone_grace.is_none() => {
+                            gone_grace = Some(self.job_gone(env.settings.gone_grace));
+                        }
+                        Ok(_) => {}
                         // The scheduler is gone (daemon exiting): nothing more to learn.
-                        picked_up = true;
+                        Err(_) => picked_up = true,
                     }
+                }
+                () = async { gone_grace.as_mut().expect("guarded").await }, if gone_grace.is_some() && !picked_up && !gone_stop => {
+                    tracing::info!(vm = %name, "job {job_id}: stopping VM {name}: its job is gone and it did not power off");
+                    gone_stop = true;
+                    vm_stop.cancel();
                 }
                 () = &mut boot_deadline, if !picked_up && !boot_timeout => {
                     tracing::warn!(vm = %name, "job {job_id}: the runner did not pick the job up within {}s; stopping the VM", env.settings.boot_deadline.as_secs());
@@ -740,7 +810,11 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                     }
                     other => tracing::debug!(vm = %name, "VM outcome: {other:?}"),
                 }
-                outcome_of(&exit.outcome, picked_up, boot_timeout)
+                if gone_stop && matches!(exit.outcome, Outcome::HostStopped { .. }) {
+                    JobOutcome::Gone
+                } else {
+                    outcome_of(&exit.outcome, picked_up, boot_timeout)
+                }
             }
             Err(e) => {
                 tracing::error!(vm = %name, "job {job_id}: the VM failed: {e}");
@@ -800,7 +874,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         self.enter(
             if matches!(
                 outcome,
-                JobOutcome::Completed | JobOutcome::ClaimedElsewhere
+                JobOutcome::Completed | JobOutcome::ClaimedElsewhere | JobOutcome::Gone
             ) {
                 JobState::Done
             } else {
@@ -931,7 +1005,7 @@ pub(crate) struct Adopted<Vm> {
 pub(crate) async fn run_adopted<F: Forge, N: Network, V: Vms>(
     env: Arc<JobEnv<F, N, V>>,
     a: Adopted<V::Vm>,
-    mut picked_up: watch::Receiver<bool>,
+    mut picked_up: watch::Receiver<Listed>,
     stop: CancellationToken,
 ) -> Report<V::Vm> {
     let mut job = JobRun::new(env.clone(), a.job, Instant::now(), None);
@@ -977,7 +1051,7 @@ fn outcome_of(exit: &Outcome, picked_up: bool, boot_timeout: bool) -> JobOutcome
 
 fn removal_reason(o: JobOutcome) -> RemovalReason {
     match o {
-        JobOutcome::Completed | JobOutcome::Crashed => RemovalReason::JobDone,
+        JobOutcome::Completed | JobOutcome::Crashed | JobOutcome::Gone => RemovalReason::JobDone,
         JobOutcome::Deadline => RemovalReason::Deadline,
         JobOutcome::BootFailure
         | JobOutcome::PrepareFailed

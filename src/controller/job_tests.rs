@@ -425,6 +425,7 @@ fn env_claims(
             runner_marker: "fkr-qemu@test".into(),
             claim_settle: Duration::from_millis(5),
             bind_timeout: Duration::from_secs(1),
+            gone_grace: Duration::from_millis(300),
         },
     })
 }
@@ -461,7 +462,7 @@ fn start(
     job: Job,
 ) -> (
     tokio::task::JoinHandle<Report<FakeVm>>,
-    watch::Sender<bool>,
+    watch::Sender<Listed>,
     CancellationToken,
 ) {
     start_warm(env, job, None)
@@ -474,10 +475,10 @@ fn start_warm(
     warm: Option<super::pool::WarmVm<FakeVm>>,
 ) -> (
     tokio::task::JoinHandle<Report<FakeVm>>,
-    watch::Sender<bool>,
+    watch::Sender<Listed>,
     CancellationToken,
 ) {
-    let (tx, rx) = watch::channel(false);
+    let (tx, rx) = watch::channel(Listed::Waiting);
     let stop = CancellationToken::new();
     let ticket = Ticket {
         job,
@@ -612,7 +613,7 @@ async fn a_job_walks_every_state_and_releases_everything() {
         assert!(Instant::now() < deadline, "prepare never observed");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    picked_up.send_replace(true);
+    picked_up.send_replace(Listed::Running);
     board_shows(&env, "running").await;
     vm.end(Outcome::GuestPoweredOff);
 
@@ -724,7 +725,7 @@ async fn no_token_policy_needs_no_ci_user() {
     let (task, tx, _stop) = start(&env, job(4));
     let mut vm = env.vms.next().await;
     assert_eq!(registry_logins(&vm.user_data), Vec::<String>::new());
-    tx.send_replace(true);
+    tx.send_replace(Listed::Running);
     vm.end(Outcome::GuestPoweredOff);
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
     assert_released(&env);
@@ -747,7 +748,7 @@ async fn a_failing_release_step_does_not_keep_the_others_from_running() {
     env.forge.fail.lock().unwrap().insert(Step::Revoke);
     let (task, tx, _stop) = start(&env, job(5));
     let mut vm = env.vms.next().await;
-    tx.send_replace(true);
+    tx.send_replace(Listed::Running);
     vm.end(Outcome::GuestPoweredOff);
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
     // The token is left for the sweep; the runner and the network are released all the same.
@@ -787,7 +788,7 @@ async fn a_picked_up_job_outlives_the_boot_deadline() {
     );
     let (task, tx, _stop) = start(&env, job(7));
     let mut vm = env.vms.next().await;
-    tx.send_replace(true);
+    tx.send_replace(Listed::Running);
     board_shows(&env, "running").await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(
@@ -804,7 +805,7 @@ async fn the_hosts_stop_stops_the_vm_and_is_a_shutdown() {
     let env = env();
     let (task, tx, stop) = start(&env, job(8));
     let vm = env.vms.next().await;
-    tx.send_replace(true);
+    tx.send_replace(Listed::Running);
     board_shows(&env, "running").await;
     stop.cancel();
     let report = task.await.unwrap();
@@ -852,7 +853,7 @@ async fn kvm_failing_a_guest_is_retried_once_and_only_under_auto() {
         let (task, tx, _stop) = start(&env, job(9));
         let mut vm = env.vms.next().await;
         if picked {
-            tx.send_replace(true);
+            tx.send_replace(Listed::Running);
             board_shows(&env, "running").await;
         }
         let internal = Outcome::InternalError {
@@ -948,7 +949,7 @@ async fn a_higher_claim_or_a_claim_on_another_job_does_not_stop_this_host() {
     let (task, tx, _stop) = start(&env, job(13));
     // The other host registers after us: a higher id.
     let mut vm = env.vms.next().await;
-    tx.send_replace(true);
+    tx.send_replace(Listed::Running);
     vm.end(Outcome::GuestPoweredOff);
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
 }
@@ -968,7 +969,7 @@ async fn a_dead_hosts_stale_claim_is_deleted_and_the_job_taken_over() {
     let (task, tx, _stop) = start(&env, job(14));
     let mut vm = env.vms.next().await;
     assert!(!env.forge.runners.lock().unwrap().contains_key(&dead));
-    tx.send_replace(true);
+    tx.send_replace(Listed::Running);
     vm.end(Outcome::GuestPoweredOff);
     assert_eq!(task.await.unwrap().outcome, JobOutcome::Completed);
     assert_released(&env);
@@ -1025,6 +1026,7 @@ fn emulator_hosts(
                     runner_marker: format!("fkr-qemu@{id}"),
                     claim_settle,
                     bind_timeout: Duration::from_secs(1),
+                    gone_grace: GONE_GRACE,
                 },
             })
         })
@@ -1050,7 +1052,7 @@ async fn two_hosts_racing_on_bursts_boot_each_job_exactly_once() {
             for j in &jobs {
                 let (env, j) = (env.clone(), j.clone());
                 let delay = Duration::from_millis(rand::thread_rng().gen_range(0..15));
-                let (_tx, rx) = watch::channel(false);
+                let (_tx, rx) = watch::channel(Listed::Waiting);
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     let ticket = Ticket {
@@ -1284,7 +1286,11 @@ async fn adopt_one(
         held,
         boot_deadline_left: boot_left,
     };
-    let (tx, rx) = watch::channel(picked_up);
+    let (tx, rx) = watch::channel(if picked_up {
+        Listed::Running
+    } else {
+        Listed::Waiting
+    });
     let env = env.clone();
     let task = tokio::spawn(async move {
         // The scheduler's side of the pick-up switch lives as long as the job.
@@ -1333,7 +1339,7 @@ async fn a_handover_lets_go_of_the_vm_and_of_everything_the_job_holds() {
     let (task, picked_up, _stop) = start(&env, job(5));
     let vm = env.vms.next().await;
     board_shows(&env, "booting").await;
-    picked_up.send_replace(true);
+    picked_up.send_replace(Listed::Running);
     board_shows(&env, "running").await;
     env.handover.cancel();
     let report = task.await.unwrap();
@@ -1429,7 +1435,7 @@ async fn a_job_bound_to_a_warm_vm_gets_its_payload_there_and_boots_nothing() {
         warm_name.as_str(),
         "the job's VM is the warm VM"
     );
-    picked_up.send_replace(true);
+    picked_up.send_replace(Listed::Running);
     board_shows(&env, "running").await;
     ctl.end(Outcome::GuestPoweredOff);
     let report = task.await.unwrap();
@@ -1471,7 +1477,7 @@ async fn a_warm_vm_that_does_not_acknowledge_is_stopped_and_the_job_boots_cold()
     assert_eq!(cold.job_id, 22);
     assert!(cold.user_data.contains(userdata::RUNNER_TOKEN_PATH));
     assert!(agent.await.unwrap().last().is_some_and(|l| l == "END"));
-    picked_up.send_replace(true);
+    picked_up.send_replace(Listed::Running);
     cold.end(Outcome::GuestPoweredOff);
     let report = task.await.unwrap();
     assert_eq!(report.outcome, JobOutcome::Completed);
@@ -1530,4 +1536,62 @@ async fn a_job_whose_payload_cannot_be_made_leaves_its_warm_vm_untouched() {
         "something reached the guest"
     );
     assert_eq!(env.forge.live(), (0, 0), "token or runner left");
+}
+
+// --- a job Forgejo no longer lists -----------------------------------------------------------
+
+#[test]
+fn listed_running_is_for_good_and_only_a_job_never_seen_running_is_gone() {
+    use Listed::*;
+    let (mut waiting, mut running) = (job(1), job(2));
+    waiting.status = JobStatus::Waiting;
+    running.status = JobStatus::Running;
+    let jobs = [waiting, running];
+    assert_eq!(Listed::of(&jobs, "handle-1"), Waiting);
+    assert_eq!(Listed::of(&jobs, "handle-2"), Running);
+    assert_eq!(Listed::of(&jobs, "handle-3"), Gone);
+    assert_eq!(Listed::of(&[], "handle-1"), Gone);
+    for (now, seen, next) in [
+        (Waiting, Waiting, Waiting),
+        (Waiting, Running, Running),
+        (Waiting, Gone, Gone),
+        // A job this host's runner finished leaves the list too: still picked up.
+        (Running, Gone, Running),
+        (Running, Waiting, Running),
+        (Gone, Waiting, Gone),
+        (Gone, Running, Running),
+    ] {
+        assert_eq!(now.after(seen), next, "{now:?} then {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_vm_whose_job_is_gone_is_stopped_after_the_grace() {
+    let env = env();
+    let (task, listed, _stop) = start(&env, job(31));
+    let vm = env.vms.next().await;
+    // Cancelled (or run by another runner) before this VM's runner took it.
+    listed.send_replace(Listed::Gone);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!vm.stop.is_cancelled(), "stopped before its grace");
+    let report = task.await.unwrap();
+    assert!(vm.stop.is_cancelled());
+    assert_eq!(report.outcome, JobOutcome::Gone);
+    assert!(!report.picked_up);
+    assert_released(&env);
+    assert!(metric(&env, "fkr_qemu_jobs_finished_total{outcome=\"gone\"}").ends_with(" 1"));
+}
+
+#[tokio::test]
+async fn a_vm_whose_job_is_gone_and_that_powers_off_by_itself_completed() {
+    let env = env();
+    let (task, listed, _stop) = start(&env, job(32));
+    let mut vm = env.vms.next().await;
+    // Its runner ran the job between two listings: gone from the list, never seen running.
+    listed.send_replace(Listed::Gone);
+    vm.end(Outcome::GuestPoweredOff);
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::Completed);
+    assert!(!vm.stop.is_cancelled(), "a VM that powered off was stopped");
+    assert_released(&env);
 }

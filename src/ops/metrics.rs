@@ -66,10 +66,13 @@ pub enum JobOutcome {
     /// Another host claimed the job first (its runner registration has the lower id); this host
     /// booted nothing for it.
     ClaimedElsewhere,
+    /// The job left Forgejo's list (another runner ran it, or it was cancelled) before this VM's
+    /// runner took it: the VM was stopped.
+    Gone,
 }
 
 impl JobOutcome {
-    pub const ALL: [JobOutcome; 8] = [
+    pub const ALL: [JobOutcome; 9] = [
         JobOutcome::Completed,
         JobOutcome::Crashed,
         JobOutcome::Deadline,
@@ -78,6 +81,7 @@ impl JobOutcome {
         JobOutcome::Shutdown,
         JobOutcome::AccelFailed,
         JobOutcome::ClaimedElsewhere,
+        JobOutcome::Gone,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +94,7 @@ impl JobOutcome {
             JobOutcome::Shutdown => "shutdown",
             JobOutcome::AccelFailed => "accel_failed",
             JobOutcome::ClaimedElsewhere => "claimed_elsewhere",
+            JobOutcome::Gone => "gone",
         }
     }
 }
