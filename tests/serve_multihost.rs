@@ -466,11 +466,13 @@ fn serve_multihost_vm_restarted_host_sweeps_only_its_own() {
 /// the job, within that bound plus a poll.
 #[test]
 fn serve_multihost_vm_dead_hosts_claim_is_taken_over() {
-    const B_BOOT_DEADLINE: u64 = 30;
+    // Enough for B's test guest to boot under TCG while the other VM tests load the machine (30 s
+    // was not, now and then: each of B's VMs was stopped before its runner started).
+    const B_BOOT_DEADLINE: u64 = 60;
     let f = Fleet::new(vec![
         settings(1),
         Settings {
-            boot_deadline: "30s",
+            boot_deadline: "60s",
             ..settings(1)
         },
     ]);
