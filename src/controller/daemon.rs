@@ -149,7 +149,7 @@ impl Scheduler {
         let Some(jobs) = self.list_jobs(since).await else {
             return false;
         };
-        self.mark_running(&jobs);
+        self.mark_listed(&jobs);
         let observed = self.queue.observe(&jobs, Instant::now());
         for (id, handle) in &observed.new {
             tracing::debug!("queue: job {id} waiting (handle={handle})");
@@ -163,7 +163,7 @@ impl Scheduler {
 
     /// Tells in-flight jobs what Forgejo lists of them (`jobs` was requested after every one of
     /// them was dispatched): running (their runner picked them up), or gone (never seen running).
-    fn mark_running(&self, jobs: &[Job]) {
+    fn mark_listed(&self, jobs: &[Job]) {
         for (handle, tx) in &self.active {
             let seen = job::Listed::of(jobs, handle);
             tx.send_if_modified(|now| {
@@ -174,13 +174,13 @@ impl Scheduler {
     }
 
     /// While draining: only learn which in-flight jobs were picked up (so their boot deadline
-    /// does not stop a VM that is running its job).
+    /// does not stop a VM that is running its job) or are gone.
     async fn poll_running(&mut self) {
         if self.active.is_empty() {
             return;
         }
         if let Some(jobs) = self.list_jobs(tokio::time::Instant::now()).await {
-            self.mark_running(&jobs);
+            self.mark_listed(&jobs);
         }
     }
 
