@@ -132,12 +132,12 @@ async fn stop_and_release<Vm: RunningVm>(vm: Vm, hold: Box<dyn Send>) {
 /// Stops a warm VM that will run no job (the owner of the returned future owns the VM until gone).
 pub(crate) fn discard<F: Forge, N: Network, V: Vms>(
     env: &Arc<JobEnv<F, N, V>>,
-    warm: WarmVm<V::Vm>,
+    mut warm: WarmVm<V::Vm>,
     reason: DiscardReason,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     env.metrics.pool_discarded(reason);
     let board = env.board.clone();
-    let mut warm = warm;
+    // Over at once, not when the VM is gone: the pool may refill meanwhile.
     warm.bind_over();
     async move {
         let WarmVm { name, vm, hold, .. } = warm;
