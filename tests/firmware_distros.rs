@@ -162,13 +162,13 @@ fn qemu_gets_the_flash_format_the_chosen_descriptor_declares() {
             agent_fd: None,
         });
         let fmt = want.format;
-        for drive in [
-            format!("if=pflash,unit=0,format={fmt},readonly=on,file=/dev/fdset/1"),
-            format!("if=pflash,unit=1,format={fmt},file=/dev/fdset/2"),
+        for node in [
+            format!("driver={fmt},node-name=fw-code,file=fw-code-file,read-only=on"),
+            format!("driver={fmt},node-name=fw-vars,file=fw-vars-file,cache.no-flush=on"),
         ] {
             assert!(
-                argv.windows(2).any(|w| w[0] == "-drive" && w[1] == drive),
-                "{} needs -drive {drive}: {argv:?}",
+                argv.windows(2).any(|w| w[0] == "-blockdev" && w[1] == node),
+                "{} needs -blockdev {node}: {argv:?}",
                 want.distro
             );
         }

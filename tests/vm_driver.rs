@@ -167,7 +167,7 @@ async fn vm_guest_applies_the_seed_and_powers_off() {
     assert!(text.contains("it's-quoted"), "{text}");
     assert!(text.contains("fkr-guest: wrote /etc/fkr/runner-token"));
     let files = reported_files(&text);
-    assert_eq!(files["/var/big/blob"], big);
+    assert_eq!(files.get("/var/big/blob"), Some(&big), "{text}");
     assert_eq!(files["/tmp/mode"], b"600 0\n");
     let meta = String::from_utf8_lossy(&files["/mnt/seed/meta-data"]).into_owned();
     assert!(
@@ -175,6 +175,42 @@ async fn vm_guest_applies_the_seed_and_powers_off() {
         "{meta}"
     );
     assert!(!run_dir.exists() && !disk_dir.exists());
+    assert_nothing_left(dir.path());
+}
+
+/// The guest's last words survive a host that stops reading the console just before power-off (as a
+/// busy CI disk once made it): QEMU holds the UART while the socket is full, and `poweroff -f` drops
+/// what the UART still holds unless the guest drains it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn vm_guest_output_before_power_off_survives_a_stalled_console_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    // Under the UART's 4 KiB buffer once base64-encoded: all of it is queued at once, none of it
+    // blocks the guest, so without a drain it powers off with the report still queued.
+    let small: Vec<u8> = (0..2_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let ud = user_data(
+        &[WriteFile {
+            path: "/var/small",
+            permissions: "0644",
+            content: &small,
+        }],
+        &["echo fkr-stall-now; sleep 1; fkr-report /var/small"],
+        true,
+    );
+    let handle = vm::launch(&cfg, spec(ud, Duration::from_secs(240)))
+        .await
+        .unwrap();
+    let log = handle.serial_log().to_owned();
+    wait_for_serial(&log, "fkr-stall-now", Duration::from_secs(200)).await;
+    // The runtime's only worker, which runs the serial pump, is held for 5 s: nobody reads the
+    // console while the guest reports and powers off.
+    tokio::spawn(async { std::thread::sleep(Duration::from_secs(5)) });
+    let exit = handle.wait().await.unwrap();
+    let text = serial::strip_ansi(&String::from_utf8_lossy(&std::fs::read(&log).unwrap()));
+    assert_eq!(exit.outcome, Outcome::GuestPoweredOff, "{text}");
+    let files = reported_files(&text);
+    assert_eq!(files.get("/var/small"), Some(&small), "{text}");
+    assert!(text.contains("fkr-guest: poweroff (power_state)"), "{text}");
     assert_nothing_left(dir.path());
 }
 

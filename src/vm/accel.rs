@@ -19,7 +19,7 @@ use tokio::process::Command;
 
 use std::os::fd::AsRawFd;
 
-use super::argv::path_opt;
+use super::argv::{firmware_blockdevs, path_opt, MACHINE};
 use super::qmp::QmpClient;
 use super::sandbox::{ChildSetup, Identity};
 use super::{Error, Firmware};
@@ -121,7 +121,7 @@ pub async fn probe_accel(
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-machine",
-        "q35",
+        MACHINE,
         "-accel",
         accel_name,
         "-cpu",
@@ -151,16 +151,7 @@ pub async fn probe_accel(
         "fd={},set=2,opaque={label}/vars",
         vars_ro.as_raw_fd()
     ))
-    .arg("-drive")
-    .arg(format!(
-        "if=pflash,unit=0,format={},readonly=on,file=/dev/fdset/1",
-        firmware.code_format
-    ))
-    .arg("-drive")
-    .arg(format!(
-        "if=pflash,unit=1,format={},file=/dev/fdset/2",
-        firmware.vars_format
-    ))
+    .args(firmware_blockdevs(firmware))
     .args([
         "-chardev",
         "stdio,id=serial0,signal=off",

@@ -52,6 +52,32 @@ pub(super) fn path_opt(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
+/// q35 with the firmware as block nodes ([`firmware_blockdevs`]), not `-drive if=pflash`: only a
+/// node takes `cache.no-flush`.
+pub(super) const MACHINE: &str = "q35,pflash0=fw-code,pflash1=fw-vars";
+
+/// UEFI from fdsets 1 (code, read-only) and 2 (the per-VM VARS copy, writable). The copy is thrown
+/// away with the VM, so it is never flushed: QEMU flushes every writable node when it exits, and an
+/// fdatasync queued behind a busy host disk held `quit` past its grace.
+pub(super) fn firmware_blockdevs(fw: &Firmware) -> Vec<String> {
+    vec![
+        "-blockdev".into(),
+        "driver=file,node-name=fw-code-file,filename=/dev/fdset/1,read-only=on".into(),
+        "-blockdev".into(),
+        format!(
+            "driver={},node-name=fw-code,file=fw-code-file,read-only=on",
+            fw.code_format
+        ),
+        "-blockdev".into(),
+        "driver=file,node-name=fw-vars-file,filename=/dev/fdset/2,cache.no-flush=on".into(),
+        "-blockdev".into(),
+        format!(
+            "driver={},node-name=fw-vars,file=fw-vars-file,cache.no-flush=on",
+            fw.vars_format
+        ),
+    ]
+}
+
 /// The arguments after the program name. QEMU opens no file by path: every disk, the firmware and
 /// the VARS copy come as descriptors in fdsets; the serial console and QMP are sockets the daemon
 /// bound. Both are sockets (not pipes) so that a restarted daemon can connect to them again and
@@ -68,7 +94,7 @@ pub fn build_argv(plan: &QemuPlan) -> Vec<String> {
         "-name".into(),
         format!("{},debug-threads=on", plan.name),
         "-machine".into(),
-        "q35".into(),
+        MACHINE.into(),
         "-accel".into(),
         accel,
         "-cpu".into(),
@@ -99,18 +125,8 @@ pub fn build_argv(plan: &QemuPlan) -> Vec<String> {
         a.push("-add-fd".into());
         a.push(format!("fd={fd},set={set},opaque={dir}/{role}"));
     }
+    a.extend(firmware_blockdevs(fw));
     a.extend([
-        // UEFI: the shared code read-only, the per-VM VARS copy writable.
-        "-drive".into(),
-        format!(
-            "if=pflash,unit=0,format={},readonly=on,file=/dev/fdset/1",
-            fw.code_format
-        ),
-        "-drive".into(),
-        format!(
-            "if=pflash,unit=1,format={},file=/dev/fdset/2",
-            fw.vars_format
-        ),
         // The base image read-only, given to the overlay as its backing node (the overlay's
         // header names the base by path, which QEMU could not open).
         "-blockdev".into(),
@@ -210,7 +226,11 @@ mod tests {
     #[test]
     fn tcg_argv_has_everything_the_driver_relies_on() {
         let a = build_argv(&plan(Accel::Tcg, None));
-        assert!(has_pair(&a, "-machine", "q35"));
+        assert!(has_pair(
+            &a,
+            "-machine",
+            "q35,pflash0=fw-code,pflash1=fw-vars"
+        ));
         assert!(has_pair(&a, "-accel", "tcg,tb-size=64"));
         assert!(has_pair(&a, "-cpu", "max"));
         assert!(has_pair(&a, "-m", "1024M"));
@@ -231,14 +251,16 @@ mod tests {
         ));
         assert!(has_pair(
             &a,
-            "-drive",
-            "if=pflash,unit=0,format=raw,readonly=on,file=/dev/fdset/1"
+            "-blockdev",
+            "driver=raw,node-name=fw-code,file=fw-code-file,read-only=on"
         ));
+        // The VARS copy is writable but never flushed (QEMU's exit must not wait for the disk).
         assert!(has_pair(
             &a,
-            "-drive",
-            "if=pflash,unit=1,format=raw,file=/dev/fdset/2"
+            "-blockdev",
+            "driver=file,node-name=fw-vars-file,filename=/dev/fdset/2,cache.no-flush=on"
         ));
+        assert!(!a.iter().any(|x| x == "-drive"));
         assert!(has_pair(
             &a,
             "-blockdev",

@@ -268,16 +268,30 @@ impl Drop for VmCgroup {
     }
 }
 
-/// Removes VM cgroups (`fr-…` names) that no process uses any more; returns how many.
-pub fn sweep(layout: &Layout) -> usize {
+/// How old an empty VM cgroup of no VM of ours must be before the sweep takes it: another daemon
+/// sharing the parent (a handover's two processes, hosts of a test fleet) creates each VM's cgroup
+/// seconds before its QEMU joins it, and removing it then fails that QEMU's start.
+pub const SWEEP_MIN_AGE: Duration = Duration::from_secs(60);
+
+/// Removes VM cgroups (`fr-…` names) that no process uses: those of `ours` (VMs whose files the
+/// sweep found), and others once they are [`SWEEP_MIN_AGE`] old. Returns how many.
+pub fn sweep(layout: &Layout, ours: &[crate::types::VmName]) -> usize {
     let mut n = 0;
     for parent in layout.parents() {
         let Ok(entries) = std::fs::read_dir(&parent) else {
             continue;
         };
         for e in entries.flatten() {
-            let name = e.file_name();
-            if crate::types::VmName::parse(&name.to_string_lossy()).is_err() {
+            let Ok(name) = crate::types::VmName::parse(&e.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .map_or(true, |age| age >= SWEEP_MIN_AGE);
+            if !(ours.contains(&name) || old) {
                 continue;
             }
             let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
@@ -306,6 +320,32 @@ mod tests {
             Some("/system.slice/fkr-qemu.service")
         );
         assert_eq!(own_cgroup(text, "pids"), None);
+    }
+
+    /// Another daemon's VM cgroup, made moments ago and still empty (its QEMU not spawned yet), is
+    /// not this sweep's: it waits a minute. Ours and old ones go; non-VM names never do.
+    #[test]
+    fn sweep_leaves_a_young_cgroup_of_another_daemon_alone() {
+        use crate::types::VmName;
+        let root = tempfile::tempdir().unwrap();
+        let layout = Layout::V2 {
+            parent: root.path().to_owned(),
+        };
+        let [young, ours, old] = ["fr-0000000a", "fr-0000000b", "fr-0000000c"];
+        for d in [young, ours, old, "system.slice"] {
+            std::fs::create_dir(root.path().join(d)).unwrap();
+        }
+        let two_minutes_ago = std::time::SystemTime::now() - Duration::from_secs(120);
+        for d in [old, "system.slice"] {
+            std::fs::File::open(root.path().join(d))
+                .unwrap()
+                .set_modified(two_minutes_ago)
+                .unwrap();
+        }
+        assert_eq!(sweep(&layout, &[VmName::parse(ours).unwrap()]), 2);
+        assert!(root.path().join(young).exists());
+        assert!(root.path().join("system.slice").exists());
+        assert!(!root.path().join(ours).exists() && !root.path().join(old).exists());
     }
 
     /// A v2 tree as files: the daemon in a delegated service cgroup.

@@ -28,7 +28,7 @@ use super::meta::{JobMeta, VmMeta};
 use super::phases::{Milestone, PhaseDetector, Seen};
 use super::qmp::{QmpClient, QmpEvent};
 use super::sandbox::{self, UidLease};
-use super::serial::{contains, CappedLog, PANIC_MARKER};
+use super::serial::{contains, CappedLog, LogWriter, PANIC_MARKER};
 use super::sweep::kill_and_wait;
 use super::{files, Error, NetDevice, Seed, VmConfig, VmState};
 use crate::types::{Accel, VmName};
@@ -603,13 +603,23 @@ impl PreparedVm {
             Ok(c) => c,
             Err(e) => {
                 let _ = state.transition(VmState::Failed);
-                return Err(if e.kind() == std::io::ErrorKind::NotFound {
-                    Error::QemuNotFound {
-                        path: self.qemu.clone(),
-                    }
-                } else {
-                    Error::io(format!("starting {}", self.qemu.display()), e)
-                });
+                // The child's setup (joining the VM's cgroup) fails the spawn the same way as a
+                // missing binary: name the binary only when it really is gone.
+                return Err(
+                    if e.kind() == std::io::ErrorKind::NotFound && !self.qemu.exists() {
+                        Error::QemuNotFound {
+                            path: self.qemu.clone(),
+                        }
+                    } else {
+                        Error::io(
+                            format!(
+                                "starting {} (in the VM's cgroup, as the VM's uid)",
+                                self.qemu.display()
+                            ),
+                            e,
+                        )
+                    },
+                );
             }
         };
         let spawned = Instant::now();
@@ -1330,6 +1340,8 @@ impl Supervisor {
                 }
             };
             tokio::select! {
+                // An exit that raced the deadline still counts (after a stalled runtime both are ready).
+                biased;
                 _ = self.process.wait() => return true,
                 e = ev => match e {
                     Some(e) => self.on_event(&e),
@@ -1481,20 +1493,21 @@ enum SerialNote {
     Panic,
 }
 
-/// Copies QEMU's stdout (the serial console) into the capped log, reporting the first byte once,
+/// Copies the serial console (QEMU's socket) into the capped log, reporting the first byte once,
 /// each boot milestone once and a kernel panic once.
 async fn pump_serial(
     mut out: tokio::net::UnixStream,
-    mut log: CappedLog,
+    log: CappedLog,
     mut phases: PhaseDetector,
     tx: mpsc::UnboundedSender<SerialNote>,
 ) {
+    let log = LogWriter::spawn(log);
     let mut buf = vec![0u8; 16 * 1024];
     let mut carry: Vec<u8> = Vec::new();
-    let (mut seen, mut panicked, mut write_failed) = (false, false, false);
+    let (mut seen, mut panicked) = (false, false);
     loop {
         let n = match out.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let chunk = &buf[..n];
@@ -1506,12 +1519,7 @@ async fn pump_serial(
         for m in phases.feed(chunk, now) {
             let _ = tx.send(SerialNote::Milestone(m));
         }
-        if let Err(e) = log.write(chunk) {
-            if !write_failed {
-                tracing::warn!(error = %e, "cannot write the serial log");
-                write_failed = true;
-            }
-        }
+        log.write(chunk).await;
         if !panicked {
             // A marker split across two reads is still found.
             carry.extend_from_slice(chunk);
@@ -1523,4 +1531,5 @@ async fn pump_serial(
             carry.drain(..keep);
         }
     }
+    log.finish().await;
 }

@@ -189,6 +189,67 @@ impl CappedLog {
     }
 }
 
+/// How many bytes of serial output may wait for the disk before the pump stops reading.
+const WRITE_BACKLOG: usize = 1 << 20;
+
+/// A [`CappedLog`] written on a blocking thread, so the pump that reads QEMU's serial socket never
+/// waits for the disk. A pump that stops reading stalls the guest's UART (QEMU holds the byte until
+/// the socket takes it), and a guest that powers off then loses what its UART still held; a blocking
+/// write would also hold one of the runtime's few workers.
+pub struct LogWriter {
+    tx: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
+    /// Bytes that may still be queued (the queue itself is unbounded).
+    room: std::sync::Arc<tokio::sync::Semaphore>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LogWriter {
+    pub fn spawn(mut log: CappedLog) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let room = std::sync::Arc::new(tokio::sync::Semaphore::new(WRITE_BACKLOG));
+        let freed = room.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut failed = false;
+            while let Some(mut buf) = rx.blocking_recv() {
+                // What queued up meanwhile goes in one write (a capped log rewrites its tail).
+                while let Ok(more) = rx.try_recv() {
+                    buf.extend_from_slice(&more);
+                }
+                if let Err(e) = log.write(&buf) {
+                    if !failed {
+                        tracing::warn!(error = %e, "cannot write the serial log");
+                        failed = true;
+                    }
+                }
+                freed.add_permits(buf.len());
+            }
+        });
+        Self {
+            tx: Some(tx),
+            room,
+            task,
+        }
+    }
+
+    /// Queues `chunk`. Waits only while a MiB is queued already (a disk stalled for long).
+    pub async fn write(&self, chunk: &[u8]) {
+        let n = chunk.len().min(WRITE_BACKLOG) as u32;
+        if let Ok(permits) = self.room.acquire_many(n).await {
+            // Given back by the writer once written.
+            permits.forget();
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(chunk.to_vec());
+        }
+    }
+
+    /// Returns once everything queued is written.
+    pub async fn finish(mut self) {
+        drop(self.tx.take());
+        let _ = (&mut self.task).await;
+    }
+}
+
 /// Removes old serial logs (`fr-<8 hex>.serial.log`) from `dir`: all but the newest `keep`, and
 /// those older than `max_age`. Returns how many were removed. Other files are never touched.
 pub fn prune_logs(dir: &Path, keep: usize, max_age: std::time::Duration) -> usize {

@@ -138,7 +138,7 @@ pub fn sweep(config: &super::VmConfig, keep: &[VmName]) -> Result<SweepReport, E
     }
     if super::sandbox::privileged() {
         if let Ok(layout) = super::cgroup::Layout::prepare() {
-            report.cgroups = super::cgroup::sweep(&layout);
+            report.cgroups = super::cgroup::sweep(&layout, &report.removed);
         }
     }
     Ok(report)
