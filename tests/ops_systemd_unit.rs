@@ -110,7 +110,10 @@ fn unit_keeps_vms_safe_and_uses_credentials() {
         assert!(caps.contains(cap), "{cap} missing: {caps}");
     }
     assert!(!caps.contains("CAP_SYS_ADMIN"), "{caps}");
-    // QEMUs go into the service's own cgroup subtree, which must be delegated and writable.
-    assert_eq!(value(UNIT, "Delegate"), Some("yes"));
+    // QEMUs run in scopes of their own, not in the service's cgroup: nothing is delegated, and a
+    // restart neither kills them nor removes the records the next daemon takes them over by.
+    assert_eq!(value(UNIT, "Delegate"), None);
+    assert_eq!(value(UNIT, "RuntimeDirectoryPreserve"), Some("yes"));
+    // The daemon writes memory.oom.group and cgroup.kill in the VMs' scopes.
     assert_eq!(value(UNIT, "ProtectControlGroups"), None);
 }

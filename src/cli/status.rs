@@ -100,7 +100,7 @@ fn vm_lines(s: &DaemonStatus) -> String {
         .iter()
         .map(|v| match &v.limits {
             Some(l) => format!(
-                "  {} ({}): uid {}, memory {}/{} MiB, disk {}/{} MiB, cgroup {}\n",
+                "  {} ({}): uid {}, memory {}/{} MiB, disk {}/{} MiB, {}\n",
                 v.name,
                 v.state,
                 l.uid.map_or("-".to_owned(), |u| u.to_string()),
@@ -108,9 +108,11 @@ fn vm_lines(s: &DaemonStatus) -> String {
                 mib(l.memory_max),
                 mib(l.disk_used),
                 l.disk_max >> 20,
-                l.cgroup
-                    .as_deref()
-                    .map_or("-".to_owned(), |c| c.display().to_string()),
+                match (&l.scope, &l.cgroup) {
+                    (Some(scope), _) => format!("scope {scope}"),
+                    (None, Some(c)) => format!("cgroup {}", c.display()),
+                    (None, None) => "cgroup -".to_owned(),
+                },
             ),
             None => format!("  {} ({})\n", v.name, v.state),
         })

@@ -1,6 +1,7 @@
 //! `serve --check-config`: everything that can be checked before serving, then the effective config.
 //!
-//! Checks: the base image exists; QEMU, `qemu-img` and the UEFI firmware are found; the network
+//! Checks: the base image exists; QEMU, `qemu-img` and the UEFI firmware are found; QEMU can be
+//! confined (systemd scopes or the daemon's cgroups, [`host_ready`]); the network
 //! configuration is usable (uplink, DNS servers); the state dir is writable; Forgejo answers, is
 //! v15+, accepts the admin token, and the token carries the scopes `serve` needs.
 
@@ -89,6 +90,22 @@ fn find_program(program: &Path) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// What every VM launch needs from this host, checked before `serve` takes a job (and by
+/// `--check-config`): QEMU, the firmware, and a way to confine QEMU (systemd scopes, or cgroups
+/// the daemon may create). A host without them would create CI users and runners for jobs it can
+/// never run. Returns what it found, one note each.
+pub async fn host_ready(cfg: &Config) -> Result<Vec<String>, crate::Error> {
+    let qemu = find_program(&cfg.vm.qemu).ok_or_else(|| crate::vm::Error::QemuNotFound {
+        path: cfg.vm.qemu.clone(),
+    })?;
+    crate::vm::discover_firmware(&cfg.vm)?;
+    let host = crate::vm::confine::host(&cfg.vm).await?;
+    Ok(vec![
+        format!("qemu: {}", qemu.display()),
+        format!("confinement: {host}"),
+    ])
+}
+
 /// Checks files and Forgejo, prints the effective configuration (secrets redacted) on stdout.
 pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
     let mut notes = Vec::new();
@@ -108,10 +125,7 @@ pub async fn check_config(cfg: &Config) -> Result<(), crate::Error> {
         }
         .into());
     }
-    let qemu = find_program(&cfg.vm.qemu).ok_or_else(|| crate::vm::Error::QemuNotFound {
-        path: cfg.vm.qemu.clone(),
-    })?;
-    notes.push(format!("qemu: {}", qemu.display()));
+    notes.extend(host_ready(cfg).await?);
     crate::vm::check_base_image(&cfg.vm.qemu_img, &cfg.base_image).await?;
     let dns = cfg.net.resolved_dns_servers()?;
     notes.push(format!("VM DNS servers: {dns:?}"));

@@ -423,6 +423,29 @@ enum Stop {
     Signal(&'static str),
     /// SIGUSR2 (`fkr-qemu handover`): re-execute, leaving every VM running.
     Handover,
+    /// SIGTERM from `systemctl restart`: exit, leaving every VM running in its scope for the
+    /// daemon systemd starts next.
+    Restart,
+}
+
+/// What the process does once its VMs are let go.
+enum Leave<'a> {
+    /// Re-execute this binary (a handover).
+    Exec(&'a std::path::Path),
+    /// Exit (systemd starts the next daemon).
+    Exit,
+}
+
+/// Whether this SIGTERM is `systemctl restart` stopping the unit: then the VMs, which live in
+/// scopes of their own, stay for the next daemon instead of being drained.
+async fn is_systemd_restart(host: &crate::vm::confine::Host) -> bool {
+    let Some(systemd) = host.systemd() else {
+        return false;
+    };
+    matches!(
+        systemd.own_job_type().await.as_deref(),
+        Some("restart" | "try-restart" | "reload-or-restart" | "try-reload-or-restart")
+    )
 }
 
 /// How long a handover waits for jobs that are still preparing to reach their VM.
@@ -438,15 +461,21 @@ async fn hand_over(
     env: Arc<LiveEnv>,
     services: ops::Services,
     board: &StatusBoard,
-    exe: &std::path::Path,
+    leave: Leave<'_>,
 ) -> Result<(), crate::Error> {
     board.set_ready(false);
     sched.queue.clear();
     let n = sched.tasks.len();
-    tracing::info!(
-        "received SIGUSR2: handing {n} VM(s) over to a new daemon ({})",
-        exe.display()
-    );
+    match leave {
+        Leave::Exec(exe) => tracing::info!(
+            "received SIGUSR2: handing {n} VM(s) over to a new daemon ({})",
+            exe.display()
+        ),
+        Leave::Exit => tracing::info!(
+            "received SIGTERM from `systemctl restart`: leaving {n} VM(s) running in their \
+             scopes for the next daemon"
+        ),
+    }
     ops::systemd::status(&format!("handing {n} VM(s) over"));
     env.handover.cancel();
     // Warm VMs hold no job: they stop (the next daemon boots its own pool).
@@ -475,6 +504,13 @@ async fn hand_over(
     // The taps, the leases and the firewall table stay as they are: the next daemon replaces the
     // table atomically with these VMs in it. Nothing of the environment may run its Drop.
     std::mem::forget(env);
+    let exe = match leave {
+        Leave::Exec(exe) => exe,
+        Leave::Exit => {
+            tracing::info!("exiting; systemd starts the next daemon");
+            return Ok(());
+        }
+    };
     let args: Vec<std::ffi::CString> = std::env::args_os()
         .filter_map(|a| {
             std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str())).ok()
@@ -514,6 +550,11 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     create_dir(&cfg.runtime_dir, 0o755)?;
     create_dir(&cfg.vm.log_dir, 0o700)?;
     create_dir(&cfg.vm.disk_dir, 0o700)?;
+    // Before anything touches Forgejo: a host that cannot run a VM must not take jobs.
+    let host = crate::vm::confine::host(&cfg.vm).await?;
+    for note in super::check::host_ready(&cfg).await? {
+        tracing::info!("{note}");
+    }
     let metrics = Metrics::new();
     let board = StatusBoard::new(Some(metrics.clone()));
     let client = forgejo::Client::new(cfg.forgejo.clone(), cfg.admin_token.clone())?
@@ -660,8 +701,15 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let first_signal = match first_signal {
+        Stop::Signal("SIGTERM") if is_systemd_restart(host).await => Stop::Restart,
+        other => other,
+    };
+    let first_signal = match first_signal {
         Stop::Signal(sig) => sig,
-        Stop::Handover => return hand_over(sched, env, services, &board, &exe).await,
+        Stop::Handover => {
+            return hand_over(sched, env, services, &board, Leave::Exec(&exe)).await
+        }
+        Stop::Restart => return hand_over(sched, env, services, &board, Leave::Exit).await,
     };
     // First signal: no new jobs; wait for the ones in flight.
     board.set_draining();

@@ -339,6 +339,7 @@ impl RunningVm for FakeVm {
             resources: VmResources {
                 uid: None,
                 cgroup: None,
+                scope: None,
                 overlay: "/tmp/overlay.qcow2".into(),
                 disk_max: 1 << 30,
             },

@@ -192,6 +192,7 @@ impl Started {
         v.limits = Some(crate::ops::VmLimits {
             uid: r.uid,
             cgroup: r.cgroup.clone(),
+            scope: r.scope.clone(),
             memory_used: None,
             memory_max: None,
             disk_used: None,

@@ -26,6 +26,7 @@
 //! | `fkr_qemu_ci_user_refusals_total` | counter | (a Forgejo account holds the CI user's name without proof it is ours) |
 //! | `fkr_qemu_job_tokens_total` | counter | `access` ([`TokenAccess`]: `write`, `read`, `none`) |
 //! | `fkr_qemu_restart_vms_total` | counter | `result` ([`RestartResult`]: VMs a start found running: `adopted`, `swept`) |
+//! | `fkr_qemu_vm_info` | gauge | `vm`, `cgroup` (1 per running VM: its scope unit on systemd hosts, else its cgroup directory) |
 //! | `fkr_qemu_pool_warm_vms` | gauge | warm VMs ready for a job (said READY, none bound) |
 //! | `fkr_qemu_job_starts_total` | counter | `path` ([`StartPath`]: `warm` bound to a warm VM, `cold` booted for the job) |
 //! | `fkr_qemu_pool_bind_seconds` | histogram | a warm bind: dispatch → the runner started (the guest's STARTED stamp, on the host's clock) |
@@ -372,6 +373,12 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VmInfoLabels {
+    vm: String,
+    cgroup: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct KindLabels {
     kind: SweepKind,
 }
@@ -419,6 +426,7 @@ struct Inner {
     ci_user_refusals: Counter,
     job_tokens: Family<AccessLabels, Counter>,
     restart_vms: Family<RestartLabels, Counter>,
+    vm_info: Family<VmInfoLabels, Gauge>,
     pool: PoolMetrics,
 }
 
@@ -561,6 +569,12 @@ impl Metrics {
             restart_vms.clone(),
         );
 
+        let vm_info = Family::<VmInfoLabels, Gauge>::default();
+        registry.register(
+            "vm_info",
+            "Each running VM (1) with where its processes are: its systemd scope, or its cgroup directory",
+            vm_info.clone(),
+        );
         let pool = PoolMetrics::register(&mut registry);
 
         // Create every labelled series up front so scrapes show zeros instead of missing series
@@ -603,8 +617,24 @@ impl Metrics {
                 ci_user_refusals,
                 job_tokens,
                 restart_vms,
+                vm_info,
                 pool,
             }),
+        }
+    }
+
+    /// The running VMs and where each one's processes are (`vm`, scope or cgroup): the whole set,
+    /// replacing the last one.
+    pub fn set_vm_cgroups<'a>(&self, vms: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        self.inner.vm_info.clear();
+        for (vm, cgroup) in vms {
+            self.inner
+                .vm_info
+                .get_or_create(&VmInfoLabels {
+                    vm: vm.to_owned(),
+                    cgroup: cgroup.to_owned(),
+                })
+                .set(1);
         }
     }
 

@@ -29,7 +29,16 @@ pub fn vm_alive(dirs: &Dirs, name: &str) -> bool {
     if !vm_dir.join(files::PID).exists() {
         return true;
     }
-    read_pid(&vm_dir).is_some_and(|pid| crate::vm::is_our_qemu(pid, &vm_dir))
+    qemu_alive(&vm_dir, VmMeta::read(&vm_dir).as_ref())
+}
+
+/// Whether the VM's QEMU runs: its cgroup holds a process (a confined VM is its cgroup, whatever
+/// its command line says), else the pid file names our QEMU.
+fn qemu_alive(vm_dir: &Path, meta: Option<&VmMeta>) -> bool {
+    match meta.and_then(|m| m.cgroup.as_deref()) {
+        Some(cg) if cg.is_dir() => !crate::vm::cgroup::procs_of(cg).is_empty(),
+        _ => read_pid(vm_dir).is_some_and(|pid| crate::vm::is_our_qemu(pid, vm_dir)),
+    }
 }
 
 /// Where the VM's serial log is: as its `vm.json` records it, else `<log_dir>/<name>.serial.log`
@@ -67,7 +76,7 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
         let meta = VmMeta::read(&vm_dir);
         let job = meta.as_ref().and_then(|m| m.job.clone());
         let pid = read_pid(&vm_dir);
-        let alive = pid.is_some_and(|p| crate::vm::is_our_qemu(p, &vm_dir));
+        let alive = qemu_alive(&vm_dir, meta.as_ref());
         let started_at = meta.as_ref().map(|m| m.created_at).unwrap_or_else(|| {
             entry
                 .metadata()
@@ -93,7 +102,16 @@ pub fn scan(dirs: &Dirs) -> Result<Vec<VmInfo>, Error> {
             accel: meta.as_ref().and_then(|m| m.accel),
             pid,
             serial_log: Some(serial_log),
-            limits: None,
+            limits: meta.as_ref().map(|m| super::status::VmLimits {
+                uid: m.uid,
+                cgroup: m.cgroup.clone(),
+                scope: m.scope.clone(),
+                memory_used: None,
+                memory_max: None,
+                disk_used: None,
+                disk_max: m.disk_max,
+                overlay: m.disk_dir.join(files::OVERLAY),
+            }),
             name,
         });
     }

@@ -123,8 +123,11 @@ impl VmInfo {
 pub struct VmLimits {
     /// QEMU's uid (`null` when the daemon is not root and QEMU runs as the daemon's user).
     pub uid: Option<u32>,
-    /// The VM's memory cgroup directory.
+    /// The VM's cgroup directory (v1: the memory hierarchy's).
     pub cgroup: Option<PathBuf>,
+    /// systemd hosts: the VM's scope unit (`systemctl status <scope>`).
+    #[serde(default)]
+    pub scope: Option<String>,
     pub memory_used: Option<u64>,
     pub memory_max: Option<u64>,
     /// The overlay's allocated bytes on the host, against `disk_max`.
@@ -272,6 +275,20 @@ impl StatusBoard {
         if let Some(m) = &self.metrics {
             m.set_vms_running(s.running);
             m.set_jobs_queued(s.queued);
+            let cgroups: Vec<(&str, String)> = s
+                .vms
+                .iter()
+                .filter_map(|v| {
+                    let l = v.limits.as_ref()?;
+                    let at = match (&l.scope, &l.cgroup) {
+                        (Some(scope), _) => scope.clone(),
+                        (None, Some(dir)) => dir.display().to_string(),
+                        (None, None) => return None,
+                    };
+                    Some((v.name.as_str(), at))
+                })
+                .collect();
+            m.set_vm_cgroups(cgroups.iter().map(|(v, c)| (*v, c.as_str())));
         }
         r
     }

@@ -169,7 +169,7 @@ pub async fn probe_accel(
     .stderr(Stdio::piped())
     // A paused QEMU (internal error) never exits by itself: dropping the child kills it.
     .kill_on_drop(true);
-    ChildSetup {
+    let setup = ChildSetup {
         cgroup_procs: Vec::new(),
         keep_fds: vec![
             code.as_raw_fd(),
@@ -178,9 +178,17 @@ pub async fn probe_accel(
             qmp_listener.as_raw_fd(),
         ],
         identity: identity.cloned(),
-    }
-    .apply(&mut cmd);
-    let mut child = cmd.spawn().map_err(|e| spawn_error(qemu, e))?;
+        ..Default::default()
+    };
+    let host = super::confine::decided().unwrap_or(&super::confine::Host::Unconfined);
+    // 256M of guest RAM, QEMU itself and TCG's default translation cache.
+    let mut child = host
+        .spawn_probe(cmd, setup, 1 << 30)
+        .await
+        .map_err(|e| match e {
+            super::confine::SpawnError::Io(e) => spawn_error(qemu, e),
+            super::confine::SpawnError::Confine(e) => e,
+        })?;
     drop((code, vars_rw, vars_ro, qmp_listener));
     // Dropped first on every path, including the caller dropping this future (a signal during the
     // probe): the probe QEMU is gone, not merely signalled, before its directory is removed.

@@ -4,7 +4,7 @@
 //! (a recycled pid never qualifies) — and its QMP socket answers. Then the driver supervises it to
 //! its end like a VM it started itself (see `driver::supervise_adopted`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -78,18 +78,56 @@ fn with_cmdline(argv: &[String]) -> Option<u32> {
         .find(|pid| cmdline(*pid).as_deref() == Some(argv))
 }
 
-/// A QEMU process this daemon did not spawn, known by pid and start time.
+/// A QEMU process this daemon did not spawn. Confined VMs (the daemon is root) are known by their
+/// cgroup: its processes are the VM, whatever their command line says or which pid they got, and
+/// killing the VM kills the cgroup. Unconfined ones (a user's `boot-test`) by pid and start time.
 #[derive(Debug)]
 pub struct Process {
     pid: u32,
     start: u64,
+    cgroup: Option<PathBuf>,
 }
 
 impl Process {
-    /// The process `meta` recorded, if it still runs and is still that QEMU. A record written
-    /// just before the spawn (the daemon died before it could add the pid) is matched by its
-    /// command line alone: it names the VM's own dir and descriptors, so only that QEMU has it.
+    /// The VM `meta` recorded, if it still runs. Confined: the record's cgroup holds a process;
+    /// its leader is the recorded pid where that is still in it, else the process of the VM's uid.
+    /// Unconfined: the recorded pid with its start time and command line; a record written just
+    /// before the spawn (the daemon died before it could add the pid) is matched by its command
+    /// line alone: it names the VM's own dir and descriptors, so only that QEMU has it.
     pub fn find(meta: &VmMeta) -> Result<Process, AdoptError> {
+        match &meta.cgroup {
+            Some(dir) if sandbox::privileged() => Self::in_cgroup(meta, dir),
+            _ => Self::by_pid(meta),
+        }
+    }
+
+    fn in_cgroup(meta: &VmMeta, dir: &Path) -> Result<Process, AdoptError> {
+        let procs = cgroup::procs_of(dir);
+        let leader = meta
+            .pid
+            .filter(|p| procs.contains(p))
+            .or_else(|| {
+                procs
+                    .iter()
+                    .copied()
+                    .find(|p| meta.uid.is_none() || uid_of(*p) == meta.uid)
+            })
+            .or_else(|| procs.first().copied());
+        let Some(pid) = leader else {
+            return Err(match meta.pid {
+                Some(pid) => AdoptError::Gone(pid),
+                None => AdoptError::NotSpawned,
+            });
+        };
+        let start = start_time(pid).ok_or(AdoptError::Gone(pid))?;
+        Ok(Process {
+            pid,
+            start,
+            cgroup: Some(dir.to_owned()),
+        })
+    }
+
+    fn by_pid(meta: &VmMeta) -> Result<Process, AdoptError> {
         if meta.argv.is_empty() {
             return Err(AdoptError::NoIdentity);
         }
@@ -110,16 +148,28 @@ impl Process {
         if cmdline(pid).as_ref() != Some(&meta.argv) {
             return Err(AdoptError::Recycled(pid));
         }
-        Ok(Process { pid, start })
+        Ok(Process {
+            pid,
+            start,
+            cgroup: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
         self.pid
     }
 
-    /// Still running (a zombie waiting for init to reap it counts as gone).
+    /// Still running: its cgroup holds a process (confined), or the pid is still this process (a
+    /// zombie waiting for init to reap it counts as gone).
     pub fn alive(&self) -> bool {
-        matches!(stat(self.pid), Some((state, start)) if start == self.start && state != 'Z' && state != 'X')
+        match &self.cgroup {
+            Some(dir) => cgroup::procs_of(dir)
+                .into_iter()
+                .any(|p| !matches!(stat(p), None | Some(('Z' | 'X', _)))),
+            None => {
+                matches!(stat(self.pid), Some((state, start)) if start == self.start && state != 'Z' && state != 'X')
+            }
+        }
     }
 
     /// Returns once the process is gone.
@@ -129,14 +179,27 @@ impl Process {
         }
     }
 
-    /// SIGKILL, only while the pid is still this process.
+    /// SIGKILL to the whole cgroup, or to the pid while it is still this process.
     pub fn kill(&self) {
-        if self.alive() {
+        if let Some(dir) = &self.cgroup {
+            cgroup::kill_cgroup(dir);
+        } else if self.alive() {
             if let Ok(pid) = i32::try_from(self.pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
     }
+}
+
+/// The real uid of process `pid` (`Uid:` of `/proc/<pid>/status`).
+pub(crate) fn uid_of(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Whether the process `meta` recorded is still that QEMU (no side effect: a cheap first check).
@@ -158,8 +221,14 @@ pub async fn adopt(config: &VmConfig, name: &VmName) -> Result<VmHandle, AdoptEr
         _ => None,
     };
     let cgroup = match &meta.cgroup {
-        Some(_) if privileged => {
-            cgroup::VmCgroup::existing(&super::driver::cgroup_layout()?, name.as_str())
+        Some(recorded) if privileged => {
+            let host = super::confine::host(config).await?;
+            cgroup::VmCgroup::existing(
+                host.layout(),
+                meta.scope.as_deref(),
+                recorded,
+                name.as_str(),
+            )
         }
         _ => None,
     };
@@ -229,6 +298,7 @@ mod tests {
             disk_max: 0,
             uid: None,
             cgroup: None,
+            scope: None,
             job: None,
         }
     }

@@ -89,6 +89,14 @@ impl Layout {
             .map_err(|e| Error::io(format!("reading {proc_self}"), e))?;
         if root.join("cgroup.controllers").exists() {
             let me = own_cgroup(&own, "").unwrap_or_else(|| "/".into());
+            // Already in our leaf: a second prepare, or the new image of a handover (same process,
+            // same cgroup). The subtree is the leaf's parent; moving again would nest deeper.
+            let me = match me.strip_suffix("/daemon") {
+                Some(svc) if !svc.is_empty() && join(root, svc).join("vms").is_dir() => {
+                    svc.to_owned()
+                }
+                _ => me,
+            };
             let enable = "+memory +pids +cpu";
             let parent = if me == "/" {
                 // No delegated subtree (no systemd unit): a subtree of our own at the top.
@@ -139,16 +147,31 @@ impl Layout {
     }
 }
 
-/// One VM's cgroup(s); removed when dropped (after QEMU is gone).
+/// Who made a VM's cgroup, and so who removes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owner {
+    /// The daemon (`<parent>/<name>` of a [`Layout`]): removed when dropped.
+    Daemon,
+    /// systemd (the transient scope `unit`): systemd removes it with its last process.
+    Systemd { unit: String },
+}
+
+/// One VM's cgroup(s): where its processes are, how to kill them all, and its memory figures.
+/// The cgroup is the VM's identity: its processes are the ones in it, whatever their command line
+/// says and whatever pid they got.
 #[derive(Debug)]
 pub struct VmCgroup {
     dirs: Vec<PathBuf>,
+    owner: Owner,
 }
 
 impl VmCgroup {
     /// Creates `<parent>/<name>` with `limits`.
     pub fn create(layout: &Layout, name: &str, limits: Limits) -> Result<VmCgroup, Error> {
-        let mut cg = VmCgroup { dirs: Vec::new() };
+        let mut cg = VmCgroup {
+            dirs: Vec::new(),
+            owner: Owner::Daemon,
+        };
         for parent in layout.parents() {
             let dir = parent.join(name);
             mkdir(&dir)?;
@@ -187,10 +210,75 @@ impl VmCgroup {
         Ok(cg)
     }
 
-    /// The cgroup `<parent>/<name>` of a VM taken over after a restart, if it exists.
-    pub fn existing(layout: &Layout, name: &str) -> Option<VmCgroup> {
-        let dirs: Vec<PathBuf> = layout.parents().into_iter().map(|p| p.join(name)).collect();
-        dirs.iter().all(|d| d.is_dir()).then_some(VmCgroup { dirs })
+    /// The cgroup of systemd scope `unit` at `dir` (planned before the scope exists, or found).
+    pub fn of_scope(unit: String, dir: PathBuf) -> VmCgroup {
+        VmCgroup {
+            dirs: vec![dir],
+            owner: Owner::Systemd { unit },
+        }
+    }
+
+    /// The cgroup of a VM taken over after a restart, from what its record says: the scope's
+    /// directory (systemd) or `<parent>/<name>` of this host's layout; `None` when it is gone.
+    pub fn existing(
+        layout: Option<&Layout>,
+        scope: Option<&str>,
+        recorded: &Path,
+        name: &str,
+    ) -> Option<VmCgroup> {
+        let cg = match (scope, layout) {
+            (Some(unit), _) => VmCgroup::of_scope(unit.to_owned(), recorded.to_owned()),
+            (None, Some(layout)) => VmCgroup {
+                dirs: layout.parents().into_iter().map(|p| p.join(name)).collect(),
+                owner: Owner::Daemon,
+            },
+            (None, None) => return None,
+        };
+        if cg.dirs.iter().all(|d| d.is_dir()) {
+            Some(cg)
+        } else {
+            let mut cg = cg;
+            // Nothing to remove: do not let Drop try.
+            cg.dirs.clear();
+            None
+        }
+    }
+
+    /// The systemd scope, when systemd made this cgroup.
+    pub fn scope(&self) -> Option<&str> {
+        match &self.owner {
+            Owner::Systemd { unit } => Some(unit),
+            Owner::Daemon => None,
+        }
+    }
+
+    /// Whether QEMU joins it by itself before exec (the daemon's own cgroups); a scope takes the
+    /// pid from systemd instead.
+    pub(crate) fn joined_by_child(&self) -> bool {
+        self.owner == Owner::Daemon
+    }
+
+    /// Where systemd really put the scope (it may differ from the planned path).
+    pub(crate) fn set_scope_dir(&mut self, dir: PathBuf) {
+        self.dirs = vec![dir];
+    }
+
+    /// The VM's (first) cgroup directory, unless already removed.
+    pub(crate) fn dirs_first(&self) -> Option<&Path> {
+        self.dirs.first().map(PathBuf::as_path)
+    }
+
+    /// The processes in the VM's cgroup (all of QEMU's; in v1 the memory hierarchy's view).
+    pub fn procs(&self) -> Vec<u32> {
+        self.dirs.first().map_or_else(Vec::new, |d| procs_of(d))
+    }
+
+    /// Kills every process of the VM: `cgroup.kill` where the kernel has it (5.14+, v2), which
+    /// also catches a process forking at that moment; else SIGKILL to each listed process.
+    pub fn kill(&self) {
+        if let Some(d) = self.dirs.first() {
+            kill_cgroup(d);
+        }
     }
 
     /// The `cgroup.procs` files QEMU writes itself into before exec.
@@ -227,11 +315,67 @@ impl VmCgroup {
             })
     }
 
-    /// Removes the directories; a cgroup whose last process just exited may be busy for a moment.
+    /// Removes the directories the daemon made; a cgroup whose last process just exited may be
+    /// busy for a moment. A scope's are systemd's: it removes them with the scope.
     pub fn remove(&mut self) {
-        for d in std::mem::take(&mut self.dirs) {
-            remove_dir(&d);
+        let dirs = std::mem::take(&mut self.dirs);
+        if self.owner == Owner::Daemon {
+            for d in dirs {
+                remove_dir(&d);
+            }
         }
+    }
+}
+
+/// The processes listed in `<dir>/cgroup.procs`.
+pub fn procs_of(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Kills every process of the cgroup at `dir` (see [`VmCgroup::kill`]).
+pub fn kill_cgroup(dir: &Path) {
+    let knob = dir.join("cgroup.kill");
+    if knob.exists() && std::fs::write(&knob, "1").is_ok() {
+        return;
+    }
+    // v1 or an older kernel: a process forking right now could escape one round; the caller
+    // waits for the cgroup to empty and kills again.
+    for pid in procs_of(dir) {
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Kills every process of the cgroup at `dir` and waits (bounded) until none is left.
+pub fn kill_cgroup_and_wait(dir: &Path, timeout: Duration) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        let procs = procs_of(dir);
+        if procs.is_empty() {
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        kill_cgroup(dir);
+        for pid in procs {
+            // Reap it if it is our child (the daemon restarted in-process); else init reaps it.
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -394,6 +538,68 @@ mod tests {
             vec![CString::new(d.join("cgroup.procs").to_str().unwrap()).unwrap()]
         );
         assert_eq!(memory_max(&d), Some(512 << 20));
+    }
+
+    /// The layout is the host's, not the call's: a second prepare in the same process, and the
+    /// new image of a handover (same process, now in the `daemon` leaf the first one made), find
+    /// the same parent instead of nesting one level deeper each time.
+    #[test]
+    fn v2_a_second_prepare_and_a_handover_do_not_nest_deeper() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::write(r.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        let svc = r.join("system.slice/fkr-qemu.service");
+        std::fs::create_dir_all(&svc).unwrap();
+        let proc_self = r.join("self-cgroup");
+        let proc_self = proc_self.to_str().unwrap();
+        std::fs::write(proc_self, "0::/system.slice/fkr-qemu.service\n").unwrap();
+        let first = Layout::prepare_at(r, proc_self).unwrap();
+        let again = Layout::prepare_at(r, proc_self).unwrap();
+        assert_eq!(first, again);
+        // What /proc/self/cgroup says once the first prepare moved the daemon into its leaf.
+        std::fs::write(proc_self, "0::/system.slice/fkr-qemu.service/daemon\n").unwrap();
+        for _ in 0..2 {
+            let after_handover = Layout::prepare_at(r, proc_self).unwrap();
+            assert_eq!(after_handover, first, "a handover must not nest deeper");
+        }
+        assert!(!svc.join("daemon/daemon").exists());
+        assert!(!svc.join("daemon/vms").exists());
+        // A VM made before the handover is found where it was made.
+        VmCgroup::create(
+            &first,
+            "fr-0123abcd",
+            Limits {
+                memory_bytes: 1 << 30,
+                pids: 64,
+                cpus: 1,
+            },
+        )
+        .map(|mut cg| cg.dirs.clear())
+        .unwrap();
+        let found = VmCgroup::existing(
+            Some(&Layout::prepare_at(r, proc_self).unwrap()),
+            None,
+            Path::new("/unused"),
+            "fr-0123abcd",
+        )
+        .expect("the VM's cgroup after the handover");
+        assert_eq!(found.memory_dir(), svc.join("vms/fr-0123abcd"));
+    }
+
+    #[test]
+    fn v1_a_second_prepare_finds_the_same_parents() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        for c in V1_CONTROLLERS {
+            std::fs::create_dir_all(r.join(c).join("box")).unwrap();
+            std::fs::write(r.join(c).join("cgroup.procs"), "").unwrap();
+        }
+        let proc_self = r.join("self-cgroup");
+        std::fs::write(&proc_self, "4:memory:/box\n8:pids:/box\n1:cpu:/box\n").unwrap();
+        let first = Layout::prepare_at(r, proc_self.to_str().unwrap()).unwrap();
+        let again = Layout::prepare_at(r, proc_self.to_str().unwrap()).unwrap();
+        assert_eq!(first, again);
+        assert!(!r.join("memory/box/fkr-qemu/fkr-qemu").exists());
     }
 
     #[test]

@@ -55,6 +55,10 @@ pub struct VmConfig {
     /// Kept serial logs: at most this many, none older than `serial_logs_max_age_days`.
     pub serial_logs_keep: usize,
     pub serial_logs_max_age_days: u64,
+    /// systemd hosts: the slice every VM's scope (`machine-<vm>.scope`) is created in.
+    pub slice: String,
+    /// systemd hosts: the scopes' `IOWeight=` (1–10000); unset: systemd's default (100).
+    pub io_weight: Option<u64>,
 }
 
 impl Default for VmConfig {
@@ -90,6 +94,9 @@ impl Default for VmConfig {
             serial_tail_kib: 4096,
             serial_logs_keep: 200,
             serial_logs_max_age_days: 14,
+            // Where libvirt and systemd-nspawn put theirs: `systemd-cgtop` groups all VMs.
+            slice: "machine.slice".into(),
+            io_weight: None,
         }
     }
 }

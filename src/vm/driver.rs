@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::accel::{resolve_accel, AccelChoice};
 use super::adopt::Process;
 use super::argv::{build_argv, DiskFds, QemuPlan};
-use super::cgroup::{self, Layout, VmCgroup};
+use super::cgroup::{self, VmCgroup};
+use super::confine;
 use super::disk::{
     allocated_bytes, check_base_image, create_overlay, reserve_disk, DiskReservation,
 };
@@ -82,8 +83,10 @@ impl VmSpec {
 pub struct VmResources {
     /// QEMU's uid (none when the daemon is not root).
     pub uid: Option<u32>,
-    /// The VM's memory cgroup directory.
+    /// The VM's cgroup directory (v1: the memory hierarchy's).
     pub cgroup: Option<PathBuf>,
+    /// systemd hosts: the VM's scope unit.
+    pub scope: Option<String>,
     pub overlay: PathBuf,
     pub disk_max: u64,
 }
@@ -194,8 +197,18 @@ impl VmDir {
             return Ok(());
         }
         self.done = true;
-        if let Some(pid) = self.pid {
-            kill_and_wait(pid, &self.dir, Duration::from_secs(10));
+        // Whatever still runs in the VM's cgroup is the VM's, whatever its command line says.
+        match self.cgroup.as_ref().and_then(|cg| cg.dirs_first()) {
+            Some(dir) => {
+                if !cgroup::kill_cgroup_and_wait(dir, Duration::from_secs(10)) {
+                    tracing::error!(cgroup = %dir.display(), "the VM's processes survived SIGKILL");
+                }
+            }
+            None => {
+                if let Some(pid) = self.pid {
+                    kill_and_wait(pid, &self.dir, Duration::from_secs(10));
+                }
+            }
         }
         if !self.keep_serial_log {
             let _ = std::fs::remove_file(&self.serial_log);
@@ -297,6 +310,10 @@ pub struct PreparedVm {
     serial_cap: (u64, u64),
     disk_max: u64,
     ready_marker: Option<String>,
+    /// systemd hosts: the scope's slice and `IOWeight=`.
+    slice: String,
+    io_weight: Option<u64>,
+    limits: cgroup::Limits,
 }
 
 /// Resolves `qemu` like `execvp` would (a name without `/` is looked up in `PATH`).
@@ -339,20 +356,6 @@ fn open_rw(path: &Path) -> Result<File, Error> {
         .write(true)
         .open(path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))
-}
-
-/// The cgroup layout, found and prepared once per process.
-pub(super) fn cgroup_layout() -> Result<Layout, Error> {
-    static LAYOUT: std::sync::OnceLock<Result<Layout, String>> = std::sync::OnceLock::new();
-    LAYOUT
-        .get_or_init(|| {
-            Layout::prepare().map_err(|e| match e {
-                Error::Cgroup(m) => m,
-                other => other.to_string(),
-            })
-        })
-        .clone()
-        .map_err(Error::Cgroup)
 }
 
 /// Everything before QEMU runs: checks (qemu, firmware, base image, disk space), the VM's uid and
@@ -401,18 +404,9 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         done: false,
     };
     mkdir_0700(&disk_path, false)?;
-    if sandbox::privileged() {
-        let limits = cgroup::Limits {
-            memory_bytes: config.memory_max(),
-            pids: config.pids_max,
-            cpus: config.vcpus,
-        };
-        dir.cgroup = Some(VmCgroup::create(
-            &cgroup_layout()?,
-            spec.name.as_str(),
-            limits,
-        )?);
-    }
+    dir.cgroup = confine::host(config)
+        .await?
+        .vm_cgroup(spec.name.as_str(), limits(config))?;
     let overlay = disk_path.join(files::OVERLAY);
     create_overlay(&config.qemu_img, &base, &overlay).await?;
     disk.set_overlay(&overlay);
@@ -500,12 +494,24 @@ pub async fn prepare(config: &VmConfig, spec: VmSpec) -> Result<PreparedVm, Erro
         quit_grace: config.quit_grace(),
         serial_cap: (config.serial_head_kib << 10, config.serial_tail_kib << 10),
         disk_max: config.disk_max(),
+        slice: config.slice.clone(),
+        io_weight: config.io_weight,
+        limits: limits(config),
     })
+}
+
+/// The limits of each VM's cgroup or scope.
+fn limits(config: &VmConfig) -> cgroup::Limits {
+    cgroup::Limits {
+        memory_bytes: config.memory_max(),
+        pids: config.pids_max,
+        cpus: config.vcpus,
+    }
 }
 
 /// Prepares and starts a VM.
 pub async fn launch(config: &VmConfig, spec: VmSpec) -> Result<VmHandle, Error> {
-    prepare(config, spec).await?.start()
+    prepare(config, spec).await?.start().await
 }
 
 impl PreparedVm {
@@ -539,8 +545,9 @@ impl PreparedVm {
         })
     }
 
-    /// Spawns QEMU and the supervisor task that owns it from now on. Must run inside a tokio runtime.
-    pub fn start(mut self) -> Result<VmHandle, Error> {
+    /// Spawns QEMU, confined (`confine.rs`), and the supervisor task that owns it from now on.
+    /// Must run inside a tokio runtime.
+    pub async fn start(mut self) -> Result<VmHandle, Error> {
         let argv = self.argv();
         let mut cmd = Command::new(&self.qemu);
         cmd.args(&argv)
@@ -555,17 +562,18 @@ impl PreparedVm {
         let mut keep_fds = self.files.raw();
         keep_fds.extend(self.net.as_ref().map(|n| n.tap.as_raw_fd()));
         let uid = self.dir.uid.as_ref().map(UidLease::uid);
-        sandbox::ChildSetup {
+        let setup = sandbox::ChildSetup {
             cgroup_procs: self
                 .dir
                 .cgroup
                 .as_ref()
+                .filter(|cg| cg.joined_by_child())
                 .map(VmCgroup::procs_files)
                 .unwrap_or_default(),
             keep_fds,
             identity: self.dir.uid.as_ref().map(UidLease::identity),
-        }
-        .apply(&mut cmd);
+            ..Default::default()
+        };
         let serial = CappedLog::create(&self.dir.serial_log, self.serial_cap.0, self.serial_cap.1)
             .map_err(|e| {
                 Error::io(
@@ -593,15 +601,48 @@ impl PreparedVm {
                 .cgroup
                 .as_ref()
                 .map(|cg| cg.memory_dir().to_owned()),
+            scope: self
+                .dir
+                .cgroup
+                .as_ref()
+                .and_then(|cg| cg.scope().map(str::to_owned)),
             job: self.job.take(),
         };
         // Recorded before QEMU exists: whatever happens to the daemon from here on, the record
-        // names the VM, its job and everything the job holds.
+        // names the VM, its cgroup, its job and everything the job holds.
         meta.write(&self.dir.dir)?;
         let mut state = VmState::Created;
-        let mut child = match cmd.spawn() {
+        let host = match confine::decided() {
+            Some(h) => h,
+            None => &confine::Host::Unconfined,
+        };
+        let description = confine::describe_vm(self.name.as_str(), meta.job.as_ref());
+        let ifindex = self
+            .net
+            .as_ref()
+            .and_then(|_| nix::net::if_::if_nametoindex(self.name.as_str()).ok())
+            .and_then(|i| i32::try_from(i).ok());
+        let scope = self.dir.cgroup.as_ref().and_then(|cg| cg.scope()).map(|unit| {
+            super::scope::ScopeSpec {
+                unit: unit.to_owned(),
+                machine: Some(&self.name),
+                slice: &self.slice,
+                limits: self.limits,
+                io_weight: self.io_weight,
+                description,
+                ifindex,
+            }
+        });
+        let spawned = host
+            .spawn(cmd, setup, self.dir.cgroup.as_mut(), scope)
+            .await;
+        let mut child = match spawned {
             Ok(c) => c,
-            Err(e) => {
+            Err(confine::SpawnError::Confine(e)) => {
+                let _ = state.transition(VmState::Failed);
+                return Err(e);
+            }
+            Err(confine::SpawnError::Io(e)) => {
                 let _ = state.transition(VmState::Failed);
                 // The child's setup (joining the VM's cgroup) fails the spawn the same way as a
                 // missing binary: name the binary only when it really is gone.
@@ -622,6 +663,12 @@ impl PreparedVm {
                 );
             }
         };
+        // systemd may have put the scope elsewhere than planned: record where it is.
+        meta.cgroup = self
+            .dir
+            .cgroup
+            .as_ref()
+            .map(|cg| cg.memory_dir().to_owned());
         let spawned = Instant::now();
         crate::failpoint::crash_point("after-spawn");
         state.transition(VmState::Starting)?;
@@ -1053,6 +1100,11 @@ impl Supervisor {
             resources: VmResources {
                 uid: self.dir.uid.as_ref().map(UidLease::uid),
                 cgroup: self.dir.cgroup.as_ref().map(|c| c.memory_dir().to_owned()),
+                scope: self
+                    .dir
+                    .cgroup
+                    .as_ref()
+                    .and_then(|c| c.scope().map(str::to_owned)),
                 overlay: self.overlay.clone(),
                 disk_max: self.disk_max,
             },
@@ -1407,6 +1459,10 @@ impl Supervisor {
         if !done {
             tracing::warn!(vm = %self.name, "killing QEMU");
             self.process.start_kill();
+            // And everything else in its cgroup: the VM is its cgroup, not one pid.
+            if let Some(cg) = &self.dir.cgroup {
+                cg.kill();
+            }
             let _ = self.process.wait().await;
         }
         tracing::info!(vm = %self.name, ?step, "VM stopped");

@@ -53,6 +53,8 @@ pub enum Error {
     EarlyExit { status: String, stderr: String },
     #[error("VM cgroup: {0}")]
     Cgroup(String),
+    #[error("systemd scope: {0}")]
+    Scope(String),
     #[error("QMP: {0}")]
     Qmp(String),
     #[error("the supervisor of VM {name} ended abnormally: {detail}")]
@@ -99,7 +101,8 @@ impl Error {
             | Error::Qmp(_)
             | Error::Supervisor { .. }
             | Error::DiskSpace { .. }
-            | Error::Cgroup(_) => ErrorClass::Runtime,
+            | Error::Cgroup(_)
+            | Error::Scope(_) => ErrorClass::Runtime,
         }
     }
 }

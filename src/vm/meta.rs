@@ -74,8 +74,11 @@ pub struct VmMeta {
     pub disk_max: u64,
     /// The uid QEMU runs as (when the driver drops privileges).
     pub uid: Option<u32>,
-    /// The VM's memory cgroup directory.
+    /// The VM's cgroup directory (cgroup v1: the memory hierarchy's): its processes are the VM's.
     pub cgroup: Option<PathBuf>,
+    /// systemd hosts: the VM's transient scope (`machine-<name>.scope`).
+    #[serde(default)]
+    pub scope: Option<String>,
     /// The job, when the VM runs one (flattened: the keys sit beside the VM's own).
     #[serde(flatten)]
     pub job: Option<JobMeta>,
@@ -134,6 +137,7 @@ mod tests {
             disk_max: 1 << 30,
             uid: Some(1_960_000_001),
             cgroup: None,
+            scope: None,
             job,
         }
     }

@@ -70,6 +70,16 @@ pub fn acquire_uid(runtime_root: &Path, base: u32, count: u32) -> Result<UidLeas
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     for uid in (0..count).filter_map(|i| base.checked_add(i)) {
         if let Some(lease) = lease_uid(runtime_root, uid)? {
+            // The lock dies with the daemon that held it, while its QEMU may still run (a crash,
+            // a QEMU that outlived its cgroup's kill): a uid with a live process is not free.
+            if let Some(pid) = process_of_uid(uid) {
+                tracing::warn!(
+                    uid,
+                    pid,
+                    "VM uid still has a running process though no daemon holds it; skipping it"
+                );
+                continue;
+            }
             return Ok(lease);
         }
     }
@@ -91,15 +101,41 @@ pub fn lease_uid(runtime_root: &Path, uid: u32) -> Result<Option<UidLease>, Erro
         .map(|lock| UidLease { uid, _lock: lock }))
 }
 
+/// A process running with `uid` as its real, effective or saved uid, if any (`/proc/*/status`).
+pub(crate) fn process_of_uid(uid: u32) -> Option<u32> {
+    let uid = uid.to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        let ids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+        ids.split_whitespace()
+            .take(3)
+            .any(|u| u == uid)
+            .then_some(pid)
+    })
+}
+
 /// The group owning `/dev/kvm`, if that group may read and write it (Debian: `root:kvm 0660`).
 fn kvm_group() -> Option<u32> {
     let m = std::fs::metadata("/dev/kvm").ok()?;
     (m.mode() & 0o060 == 0o060 && m.gid() != 0).then_some(m.gid())
 }
 
+/// The child's end of the handshake with a confinement that must take the child's pid before
+/// QEMU runs (a systemd scope: systemd moves the pid, the child cannot join by itself): the child
+/// writes its pid to `report`, then waits for one byte `1` on `go`. Anything else (the parent
+/// closing `go`) fails the spawn, so QEMU never runs outside its scope.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GateFds {
+    pub report: RawFd,
+    pub go: RawFd,
+}
+
 /// What the child does between fork and exec, prepared (allocated) before the fork.
 #[derive(Debug, Default)]
 pub(crate) struct ChildSetup {
+    /// Wait until the parent has confined the child (see [`GateFds`]).
+    pub gate: Option<GateFds>,
     /// `cgroup.procs` files to join, before the identity change (root may write them).
     pub cgroup_procs: Vec<CString>,
     /// Descriptors QEMU inherits (their numbers appear in its arguments).
@@ -128,6 +164,9 @@ impl ChildSetup {
                 Ok(())
             }
         };
+        if let Some(gate) = self.gate {
+            wait_at_gate(gate)?;
+        }
         for procs in &self.cgroup_procs {
             // SAFETY (for each call below): plain system calls on valid pointers and descriptors.
             let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
@@ -159,6 +198,30 @@ impl ChildSetup {
         };
         check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) })?;
         Ok(())
+    }
+}
+
+/// The child's side of [`GateFds`]: async-signal-safe (getpid, write, read) and allocation-free.
+fn wait_at_gate(gate: GateFds) -> std::io::Result<()> {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() }.to_ne_bytes();
+    // SAFETY: writes 4 bytes from a live stack buffer to a descriptor the parent prepared.
+    let n = unsafe { libc::write(gate.report, pid.as_ptr().cast(), pid.len()) };
+    if n != pid.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut go = [0u8; 1];
+    loop {
+        // SAFETY: reads at most 1 byte into a live stack buffer.
+        let n = unsafe { libc::read(gate.go, go.as_mut_ptr().cast(), 1) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return if n == 1 && go[0] == 1 {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::EPERM))
+        };
     }
 }
 

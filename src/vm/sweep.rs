@@ -1,6 +1,8 @@
-//! Finding what a crashed daemon left: per-VM directories under `<runtime_root>/vms/` named like our VMs,
-//! and the QEMU processes their pid files name — killed only if `/proc/<pid>` really is a QEMU whose
-//! command line contains that VM's directory (a recycled pid is left alone).
+//! Finding what a crashed daemon left: per-VM directories under `<runtime_root>/vms/` named like our
+//! VMs, and their processes: everything in the cgroup a VM's record names (confined VMs: the
+//! cgroup is the VM, so a QEMU that rewrote its command line is found all the same), else the
+//! QEMU its pid file names — killed only if `/proc/<pid>` really is a QEMU whose command line
+//! contains that VM's directory (a recycled pid is left alone).
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -136,10 +138,10 @@ pub fn sweep(config: &super::VmConfig, keep: &[VmName]) -> Result<SweepReport, E
             }
         }
     }
-    if super::sandbox::privileged() {
-        if let Ok(layout) = super::cgroup::Layout::prepare() {
-            report.cgroups = super::cgroup::sweep(&layout, &report.removed);
-        }
+    // systemd removes empty scopes by itself; the daemon's own layout needs its empty cgroups
+    // removed.
+    if let Some(layout) = super::confine::decided().and_then(|h| h.layout()) {
+        report.cgroups = super::cgroup::sweep(layout, &report.removed);
     }
     Ok(report)
 }
@@ -162,6 +164,26 @@ fn sweep_runtime(runtime_root: &Path, keep: &[VmName]) -> Result<SweepReport, Er
         let dir = entry.path();
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
+        }
+        // A confined VM is its cgroup: whatever runs there is killed, whatever its command line
+        // says (a QEMU may rewrite it) and even before its pid file was written.
+        let recorded = super::meta::VmMeta::read(&dir)
+            .and_then(|m| m.cgroup)
+            .filter(|_| super::sandbox::privileged());
+        if let Some(cg) = recorded.filter(|cg| !super::cgroup::procs_of(cg).is_empty()) {
+            let pids = super::cgroup::procs_of(&cg);
+            if super::cgroup::kill_cgroup_and_wait(&cg, Duration::from_secs(10)) {
+                tracing::warn!(vm = %name, cgroup = %cg.display(), ?pids, "sweep killed a leftover VM");
+                for pid in pids {
+                    report.killed.push((name.clone(), pid));
+                }
+            } else {
+                report.failed.push((
+                    dir.clone(),
+                    format!("processes of cgroup {} survived SIGKILL", cg.display()),
+                ));
+                continue;
+            }
         }
         let pid = std::fs::read_to_string(dir.join(files::PID))
             .ok()

@@ -241,6 +241,10 @@ layer! {
         pub serial_logs_keep: Option<usize>,
         #[arg(skip)]
         pub serial_logs_max_age_days: Option<u64>,
+        #[arg(skip)]
+        pub slice: Option<String>,
+        #[arg(skip)]
+        pub io_weight: Option<Option<u64>>,
     }
 }
 
