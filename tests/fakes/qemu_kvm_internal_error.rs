@@ -215,9 +215,38 @@ fn serial_write(bytes: &[u8]) {
     }
 }
 
+/// What an escaped QEMU can do to hide: overwrite its own command line (`/proc/self/cmdline` reads
+/// the memory between `arg_start` and `arg_end`), so nothing of it names QEMU or its VM any more.
+fn disguise() {
+    use std::io::{Seek, SeekFrom};
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name's closing parenthesis; arg_start and arg_end are fields 48
+    // and 49 of the whole line, so 46 and 47 counted from field 3.
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let start: u64 = rest[45].parse().unwrap();
+    let end: u64 = rest[46].parse().unwrap();
+    let mut area = vec![0u8; (end - start) as usize];
+    let name = b"kworker/0:1";
+    area[..name.len()].copy_from_slice(name);
+    let mut mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/mem")
+        .expect("/proc/self/mem");
+    mem.seek(SeekFrom::Start(start)).unwrap();
+    mem.write_all(&area).expect("rewriting the command line");
+}
+
 fn main() {
     let me = std::env::args().next().unwrap_or_default();
-    let behaviour = Path::new(&me).parent().and_then(Path::file_name);
+    let mut behaviour = Path::new(&me).parent().and_then(Path::file_name);
+    // `<behaviour>-disguised`: the same, with its command line rewritten once it runs.
+    let plain = behaviour
+        .and_then(|b| b.to_str())
+        .and_then(|b| b.strip_suffix("-disguised"))
+        .map(str::to_owned);
+    if let Some(plain) = &plain {
+        behaviour = Some(plain.as_ref());
+    }
     if behaviour == Some("oom".as_ref()) {
         allocate_forever();
     }
@@ -229,6 +258,9 @@ fn main() {
             .collect::<Vec<_>>()
     };
     let chardevs = value_of("-chardev");
+    if plain.is_some() {
+        disguise();
+    }
     let accel = value_of("-accel").into_iter().next().unwrap_or_default();
     let runner_mode = behaviour
         .and_then(|b| b.to_str())
