@@ -155,3 +155,57 @@ async fn serve_config_errors_have_their_exit_codes() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("admin token"), "{}", text(&out));
 }
+
+/// `ip netns exec` mounts a fresh sysfs: no cgroup hierarchy is visible, so no VM could be
+/// confined. `serve` must say so and exit before it talks to Forgejo (where it would create CI
+/// users and runners for jobs it can never run), and `--check-config` must report it. The
+/// namespace is the test's own; its loopback is down and nothing listens, so no traffic leaves.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_refuses_a_host_where_no_vm_can_be_confined() {
+    let ns = format!("fkr-nocg-{}", std::process::id());
+    let add = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap();
+    assert!(add.success());
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let _ns = Ns(ns.clone());
+    let dir = tempfile::tempdir().unwrap();
+    // 127.0.0.1:9 inside the namespace: nothing answers, so an old daemon would wait for
+    // Forgejo for ever instead of exiting.
+    let cfg = config(dir.path(), "http://127.0.0.1:9/", "");
+    let run = |check: bool| {
+        let mut cmd = tokio::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_fkr-qemu"), "serve"]);
+        if check {
+            cmd.arg("--check-config");
+        }
+        cmd.args(["--config", cfg.to_str().unwrap()])
+            .env("FORGEJO_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef01234567")
+            .env_remove("FORGEJO_URL")
+            .env_remove("FORGEJO_ADMIN_TOKEN_FILE")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .kill_on_drop(true)
+            .output()
+    };
+    for check in [false, true] {
+        let out = tokio::time::timeout(std::time::Duration::from_secs(30), run(check))
+            .await
+            .unwrap_or_else(|_| panic!("serve (check={check}) did not exit: it went on without cgroups"))
+            .unwrap();
+        let t = text(&out);
+        assert_ne!(out.status.code(), Some(0), "{t}");
+        assert!(t.contains("cannot be confined"), "check={check}: {t}");
+        assert!(
+            !t.contains("waiting for Forgejo") && !t.contains("discovery"),
+            "check={check}: it got past the host check: {t}"
+        );
+    }
+}
