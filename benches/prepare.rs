@@ -130,7 +130,7 @@ fn main() {
             .await
             .unwrap();
             let t = Instant::now();
-            let h = p.start().unwrap();
+            let h = p.start().await.unwrap();
             let mut st = h.watch_state();
             st.wait_for(|s| *s != VmState::Starting).await.unwrap();
             qmp.push(t.elapsed());

@@ -69,7 +69,10 @@ async fn launch_and_let_go(
     spec.agent = true;
     let handle = vm::launch(cfg, spec).await.expect("launch");
     let pid = handle.pid();
-    let uid = handle.resources().uid.expect("root runs QEMU under a VM uid");
+    let uid = handle
+        .resources()
+        .uid
+        .expect("root runs QEMU under a VM uid");
     let cgroup = handle
         .resources()
         .cgroup

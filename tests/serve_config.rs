@@ -183,12 +183,21 @@ async fn serve_refuses_a_host_where_no_vm_can_be_confined() {
     let cfg = config(dir.path(), "http://127.0.0.1:9/", "");
     let run = |check: bool| {
         let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_fkr-qemu"), "serve"]);
+        cmd.args([
+            "netns",
+            "exec",
+            &ns,
+            env!("CARGO_BIN_EXE_fkr-qemu"),
+            "serve",
+        ]);
         if check {
             cmd.arg("--check-config");
         }
         cmd.args(["--config", cfg.to_str().unwrap()])
-            .env("FORGEJO_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef01234567")
+            .env(
+                "FORGEJO_ADMIN_TOKEN",
+                "0123456789abcdef0123456789abcdef01234567",
+            )
             .env_remove("FORGEJO_URL")
             .env_remove("FORGEJO_ADMIN_TOKEN_FILE")
             .env_remove("CREDENTIALS_DIRECTORY")
@@ -198,7 +207,9 @@ async fn serve_refuses_a_host_where_no_vm_can_be_confined() {
     for check in [false, true] {
         let out = tokio::time::timeout(std::time::Duration::from_secs(30), run(check))
             .await
-            .unwrap_or_else(|_| panic!("serve (check={check}) did not exit: it went on without cgroups"))
+            .unwrap_or_else(|_| {
+                panic!("serve (check={check}) did not exit: it went on without cgroups")
+            })
             .unwrap();
         let t = text(&out);
         assert_ne!(out.status.code(), Some(0), "{t}");

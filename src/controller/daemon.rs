@@ -706,9 +706,7 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
     };
     let first_signal = match first_signal {
         Stop::Signal(sig) => sig,
-        Stop::Handover => {
-            return hand_over(sched, env, services, &board, Leave::Exec(&exe)).await
-        }
+        Stop::Handover => return hand_over(sched, env, services, &board, Leave::Exec(&exe)).await,
         Stop::Restart => return hand_over(sched, env, services, &board, Leave::Exit).await,
     };
     // First signal: no new jobs; wait for the ones in flight.

@@ -138,7 +138,8 @@ impl Host {
         if cg.joined_by_child() {
             return plain_spawn(cmd, setup);
         }
-        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);
+        let pipe =
+            || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from);
         let (report_r, report_w) = pipe().map_err(SpawnError::Io)?;
         let (go_r, go_w) = pipe().map_err(SpawnError::Io)?;
         setup.gate = Some(GateFds {

@@ -622,8 +622,12 @@ impl PreparedVm {
             .as_ref()
             .and_then(|_| nix::net::if_::if_nametoindex(self.name.as_str()).ok())
             .and_then(|i| i32::try_from(i).ok());
-        let scope = self.dir.cgroup.as_ref().and_then(|cg| cg.scope()).map(|unit| {
-            super::scope::ScopeSpec {
+        let scope = self
+            .dir
+            .cgroup
+            .as_ref()
+            .and_then(|cg| cg.scope())
+            .map(|unit| super::scope::ScopeSpec {
                 unit: unit.to_owned(),
                 machine: Some(&self.name),
                 slice: &self.slice,
@@ -631,8 +635,7 @@ impl PreparedVm {
                 io_weight: self.io_weight,
                 description,
                 ifindex,
-            }
-        });
+            });
         let spawned = host
             .spawn(cmd, setup, self.dir.cgroup.as_mut(), scope)
             .await;

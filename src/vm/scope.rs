@@ -45,8 +45,13 @@ trait Manager {
     fn get_unit_by_pid(&self, pid: u32) -> zbus::Result<OwnedObjectPath>;
 
     #[zbus(signal)]
-    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String)
-        -> zbus::Result<()>;
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
 
     fn subscribe(&self) -> zbus::Result<()>;
 }
