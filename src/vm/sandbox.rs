@@ -113,8 +113,9 @@ impl ChildSetup {
         // QEMU needs no environment; the daemon's may hold the admin token or credential paths.
         cmd.env_clear();
         // SAFETY: the closure runs in the forked child before exec. It calls only async-signal-safe
-        // system calls (open, write, close, fcntl, setgroups, setresgid, setresuid, prctl,
-        // setrlimit) on data prepared before the fork, allocates nothing and touches no lock.
+        // system calls (open, write, close, fcntl, unshare, mount, socket, ioctl, setgroups,
+        // setresgid, setresuid, prctl, setrlimit) on data prepared before the fork or on the
+        // stack, allocates nothing and touches no lock.
         unsafe {
             cmd.pre_exec(move || self.in_child());
         }
@@ -143,6 +144,10 @@ impl ChildSetup {
         for &fd in &self.keep_fds {
             check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) })?;
         }
+        if self.identity.is_some() {
+            // Needs root's CAP_SYS_ADMIN: before the identity change.
+            enter_own_namespaces()?;
+        }
         if let Some(id) = &self.identity {
             let groups: &[libc::gid_t] = &id.groups;
             check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
@@ -160,6 +165,53 @@ impl ChildSetup {
         check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) })?;
         Ok(())
     }
+}
+
+/// Puts the calling process (the forked child) in a network namespace of its own, with nothing
+/// but loopback, and a mount namespace of its own. An escaped QEMU then reaches no socket of the
+/// host's: not its 127.0.0.1 services, not the bridge, the LAN or a cloud's metadata address, not
+/// an abstract unix socket. QEMU needs no network of its own: the tap and every socket it uses
+/// arrive as descriptors, which work across namespaces. Mounts turn private so that nothing the
+/// host mounts later propagates in (and nothing leaks out). Async-signal-safe, allocation-free.
+fn enter_own_namespaces() -> std::io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: plain system calls; every pointer is a static C string or this frame's `ifreq`.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) })?;
+    check(unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })?;
+    // Loopback up (a new namespace's is down): QEMU's own 127.0.0.1, which reaches nothing else.
+    // SAFETY: as above; `req` is a zeroed `ifreq` on this frame, valid for both ioctls.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    check(sock)?;
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    let mut r = unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) };
+    if r >= 0 {
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        r = unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) };
+    }
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(sock) };
+    if r < 0 {
+        return Err(err);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -181,5 +233,75 @@ mod tests {
         let id = b.identity();
         assert_eq!((id.uid, id.gid), (5001, 5001));
         assert!(!id.groups.contains(&0), "never root's group");
+    }
+
+    /// What a stand-in QEMU spawned through the real child setup gets when it `connect()`s to
+    /// `addr` (bash's `/dev/tcp` is a plain `connect`): `true` if it got through.
+    async fn stand_in_connects(setup: ChildSetup, addr: std::net::SocketAddr) -> bool {
+        let mut cmd = tokio::process::Command::new("/bin/bash");
+        cmd.arg("-c")
+            .arg(format!(
+                "exec 3<>/dev/tcp/{}/{} && echo connected",
+                addr.ip(),
+                addr.port()
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        setup.apply(&mut cmd);
+        let out = tokio::time::timeout(std::time::Duration::from_secs(20), cmd.output())
+            .await
+            .expect("the stand-in finishes")
+            .expect("the stand-in runs");
+        String::from_utf8_lossy(&out.stdout).contains("connected")
+    }
+
+    /// An escaped QEMU tries the host's loopback services and the bridge's address (here: in a
+    /// network namespace the test creates, with a bridge of its own): neither answers, while the
+    /// same stand-in without the sandbox reaches both (so the probe itself works).
+    #[test]
+    fn an_escaped_qemu_reaches_neither_host_loopback_nor_the_bridge() {
+        assert!(privileged(), "needs root: it creates a network namespace, changes uids");
+        std::thread::spawn(|| {
+            // This thread only: its own network namespace, which the spawned processes inherit.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let ip = |args: &[&str]| {
+                let st = std::process::Command::new("ip").args(args).status().unwrap();
+                assert!(st.success(), "ip {args:?}");
+            };
+            ip(&["link", "set", "lo", "up"]);
+            ip(&["link", "add", "fkrbr-test", "type", "bridge"]);
+            ip(&["addr", "add", "10.213.0.1/24", "dev", "fkrbr-test"]);
+            ip(&["link", "set", "fkrbr-test", "up"]);
+            let local = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let bridge = std::net::TcpListener::bind("10.213.0.1:0").unwrap();
+            let targets = [local.local_addr().unwrap(), bridge.local_addr().unwrap()];
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                for addr in targets {
+                    assert!(
+                        stand_in_connects(ChildSetup::default(), addr).await,
+                        "the unsandboxed control reaches {addr}"
+                    );
+                    let sandboxed = ChildSetup {
+                        identity: Some(Identity {
+                            uid: 1_960_999_999,
+                            gid: 1_960_999_999,
+                            groups: Vec::new(),
+                        }),
+                        ..ChildSetup::default()
+                    };
+                    assert!(
+                        !stand_in_connects(sandboxed, addr).await,
+                        "the sandboxed stand-in reached {addr}"
+                    );
+                }
+            });
+        })
+        .join()
+        .unwrap();
     }
 }
