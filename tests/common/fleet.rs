@@ -28,6 +28,8 @@ pub struct Fleet {
     /// Dropped first: the emulator process lives in `upstream`.
     pub emu: Emulator,
     pub hosts: Vec<Host>,
+    /// The fake guests' ways out (see [`Uplink`]); dropped before the namespaces.
+    _uplinks: Vec<Uplink>,
     /// Held for its Drop (after the hosts', whose links end in it).
     _upstream: NetNs,
     /// Holds the hosts' dirs and the key file; removed on Drop.
@@ -72,6 +74,24 @@ impl Fleet {
             &format!("{EMU_ADDR}:0"),
             &["nsenter", &net, "--"],
         );
+        // A fake QEMU whose "guest" runs its job (`runner*`) speaks to Forgejo itself; in the
+        // sandbox's network namespace it reaches nothing, so it goes through an uplink.
+        let emu_addr: std::net::SocketAddr = emu
+            .url()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("the emulator's url is http://<addr>");
+        let mut uplinks: Vec<Uplink> = Vec::new();
+        for q in settings.iter().filter_map(|s| s.qemu.as_deref()) {
+            let sock = q.with_file_name(UPLINK_SOCKET);
+            if !uplinks.iter().any(|u| u.path == sock) {
+                let behaviour = q.parent().and_then(|d| d.file_name()).unwrap_or_default();
+                if behaviour.to_string_lossy().starts_with("runner") {
+                    uplinks.push(Uplink::start(sock, &upstream, emu_addr));
+                }
+            }
+        }
         let hosts = settings
             .into_iter()
             .zip(namespaces)
@@ -98,6 +118,7 @@ impl Fleet {
         Fleet {
             emu,
             hosts,
+            _uplinks: uplinks,
             _upstream: upstream,
             _dir: dir,
         }
@@ -237,4 +258,70 @@ impl Host {
     pub fn qemus(&self) -> Vec<u32> {
         daemon::qemus_in(&self.runtime_dir())
     }
+}
+
+/// The socket beside a fake QEMU (`tests/fakes/guest_runner.rs` looks for it next to its argv0)
+/// through which its "guest" reaches Forgejo.
+const UPLINK_SOCKET: &str = "uplink.sock";
+
+/// A real guest reaches Forgejo through its tap; the fake guest is QEMU's process itself, which
+/// the sandbox puts in a network namespace with only loopback. Its way out instead: a unix socket
+/// (filesystem sockets do not depend on the network namespace) whose every connection this test
+/// process forwards to the emulator, from inside the upstream namespace.
+struct Uplink {
+    path: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Uplink {
+    fn start(path: PathBuf, upstream: &NetNs, target: std::net::SocketAddr) -> Uplink {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // QEMU runs under a VM uid.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let ns = std::fs::File::open(format!("/run/netns/{}", upstream.name())).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            // This thread only (and the threads it starts): upstream's network namespace.
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((guest, _)) => {
+                        std::thread::spawn(move || forward(guest, target));
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        });
+        Uplink { path, stop }
+    }
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Copies both ways between the fake guest's connection and a new one to `target`.
+fn forward(guest: std::os::unix::net::UnixStream, target: std::net::SocketAddr) {
+    let _ = guest.set_nonblocking(false);
+    let Ok(up) = std::net::TcpStream::connect(target) else {
+        return;
+    };
+    let (Ok(mut guest_r), Ok(mut up_w)) = (guest.try_clone(), up.try_clone()) else {
+        return;
+    };
+    let there = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut guest_r, &mut up_w);
+        let _ = up_w.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut up_r, mut guest_w) = (up, guest);
+    let _ = std::io::copy(&mut up_r, &mut guest_w);
+    let _ = guest_w.shutdown(std::net::Shutdown::Write);
+    let _ = there.join();
 }
