@@ -654,6 +654,48 @@ async fn vm_internal_error_ends_the_vm_within_a_second_and_auto_then_picks_tcg()
     assert_nothing_left(dir.path());
 }
 
+/// Peak resident memory of this process so far (`VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// An escaped QEMU streams a gigabyte without a newline on QMP: the driver holds at most one
+/// capped line of it (this process's memory stays bounded), drops the peer and kills QEMU.
+#[tokio::test]
+async fn qmp_flood_from_qemu_stops_the_vm_with_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vm::VmConfig {
+        qemu: fake_qemu(dir.path(), "qmp-flood"),
+        accel: Accel::Tcg,
+        ..config(dir.path())
+    };
+    let before = peak_rss();
+    let started = std::time::Instant::now();
+    let handle = vm::launch(&cfg, spec(String::new(), Duration::from_secs(300)))
+        .await
+        .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(60), handle.wait())
+        .await
+        .expect("the VM ends well before its deadline")
+        .unwrap();
+    let Outcome::QemuExited { status, detail } = &exit.outcome else {
+        panic!("{exit:?}");
+    };
+    assert_eq!(status, "killed");
+    assert!(detail.contains("QMP peer dropped"), "{detail}");
+    assert_eq!(exit.state, VmState::Failed);
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "peak memory grew by {} MiB", grown >> 20);
+    assert_nothing_left(dir.path());
+}
+
 /// Boots the test guest with `runcmd` (then power-off) under `cfg`; returns how it ended and its
 /// serial log.
 async fn run_guest(

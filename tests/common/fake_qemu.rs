@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 ///   `"runner-<N>s"`: the same, the job taking N seconds; a warm VM takes its job over the job
 ///   agent's port, `"runner-noack"` never acknowledges it, and `"runner-noagent"` is an image
 ///   without the agent (a warm VM never says READY);
+/// - `"qmp-flood"`: after QMP's greeting it streams a gigabyte without a newline;
 /// - anything else (e.g. `"kvm-internal-error"`): its KVM passes the firmware probe and then fails
 ///   every guest with run state `internal-error`; under TCG it runs the real QEMU.
 pub fn fake_qemu(dir: &Path, behaviour: &str) -> PathBuf {
