@@ -19,6 +19,7 @@ use super::emulator::{Emulator, RunnerView};
 use super::links::vm_links;
 use super::netns::NetNs;
 use super::prometheus::Exposition;
+use super::uplink::Uplink;
 
 /// The emulator's address, in upstream.
 pub const EMU_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -76,22 +77,15 @@ impl Fleet {
         );
         // A fake QEMU whose "guest" runs its job (`runner*`) speaks to Forgejo itself; in the
         // sandbox's network namespace it reaches nothing, so it goes through an uplink.
-        let emu_addr: std::net::SocketAddr = emu
-            .url()
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .parse()
-            .expect("the emulator's url is http://<addr>");
-        let mut uplinks: Vec<Uplink> = Vec::new();
-        for q in settings.iter().filter_map(|s| s.qemu.as_deref()) {
-            let sock = q.with_file_name(UPLINK_SOCKET);
-            if !uplinks.iter().any(|u| u.path == sock) {
-                let behaviour = q.parent().and_then(|d| d.file_name()).unwrap_or_default();
-                if behaviour.to_string_lossy().starts_with("runner") {
-                    uplinks.push(Uplink::start(sock, &upstream, emu_addr));
-                }
-            }
-        }
+        // Several hosts may share one fake.
+        let mut fakes: Vec<&std::path::Path> =
+            settings.iter().filter_map(|s| s.qemu.as_deref()).collect();
+        fakes.sort();
+        fakes.dedup();
+        let uplinks: Vec<Uplink> = fakes
+            .into_iter()
+            .filter_map(|q| Uplink::for_fake_qemu(q, &upstream, emu.url()))
+            .collect();
         let hosts = settings
             .into_iter()
             .zip(namespaces)
@@ -260,68 +254,3 @@ impl Host {
     }
 }
 
-/// The socket beside a fake QEMU (`tests/fakes/guest_runner.rs` looks for it next to its argv0)
-/// through which its "guest" reaches Forgejo.
-const UPLINK_SOCKET: &str = "uplink.sock";
-
-/// A real guest reaches Forgejo through its tap; the fake guest is QEMU's process itself, which
-/// the sandbox puts in a network namespace with only loopback. Its way out instead: a unix socket
-/// (filesystem sockets do not depend on the network namespace) whose every connection this test
-/// process forwards to the emulator, from inside the upstream namespace.
-struct Uplink {
-    path: PathBuf,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Uplink {
-    fn start(path: PathBuf, upstream: &NetNs, target: std::net::SocketAddr) -> Uplink {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        // QEMU runs under a VM uid.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let ns = std::fs::File::open(format!("/run/netns/{}", upstream.name())).unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        std::thread::spawn(move || {
-            // This thread only (and the threads it starts): upstream's network namespace.
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((guest, _)) => {
-                        std::thread::spawn(move || forward(guest, target));
-                    }
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-                }
-            }
-        });
-        Uplink { path, stop }
-    }
-}
-
-impl Drop for Uplink {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Copies both ways between the fake guest's connection and a new one to `target`.
-fn forward(guest: std::os::unix::net::UnixStream, target: std::net::SocketAddr) {
-    let _ = guest.set_nonblocking(false);
-    let Ok(up) = std::net::TcpStream::connect(target) else {
-        return;
-    };
-    let (Ok(mut guest_r), Ok(mut up_w)) = (guest.try_clone(), up.try_clone()) else {
-        return;
-    };
-    let there = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut guest_r, &mut up_w);
-        let _ = up_w.shutdown(std::net::Shutdown::Write);
-    });
-    let (mut up_r, mut guest_w) = (up, guest);
-    let _ = std::io::copy(&mut up_r, &mut guest_w);
-    let _ = guest_w.shutdown(std::net::Shutdown::Write);
-    let _ = there.join();
-}
