@@ -12,15 +12,15 @@
 //! escaped QEMU reaches none of the daemon's state, the token, other VMs' files or the base image
 //! (which it only has open read-only).
 //!
-//! A uid is held through an exclusive `flock` on `<runtime_root>/uids/<uid>.lock` for the VM's life:
-//! two processes (serve and a root `boot-test`) never hand out the same uid, and a crashed holder's
-//! locks vanish with it.
+//! A uid is held through an exclusive `flock` on `<runtime_root>/uid-locks/<uid>.lock` for the VM's
+//! life: two processes (serve and a root `boot-test`) never hand out the same uid, and a crashed
+//! holder's locks vanish with it. The directory is root's (0700), so no other user can hold a lock.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -65,9 +65,6 @@ pub fn privileged() -> bool {
 
 /// Takes the lowest free uid of `base .. base + count`.
 pub fn acquire_uid(runtime_root: &Path, base: u32, count: u32) -> Result<UidLease, Error> {
-    let dir = runtime_root.join("uids");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     for uid in (0..count).filter_map(|i| base.checked_add(i)) {
         if let Some(lease) = lease_uid(runtime_root, uid)? {
             return Ok(lease);
@@ -76,14 +73,50 @@ pub fn acquire_uid(runtime_root: &Path, base: u32, count: u32) -> Result<UidLeas
     Err(Error::UidsExhausted { base, count })
 }
 
-/// Takes the lease of `uid` if no process holds it (`flock` on `<runtime_root>/uids/<uid>.lock`);
+/// Where the uid locks live: root's alone (0700, files 0600). Another user who could open a lock
+/// file could `flock` it and so starve VM starts, and `flock` needs only a read-only descriptor.
+/// (Not the former `uids/`, whose files were world-readable: anyone may still hold one open.)
+pub fn uid_lock_dir(runtime_root: &Path) -> PathBuf {
+    runtime_root.join("uid-locks")
+}
+
+/// Creates [`uid_lock_dir`] root-only, or makes it so.
+fn private_lock_dir(runtime_root: &Path) -> Result<PathBuf, Error> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = uid_lock_dir(runtime_root);
+    std::fs::create_dir_all(runtime_root)
+        .map_err(|e| Error::io(format!("creating {}", runtime_root.display()), e))?;
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
+    }
+    let m = std::fs::symlink_metadata(&dir)
+        .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+    if !m.is_dir() || m.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(Error::io(
+            format!("checking {}", dir.display()),
+            std::io::Error::other("not a directory of this user's"),
+        ));
+    }
+    if m.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("restricting {}", dir.display()), e))?;
+    }
+    Ok(dir)
+}
+
+/// Takes the lease of `uid` if no process holds it (`flock` on `<uid_lock_dir>/<uid>.lock`);
 /// also how a VM taken over after a restart gets its own uid back.
 pub fn lease_uid(runtime_root: &Path, uid: u32) -> Result<Option<UidLease>, Error> {
-    let path = runtime_root.join("uids").join(format!("{uid}.lock"));
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = private_lock_dir(runtime_root)?.join(format!("{uid}.lock"));
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock)
@@ -217,6 +250,7 @@ fn enter_own_namespaces() -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt;
 
     #[test]
     fn uids_are_handed_out_once_and_come_back_when_dropped() {
@@ -303,5 +337,60 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// Another local user (`nobody`) tries to hold every lock of the range, as a way to starve VM
+    /// starts: it cannot open them, and the leases are still handed out.
+    #[test]
+    fn a_uid_lock_held_by_nobody_does_not_stop_vm_starts() {
+        assert!(privileged(), "needs root: it runs a process as nobody");
+        let dir = tempfile::tempdir().unwrap();
+        // VMs ran before: their lock files exist.
+        drop((
+            acquire_uid(dir.path(), 5000, 2).unwrap(),
+            acquire_uid(dir.path(), 5000, 2).unwrap(),
+        ));
+        let locks: Vec<PathBuf> = std::fs::read_dir(uid_lock_dir(dir.path()))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(locks.len(), 2, "{locks:?}");
+        let m = std::fs::metadata(uid_lock_dir(dir.path())).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o700);
+        for l in &locks {
+            assert_eq!(std::fs::metadata(l).unwrap().mode() & 0o777, 0o600);
+        }
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        let script = format!(
+            "exec 3<'{}' 4<'{}' && flock -xn 3 && flock -xn 4 && echo held && sleep 60",
+            locks[0].display(),
+            locks[1].display()
+        );
+        let mut holder = std::process::Command::new("/bin/bash")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .uid(nobody.uid.as_raw())
+            .gid(nobody.gid.as_raw())
+            .spawn()
+            .unwrap();
+        // Wait for the holder to hold both locks or to give up.
+        let mut said = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(holder.stdout.take().unwrap(), 5),
+            &mut said,
+        )
+        .unwrap();
+        let leases = (
+            acquire_uid(dir.path(), 5000, 2),
+            acquire_uid(dir.path(), 5000, 2),
+        );
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_ne!(said.trim(), "held", "nobody holds the uid locks");
+        assert_eq!(
+            (leases.0.unwrap().uid(), leases.1.unwrap().uid()),
+            (5000, 5001)
+        );
     }
 }
