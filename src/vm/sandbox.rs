@@ -177,10 +177,9 @@ impl ChildSetup {
         for &fd in &self.keep_fds {
             check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) })?;
         }
-        if self.identity.is_some() {
-            // Needs root's CAP_SYS_ADMIN: before the identity change.
-            enter_own_namespaces()?;
-        }
+        // Namespaces of its own (`enter_own_namespaces`): directly while root has CAP_SYS_ADMIN,
+        // else (the systemd unit withholds it) after the identity change, in a user namespace.
+        let isolated = self.identity.is_some() && enter_own_namespaces(false).is_ok();
         if let Some(id) = &self.identity {
             let groups: &[libc::gid_t] = &id.groups;
             check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
@@ -188,6 +187,9 @@ impl ChildSetup {
             // From root to another uid: the kernel clears the permitted, effective and ambient
             // capability sets.
             check(unsafe { libc::setresuid(id.uid, id.uid, id.uid) })?;
+            if !isolated {
+                enter_own_namespaces(true)?;
+            }
         }
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
         // No core dump of a process that holds guest memory.
@@ -206,7 +208,11 @@ impl ChildSetup {
 /// an abstract unix socket. QEMU needs no network of its own: the tap and every socket it uses
 /// arrive as descriptors, which work across namespaces. Mounts turn private so that nothing the
 /// host mounts later propagates in (and nothing leaks out). Async-signal-safe, allocation-free.
-fn enter_own_namespaces() -> std::io::Result<()> {
+///
+/// `in_user_ns`: without CAP_SYS_ADMIN (the VM's uid, or root under the unit's bounding set),
+/// inside a new user namespace, which grants the capabilities for the set-up within it. QEMU
+/// keeps none of them: its uid there is unmapped (not 0), so `execve` empties its sets.
+fn enter_own_namespaces(in_user_ns: bool) -> std::io::Result<()> {
     let check = |r: libc::c_int| {
         if r < 0 {
             Err(std::io::Error::last_os_error())
@@ -215,7 +221,8 @@ fn enter_own_namespaces() -> std::io::Result<()> {
         }
     };
     // SAFETY: plain system calls; every pointer is a static C string or this frame's `ifreq`.
-    check(unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) })?;
+    let user = if in_user_ns { libc::CLONE_NEWUSER } else { 0 };
+    check(unsafe { libc::unshare(user | libc::CLONE_NEWNET | libc::CLONE_NEWNS) })?;
     check(unsafe {
         libc::mount(
             c"none".as_ptr(),
@@ -290,9 +297,41 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).contains("connected")
     }
 
+    /// Drops CAP_SYS_ADMIN from this thread's effective and permitted sets (what it spawns
+    /// inherits that).
+    fn drop_sys_admin() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: libc::c_int,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_SYS_ADMIN: u32 = 21;
+        let header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a v3 header and the two data structs v3 takes.
+        let r = unsafe { libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) };
+        assert_eq!(r, 0, "capget: {}", std::io::Error::last_os_error());
+        data[0].effective &= !(1 << CAP_SYS_ADMIN);
+        data[0].permitted &= !(1 << CAP_SYS_ADMIN);
+        let r = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+        assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
+    }
+
     /// An escaped QEMU tries the host's loopback services and the bridge's address (here: in a
     /// network namespace the test creates, with a bridge of its own): neither answers, while the
-    /// same stand-in without the sandbox reaches both (so the probe itself works).
+    /// same stand-in without the sandbox reaches both (so the probe itself works). Also without
+    /// CAP_SYS_ADMIN, as under the systemd unit (through a user namespace then).
     #[test]
     fn an_escaped_qemu_reaches_neither_host_loopback_nor_the_bridge() {
         assert!(privileged(), "needs root: it creates a network namespace, changes uids");
@@ -314,23 +353,31 @@ mod tests {
                 .enable_all()
                 .build()
                 .unwrap();
+            let sandboxed = || ChildSetup {
+                identity: Some(Identity {
+                    uid: 1_960_999_999,
+                    gid: 1_960_999_999,
+                    groups: Vec::new(),
+                }),
+                ..ChildSetup::default()
+            };
             rt.block_on(async {
                 for addr in targets {
                     assert!(
                         stand_in_connects(ChildSetup::default(), addr).await,
                         "the unsandboxed control reaches {addr}"
                     );
-                    let sandboxed = ChildSetup {
-                        identity: Some(Identity {
-                            uid: 1_960_999_999,
-                            gid: 1_960_999_999,
-                            groups: Vec::new(),
-                        }),
-                        ..ChildSetup::default()
-                    };
                     assert!(
-                        !stand_in_connects(sandboxed, addr).await,
+                        !stand_in_connects(sandboxed(), addr).await,
                         "the sandboxed stand-in reached {addr}"
+                    );
+                }
+                // As under the systemd unit, whose bounding set has no CAP_SYS_ADMIN.
+                drop_sys_admin();
+                for addr in targets {
+                    assert!(
+                        !stand_in_connects(sandboxed(), addr).await,
+                        "without CAP_SYS_ADMIN, the sandboxed stand-in reached {addr}"
                     );
                 }
             });
