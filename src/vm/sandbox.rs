@@ -402,11 +402,6 @@ mod tests {
             .map(|e| e.unwrap().path())
             .collect();
         assert_eq!(locks.len(), 2, "{locks:?}");
-        let m = std::fs::metadata(uid_lock_dir(dir.path())).unwrap();
-        assert_eq!(m.mode() & 0o777, 0o700);
-        for l in &locks {
-            assert_eq!(std::fs::metadata(l).unwrap().mode() & 0o777, 0o600);
-        }
         let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
         let script = format!(
             "exec 3<'{}' 4<'{}' && flock -xn 3 && flock -xn 4 && echo held && sleep 60",
@@ -439,5 +434,10 @@ mod tests {
             (leases.0.unwrap().uid(), leases.1.unwrap().uid()),
             (5000, 5001)
         );
+        let m = std::fs::metadata(uid_lock_dir(dir.path())).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o700);
+        for l in &locks {
+            assert_eq!(std::fs::metadata(l).unwrap().mode() & 0o777, 0o600);
+        }
     }
 }
