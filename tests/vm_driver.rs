@@ -688,7 +688,10 @@ async fn vm_warm_job_cannot_use_the_agent_port() {
     let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
     assert_eq!(exit.outcome, Outcome::GuestPoweredOff, "{text}");
     assert!(!text.contains("fkr-test: the job wrote"), "{text}");
-    assert!(text.contains("fkr-test: the job has no agent port"), "{text}");
+    assert!(
+        text.contains("fkr-test: the job has no agent port"),
+        "{text}"
+    );
     assert_nothing_left(dir.path());
 }
 

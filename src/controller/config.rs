@@ -120,7 +120,11 @@ fn check_vm_uids(base: u32, count: u32, passwd: &str, group: &str) -> Result<(),
         })
     };
     if base == 0 {
-        return invalid("vm.uid_base", base, "must not be 0: QEMU would run as root".into());
+        return invalid(
+            "vm.uid_base",
+            base,
+            "must not be 0: QEMU would run as root".into(),
+        );
     }
     if count == 0 {
         return invalid("vm.uid_count", count, "must be at least 1".into());
@@ -1212,9 +1216,15 @@ mod tests {
         let e = parse("[vm]\nuid_base = 4294967040\nuid_count = 256\n").unwrap_err();
         assert!(e.to_string().contains("vm.uid_count"), "{e}");
         let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
-        let e = parse(&format!("[vm]\nuid_base = {}\nuid_count = 2\n", nobody.as_raw() - 1))
-            .unwrap_err();
-        assert!(e.to_string().contains("vm.uid_base") && e.to_string().contains("nobody"), "{e}");
+        let e = parse(&format!(
+            "[vm]\nuid_base = {}\nuid_count = 2\n",
+            nobody.as_raw() - 1
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("vm.uid_base") && e.to_string().contains("nobody"),
+            "{e}"
+        );
     }
 
     #[test]

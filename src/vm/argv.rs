@@ -346,7 +346,10 @@ mod tests {
             .lines()
             .filter_map(|l| l.trim().strip_prefix("DeviceAllow="))
             .any(|d| d.starts_with("/dev/vhost-net"));
-        assert_eq!(allowed, uses_vhost, "DeviceAllow=/dev/vhost-net vs the argv");
+        assert_eq!(
+            allowed, uses_vhost,
+            "DeviceAllow=/dev/vhost-net vs the argv"
+        );
         assert!(!allowed);
     }
 }

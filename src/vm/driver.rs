@@ -1333,11 +1333,7 @@ impl Supervisor {
     }
 
     /// Waits up to `d` for QEMU to exit, recording events meanwhile. True if it exited.
-    async fn wait_exit(
-        &mut self,
-        d: Duration,
-        events: &mut Option<&mut QmpEvents>,
-    ) -> bool {
+    async fn wait_exit(&mut self, d: Duration, events: &mut Option<&mut QmpEvents>) -> bool {
         let until = tokio::time::Instant::now() + d;
         loop {
             let ev = async {

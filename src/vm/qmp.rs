@@ -251,10 +251,7 @@ pub struct QmpClient {
 impl QmpClient {
     /// Connects to `socket`, retrying until QEMU has created it or `timeout` passes, then reads the
     /// greeting and negotiates capabilities (none: we use no out-of-band commands).
-    pub async fn connect(
-        socket: &Path,
-        timeout: Duration,
-    ) -> Result<(Self, QmpEvents), Error> {
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<(Self, QmpEvents), Error> {
         let deadline = tokio::time::Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(socket).await {
@@ -276,9 +273,9 @@ impl QmpClient {
                 .await
                 .map_err(|_| Error::Qmp("no greeting from QEMU".into()))?
                 .map_err(|e| match e {
-                    LineError::TooLong => Error::QmpPeerDropped(Misbehaviour::LineTooLong {
-                        limit: MAX_LINE,
-                    }),
+                    LineError::TooLong => {
+                        Error::QmpPeerDropped(Misbehaviour::LineTooLong { limit: MAX_LINE })
+                    }
                     LineError::Io(e) => Error::Qmp(format!("reading the greeting: {e}")),
                 })?
                 .ok_or_else(|| Error::Qmp("QEMU closed the socket before its greeting".into()))?;
@@ -290,7 +287,12 @@ impl QmpClient {
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let dropped: Dropped = Arc::default();
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        tokio::spawn(read_loop(lines, pending.clone(), events_tx, dropped.clone()));
+        tokio::spawn(read_loop(
+            lines,
+            pending.clone(),
+            events_tx,
+            dropped.clone(),
+        ));
         let client = Self {
             writer: tokio::sync::Mutex::new(write),
             pending,
@@ -723,7 +725,11 @@ mod tests {
     /// A fake QMP peer that greets, negotiates, then streams `total` bytes without a newline (in
     /// `chunk`s, each one an event's start so it is not garbage right away); returns how many
     /// bytes it got to send before the client hung up.
-    async fn flooding_peer(sock: &Path, chunk: Vec<u8>, total: u64) -> tokio::task::JoinHandle<u64> {
+    async fn flooding_peer(
+        sock: &Path,
+        chunk: Vec<u8>,
+        total: u64,
+    ) -> tokio::task::JoinHandle<u64> {
         let listener = tokio::net::UnixListener::bind(sock).unwrap();
         tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();

@@ -334,12 +334,18 @@ mod tests {
     /// CAP_SYS_ADMIN, as under the systemd unit (through a user namespace then).
     #[test]
     fn an_escaped_qemu_reaches_neither_host_loopback_nor_the_bridge() {
-        assert!(privileged(), "needs root: it creates a network namespace, changes uids");
+        assert!(
+            privileged(),
+            "needs root: it creates a network namespace, changes uids"
+        );
         std::thread::spawn(|| {
             // This thread only: its own network namespace, which the spawned processes inherit.
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let ip = |args: &[&str]| {
-                let st = std::process::Command::new("ip").args(args).status().unwrap();
+                let st = std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .unwrap();
                 assert!(st.success(), "ip {args:?}");
             };
             ip(&["link", "set", "lo", "up"]);

@@ -253,4 +253,3 @@ impl Host {
         daemon::qemus_in(&self.runtime_dir())
     }
 }
-

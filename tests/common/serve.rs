@@ -11,10 +11,10 @@ use fkr_qemu::types::VmName;
 
 use super::daemon::{self, emulator_bin, Serve, Settings};
 use super::emulator::Emulator;
-use super::uplink::Uplink;
 use super::links::vm_links;
 use super::prometheus::Exposition;
 use super::topology::Topology;
+use super::uplink::Uplink;
 
 /// Topology + emulator + config: everything a `serve` run needs.
 pub struct World {

@@ -158,9 +158,7 @@ async fn run_job(
     if let Some(path) = uplink {
         client = client.unix_socket(path);
     }
-    let client = client
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = client.build().map_err(|e| e.to_string())?;
     rpc(
         &client,
         r,
