@@ -20,6 +20,7 @@ mod common {
     pub mod prometheus;
     pub mod serve;
     pub mod topology;
+    pub mod uplink;
 }
 
 use std::time::{Duration, SystemTime};

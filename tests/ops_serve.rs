@@ -12,6 +12,7 @@ mod common {
     pub mod prometheus;
     pub mod serve;
     pub mod topology;
+    pub mod uplink;
 }
 
 use std::io::Read;

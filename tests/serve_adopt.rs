@@ -15,6 +15,7 @@ mod common {
     pub mod netns;
     pub mod netns_exec;
     pub mod prometheus;
+    pub mod uplink;
 }
 
 use std::time::Duration;

@@ -16,6 +16,7 @@ mod common {
     pub mod sandbox;
     pub mod serve;
     pub mod topology;
+    pub mod uplink;
 }
 
 /// The pool off: serve as before the pool existed (every job boots its VM).

@@ -13,6 +13,7 @@ mod common {
     pub mod sandbox;
     pub mod serve;
     pub mod topology;
+    pub mod uplink;
 }
 
 /// One warm VM kept ready.

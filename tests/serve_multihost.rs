@@ -20,6 +20,7 @@ mod common {
     pub mod netns;
     pub mod netns_exec;
     pub mod prometheus;
+    pub mod uplink;
 }
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -654,6 +654,89 @@ async fn vm_internal_error_ends_the_vm_within_a_second_and_auto_then_picks_tcg()
     assert_nothing_left(dir.path());
 }
 
+/// A warm VM's job inherits no descriptor of the agent's port: it cannot write a line in the
+/// agent's name (a forged STARTED) nor read the channel.
+#[tokio::test]
+async fn vm_warm_job_cannot_use_the_agent_port() {
+    use fkr_qemu::secret::Secret;
+    use fkr_qemu::vm::agent::{AgentConn, Payload};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let mut s = spec(String::new(), Duration::from_secs(240));
+    s.agent = true;
+    let handle = vm::launch(&cfg, s).await.unwrap();
+    let log = handle.serial_log().to_owned();
+    let mut agent = AgentConn::connect(&handle.dir().join(vm::files::AGENT))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(200), agent.ready())
+        .await
+        .expect("READY")
+        .unwrap();
+    let attack = "if (echo 'STARTED 1' >&3) 2>/dev/null; then \
+                  echo 'fkr-test: the job wrote to the agent port'; \
+                  else echo 'fkr-test: the job has no agent port'; fi";
+    let payload = Payload {
+        files: Vec::new(),
+        command: Secret::new(attack.to_owned()),
+    };
+    agent
+        .deliver(&payload, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let exit = handle.wait().await.unwrap();
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    assert_eq!(exit.outcome, Outcome::GuestPoweredOff, "{text}");
+    assert!(!text.contains("fkr-test: the job wrote"), "{text}");
+    assert!(
+        text.contains("fkr-test: the job has no agent port"),
+        "{text}"
+    );
+    assert_nothing_left(dir.path());
+}
+
+/// Peak resident memory of this process so far (`VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// An escaped QEMU streams a gigabyte without a newline on QMP: the driver holds at most one
+/// capped line of it (this process's memory stays bounded), drops the peer and kills QEMU.
+#[tokio::test]
+async fn qmp_flood_from_qemu_stops_the_vm_with_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = vm::VmConfig {
+        qemu: fake_qemu(dir.path(), "qmp-flood"),
+        accel: Accel::Tcg,
+        ..config(dir.path())
+    };
+    let before = peak_rss();
+    let started = std::time::Instant::now();
+    let handle = vm::launch(&cfg, spec(String::new(), Duration::from_secs(300)))
+        .await
+        .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(60), handle.wait())
+        .await
+        .expect("the VM ends well before its deadline")
+        .unwrap();
+    let Outcome::QemuExited { status, detail } = &exit.outcome else {
+        panic!("{exit:?}");
+    };
+    assert_eq!(status, "killed");
+    assert!(detail.contains("QMP peer dropped"), "{detail}");
+    assert_eq!(exit.state, VmState::Failed);
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "peak memory grew by {} MiB", grown >> 20);
+    assert_nothing_left(dir.path());
+}
+
 /// Boots the test guest with `runcmd` (then power-off) under `cfg`; returns how it ended and its
 /// serial log.
 async fn run_guest(

@@ -107,6 +107,62 @@ impl Default for PoolConfig {
     }
 }
 
+/// Whether `[vm] uid_base .. uid_base + uid_count` gives each QEMU an identity of its own: not
+/// root, not 4294967295 (`setresuid(-1)` means "unchanged", QEMU would stay root), and no uid or
+/// gid (gid = uid) of an existing user or group (`passwd`, `group`: the files' text) — QEMU would
+/// share its files and processes.
+fn check_vm_uids(base: u32, count: u32, passwd: &str, group: &str) -> Result<(), ConfigError> {
+    let invalid = |key: &'static str, value: u32, why: String| {
+        Err(ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            why,
+        })
+    };
+    if base == 0 {
+        return invalid(
+            "vm.uid_base",
+            base,
+            "must not be 0: QEMU would run as root".into(),
+        );
+    }
+    if count == 0 {
+        return invalid("vm.uid_count", count, "must be at least 1".into());
+    }
+    let last = u64::from(base) + u64::from(count) - 1;
+    if last >= u64::from(u32::MAX) {
+        return invalid(
+            "vm.uid_count",
+            count,
+            format!(
+                "uids {base}..={last} reach 4294967295, which setresuid takes as \"unchanged\" \
+                 (QEMU would keep root's uid): lower vm.uid_base or vm.uid_count"
+            ),
+        );
+    }
+    for (file, text) in [("/etc/passwd", passwd), ("/etc/group", group)] {
+        for line in text.lines() {
+            let mut fields = line.split(':');
+            let (Some(name), Some(id)) = (fields.next(), fields.nth(1)) else {
+                continue;
+            };
+            if let Ok(id) = id.trim().parse::<u64>() {
+                if (u64::from(base)..=last).contains(&id) {
+                    return invalid(
+                        "vm.uid_base",
+                        base,
+                        format!(
+                            "uids {base}..={last} (gid = uid) include {id}, {name:?} in {file}: \
+                             QEMU would share its identity; pick a range no user or group uses"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What is wrong with the configuration: each variant names the file, key or variable at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -399,6 +455,13 @@ impl Config {
                 "must be at least 256",
             );
         }
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        check_vm_uids(
+            self.vm.uid_base,
+            self.vm.uid_count,
+            &read("/etc/passwd"),
+            &read("/etc/group"),
+        )?;
         self.net.validate().map_err(ConfigError::Net)?;
         self.metrics.validate().map_err(ConfigError::Metrics)?;
         for r in &self.tokens.fork_write_repos {
@@ -1120,6 +1183,48 @@ mod tests {
             f(&mut bad);
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    /// A range that leaves QEMU root, shares an identity or wraps to `-1` is refused, naming the
+    /// key; through `Config` (what `serve` and `--check-config` load) as well.
+    #[test]
+    fn vm_uid_ranges_that_leave_qemu_privileged_or_shared_are_refused() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/:/usr/sbin/nologin\n\
+                      alice:x:1000:1000::/home/alice:/bin/sh\n";
+        let group = "root:x:0:\nkvm:x:104:\nstaff:x:50000:alice\n";
+        let refused = |base: u32, count: u32| -> String {
+            match check_vm_uids(base, count, passwd, group) {
+                Err(ConfigError::Invalid { key, why, .. }) => format!("{key}: {why}"),
+                other => panic!("{base}+{count}: {other:?}"),
+            }
+        };
+        assert!(refused(0, 256).starts_with("vm.uid_base: must not be 0"));
+        assert!(refused(5000, 0).starts_with("vm.uid_count"));
+        assert!(refused(u32::MAX - 255, 256).contains("4294967295"));
+        assert!(refused(u32::MAX, 1).contains("4294967295"));
+        assert!(refused(u32::MAX - 10, 100).starts_with("vm.uid_count"));
+        assert!(refused(65000, 1000).contains("\"nobody\" in /etc/passwd"));
+        assert!(refused(900, 101).contains("\"alice\" in /etc/passwd"));
+        assert!(refused(49999, 2).contains("\"staff\" in /etc/group"));
+        assert!(refused(104, 1).contains("\"kvm\" in /etc/group"));
+        for (base, count) in [(1_960_000_000, 256), (u32::MAX - 256, 256), (1001, 100)] {
+            check_vm_uids(base, count, passwd, group).unwrap();
+        }
+        // This host's files, through the loaded config: root's uid is in them.
+        let e = parse("[vm]\nuid_base = 0\n").unwrap_err();
+        assert!(e.to_string().contains("vm.uid_base"), "{e}");
+        let e = parse("[vm]\nuid_base = 4294967040\nuid_count = 256\n").unwrap_err();
+        assert!(e.to_string().contains("vm.uid_count"), "{e}");
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+        let e = parse(&format!(
+            "[vm]\nuid_base = {}\nuid_count = 2\n",
+            nobody.as_raw() - 1
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("vm.uid_base") && e.to_string().contains("nobody"),
+            "{e}"
+        );
     }
 
     #[test]

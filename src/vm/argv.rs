@@ -53,8 +53,9 @@ pub(super) fn path_opt(p: &Path) -> String {
 }
 
 /// q35 with the firmware as block nodes ([`firmware_blockdevs`]), not `-drive if=pflash`: only a
-/// node takes `cache.no-flush`.
-pub(super) const MACHINE: &str = "q35,pflash0=fw-code,pflash1=fw-vars";
+/// node takes `cache.no-flush`. No VMware backdoor port (`vmport`, on by default): device code a
+/// guest can reach that no guest of ours uses.
+pub(super) const MACHINE: &str = "q35,pflash0=fw-code,pflash1=fw-vars,vmport=off";
 
 /// UEFI from fdsets 1 (code, read-only) and 2 (the per-VM VARS copy, writable). The copy is thrown
 /// away with the VM, so it is never flushed: QEMU flushes every writable node when it exits, and an
@@ -229,7 +230,7 @@ mod tests {
         assert!(has_pair(
             &a,
             "-machine",
-            "q35,pflash0=fw-code,pflash1=fw-vars"
+            "q35,pflash0=fw-code,pflash1=fw-vars,vmport=off"
         ));
         assert!(has_pair(&a, "-accel", "tcg,tb-size=64"));
         assert!(has_pair(&a, "-cpu", "max"));
@@ -328,5 +329,27 @@ mod tests {
         for needle in ["user-data", "token", "#cloud-config", "password"] {
             assert!(!a.contains(needle), "{needle} in argv");
         }
+    }
+
+    /// The shipped unit opens no device to QEMU that its command line does not use: an escaped
+    /// QEMU could open `/dev/vhost-net` by path (and drive the host kernel's vhost worker) while
+    /// our tap has no `vhost=on`.
+    #[test]
+    fn the_unit_allows_vhost_net_only_when_the_argv_uses_vhost() {
+        let unit = include_str!("../../contrib/systemd/fkr-qemu.service");
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let uses_vhost = [Accel::Kvm, Accel::Tcg]
+            .into_iter()
+            .flat_map(|accel| build_argv(&plan(accel, Some((7, mac)))))
+            .any(|a| a.contains("vhost=on"));
+        let allowed = unit
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("DeviceAllow="))
+            .any(|d| d.starts_with("/dev/vhost-net"));
+        assert_eq!(
+            allowed, uses_vhost,
+            "DeviceAllow=/dev/vhost-net vs the argv"
+        );
+        assert!(!allowed);
     }
 }

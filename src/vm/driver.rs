@@ -27,7 +27,7 @@ use super::disk::{
 use super::firmware::discover_firmware;
 use super::meta::{JobMeta, VmMeta};
 use super::phases::{Milestone, PhaseDetector, Seen};
-use super::qmp::{QmpClient, QmpEvent};
+use super::qmp::{QmpClient, QmpEvent, QmpEvents};
 use super::sandbox::{self, UidLease};
 use super::serial::{contains, CappedLog, LogWriter, PANIC_MARKER};
 use super::sweep::kill_and_wait;
@@ -740,7 +740,7 @@ pub(super) struct Adopted {
     pub meta: VmMeta,
     pub dir: PathBuf,
     pub process: Process,
-    pub qmp: (QmpClient, mpsc::UnboundedReceiver<QmpEvent>),
+    pub qmp: (QmpClient, QmpEvents),
     pub serial: Option<tokio::net::UnixStream>,
     pub uid: Option<UidLease>,
     pub cgroup: Option<VmCgroup>,
@@ -1092,7 +1092,7 @@ impl Supervisor {
         self,
         accel: AccelChoice,
         serial_rx: mpsc::UnboundedReceiver<SerialNote>,
-        qmp: Option<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>)>,
+        qmp: Option<(QmpClient, QmpEvents)>,
     ) -> VmHandle {
         VmHandle {
             name: self.name.clone(),
@@ -1122,7 +1122,7 @@ impl Supervisor {
     async fn run(
         mut self,
         mut serial_rx: mpsc::UnboundedReceiver<SerialNote>,
-        qmp: Option<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>)>,
+        qmp: Option<(QmpClient, QmpEvents)>,
     ) -> VmExit {
         let result = self.supervise(&mut serial_rx, qmp).await;
         if result.0 == Outcome::HandedOver {
@@ -1174,7 +1174,7 @@ impl Supervisor {
     async fn supervise(
         &mut self,
         serial: &mut mpsc::UnboundedReceiver<SerialNote>,
-        adopted_qmp: Option<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>)>,
+        adopted_qmp: Option<(QmpClient, QmpEvents)>,
     ) -> (Outcome, VmState) {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let stop = self.stop.clone();
@@ -1227,7 +1227,14 @@ impl Supervisor {
                         }
                     }
                     Some(e) => self.on_event(&e),
-                    None => events_open = false,
+                    None => {
+                        // Dropped for flooding the daemon: no QEMU of ours does that; kill it.
+                        if let Some(m) = qmp.dropped_for() {
+                            tracing::warn!(vm = %self.name, error = %m, "stopping a VM whose QEMU floods QMP");
+                            return self.stop_ladder(None, None, StopCause::Host, Some(Error::QmpPeerDropped(m).to_string())).await;
+                        }
+                        events_open = false
+                    }
                 },
                 status = self.process.wait() => {
                     // QEMU's last events (its SHUTDOWN) may still be on their way: read them to the
@@ -1263,7 +1270,7 @@ impl Supervisor {
     async fn start_up(
         &mut self,
         serial: &mut mpsc::UnboundedReceiver<SerialNote>,
-    ) -> Result<(QmpClient, mpsc::UnboundedReceiver<QmpEvent>), (Outcome, VmState)> {
+    ) -> Result<(QmpClient, QmpEvents), (Outcome, VmState)> {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let stop = self.stop.clone();
         let detach = self.detach.clone();
@@ -1381,11 +1388,7 @@ impl Supervisor {
     }
 
     /// Waits up to `d` for QEMU to exit, recording events meanwhile. True if it exited.
-    async fn wait_exit(
-        &mut self,
-        d: Duration,
-        events: &mut Option<&mut mpsc::UnboundedReceiver<QmpEvent>>,
-    ) -> bool {
+    async fn wait_exit(&mut self, d: Duration, events: &mut Option<&mut QmpEvents>) -> bool {
         let until = tokio::time::Instant::now() + d;
         loop {
             let ev = async {
@@ -1412,7 +1415,7 @@ impl Supervisor {
     async fn stop_ladder(
         &mut self,
         qmp: Option<&QmpClient>,
-        mut events: Option<&mut mpsc::UnboundedReceiver<QmpEvent>>,
+        mut events: Option<&mut QmpEvents>,
         cause: StopCause,
         detail: Option<String>,
     ) -> (Outcome, VmState) {

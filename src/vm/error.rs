@@ -57,6 +57,9 @@ pub enum Error {
     Scope(String),
     #[error("QMP: {0}")]
     Qmp(String),
+    /// QEMU sent more than the daemon holds for it (an escaped QEMU attacking the daemon).
+    #[error("QMP peer dropped: {0}")]
+    QmpPeerDropped(crate::vm::qmp::Misbehaviour),
     #[error("the supervisor of VM {name} ended abnormally: {detail}")]
     Supervisor { name: String, detail: String },
     #[error("not enough disk space for another VM in {}: its overlay may grow to {needed} bytes (disk_max), and {available} bytes are left once the running VMs may grow to theirs (free space, disk_budget)", dir.display())]
@@ -99,6 +102,7 @@ impl Error {
             | Error::Tool { .. }
             | Error::EarlyExit { .. }
             | Error::Qmp(_)
+            | Error::QmpPeerDropped(_)
             | Error::Supervisor { .. }
             | Error::DiskSpace { .. }
             | Error::Cgroup(_)

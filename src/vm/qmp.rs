@@ -9,6 +9,7 @@
 //! boot; QEMU 10.x has events 9.1 does not know (`NETDEV_VHOST_USER_CONNECTED`, …).
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,12 +17,33 @@ use std::time::Duration;
 
 use qapi::qmp;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Error;
+
+/// The longest line taken from QEMU. Ours are a few hundred bytes (the greeting, `query-status`,
+/// events); a peer that sends more without a newline is not QEMU as we know it, or an escaped one
+/// trying to grow the daemon's memory.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// Events queued unread before the peer is dropped: the driver reads them as they come, QEMU
+/// rate-limits the noisy ones, so a full queue means a flood.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// The events of one connection; closed when QEMU closes the socket or is dropped.
+pub type QmpEvents = mpsc::Receiver<QmpEvent>;
+
+/// Why a QMP peer was dropped: it sent more than the daemon holds for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Misbehaviour {
+    #[error("QEMU sent a QMP line longer than {limit} bytes")]
+    LineTooLong { limit: usize },
+    #[error("QEMU sent more than {limit} QMP events that were not read yet")]
+    EventFlood { limit: usize },
+}
 
 /// The QEMU version from the QMP greeting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +234,7 @@ pub fn parse_line(line: &str) -> Message {
 
 type Reply = Result<Value, Error>;
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
+type Dropped = Arc<Mutex<Option<Misbehaviour>>>;
 
 /// A negotiated QMP connection. Events arrive on the receiver returned by [`QmpClient::connect`]; the
 /// receiver closes when QEMU closes the socket (it exits).
@@ -219,6 +242,8 @@ pub struct QmpClient {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     /// `None` once the connection is gone: new commands fail at once.
     pending: Pending,
+    /// Set when the peer was dropped for sending too much.
+    dropped: Dropped,
     next_id: AtomicU64,
     greeting: Greeting,
 }
@@ -226,10 +251,7 @@ pub struct QmpClient {
 impl QmpClient {
     /// Connects to `socket`, retrying until QEMU has created it or `timeout` passes, then reads the
     /// greeting and negotiates capabilities (none: we use no out-of-band commands).
-    pub async fn connect(
-        socket: &Path,
-        timeout: Duration,
-    ) -> Result<(Self, mpsc::UnboundedReceiver<QmpEvent>), Error> {
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<(Self, QmpEvents), Error> {
         let deadline = tokio::time::Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(socket).await {
@@ -245,12 +267,17 @@ impl QmpClient {
             }
         };
         let (read, write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        let mut lines = BufReader::new(read);
         let greeting = loop {
-            let line = tokio::time::timeout_at(deadline, lines.next_line())
+            let line = tokio::time::timeout_at(deadline, read_line(&mut lines))
                 .await
                 .map_err(|_| Error::Qmp("no greeting from QEMU".into()))?
-                .map_err(|e| Error::Qmp(format!("reading the greeting: {e}")))?
+                .map_err(|e| match e {
+                    LineError::TooLong => {
+                        Error::QmpPeerDropped(Misbehaviour::LineTooLong { limit: MAX_LINE })
+                    }
+                    LineError::Io(e) => Error::Qmp(format!("reading the greeting: {e}")),
+                })?
                 .ok_or_else(|| Error::Qmp("QEMU closed the socket before its greeting".into()))?;
             match parse_line(&line) {
                 Message::Greeting(g) => break g,
@@ -258,11 +285,18 @@ impl QmpClient {
             }
         };
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
-        tokio::spawn(read_loop(lines, pending.clone(), events_tx));
+        let dropped: Dropped = Arc::default();
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(read_loop(
+            lines,
+            pending.clone(),
+            events_tx,
+            dropped.clone(),
+        ));
         let client = Self {
             writer: tokio::sync::Mutex::new(write),
             pending,
+            dropped,
             next_id: AtomicU64::new(1),
             greeting,
         };
@@ -276,6 +310,14 @@ impl QmpClient {
         &self.greeting
     }
 
+    /// Why the peer was dropped, if it was (its event stream then ended early): the VM must stop.
+    pub fn dropped_for(&self) -> Option<Misbehaviour> {
+        self.dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Sends `command` and returns the raw `return` value.
     pub async fn execute_raw<C: qapi::Command>(&self, command: C) -> Result<Value, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -287,7 +329,12 @@ impl QmpClient {
             .as_mut()
         {
             Some(map) => map.insert(id, tx),
-            None => return Err(Error::Qmp(format!("{}: connection closed", C::NAME))),
+            None => {
+                return Err(match self.dropped_for() {
+                    Some(m) => Error::QmpPeerDropped(m),
+                    None => Error::Qmp(format!("{}: connection closed", C::NAME)),
+                })
+            }
         };
         let mut line = serde_json::to_vec(&qapi::Execute::new(command, Some(id)))
             .map_err(|e| Error::Qmp(format!("encoding {}: {e}", C::NAME)))?;
@@ -298,8 +345,10 @@ impl QmpClient {
                 .await
                 .map_err(|e| Error::Qmp(format!("sending {}: {e}", C::NAME)))?;
         }
-        rx.await
-            .map_err(|_| Error::Qmp(format!("{}: connection closed", C::NAME)))?
+        rx.await.map_err(|_| match self.dropped_for() {
+            Some(m) => Error::QmpPeerDropped(m),
+            None => Error::Qmp(format!("{}: connection closed", C::NAME)),
+        })?
     }
 
     /// Sends `command` and decodes the reply with qapi's type.
@@ -337,16 +386,56 @@ impl QmpClient {
     }
 }
 
-async fn read_loop(
-    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    pending: Pending,
-    events: mpsc::UnboundedSender<QmpEvent>,
-) {
+enum LineError {
+    Io(std::io::Error),
+    /// More than [`MAX_LINE`] bytes without a newline.
+    TooLong,
+}
+
+/// The next line (without its `\n`), holding at most [`MAX_LINE`] bytes of it; `None` at the end
+/// of the stream. (`AsyncBufReadExt::lines` would buffer a line of any length.)
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> Result<Option<String>, LineError> {
+    let mut line = Vec::new();
     loop {
-        let line = match lines.next_line().await {
+        let buf = r.fill_buf().await.map_err(LineError::Io)?;
+        if buf.is_empty() {
+            // The end of the stream: a last line without its newline still counts.
+            return Ok((!line.is_empty()).then(|| String::from_utf8_lossy(&line).into_owned()));
+        }
+        let (part, used, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        if line.len() + part.len() > MAX_LINE {
+            return Err(LineError::TooLong);
+        }
+        line.extend_from_slice(part);
+        r.consume(used);
+        if done {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+        }
+    }
+}
+
+async fn read_loop(
+    mut reader: BufReader<OwnedReadHalf>,
+    pending: Pending,
+    events: mpsc::Sender<QmpEvent>,
+    dropped: Dropped,
+) {
+    let mut misbehaved = None;
+    loop {
+        let line = match read_line(&mut reader).await {
             Ok(Some(l)) => l,
             Ok(None) => break,
-            Err(e) => {
+            Err(LineError::TooLong) => {
+                misbehaved = Some(Misbehaviour::LineTooLong { limit: MAX_LINE });
+                break;
+            }
+            Err(LineError::Io(e)) => {
                 tracing::debug!(error = %e, "QMP read failed");
                 break;
             }
@@ -354,7 +443,14 @@ async fn read_loop(
         let (id, reply) = match parse_line(&line) {
             Message::Event(e) => {
                 tracing::debug!(event = ?e, "QMP event");
-                let _ = events.send(e);
+                match events.try_send(e) {
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        misbehaved = Some(Misbehaviour::EventFlood { limit: EVENT_QUEUE });
+                        break;
+                    }
+                    // Nobody listens for events (the accelerator probe): fine.
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
                 continue;
             }
             Message::Return { id, value } => (id, Ok(value)),
@@ -378,7 +474,18 @@ async fn read_loop(
             None => tracing::debug!(%line, "QMP reply nobody waits for"),
         }
     }
-    // Dropping the senders fails every waiting command with "connection closed".
+    if let Some(m) = misbehaved {
+        tracing::warn!(error = %m, "dropping the QMP peer");
+        // Hang up both ways now (the write half lives on in the client): the peer's writes fail.
+        let _ = nix::sys::socket::shutdown(
+            reader.get_ref().as_ref().as_raw_fd(),
+            nix::sys::socket::Shutdown::Both,
+        );
+        // Recorded before the senders go, so that every waiting command fails with it.
+        *dropped.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+    }
+    // Dropping the senders fails every waiting command with "connection closed"; dropping the
+    // reader stops taking anything more from the peer.
     pending.lock().unwrap_or_else(|e| e.into_inner()).take();
 }
 
@@ -602,5 +709,115 @@ mod tests {
         // The fake QEMU hung up: the event stream ends and commands fail cleanly.
         assert!(events.recv().await.is_none());
         assert!(client.query_status().await.is_err());
+    }
+
+    /// Peak resident memory of this process so far (`VmHWM`), in bytes.
+    fn peak_rss() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
+    /// A fake QMP peer that greets, negotiates, then streams `total` bytes without a newline (in
+    /// `chunk`s, each one an event's start so it is not garbage right away); returns how many
+    /// bytes it got to send before the client hung up.
+    async fn flooding_peer(
+        sock: &Path,
+        chunk: Vec<u8>,
+        total: u64,
+    ) -> tokio::task::JoinHandle<u64> {
+        let listener = tokio::net::UnixListener::bind(sock).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(format!("{}\n", QEMU_10[0]).as_bytes())
+                .await
+                .unwrap();
+            let caps = lines.next_line().await.unwrap().unwrap();
+            let id = serde_json::from_str::<Value>(&caps).unwrap()["id"].clone();
+            w.write_all(format!("{{\"return\": {{}}, \"id\": {id}}}\n").as_bytes())
+                .await
+                .unwrap();
+            let mut sent = 0u64;
+            while sent < total {
+                if w.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                sent += chunk.len() as u64;
+            }
+            sent
+        })
+    }
+
+    /// An escaped QEMU streams a gigabyte without a newline: the client holds at most one capped
+    /// line of it, drops the peer with a typed error and the event stream ends.
+    #[tokio::test]
+    async fn a_peer_streaming_a_gigabyte_without_a_newline_is_dropped_with_bounded_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let mut chunk = br#"{"event": "RTC_CHANGE", "data": {"x": ""#.to_vec();
+        chunk.resize(1 << 20, b'a');
+        let peer = flooding_peer(&sock, chunk, 1 << 30).await;
+        let before = peak_rss();
+        let (client, mut events) = QmpClient::connect(&sock, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(120), events.recv())
+            .await
+            .expect("the event stream ends");
+        assert!(end.is_none());
+        assert_eq!(
+            client.dropped_for(),
+            Some(Misbehaviour::LineTooLong { limit: MAX_LINE })
+        );
+        assert!(matches!(
+            client.query_status().await,
+            Err(Error::QmpPeerDropped(Misbehaviour::LineTooLong { .. }))
+        ));
+        let sent = tokio::time::timeout(Duration::from_secs(30), peer)
+            .await
+            .expect("the peer's writes fail once it is dropped")
+            .unwrap();
+        assert!(sent < 1 << 30, "the peer got to send all {sent} bytes");
+        let grown = peak_rss().saturating_sub(before);
+        assert!(
+            grown < 64 << 20,
+            "peak memory grew by {} MiB while the peer sent {} MiB",
+            grown >> 20,
+            sent >> 20
+        );
+    }
+
+    /// An escaped QEMU floods events the driver does not read: the queue stays bounded and the
+    /// peer is dropped.
+    #[tokio::test]
+    async fn a_peer_flooding_events_is_dropped_once_the_queue_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let event = format!("{}\n", QEMU_10[3]).into_bytes();
+        let chunk: Vec<u8> = event.repeat(4096);
+        let peer = flooding_peer(&sock, chunk, 1 << 30).await;
+        let (client, mut events) = QmpClient::connect(&sock, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(60), peer)
+            .await
+            .expect("the peer's writes fail once it is dropped")
+            .unwrap();
+        assert!(sent < 1 << 30, "the peer got to send all {sent} bytes");
+        assert_eq!(
+            client.dropped_for(),
+            Some(Misbehaviour::EventFlood { limit: EVENT_QUEUE })
+        );
+        let mut queued = 0;
+        while events.recv().await.is_some() {
+            queued += 1;
+        }
+        assert_eq!(queued, EVENT_QUEUE);
     }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 ///   without the agent (a warm VM never says READY);
 /// - `"<behaviour>-disguised"`: the same, but it overwrites its own command line once it runs (an
 ///   escaped QEMU hiding: nothing in `/proc/<pid>/cmdline` names QEMU or its VM any more);
+/// - `"qmp-flood"`: after QMP's greeting it streams a gigabyte without a newline;
 /// - anything else (e.g. `"kvm-internal-error"`): its KVM passes the firmware probe and then fails
 ///   every guest with run state `internal-error`; under TCG it runs the real QEMU.
 pub fn fake_qemu(dir: &Path, behaviour: &str) -> PathBuf {

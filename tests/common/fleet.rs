@@ -19,6 +19,7 @@ use super::emulator::{Emulator, RunnerView};
 use super::links::vm_links;
 use super::netns::NetNs;
 use super::prometheus::Exposition;
+use super::uplink::Uplink;
 
 /// The emulator's address, in upstream.
 pub const EMU_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -28,6 +29,8 @@ pub struct Fleet {
     /// Dropped first: the emulator process lives in `upstream`.
     pub emu: Emulator,
     pub hosts: Vec<Host>,
+    /// The fake guests' ways out (see [`Uplink`]); dropped before the namespaces.
+    _uplinks: Vec<Uplink>,
     /// Held for its Drop (after the hosts', whose links end in it).
     _upstream: NetNs,
     /// Holds the hosts' dirs and the key file; removed on Drop.
@@ -72,6 +75,17 @@ impl Fleet {
             &format!("{EMU_ADDR}:0"),
             &["nsenter", &net, "--"],
         );
+        // A fake QEMU whose "guest" runs its job (`runner*`) speaks to Forgejo itself; in the
+        // sandbox's network namespace it reaches nothing, so it goes through an uplink.
+        // Several hosts may share one fake.
+        let mut fakes: Vec<&std::path::Path> =
+            settings.iter().filter_map(|s| s.qemu.as_deref()).collect();
+        fakes.sort();
+        fakes.dedup();
+        let uplinks: Vec<Uplink> = fakes
+            .into_iter()
+            .filter_map(|q| Uplink::for_fake_qemu(q, &upstream, emu.url()))
+            .collect();
         let hosts = settings
             .into_iter()
             .zip(namespaces)
@@ -98,6 +112,7 @@ impl Fleet {
         Fleet {
             emu,
             hosts,
+            _uplinks: uplinks,
             _upstream: upstream,
             _dir: dir,
         }

@@ -33,6 +33,11 @@ pub fn assert_sandboxed(pid: u32, run_dir: &Path, disk_dir: &Path) {
         assert_eq!(proc_status(pid, caps), ["0000000000000000"], "{caps}");
     }
     assert_eq!(proc_status(pid, "NoNewPrivs"), ["1"]);
+    // Network and mount namespaces of its own: none of the host's sockets, no mount propagation.
+    for ns in ["net", "mnt"] {
+        let of = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
+        assert_ne!(of(&pid.to_string()), of("self"), "QEMU's {ns} namespace");
+    }
     // QEMU installs its -sandbox filter while it starts: give it that moment.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while proc_status(pid, "Seccomp") != ["2"] && std::time::Instant::now() < until {

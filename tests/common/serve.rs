@@ -14,11 +14,14 @@ use super::emulator::Emulator;
 use super::links::vm_links;
 use super::prometheus::Exposition;
 use super::topology::Topology;
+use super::uplink::Uplink;
 
 /// Topology + emulator + config: everything a `serve` run needs.
 pub struct World {
     /// Dropped first: the emulator process lives in `topo`'s upstream namespace.
     pub emu: Emulator,
+    /// A fake QEMU's way to the emulator (see `uplink.rs`).
+    _uplink: Option<Uplink>,
     pub topo: Topology,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
@@ -38,8 +41,13 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         daemon::write_config(&config, dir.path(), &settings, emu.url(), Self::EMU_ADDR);
+        let uplink = settings
+            .qemu
+            .as_deref()
+            .and_then(|q| Uplink::for_fake_qemu(q, &topo.upstream, emu.url()));
         World {
             emu,
+            _uplink: uplink,
             topo,
             dir,
             config,

@@ -148,11 +148,17 @@ async fn rpc(
 }
 
 /// Runs the job as the runner stand-in does; returns what happened, for the console.
-async fn run_job(r: &RunnerArgs, work: Duration) -> Result<String, String> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .map_err(|e| e.to_string())?;
+/// `uplink`: the unix socket every connection goes through (see [`uplink`]).
+async fn run_job(
+    r: &RunnerArgs,
+    work: Duration,
+    uplink: Option<std::path::PathBuf>,
+) -> Result<String, String> {
+    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(20));
+    if let Some(path) = uplink {
+        client = client.unix_socket(path);
+    }
+    let client = client.build().map_err(|e| e.to_string())?;
     rpc(
         &client,
         r,
@@ -364,6 +370,14 @@ fn take_job_over_agent(listener: std::os::unix::net::UnixListener, ack: bool) ->
     }
 }
 
+/// The way to Forgejo: this process is QEMU's, in the sandbox's network namespace, where only
+/// loopback exists (a real guest has its tap); a test that runs this fake puts a unix socket that
+/// leads to Forgejo beside the fake's argv0 (`tests/common/fleet.rs`, `Uplink`).
+fn uplink() -> Option<std::path::PathBuf> {
+    let sock = std::path::PathBuf::from(std::env::args().next()?).with_file_name("uplink.sock");
+    sock.exists().then_some(sock)
+}
+
 /// Runs the "guest" to its power-off.
 /// `work`: how long the job itself takes once the runner has its task; `ack`: whether a warm
 /// VM acknowledges its payload.
@@ -397,7 +411,7 @@ pub fn run(
         .enable_all()
         .build()
         .expect("a runtime");
-    match rt.block_on(run_job(&runner, work)) {
+    match rt.block_on(run_job(&runner, work, uplink())) {
         Ok(done) => say(&done),
         Err(e) => say(&format!("error: {e}")),
     }

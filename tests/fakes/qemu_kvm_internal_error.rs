@@ -11,6 +11,8 @@
 //! "guest" runs its job at once through the runner RPC and powers off (`guest_runner.rs`; a warm
 //! VM takes its job over the job agent's port, and in `runner-noack` never acknowledges it).
 //!
+//! In a directory named `qmp-flood`, it streams a gigabyte without a newline to every QMP client.
+//!
 //! Tests call it through a symlink named `qemu-system-x86_64` (the driver's rule for "our QEMU"
 //! looks at argv0). It reads only its arguments and inherited descriptors, as QEMU does under the
 //! driver's sandbox (empty environment, QMP and the serial console as listening sockets `fd=N`).
@@ -236,6 +238,39 @@ fn disguise() {
     mem.write_all(&area).expect("rewriting the command line");
 }
 
+/// An escaped QEMU attacking the daemon through QMP: it greets, answers `qmp_capabilities`, then
+/// streams up to a gigabyte without a newline to every client.
+fn flood_qmp(listener: UnixListener) -> ! {
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            send(
+                &mut stream,
+                serde_json::json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+                    "package": "fake-qmp-flood"}, "capabilities": []}}),
+            );
+            let mut line = String::new();
+            let Ok(reader) = stream.try_clone() else {
+                return;
+            };
+            if BufReader::new(reader).read_line(&mut line).is_err() {
+                return;
+            }
+            let id = serde_json::from_str::<serde_json::Value>(&line)
+                .map(|v| v["id"].clone())
+                .unwrap_or_default();
+            send(&mut stream, serde_json::json!({"return": {}, "id": id}));
+            let chunk = vec![b'a'; 1 << 20];
+            for _ in 0..1024 {
+                if stream.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    std::process::exit(0);
+}
+
 fn main() {
     let me = std::env::args().next().unwrap_or_default();
     let mut behaviour = Path::new(&me).parent().and_then(Path::file_name);
@@ -262,6 +297,9 @@ fn main() {
         disguise();
     }
     let accel = value_of("-accel").into_iter().next().unwrap_or_default();
+    if behaviour == Some("qmp-flood".as_ref()) {
+        flood_qmp(qmp_listener(&chardevs));
+    }
     let runner_mode = behaviour
         .and_then(|b| b.to_str())
         .is_some_and(|b| b.starts_with("runner"));
