@@ -134,12 +134,17 @@ pub fn lease_uid(runtime_root: &Path, uid: u32) -> Result<Option<UidLease>, Erro
         .map(|lock| UidLease { uid, _lock: lock }))
 }
 
-/// A process running with `uid` as its real, effective or saved uid, if any (`/proc/*/status`).
+/// A live (not zombie) process with `uid` as its real, effective or saved uid (`/proc/*/status`).
 pub(crate) fn process_of_uid(uid: u32) -> Option<u32> {
     let uid = uid.to_string();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        // A zombie holds nothing and can do nothing: it only waits for its parent.
+        let state = status.lines().find_map(|l| l.strip_prefix("State:"))?;
+        if state.trim_start().starts_with('Z') {
+            return None;
+        }
         let ids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
         ids.split_whitespace()
             .take(3)
