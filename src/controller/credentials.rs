@@ -288,22 +288,21 @@ impl Credentials {
         }
     }
 
-    /// Mints the job's token for `user` with `scopes`, taking the user back once if its password
-    /// is refused.
+    /// Mints the job's token `name` for `user` with `scopes`, taking the user back once if its
+    /// password is refused.
     pub async fn mint_token(
         &self,
         user: &CiUserRef,
-        job_id: i64,
+        name: &str,
         scopes: &[&str],
     ) -> Result<(TokenRef, Secret), CredentialError> {
         let mut user = user.clone();
         let username = user.username.clone();
-        let name = forgejo::host_token_name(&self.host_id, job_id);
         let minted = with_password_retry(
             &mut user,
             self.may_reset(),
             |password| {
-                let (client, username, name) = (&self.client, &username, &name);
+                let (client, username) = (&self.client, &username);
                 async move { client.create_token(username, &password, name, scopes).await }
             },
             |repo_id, username| async move { self.reset_password(repo_id, &username).await },

@@ -120,7 +120,7 @@ impl Forge for FakeForge {
     async fn mint_token(
         &self,
         user: &CiUserRef,
-        job_id: i64,
+        name: &str,
         _scopes: &'static [&'static str],
     ) -> Result<(TokenRef, Secret), CredentialError> {
         if self.call("mint_token", Step::Token) {
@@ -131,7 +131,7 @@ impl Forge for FakeForge {
         let token = TokenRef {
             user: user.clone(),
             id,
-            name: format!("orch-{job_id}-test"),
+            name: name.to_owned(),
         };
         Ok((token, Secret::new(format!("registry-secret-{id}"))))
     }
@@ -415,6 +415,7 @@ fn env_claims(
         metrics,
         claims: ClaimBook::new(claim_timeout),
         handover: CancellationToken::new(),
+        leftovers: Default::default(),
         settings: JobSettings {
             label: "external-host".into(),
             runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
@@ -1016,6 +1017,7 @@ fn emulator_hosts(
                 metrics,
                 claims: ClaimBook::new(Duration::from_secs(600)),
                 handover: CancellationToken::new(),
+                leftovers: Default::default(),
                 settings: JobSettings {
                     label: "external-host".into(),
                     runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
@@ -1140,7 +1142,7 @@ async fn claim_cost() {
         let lost = !matches!(claimed.unwrap(), Claimed::Ours(()));
         let took = t.elapsed();
         let held = std::mem::take(&mut run.held);
-        release(&env.forge, &run.name, held).await;
+        release(&env.forge, &env.leftovers, &run.name, held).await;
         (took, !lost)
     }
     let stats = |mut v: Vec<Duration>| {

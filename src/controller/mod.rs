@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod duration;
 mod job;
 mod joblist;
+mod leftovers;
 mod pacing;
 mod pool;
 mod ports;

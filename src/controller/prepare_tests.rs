@@ -126,7 +126,13 @@ impl Res {
     /// Returns how many release steps failed.
     async fn release(&mut self) -> usize {
         let vm = crate::types::VmName::generate();
-        release(&*self.ctx, &vm, std::mem::take(&mut self.held)).await
+        release(
+            &*self.ctx,
+            &Default::default(),
+            &vm,
+            std::mem::take(&mut self.held),
+        )
+        .await
     }
 }
 
@@ -135,7 +141,16 @@ impl Res {
 async fn login(ctx: &Arc<Ctx>, job: &Job) -> (Result<Option<(String, Secret)>, StepError>, Res) {
     let mut held = Held::default();
     let r = repo(ctx, job.repo_id).await;
-    let out = registry_login(&**ctx, &ctx.metrics, job, &r, &mut held).await;
+    let out = registry_login(
+        &**ctx,
+        &ctx.metrics,
+        &Default::default(),
+        &ctx.host_id,
+        job,
+        &r,
+        &mut held,
+    )
+    .await;
     (
         out,
         Res {

@@ -31,6 +31,8 @@
 //! | `fkr_qemu_pool_bind_seconds` | histogram | a warm bind: dispatch → the runner started (the guest's STARTED stamp, on the host's clock) |
 //! | `fkr_qemu_pool_warm_age_seconds` | histogram | a warm VM's age (since READY) when a job took it |
 //! | `fkr_qemu_pool_discards_total` | counter | `reason` ([`DiscardReason`]) |
+//! | `fkr_qemu_forgejo_cleanup_pending` | gauge | revocations, runner deletions and looks for lost creations the background cleanup still has to do |
+//! | `fkr_qemu_forgejo_cleanup_retries_total` | counter | failed attempts of the background cleanup (each retried after a backoff) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -420,6 +422,8 @@ struct Inner {
     job_tokens: Family<AccessLabels, Counter>,
     restart_vms: Family<RestartLabels, Counter>,
     pool: PoolMetrics,
+    cleanup_pending: Gauge,
+    cleanup_retries: Counter,
 }
 
 /// The daemon's metrics. Clone it freely: clones share the same counters.
@@ -562,6 +566,18 @@ impl Metrics {
         );
 
         let pool = PoolMetrics::register(&mut registry);
+        let cleanup_pending = Gauge::default();
+        registry.register(
+            "forgejo_cleanup_pending",
+            "Revocations, runner deletions and looks for lost creations the background cleanup still has to do",
+            cleanup_pending.clone(),
+        );
+        let cleanup_retries = Counter::default();
+        registry.register(
+            "forgejo_cleanup_retries",
+            "Failed attempts of the background cleanup (each retried after a backoff)",
+            cleanup_retries.clone(),
+        );
 
         // Create every labelled series up front so scrapes show zeros instead of missing series
         // (rate() and alerts behave better on series that exist from the start).
@@ -604,6 +620,8 @@ impl Metrics {
                 job_tokens,
                 restart_vms,
                 pool,
+                cleanup_pending,
+                cleanup_retries,
             }),
         }
     }
@@ -638,6 +656,18 @@ impl Metrics {
             .discards
             .get_or_create(&DiscardLabels { reason })
             .inc();
+    }
+
+    /// The background cleanup has `n` chores left.
+    pub fn set_cleanup_pending(&self, n: usize) {
+        self.inner
+            .cleanup_pending
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// An attempt of the background cleanup failed (it is retried).
+    pub fn cleanup_retried(&self) {
+        self.inner.cleanup_retries.inc();
     }
 
     /// A job failed because its CI user's name is held by an account that is not provably ours.

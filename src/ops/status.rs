@@ -182,6 +182,10 @@ pub struct DaemonStatus {
     /// versions before that, to which SIGUSR2 is fatal.
     #[serde(default)]
     pub handover: bool,
+    /// Revocations, runner deletions and looks for lost creations on Forgejo that the background
+    /// cleanup still has to do (it retries them while the daemon runs).
+    #[serde(default)]
+    pub forgejo_cleanup_pending: usize,
 }
 
 /// One runner of a host of the fleet (from its description `fkr-qemu@<host> job <id> …`).
@@ -211,6 +215,7 @@ impl DaemonStatus {
             fleet: Vec::new(),
             fleet_at: None,
             handover: true,
+            forgejo_cleanup_pending: 0,
         }
     }
 }
@@ -296,6 +301,11 @@ impl StatusBoard {
             s.fleet = fleet;
             s.fleet_at = Some(OffsetDateTime::now_utc());
         });
+    }
+
+    /// The background cleanup has `n` chores left.
+    pub fn set_cleanup_pending(&self, n: usize) {
+        self.update(|s| s.forgejo_cleanup_pending = n);
     }
 
     /// Records a Forgejo error (the last one wins).
