@@ -98,6 +98,9 @@ pub(crate) enum Listed {
     Running,
     /// No longer listed, never seen running: another runner ran it, or it was cancelled.
     Gone,
+    /// No longer listed after it was seen running: its runner reported, or it was cancelled.
+    /// The job is over; only its VM may still be there.
+    Finished,
 }
 
 impl Listed {
@@ -110,10 +113,11 @@ impl Listed {
         }
     }
 
-    /// The state after a new listing saw `seen`: running is for good (a job this host's runner
-    /// finished leaves the list too), and only a job never seen running can be gone.
+    /// The state after a new listing saw `seen`: a running job that leaves the list is finished
+    /// (for good), and only a job never seen running can be gone.
     pub(crate) fn after(self, seen: Listed) -> Listed {
         match (self, seen) {
+            (Listed::Finished, _) | (Listed::Running, Listed::Gone) => Listed::Finished,
             (Listed::Running, _) | (_, Listed::Running) => Listed::Running,
             (Listed::Gone, _) | (_, Listed::Gone) => Listed::Gone,
             _ => Listed::Waiting,
@@ -470,16 +474,35 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         }
     }
 
-    /// Forgejo no longer lists the job and its runner never took it: says so, and returns the
-    /// grace after which the VM is stopped unless it powered off by itself.
-    fn job_gone(&self, grace: Duration) -> std::pin::Pin<Box<tokio::time::Sleep>> {
-        tracing::info!(
-            vm = %self.name,
-            "job {}: Forgejo no longer lists it (another runner ran it, or it was cancelled) and its runner never took it; stopping VM {} unless it powers off within {}s",
-            self.job.id,
-            self.name,
-            grace.as_secs()
-        );
+    /// Forgejo no longer lists the job (`picked_up`: after it was seen running): the job is over,
+    /// whoever ran it. Its token and runner are released at once — a guest that does not power
+    /// off must not keep them — and the returned grace is the VM's to power off by itself before
+    /// it is stopped.
+    async fn job_over(&mut self, picked_up: bool) -> std::pin::Pin<Box<tokio::time::Sleep>> {
+        let grace = self.env.settings.gone_grace;
+        if picked_up {
+            tracing::info!(
+                vm = %self.name,
+                "job {}: Forgejo shows it finished; revoking its token, stopping VM {} unless it powers off within {}s",
+                self.job.id,
+                self.name,
+                grace.as_secs()
+            );
+        } else {
+            tracing::info!(
+                vm = %self.name,
+                "job {}: Forgejo no longer lists it (another runner ran it, or it was cancelled) and its runner never took it; stopping VM {} unless it powers off within {}s",
+                self.job.id,
+                self.name,
+                grace.as_secs()
+            );
+        }
+        let early = Held {
+            token: self.held.token.take(),
+            runner: self.held.runner.take(),
+            net: None,
+        };
+        release(&self.env.forge, &self.env.leftovers, &self.name, early).await;
         Box::pin(tokio::time::sleep(grace))
     }
 
@@ -808,14 +831,20 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         // Forgejo no longer lists the job: a grace for the VM to power off by itself, then stop.
         let mut gone_grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let mut gone_stop = false;
-        match *picked_up_rx.borrow_and_update() {
+        // Forgejo no longer lists the job: it is over.
+        let mut over = false;
+        let listed = *picked_up_rx.borrow_and_update();
+        match listed {
             // Known from the start (a job taken over while its runner works).
-            Listed::Running => {
+            Listed::Running | Listed::Finished => {
                 picked_up = true;
                 self.enter(JobState::Running);
             }
-            Listed::Gone => gone_grace = Some(self.job_gone(env.settings.gone_grace)),
-            Listed::Waiting => {}
+            Listed::Gone | Listed::Waiting => {}
+        }
+        if matches!(listed, Listed::Gone | Listed::Finished) {
+            over = true;
+            gone_grace = Some(self.job_over(picked_up).await);
         }
         let exit = loop {
             tokio::select! {
@@ -830,27 +859,31 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                         env.metrics.observe_prepare(now.duration_since(self.dispatched));
                     }
                 }
-                changed = picked_up_rx.changed(), if !picked_up => {
+                changed = picked_up_rx.changed(), if !over => {
                     let listed = changed.map(|()| *picked_up_rx.borrow());
-                    match listed {
-                        Ok(Listed::Running) => {
-                            picked_up = true;
-                            self.enter(JobState::Running);
-                            if let Some(ready) = qmp_ready.filter(|_| !self.adopted) {
-                                env.metrics.observe_boot(ready.elapsed());
-                            }
-                            tracing::info!(vm = %name, "job {job_id} picked up by its runner");
+                    if matches!(listed, Ok(Listed::Running | Listed::Finished)) && !picked_up {
+                        picked_up = true;
+                        self.enter(JobState::Running);
+                        if let Some(ready) = qmp_ready.filter(|_| !self.adopted) {
+                            env.metrics.observe_boot(ready.elapsed());
                         }
-                        Ok(Listed::Gone) if gone_grace.is_none() => {
-                            gone_grace = Some(self.job_gone(env.settings.gone_grace));
+                        tracing::info!(vm = %name, "job {job_id} picked up by its runner");
+                    }
+                    match listed {
+                        Ok(Listed::Gone | Listed::Finished) => {
+                            over = true;
+                            gone_grace = Some(self.job_over(picked_up).await);
                         }
                         Ok(_) => {}
                         // The scheduler is gone (daemon exiting): nothing more to learn.
-                        Err(_) => picked_up = true,
+                        Err(_) => {
+                            picked_up = true;
+                            over = true;
+                        }
                     }
                 }
-                () = async { gone_grace.as_mut().expect("guarded").await }, if gone_grace.is_some() && !picked_up && !gone_stop => {
-                    tracing::info!(vm = %name, "job {job_id}: stopping VM {name}: its job is gone and it did not power off");
+                () = async { gone_grace.as_mut().expect("guarded").await }, if gone_grace.is_some() && !gone_stop => {
+                    tracing::info!(vm = %name, "job {job_id}: stopping VM {name}: its job is over and it did not power off");
                     gone_stop = true;
                     vm_stop.cancel();
                 }
@@ -904,7 +937,11 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                     other => tracing::debug!(vm = %name, "VM outcome: {other:?}"),
                 }
                 if gone_stop && matches!(exit.outcome, Outcome::HostStopped { .. }) {
-                    JobOutcome::Gone
+                    if picked_up {
+                        JobOutcome::Overstayed
+                    } else {
+                        JobOutcome::Gone
+                    }
                 } else {
                     outcome_of(&exit.outcome, picked_up, boot_timeout)
                 }
@@ -976,7 +1013,10 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         self.enter(
             if matches!(
                 outcome,
-                JobOutcome::Completed | JobOutcome::ClaimedElsewhere | JobOutcome::Gone
+                JobOutcome::Completed
+                    | JobOutcome::ClaimedElsewhere
+                    | JobOutcome::Gone
+                    | JobOutcome::Overstayed
             ) {
                 JobState::Done
             } else {
@@ -1168,7 +1208,10 @@ fn outcome_of(exit: &Outcome, picked_up: bool, boot_timeout: bool) -> JobOutcome
 
 fn removal_reason(o: JobOutcome) -> RemovalReason {
     match o {
-        JobOutcome::Completed | JobOutcome::Crashed | JobOutcome::Gone => RemovalReason::JobDone,
+        JobOutcome::Completed
+        | JobOutcome::Crashed
+        | JobOutcome::Gone
+        | JobOutcome::Overstayed => RemovalReason::JobDone,
         JobOutcome::Deadline => RemovalReason::Deadline,
         JobOutcome::BootFailure
         | JobOutcome::PrepareFailed

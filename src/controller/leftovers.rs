@@ -142,14 +142,18 @@ impl Leftovers {
         self.lock().pending.len()
     }
 
-    /// The due chores (taken out), and when the next one that is not due yet is.
-    fn take_due(&self, now: Instant) -> (Vec<Pending>, Option<Instant>) {
+    /// The due chores (taken out).
+    fn take_due(&self, now: Instant) -> Vec<Pending> {
         let mut inner = self.lock();
         let (due, later): (Vec<_>, Vec<_>) =
             std::mem::take(&mut inner.pending).into_iter().partition(|p| p.due <= now);
         inner.pending = later;
-        let next = inner.pending.iter().map(|p| p.due).min();
-        (due, next)
+        due
+    }
+
+    /// When the next chore is due.
+    fn next_due(&self) -> Option<Instant> {
+        self.lock().pending.iter().map(|p| p.due).min()
     }
 
     fn put_back(&self, p: Pending) {
@@ -167,8 +171,7 @@ pub(crate) async fn reap(
     board: &StatusBoard,
 ) {
     loop {
-        let (due, next) = own.take_due(Instant::now());
-        for mut p in due {
+        for mut p in own.take_due(Instant::now()) {
             match run_chore(creds, own, marker, &p.chore).await {
                 Ok(()) => {
                     p.looks_left = p.looks_left.saturating_sub(1);
@@ -197,7 +200,7 @@ pub(crate) async fn reap(
         let pending = own.pending();
         metrics.set_cleanup_pending(pending);
         board.set_cleanup_pending(pending);
-        let wait = next.map_or(Duration::from_secs(3600), |t| {
+        let wait = own.next_due().map_or(Duration::from_secs(3600), |t| {
             t.saturating_duration_since(Instant::now())
         });
         tokio::select! {
@@ -309,13 +312,13 @@ mod tests {
     fn due_chores_are_taken_and_the_rest_wait() {
         let own = Leftovers::default();
         own.add(Chore::FindRunners);
-        let (due, next) = own.take_due(Instant::now());
-        assert_eq!((due.len(), next), (1, None));
+        let due = own.take_due(Instant::now());
+        assert_eq!((due.len(), own.next_due()), (1, None));
         let mut p = due.into_iter().next().unwrap();
         p.due = Instant::now() + Duration::from_secs(5);
         own.put_back(p);
-        let (due, next) = own.take_due(Instant::now());
-        assert!(due.is_empty() && next.is_some());
+        assert!(own.take_due(Instant::now()).is_empty());
+        assert!(own.next_due().is_some());
         assert_eq!(own.pending(), 1);
     }
 }

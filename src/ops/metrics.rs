@@ -71,10 +71,13 @@ pub enum JobOutcome {
     /// The job left Forgejo's list (another runner ran it, or it was cancelled) before this VM's
     /// runner took it: the VM was stopped.
     Gone,
+    /// Forgejo showed the job finished (its runner reported) and the VM did not power off within
+    /// the grace: its token was revoked at once and the VM stopped.
+    Overstayed,
 }
 
 impl JobOutcome {
-    pub const ALL: [JobOutcome; 9] = [
+    pub const ALL: [JobOutcome; 10] = [
         JobOutcome::Completed,
         JobOutcome::Crashed,
         JobOutcome::Deadline,
@@ -84,6 +87,7 @@ impl JobOutcome {
         JobOutcome::AccelFailed,
         JobOutcome::ClaimedElsewhere,
         JobOutcome::Gone,
+        JobOutcome::Overstayed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +101,7 @@ impl JobOutcome {
             JobOutcome::AccelFailed => "accel_failed",
             JobOutcome::ClaimedElsewhere => "claimed_elsewhere",
             JobOutcome::Gone => "gone",
+            JobOutcome::Overstayed => "overstayed",
         }
     }
 }

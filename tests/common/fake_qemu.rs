@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 ///   test guest's runner stand-in) and powers off — no kernel, so tests can start many VMs;
 ///   `"runner-<N>s"`: the same, the job taking N seconds; a warm VM takes its job over the job
 ///   agent's port, `"runner-noack"` never acknowledges it, and `"runner-noagent"` is an image
-///   without the agent (a warm VM never says READY);
+///   without the agent (a warm VM never says READY); `"runner-linger"` reports its job after 3 s and
+///   then stays up, deaf to the power button;
 /// - anything else (e.g. `"kvm-internal-error"`): its KVM passes the firmware probe and then fails
 ///   every guest with run state `internal-error`; under TCG it runs the real QEMU.
 pub fn fake_qemu(dir: &Path, behaviour: &str) -> PathBuf {
