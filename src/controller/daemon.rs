@@ -560,6 +560,13 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
              Forgejo need a shared key file (README.md, \"Several hosts\")"
         );
     }
+    let older = creds.users_on_older_keys().await;
+    if older > 0 {
+        tracing::warn!(
+            "{older} CI user(s) in {} have a password the first key of forgejo.ci_password_key_file does not derive; each moves to it at its next job once its old key is dropped from the key file",
+            cfg.ci_users_path().display()
+        );
+    }
     let runner_marker = runner_marker(&cfg.host_id);
     // The network part of the sweep removes our nftables table: sweep first, then set up.
     // Versions before host ids marked runners with the full hostname: sweep those too.

@@ -415,7 +415,7 @@ mod tests {
                 "ready": false, "draining": false, "queued": 0, "running": 1,
                 "last_forgejo_error": null, "pid": 1, "version": "0.1.0",
                 "started_at": "1970-01-01T00:00:00Z",
-                "fleet": [], "fleet_at": null, "handover": true,
+                "fleet": [], "fleet_at": null, "handover": true, "forgejo_cleanup_pending": 0,
                 "vms": [{
                     "name": "fr-0000000a", "job_id": 7, "owner": "alice", "repo": "proj",
                     "state": "preparing", "address": null, "started_at": "1970-01-01T00:00:00Z",
