@@ -239,3 +239,56 @@ fn serve_a_failed_revocation_is_retried_in_the_background_and_shown_in_status() 
     stop(serve, &w);
     w.assert_clean("retry-app-ci");
 }
+
+// --- a warm VM that acknowledges too late ----------------------------------------------------
+
+/// A warm VM acknowledges its payload just after `bind_timeout` and starts the job's runner
+/// anyway, deaf to the power button, while the job boots cold. The cold VM has a runner of its
+/// own and the late one's registration is gone, so the late runner cannot take the task: the job
+/// runs once, in the cold VM, and succeeds.
+#[test]
+fn serve_a_warm_vm_that_acknowledges_too_late_cannot_take_the_job_from_its_cold_boot() {
+    use fkr_qemu::ops::{PoolState, VmState};
+    let fake = tempfile::tempdir().unwrap();
+    let w = World::new(Settings {
+        pool_size: 1,
+        pool_extra: "bind_timeout = \"1s\"",
+        qemu: Some(fake_qemu(fake.path(), "runner-late")),
+        // The late VM holds its disk reservation until it is stopped: room for both.
+        vm_extra: "disk_max_mib = 1024",
+        ..Settings::default()
+    });
+    let mut serve = w.serve(0);
+    serve.wait_ready();
+    let warm = serve.wait_status("a warm VM", Duration::from_secs(60), |s| {
+        s.vms
+            .iter()
+            .find(|v| v.state == VmState::Pool(PoolState::Warm))
+            .map(|v| v.name.clone())
+    });
+    let id = w.emu.add_job("late/app", &[LABEL], "build").id;
+    serve.wait("the job to end in Forgejo", Duration::from_secs(60), || {
+        let status = w.emu.job(id)?.status;
+        matches!(status, JobStatus::Success | JobStatus::Failure).then_some(status)
+    });
+    assert_eq!(w.emu.job(id).unwrap().status, JobStatus::Success);
+    let with_task: Vec<String> = w
+        .emu
+        .runners_ever()
+        .into_iter()
+        .filter(|r| !r.tasks.is_empty())
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(with_task.len(), 1, "{with_task:?}");
+    assert_ne!(with_task[0], warm, "the late warm VM's runner took the task");
+    serve.wait("the job's outcome", Duration::from_secs(30), || {
+        (w.finished(JobOutcome::Completed) == 1).then_some(())
+    });
+    assert_eq!(
+        w.metrics()
+            .get("fkr_qemu_pool_discards_total{reason=\"no_ack\"}"),
+        1.0
+    );
+    stop(serve, &w);
+    w.assert_clean("late-app-ci");
+}

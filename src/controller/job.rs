@@ -556,7 +556,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             v.repo.clone_from(&repo.name);
         });
         tokio::time::sleep(claim_delay).await;
-        let runner = self.register_runner(&repo).await?;
+        let mut runner = self.register_runner(&repo).await?;
         crate::failpoint::crash_point("after-runner");
         // The CI user and its token are made while the claim settles (`claim::SETTLE`): they are
         // off the critical path of a warm bind. A lost claim's token is revoked like any other.
@@ -593,7 +593,11 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         if let Some(warm) = self.warm.take() {
             match self.bind(warm, &repo, &runner, registry.as_ref()).await? {
                 Some(vm) => return Ok(Some(vm)),
-                None => self.rename_for_cold_boot(&repo),
+                None => {
+                    // The warm VM's registration is gone: the cold VM gets a runner of its own.
+                    self.rename_for_cold_boot(&repo);
+                    runner = self.register_runner(&repo).await?;
+                }
             }
         }
         env.metrics.job_started(StartPath::Cold);
@@ -704,7 +708,22 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                     self.job.id,
                     self.name
                 );
-                // The payload may have reached the guest: the VM is stopped, never given back.
+                // The payload may have reached the guest, and its runner may still start: its
+                // registration goes first, so that it cannot fetch the job's task; then the VM is
+                // stopped, never given back.
+                if let Some(id) = self.held.runner.take() {
+                    match env.forge.delete_runner(id).await {
+                        Ok(_) => tracing::debug!(vm = %self.name, "deleted runner {id} of the silent warm VM"),
+                        Err(e) => {
+                            tracing::warn!(vm = %self.name, "cannot delete runner {id} of the silent warm VM: {e}");
+                            env.leftovers.add(Chore::DeleteRunner {
+                                id,
+                                name: self.name.to_string(),
+                            });
+                        }
+                    }
+                }
+                env.leftovers.let_go(self.live_runner.take().as_deref(), None);
                 warm.vm.stop_token().cancel();
                 self.discarding = Some(tokio::spawn(pool::discard(
                     &env,
@@ -717,7 +736,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
     }
 
     /// After a failed bind the job boots cold under a fresh VM name (the discarded warm VM still
-    /// holds its own); its runner keeps the warm VM's name.
+    /// holds its own), with a runner registered under that name.
     fn rename_for_cold_boot(&mut self, repo: &Repository) {
         let old = std::mem::replace(&mut self.name, VmName::generate());
         self.env.board.vm_removed(old.as_str());

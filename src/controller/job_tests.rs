@@ -1487,6 +1487,15 @@ async fn a_warm_vm_that_does_not_acknowledge_is_stopped_and_the_job_boots_cold()
     assert_ne!(cold.name, warm_name);
     assert_eq!(cold.job_id, 22);
     assert!(cold.user_data.contains(userdata::RUNNER_TOKEN_PATH));
+    // A runner of its own: the silent VM's registration is deleted, so a late runner there
+    // cannot fetch the job's task.
+    assert!(
+        cold.user_data.contains(&format!("uuid-{}", cold.name)),
+        "{}",
+        cold.user_data
+    );
+    assert!(!cold.user_data.contains(&format!("uuid-{warm_name}")));
+    assert_eq!(env.forge.live().1, 1, "the warm VM's runner is still registered");
     assert!(agent.await.unwrap().last().is_some_and(|l| l == "END"));
     picked_up.send_replace(Listed::Running);
     cold.end(Outcome::GuestPoweredOff);

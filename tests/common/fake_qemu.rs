@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 ///   `"runner-<N>s"`: the same, the job taking N seconds; a warm VM takes its job over the job
 ///   agent's port, `"runner-noack"` never acknowledges it, and `"runner-noagent"` is an image
 ///   without the agent (a warm VM never says READY); `"runner-linger"` reports its job after 3 s and
-///   then stays up, deaf to the power button;
+///   then stays up, deaf to the power button; `"runner-late"`: a warm VM acknowledges its payload
+///   1.3 s after reading it and runs the job anyway (deaf to the power button), a cold VM boots in
+///   2 s, jobs take 10 s;
 /// - anything else (e.g. `"kvm-internal-error"`): its KVM passes the firmware probe and then fails
 ///   every guest with run state `internal-error`; under TCG it runs the real QEMU.
 pub fn fake_qemu(dir: &Path, behaviour: &str) -> PathBuf {

@@ -27,6 +27,18 @@ const HOLD: Duration = Duration::from_millis(300);
 /// How often a fetch that got no task (or failed) is repeated before the guest gives up.
 const FETCH_TRIES: u32 = 5;
 
+/// `runner-late`: a warm VM acknowledges its payload [`LATE_ACK`] after reading it (just past the
+/// host's 1 s `bind_timeout` in the test) and then runs the job with the payload's runner, deaf
+/// to the power button (only `quit` ends it); a cold VM takes [`LATE_COLD_BOOT`] to boot. Jobs
+/// take 10 s.
+pub static LATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+const LATE_ACK: Duration = Duration::from_millis(1300);
+const LATE_COLD_BOOT: Duration = Duration::from_secs(2);
+
+fn late() -> bool {
+    LATE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// The guest keeps running after its job and ignores the power button (`runner-linger`).
 pub static LINGER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -261,7 +273,7 @@ fn serve_qmp(
                     // The power button, or being told to quit: the guest goes down at once.
                     "system_powerdown" => {
                         super::send(&mut out, json!({"return": {}, "id": id}));
-                        if lingers() {
+                        if lingers() || late() {
                             say("power button pressed; ignoring it");
                         } else {
                             power_off(&clients, true);
@@ -360,7 +372,14 @@ fn take_job_over_agent(listener: std::os::unix::net::UnixListener, ack: bool) ->
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
-    writeln!(stream, "STARTED {}", unix_ms()).expect("STARTED");
+    if late() {
+        std::thread::sleep(LATE_ACK);
+        say("agent: acknowledging late");
+        // The host may have given up and closed the port: the runner starts anyway.
+        let _ = writeln!(stream, "STARTED {}", unix_ms());
+    } else {
+        writeln!(stream, "STARTED {}", unix_ms()).expect("STARTED");
+    }
     let cmd = command.expect("RUN in the payload");
     let cmd = cmd
         .lines()
@@ -400,7 +419,12 @@ pub fn run(
             }
         }
         Some(port) => take_job_over_agent(port, agent == Agent::Acks),
-        None => runner_args(&user_data(seed_bytes(args))),
+        None => {
+            if late() {
+                std::thread::sleep(LATE_COLD_BOOT);
+            }
+            runner_args(&user_data(seed_bytes(args)))
+        }
     };
     say(&format!(
         "booted; the runner takes job handle {}",
