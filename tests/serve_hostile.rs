@@ -64,9 +64,11 @@ fn serve_a_guest_that_stays_up_after_its_job_loses_its_token_at_once_and_its_vm_
     serve.wait_vm(id, "running", Duration::from_secs(30), |v| {
         v.state == fkr_qemu::ops::VmState::Job(fkr_qemu::types::JobState::Running)
     });
-    serve.wait("the job to succeed in Forgejo", Duration::from_secs(30), || {
-        (w.emu.job(id)?.status == JobStatus::Success).then_some(())
-    });
+    serve.wait(
+        "the job to succeed in Forgejo",
+        Duration::from_secs(30),
+        || (w.emu.job(id)?.status == JobStatus::Success).then_some(()),
+    );
     let done = Instant::now();
     // The token goes at once (a poll and a request), while the guest is still up.
     serve.wait("the token to be revoked", Duration::from_secs(5), || {
@@ -77,7 +79,11 @@ fn serve_a_guest_that_stays_up_after_its_job_loses_its_token_at_once_and_its_vm_
         "the VM was stopped before its grace ({:?} after the job ended)",
         done.elapsed()
     );
-    assert!(our_runners(&w).is_empty(), "runners left: {:?}", our_runners(&w));
+    assert!(
+        our_runners(&w).is_empty(),
+        "runners left: {:?}",
+        our_runners(&w)
+    );
     // The VM goes after the grace (plus the power button's and quit's few seconds), not at the job
     // deadline (120 s).
     serve.wait(
@@ -130,9 +136,11 @@ fn hang_at(method: &str, route: &str, repo: &str, ci_user: &str) {
     let added = Instant::now();
     let id = w.emu.add_job(repo, &[LABEL], "build").id;
     let bound = HANG + REQUEST_TIMEOUT + POLL + RUN;
-    serve.wait("the job to succeed", bound + Duration::from_secs(240), || {
-        (w.emu.job(id)?.status == JobStatus::Success).then_some(())
-    });
+    serve.wait(
+        "the job to succeed",
+        bound + Duration::from_secs(240),
+        || (w.emu.job(id)?.status == JobStatus::Success).then_some(()),
+    );
     let took = added.elapsed();
     assert!(
         took <= bound,
@@ -170,12 +178,22 @@ fn serve_forgejo_hang_at_runner_registration() {
 
 #[test]
 fn serve_forgejo_hang_at_token_mint() {
-    hang_at("POST", "/users/{username}/tokens", "hang/mint", "hang-mint-ci");
+    hang_at(
+        "POST",
+        "/users/{username}/tokens",
+        "hang/mint",
+        "hang-mint-ci",
+    );
 }
 
 #[test]
 fn serve_forgejo_hang_at_claim_listing() {
-    hang_at("GET", "/admin/actions/runners", "hang/claims", "hang-claims-ci");
+    hang_at(
+        "GET",
+        "/admin/actions/runners",
+        "hang/claims",
+        "hang-claims-ci",
+    );
 }
 
 #[test]
@@ -221,14 +239,20 @@ fn serve_a_failed_revocation_is_retried_in_the_background_and_shown_in_status() 
     serve.wait("the job to succeed", Duration::from_secs(30), || {
         (w.emu.job(id)?.status == JobStatus::Success).then_some(())
     });
-    serve.wait_status("a pending cleanup in status", Duration::from_secs(30), |s| {
-        (s.forgejo_cleanup_pending >= 1).then_some(())
-    });
+    serve.wait_status(
+        "a pending cleanup in status",
+        Duration::from_secs(30),
+        |s| (s.forgejo_cleanup_pending >= 1).then_some(()),
+    );
     assert_eq!(w.metrics().get("fkr_qemu_forgejo_cleanup_pending"), 1.0);
     wait_for("a failed retry", Duration::from_secs(10), || {
         (w.metrics().get("fkr_qemu_forgejo_cleanup_retries_total") >= 2.0).then_some(())
     });
-    assert_eq!(w.job_tokens("retry-app-ci").len(), 1, "the token is still there");
+    assert_eq!(
+        w.job_tokens("retry-app-ci").len(),
+        1,
+        "the token is still there"
+    );
     w.emu.clear_faults();
     serve.wait("the token to be revoked", Duration::from_secs(35), || {
         w.job_tokens("retry-app-ci").is_empty().then_some(())
@@ -280,7 +304,10 @@ fn serve_a_warm_vm_that_acknowledges_too_late_cannot_take_the_job_from_its_cold_
         .map(|r| r.name)
         .collect();
     assert_eq!(with_task.len(), 1, "{with_task:?}");
-    assert_ne!(with_task[0], warm, "the late warm VM's runner took the task");
+    assert_ne!(
+        with_task[0], warm,
+        "the late warm VM's runner took the task"
+    );
     serve.wait("the job's outcome", Duration::from_secs(30), || {
         (w.finished(JobOutcome::Completed) == 1).then_some(())
     });

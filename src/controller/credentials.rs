@@ -394,10 +394,7 @@ impl Credentials {
     /// retired key mints no more tokens: only when the account still carries our marker for the
     /// repository. `None`: nothing to move, or no proof (the stored password is kept; a refused
     /// password is handled like any other).
-    async fn move_to_current_key(
-        &self,
-        u: &CiUser,
-    ) -> Result<Option<Secret>, CredentialError> {
+    async fn move_to_current_key(&self, u: &CiUser) -> Result<Option<Secret>, CredentialError> {
         if self.keys.is_empty()
             || !self.may_reset()
             || u.repo_id <= 0

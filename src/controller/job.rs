@@ -247,7 +247,6 @@ pub(crate) async fn release<F: Forge>(
 /// either). The token's name is held live in `own` before it is minted, and the token goes into
 /// `held` at once, so every later failure revokes it; a mint whose answer may have been lost
 /// leaves a look for it to the background cleanup.
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn registry_login<F: Forge>(
     forge: &F,
     metrics: &Metrics,
@@ -713,7 +712,9 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                 // stopped, never given back.
                 if let Some(id) = self.held.runner.take() {
                     match env.forge.delete_runner(id).await {
-                        Ok(_) => tracing::debug!(vm = %self.name, "deleted runner {id} of the silent warm VM"),
+                        Ok(_) => {
+                            tracing::debug!(vm = %self.name, "deleted runner {id} of the silent warm VM")
+                        }
                         Err(e) => {
                             tracing::warn!(vm = %self.name, "cannot delete runner {id} of the silent warm VM: {e}");
                             env.leftovers.add(Chore::DeleteRunner {
@@ -723,7 +724,8 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                         }
                     }
                 }
-                env.leftovers.let_go(self.live_runner.take().as_deref(), None);
+                env.leftovers
+                    .let_go(self.live_runner.take().as_deref(), None);
                 warm.vm.stop_token().cancel();
                 self.discarding = Some(tokio::spawn(pool::discard(
                     &env,
@@ -1227,10 +1229,9 @@ fn outcome_of(exit: &Outcome, picked_up: bool, boot_timeout: bool) -> JobOutcome
 
 fn removal_reason(o: JobOutcome) -> RemovalReason {
     match o {
-        JobOutcome::Completed
-        | JobOutcome::Crashed
-        | JobOutcome::Gone
-        | JobOutcome::Overstayed => RemovalReason::JobDone,
+        JobOutcome::Completed | JobOutcome::Crashed | JobOutcome::Gone | JobOutcome::Overstayed => {
+            RemovalReason::JobDone
+        }
         JobOutcome::Deadline => RemovalReason::Deadline,
         JobOutcome::BootFailure
         | JobOutcome::PrepareFailed

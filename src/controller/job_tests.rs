@@ -1495,7 +1495,11 @@ async fn a_warm_vm_that_does_not_acknowledge_is_stopped_and_the_job_boots_cold()
         cold.user_data
     );
     assert!(!cold.user_data.contains(&format!("uuid-{warm_name}")));
-    assert_eq!(env.forge.live().1, 1, "the warm VM's runner is still registered");
+    assert_eq!(
+        env.forge.live().1,
+        1,
+        "the warm VM's runner is still registered"
+    );
     assert!(agent.await.unwrap().last().is_some_and(|l| l == "END"));
     picked_up.send_replace(Listed::Running);
     cold.end(Outcome::GuestPoweredOff);
@@ -1665,7 +1669,11 @@ async fn a_claim_of_this_host_that_no_job_holds_is_deleted_and_does_not_stop_the
 #[tokio::test]
 async fn failed_releases_are_left_to_the_background_cleanup() {
     let env = env();
-    env.forge.fail.lock().unwrap().extend([Step::Revoke, Step::DeleteRunner]);
+    env.forge
+        .fail
+        .lock()
+        .unwrap()
+        .extend([Step::Revoke, Step::DeleteRunner]);
     let (task, listed, _stop) = start(&env, job(18));
     let mut vm = env.vms.next().await;
     listed.send_replace(Listed::Running);

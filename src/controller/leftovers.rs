@@ -43,7 +43,10 @@ pub(crate) fn is_own_runner(r: &Runner, marker: &str) -> bool {
 #[derive(Debug, Clone)]
 pub(crate) enum Chore {
     RevokeToken(TokenRef),
-    DeleteRunner { id: i64, name: String },
+    DeleteRunner {
+        id: i64,
+        name: String,
+    },
     /// A runner registration whose answer was lost: delete this host's runners no job holds.
     FindRunners,
     /// A token mint whose answer was lost: revoke this host's tokens of the user no job holds.
@@ -145,8 +148,9 @@ impl Leftovers {
     /// The due chores (taken out).
     fn take_due(&self, now: Instant) -> Vec<Pending> {
         let mut inner = self.lock();
-        let (due, later): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut inner.pending).into_iter().partition(|p| p.due <= now);
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.pending)
+            .into_iter()
+            .partition(|p| p.due <= now);
         inner.pending = later;
         due
     }
@@ -220,7 +224,11 @@ async fn run_chore(
     match chore {
         Chore::RevokeToken(t) => match creds.revoke_token(t).await {
             Ok(_) => {
-                tracing::info!("background cleanup: revoked token {} of {}", t.name, t.user.username);
+                tracing::info!(
+                    "background cleanup: revoked token {} of {}",
+                    t.name,
+                    t.user.username
+                );
                 Ok(())
             }
             // The account is gone, and its tokens with it.
@@ -279,7 +287,10 @@ async fn run_chore(
                     user.username
                 );
                 if let Err(e) = creds.revoke_token(&token).await {
-                    tracing::warn!("background cleanup: cannot revoke token {}: {e}", token.name);
+                    tracing::warn!(
+                        "background cleanup: cannot revoke token {}: {e}",
+                        token.name
+                    );
                     own.add(Chore::RevokeToken(token));
                 }
             }

@@ -324,7 +324,14 @@ async fn squatted_then_fallback(squat: impl FnOnce(&Emulator)) {
     assert_eq!(user, fallback);
     assert!(!token.expose().is_empty());
     assert_eq!(w.emu.token_names(&fallback).len(), 1);
-    let stored = w.ctx.users.lock().await.get(added.repo_id).cloned().unwrap();
+    let stored = w
+        .ctx
+        .users
+        .lock()
+        .await
+        .get(added.repo_id)
+        .cloned()
+        .unwrap();
     assert_eq!(stored.username, fallback);
     let marked = w
         .emu
@@ -371,11 +378,8 @@ async fn squatters_on_both_names_are_refused_and_never_adopted() {
         "acme-web-ci@fkr-qemu.invalid",
         "squatter-password",
     );
-    w.emu.register_user(
-        &fallback,
-        "mallory2@example.org",
-        "squatter-password",
-    );
+    w.emu
+        .register_user(&fallback, "mallory2@example.org", "squatter-password");
     let added = w.emu.add_job("acme/web", &["external-host"], "build");
     assert_eq!(added.repo_id, repo_id);
     let (out, _res) = login(&w.ctx, &job_of(&added, false)).await;
@@ -712,19 +716,37 @@ async fn after_a_key_rotation_the_next_job_moves_the_ci_user_and_the_old_keys_pa
     let identity = format!("repo:{}:acme-web-ci", added.repo_id);
     let old_pw = forgejo::derived_password(old.expose().as_bytes(), &identity);
     let new_pw = forgejo::derived_password(new.expose().as_bytes(), &identity);
-    assert!(before.client.verify_password("acme-web-ci", &old_pw).await.unwrap());
+    assert!(before
+        .client
+        .verify_password("acme-web-ci", &old_pw)
+        .await
+        .unwrap());
     drop(before);
     // The rotation is done: the new key first, then the old one dropped. Same state file.
-    let after = host_ctx(&w.emu, dir.path(), "", "host-a", PasswordKeys::new(vec![new]));
+    let after = host_ctx(
+        &w.emu,
+        dir.path(),
+        "",
+        "host-a",
+        PasswordKeys::new(vec![new]),
+    );
     assert_eq!(after.users_on_older_keys().await, 1);
     let (out, mut res) = login(&after, &job_of(&added, false)).await;
     out.unwrap().unwrap();
     res.release().await;
     assert!(
-        !after.client.verify_password("acme-web-ci", &old_pw).await.unwrap(),
+        !after
+            .client
+            .verify_password("acme-web-ci", &old_pw)
+            .await
+            .unwrap(),
         "the retired key's password still works"
     );
-    assert!(after.client.verify_password("acme-web-ci", &new_pw).await.unwrap());
+    assert!(after
+        .client
+        .verify_password("acme-web-ci", &new_pw)
+        .await
+        .unwrap());
     assert_eq!(after.users_on_older_keys().await, 0);
     assert_eq!(admin_edits(&w.emu, "acme-web-ci"), 1, "one move, once");
     // The next job uses it as it is.
@@ -742,12 +764,18 @@ fn a_key_file_not_owned_by_root_or_open_to_others_is_refused() {
     std::fs::write(&path, "k\n").unwrap();
     for mode in [0o640, 0o620, 0o604, 0o602, 0o660] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-        let e = PasswordKeys::read(&path).err().expect("refused").to_string();
+        let e = PasswordKeys::read(&path)
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(e.contains(&format!("mode {mode:04o}")), "{e}");
     }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(PasswordKeys::read(&path).is_ok());
     std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
-    let e = PasswordKeys::read(&path).err().expect("refused").to_string();
+    let e = PasswordKeys::read(&path)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(e.contains("owned by uid 65534, not root"), "{e}");
 }
