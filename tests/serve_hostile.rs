@@ -142,6 +142,7 @@ fn hang_at(method: &str, route: &str, repo: &str, ci_user: &str) {
         || (w.emu.job(id)?.status == JobStatus::Success).then_some(()),
     );
     let took = added.elapsed();
+    println!("hang of {HANG:?} at {method} {route}: the job succeeded {took:?} after it was added");
     assert!(
         took <= bound,
         "the job took {took:?} with a {HANG:?} hang at {method} {route}; at most {bound:?} expected"
