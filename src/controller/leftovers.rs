@@ -61,6 +61,17 @@ impl Chore {
         }
     }
 
+    /// Whether `self` and `other` remove the same thing (a chore is queued once).
+    fn same(&self, other: &Chore) -> bool {
+        match (self, other) {
+            (Chore::RevokeToken(a), Chore::RevokeToken(b)) => a.id == b.id,
+            (Chore::DeleteRunner { id: a, .. }, Chore::DeleteRunner { id: b, .. }) => a == b,
+            (Chore::FindRunners, Chore::FindRunners) => true,
+            (Chore::FindTokens(a), Chore::FindTokens(b)) => a.username == b.username,
+            _ => false,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Chore::RevokeToken(t) => format!("revoking token {} of {}", t.name, t.user.username),
@@ -127,16 +138,21 @@ impl Leftovers {
         self.lock().tokens.contains(name)
     }
 
-    /// Queues `chore` for the background reaper, due at once.
+    /// Queues `chore` for the background reaper, due at once (unless it is queued already).
     pub fn add(&self, chore: Chore) {
+        let mut inner = self.lock();
+        if inner.pending.iter().any(|p| p.chore.same(&chore)) {
+            return;
+        }
         tracing::info!("{} is left for the background cleanup", chore.describe());
         let looks_left = chore.looks();
-        self.lock().pending.push(Pending {
+        inner.pending.push(Pending {
             chore,
             failures: 0,
             looks_left,
             due: Instant::now(),
         });
+        drop(inner);
         self.wake.notify_one();
     }
 
@@ -323,6 +339,8 @@ mod tests {
     fn due_chores_are_taken_and_the_rest_wait() {
         let own = Leftovers::default();
         own.add(Chore::FindRunners);
+        own.add(Chore::FindRunners);
+        assert_eq!(own.pending(), 1, "queued once");
         let due = own.take_due(Instant::now());
         assert_eq!((due.len(), own.next_due()), (1, None));
         let mut p = due.into_iter().next().unwrap();
