@@ -57,7 +57,8 @@ fn render(s: &DaemonStatus, now: OffsetDateTime) -> String {
          draining:            {}\n\
          queued jobs:         {}\n\
          running VMs:         {}\n\
-         last Forgejo error:  {}\n",
+         last Forgejo error:  {}\n\
+         Forgejo cleanup:     {} pending\n",
         s.pid,
         s.version,
         up,
@@ -65,7 +66,8 @@ fn render(s: &DaemonStatus, now: OffsetDateTime) -> String {
         yes_no(s.draining),
         s.queued,
         s.running,
-        last_error
+        last_error,
+        s.forgejo_cleanup_pending
     ) + &vm_lines(s)
         + &fleet_lines(s, now)
 }

@@ -105,13 +105,25 @@ where
 pub struct PasswordKeys(Vec<Secret>);
 
 impl PasswordKeys {
-    /// Reads a key file: one key per non-empty line. Refused when others may read it.
+    /// Reads a key file: one key per non-empty line. Refused unless root owns it and no one else
+    /// may read or write it (group and others have no permission at all).
     pub fn read(path: &std::path::Path) -> Result<PasswordKeys, super::Error> {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path).map_err(|e| super::Error::io("cannot read", path, e))?;
-        if meta.mode() & 0o004 != 0 {
-            return Err(super::Error::KeyFileReadable {
+        let why = if meta.uid() != 0 {
+            Some(format!("is owned by uid {}, not root", meta.uid()))
+        } else if meta.mode() & 0o077 != 0 {
+            Some(format!(
+                "has mode {:04o}: its group or others may read or write it",
+                meta.mode() & 0o7777
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(super::Error::KeyFileUnsafe {
                 path: path.to_owned(),
+                why,
             });
         }
         let text =
@@ -152,6 +164,19 @@ impl PasswordKeys {
             key.expose().as_bytes(),
             &Self::identity(repo_id, username),
         ))
+    }
+
+    /// Whether `password` is the one the first key derives for this CI user.
+    fn is_current(&self, repo_id: i64, username: &str, password: &Secret) -> bool {
+        self.current(repo_id, username)
+            .is_some_and(|c| c.expose() == password.expose())
+    }
+
+    /// Whether one of these keys derives `password` for this CI user.
+    fn derives(&self, repo_id: i64, username: &str, password: &Secret) -> bool {
+        self.accepted(repo_id, username)
+            .iter()
+            .any(|c| c.expose() == password.expose())
     }
 
     /// Every password a host with one of these keys may have set, the current one first.
@@ -288,22 +313,21 @@ impl Credentials {
         }
     }
 
-    /// Mints the job's token for `user` with `scopes`, taking the user back once if its password
-    /// is refused.
+    /// Mints the job's token `name` for `user` with `scopes`, taking the user back once if its
+    /// password is refused.
     pub async fn mint_token(
         &self,
         user: &CiUserRef,
-        job_id: i64,
+        name: &str,
         scopes: &[&str],
     ) -> Result<(TokenRef, Secret), CredentialError> {
         let mut user = user.clone();
         let username = user.username.clone();
-        let name = forgejo::host_token_name(&self.host_id, job_id);
         let minted = with_password_retry(
             &mut user,
             self.may_reset(),
             |password| {
-                let (client, username, name) = (&self.client, &username, &name);
+                let (client, username) = (&self.client, &username);
                 async move { client.create_token(username, &password, name, scopes).await }
             },
             |repo_id, username| async move { self.reset_password(repo_id, &username).await },
@@ -350,6 +374,53 @@ impl Credentials {
             |repo_id, username| async move { self.reset_password(repo_id, &username).await },
         )
         .await
+    }
+
+    /// How many stored CI users have a password the first key does not derive (an older key's,
+    /// or a random one from before the key file); 0 without keys.
+    pub async fn users_on_older_keys(&self) -> usize {
+        if self.keys.is_empty() {
+            return 0;
+        }
+        let store = self.users.lock().await;
+        store
+            .users()
+            .filter(|u| u.repo_id > 0 && !self.keys.is_current(u.repo_id, &u.username, &u.password))
+            .count()
+    }
+
+    /// Moves a stored CI user whose password none of this host's keys derives (the key it came
+    /// from was retired, or it predates the key file) to the first key's password, so that a
+    /// retired key mints no more tokens: only when the account still carries our marker for the
+    /// repository. `None`: nothing to move, or no proof (the stored password is kept; a refused
+    /// password is handled like any other).
+    async fn move_to_current_key(&self, u: &CiUser) -> Result<Option<Secret>, CredentialError> {
+        if self.keys.is_empty()
+            || !self.may_reset()
+            || u.repo_id <= 0
+            || self.keys.derives(u.repo_id, &u.username, &u.password)
+        {
+            return Ok(None);
+        }
+        let existing = self.client.user(&u.username).await?;
+        let proven = existing
+            .as_ref()
+            .and_then(|a| marked_repo(&a.login_name, a.source_id))
+            == Some(u.repo_id);
+        if !proven {
+            return Ok(None);
+        }
+        let Some(password) = self.keys.current(u.repo_id, &u.username) else {
+            return Ok(None);
+        };
+        self.client
+            .set_user_password(&u.username, &password, &marker(u.repo_id))
+            .await?;
+        tracing::info!(
+            "moved CI user {} to the first password key (its password came from a key this host no longer has, or from before the key file)",
+            u.username
+        );
+        Ok(Some(password))
     }
 
     /// Every CI user in the store.
@@ -434,7 +505,11 @@ impl Credentials {
             password: u.password.clone(),
         };
         let mut store = self.users.lock().await;
-        if let Some(u) = store.get(repo_id).cloned() {
+        if let Some(mut u) = store.get(repo_id).cloned() {
+            if let Some(password) = self.move_to_current_key(&u).await? {
+                u.password = password;
+                store.put(u.clone())?;
+            }
             if u.repository != full_name {
                 // Renamed or transferred: same id, same user; keep the record readable.
                 tracing::info!(
@@ -478,7 +553,10 @@ impl Credentials {
                 old.username
             );
         }
-        let mut refusal = None;
+        // Names held by accounts fkr-qemu cannot prove it made for this repository (a squatter on
+        // the name or on its e-mail address): never adopted, but they must not block the
+        // repository's CI while the other, injective name is free.
+        let mut refusals: Vec<(String, String)> = Vec::new();
         for username in candidate_usernames(owner, name, repo_id) {
             if let Some(holder) = store.held_by_other(&username, repo_id) {
                 tracing::info!(
@@ -522,23 +600,28 @@ impl Credentials {
                             continue;
                         }
                         Some(None) => {
-                            refusal = Some((
+                            tracing::warn!("CI user name {username} is held by a Forgejo account without fkr-qemu's marker; not using it, trying the next name for {full_name}");
+                            refusals.push((
                                 username.clone(),
                                 "a Forgejo account of that name exists without fkr-qemu's marker \
                                  (its login_name is not fkr-qemu:repo:<id> of this repository)"
                                     .to_owned(),
                             ));
-                            break;
+                            continue;
                         }
                         None => {
-                            refusal = Some((
+                            tracing::warn!("Forgejo refused to create CI user {username} ({message}) and shows no account of that name (reserved, or its e-mail address {} is taken); trying the next name for {full_name}", new.email);
+                            refusals.push((
                                 username.clone(),
                                 format!("Forgejo refused to create it ({message}) and shows no account of that name (the name is reserved or its e-mail address {} is taken)", new.email),
                             ));
-                            break;
+                            continue;
                         }
                     }
                 }
+            }
+            if let Some((taken, _)) = refusals.first() {
+                tracing::warn!("CI user of {full_name} is {username}: the name {taken} is held by an account fkr-qemu did not create for this repository");
             }
             let user = CiUser {
                 username,
@@ -550,14 +633,24 @@ impl Credentials {
             store.put(user.clone())?;
             return Ok(found(&user));
         }
-        let (username, why) = refusal.unwrap_or_else(|| {
-            (
+        let (username, why) = match refusals.split_first() {
+            Some(((first, why), rest)) => (
+                first.clone(),
+                std::iter::once(why.clone())
+                    .chain(
+                        rest.iter()
+                            .map(|(n, w)| format!("the other name {n} cannot be used either: {w}")),
+                    )
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            None => (
                 candidate_usernames(owner, name, repo_id)
                     .pop()
                     .unwrap_or_default(),
                 "every name the rule gives is held by another repository".to_owned(),
-            )
-        });
+            ),
+        };
         self.metrics.ci_user_refused();
         Err(CredentialError::Refused {
             username,

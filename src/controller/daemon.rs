@@ -15,6 +15,7 @@ use super::claim::{self, ClaimBook};
 use super::credentials::{Credentials, PasswordKeys};
 use super::job::{self, JobEnv, JobSettings, Ticket};
 use super::joblist::JobLister;
+use super::leftovers::{self, Chore, Leftovers};
 use super::pacing::Pacing;
 use super::pool::Pool;
 use super::ports::LiveVms;
@@ -98,6 +99,19 @@ impl Scheduler {
         self.fleet_listed = Some(Instant::now());
         match self.env.forge.client.runners().await {
             Ok(runners) => {
+                // This host's runners no live job holds are its leftovers, whenever they show.
+                let marker = &self.env.settings.runner_marker;
+                for r in &runners {
+                    if leftovers::is_own_runner(r, marker)
+                        && r.status != "active"
+                        && !self.env.leftovers.runner_is_live(&r.name)
+                    {
+                        self.env.leftovers.add(Chore::DeleteRunner {
+                            id: r.id,
+                            name: r.name.clone(),
+                        });
+                    }
+                }
                 let fleet = runners
                     .iter()
                     .filter_map(|r| {
@@ -587,6 +601,13 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
              Forgejo need a shared key file (README.md, \"Several hosts\")"
         );
     }
+    let older = creds.users_on_older_keys().await;
+    if older > 0 {
+        tracing::warn!(
+            "{older} CI user(s) in {} have a password the first key of forgejo.ci_password_key_file does not derive; each moves to it at its next job once its old key is dropped from the key file",
+            cfg.ci_users_path().display()
+        );
+    }
     let runner_marker = runner_marker(&cfg.host_id);
     // The network part of the sweep removes our nftables table: sweep first, then set up.
     // Versions before host ids marked runners with the full hostname: sweep those too.
@@ -626,7 +647,22 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
             gone_grace: job::GONE_GRACE,
         },
         handover: CancellationToken::new(),
+        leftovers: Leftovers::default(),
     });
+    // Failed revocations and deletions, and lost creations, are retried while the daemon runs.
+    let reaper = {
+        let env = env.clone();
+        tokio::spawn(async move {
+            leftovers::reap(
+                &env.forge,
+                &env.leftovers,
+                &env.settings.runner_marker,
+                &env.metrics,
+                &env.board,
+            )
+            .await;
+        })
+    };
 
     board.set_ready(true);
     ops::systemd::ready("ready: 0 running, 0 queued");
@@ -744,6 +780,12 @@ pub async fn run(cfg: Config) -> Result<(), crate::Error> {
                 }
             }
         }
+    }
+    reaper.abort();
+    let _ = reaper.await;
+    let left = env.leftovers.pending();
+    if left > 0 {
+        tracing::warn!("exiting with {left} cleanup step(s) on Forgejo not done; the next start's sweep does them");
     }
     tracing::info!("all VMs are gone; exiting");
     services.stop().await;

@@ -25,6 +25,7 @@ use url::Url;
 
 use super::claim::{self, ClaimBook, Decision};
 use super::credentials::{CredentialError, TokenRef};
+use super::leftovers::{self, Chore, Leftovers};
 use super::pool::{self, WarmVm};
 use super::ports::{Forge, Network, RunningVm, Started, Vms};
 use super::queue::Queued;
@@ -50,6 +51,8 @@ pub(crate) struct JobEnv<F, N, V> {
     /// Cancelled when the daemon hands its VMs over to its successor (`fkr-qemu handover`): every
     /// job lets go of its VM and of what it holds, all left running for the next daemon.
     pub handover: CancellationToken,
+    /// The names live jobs hold, and what failed releases left (retried in the background).
+    pub leftovers: Leftovers,
 }
 
 /// The configuration one job reads.
@@ -77,6 +80,15 @@ pub(crate) struct JobSettings {
     pub gone_grace: Duration,
 }
 
+impl JobSettings {
+    /// This host's id, from its runner marker `fkr-qemu@<host_id>`.
+    pub fn host_id(&self) -> &str {
+        self.runner_marker
+            .strip_prefix(claim::MARKER_PREFIX)
+            .unwrap_or(&self.runner_marker)
+    }
+}
+
 /// What discovery last saw of an in-flight job in Forgejo's job list (scheduler → job).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Listed {
@@ -86,6 +98,9 @@ pub(crate) enum Listed {
     Running,
     /// No longer listed, never seen running: another runner ran it, or it was cancelled.
     Gone,
+    /// No longer listed after it was seen running: its runner reported, or it was cancelled.
+    /// The job is over; only its VM may still be there.
+    Finished,
 }
 
 impl Listed {
@@ -98,10 +113,11 @@ impl Listed {
         }
     }
 
-    /// The state after a new listing saw `seen`: running is for good (a job this host's runner
-    /// finished leaves the list too), and only a job never seen running can be gone.
+    /// The state after a new listing saw `seen`: a running job that leaves the list is finished
+    /// (for good), and only a job never seen running can be gone.
     pub(crate) fn after(self, seen: Listed) -> Listed {
         match (self, seen) {
+            (Listed::Finished, _) | (Listed::Running, Listed::Gone) => Listed::Finished,
             (Listed::Running, _) | (_, Listed::Running) => Listed::Running,
             (Listed::Gone, _) | (_, Listed::Gone) => Listed::Gone,
             _ => Listed::Waiting,
@@ -189,8 +205,13 @@ impl Held {
 }
 
 /// Releases everything in `held`, each step regardless of the others; returns how many failed
-/// (each is logged; the startup sweep finds what is left). The one release path.
-pub(crate) async fn release<F: Forge>(forge: &F, vm: &VmName, mut held: Held) -> usize {
+/// (each is logged and left to the background cleanup, [`Leftovers`]). The one release path.
+pub(crate) async fn release<F: Forge>(
+    forge: &F,
+    own: &Leftovers,
+    vm: &VmName,
+    mut held: Held,
+) -> usize {
     // Network first and synchronously: nothing below may keep a tap alive.
     drop(held.net.take());
     let mut failed = 0;
@@ -198,7 +219,8 @@ pub(crate) async fn release<F: Forge>(forge: &F, vm: &VmName, mut held: Held) ->
         match forge.revoke_token(&t).await {
             Ok(_) => tracing::debug!(vm = %vm, "revoked token {}", t.name),
             Err(e) => {
-                tracing::warn!(vm = %vm, "cannot revoke token {} of {}: {e} (left for the startup sweep)", t.name, t.user.username);
+                tracing::warn!(vm = %vm, "cannot revoke token {} of {}: {e}", t.name, t.user.username);
+                own.add(Chore::RevokeToken(t));
                 failed += 1;
             }
         }
@@ -208,7 +230,11 @@ pub(crate) async fn release<F: Forge>(forge: &F, vm: &VmName, mut held: Held) ->
             Ok(true) => tracing::debug!(vm = %vm, "deleted runner {id}"),
             Ok(false) => tracing::debug!(vm = %vm, "runner {id} was already gone"),
             Err(e) => {
-                tracing::warn!(vm = %vm, "cannot delete runner {id}: {e} (left for the startup sweep)");
+                tracing::warn!(vm = %vm, "cannot delete runner {id}: {e}");
+                own.add(Chore::DeleteRunner {
+                    id,
+                    name: vm.to_string(),
+                });
                 failed += 1;
             }
         }
@@ -216,12 +242,16 @@ pub(crate) async fn release<F: Forge>(forge: &F, vm: &VmName, mut held: Held) ->
     failed
 }
 
-/// The job's registry login: its CI user and a fresh `orch-…` token whose scopes follow the
-/// token policy; `None` when the policy gives no token (then no CI user is needed either). The
-/// token goes into `held` at once, so every later failure revokes it.
+/// The job's registry login: its CI user and a fresh `orch-<job>-<host_id>-…` token whose scopes
+/// follow the token policy; `None` when the policy gives no token (then no CI user is needed
+/// either). The token's name is held live in `own` before it is minted, and the token goes into
+/// `held` at once, so every later failure revokes it; a mint whose answer may have been lost
+/// leaves a look for it to the background cleanup.
 pub(crate) async fn registry_login<F: Forge>(
     forge: &F,
     metrics: &Metrics,
+    own: &Leftovers,
+    host_id: &str,
     job: &Job,
     repo: &Repository,
     held: &mut Held,
@@ -237,10 +267,18 @@ pub(crate) async fn registry_login<F: Forge>(
     };
     let user = forge.ci_user(repo).await.map_err(StepError::CiUser)?;
     crate::failpoint::crash_point("after-ci-user");
-    let (token, secret) = forge
-        .mint_token(&user, job.id, scopes)
-        .await
-        .map_err(StepError::Token)?;
+    let name = forgejo::host_token_name(host_id, job.id);
+    own.hold_token(&name);
+    let (token, secret) = match forge.mint_token(&user, &name, scopes).await {
+        Ok(minted) => minted,
+        Err(e) => {
+            if matches!(&e, CredentialError::Forgejo(f) if f.is_transient()) {
+                own.add(Chore::FindTokens(user));
+            }
+            own.let_go(None, Some(&name));
+            return Err(StepError::Token(e));
+        }
+    };
     let username = token.user.username.clone();
     held.token = Some(token);
     crate::failpoint::crash_point("after-token");
@@ -255,13 +293,49 @@ async fn look_at_claims<F: Forge, N: Network, V: Vms>(
     mine: i64,
 ) -> Result<(Decision, Vec<claim::Claim>), StepError> {
     let asked = Instant::now();
-    let runners = env.forge.runners().await.map_err(StepError::Claim)?;
+    let mut runners = env.forge.runners().await.map_err(StepError::Claim)?;
+    drop_own_leftovers(env, &mut runners, mine).await;
     let claims = claim::claims_on(&runners, job.id);
     let now = Instant::now();
     env.claims.forget_unlisted(&runners, asked);
     env.claims.saw(&claims, now);
     let decision = claim::decide(mine, &claims, |c| env.claims.is_stale(c, now));
     Ok((decision, claims))
+}
+
+/// Deletes (and removes from `runners`) this host's runners that no live job holds: a claim of an
+/// earlier attempt whose registration answer was lost, or whose deletion failed. They are this
+/// host's leftovers, never another host's claim to wait for.
+async fn drop_own_leftovers<F: Forge, N: Network, V: Vms>(
+    env: &JobEnv<F, N, V>,
+    runners: &mut Vec<forgejo::Runner>,
+    mine: i64,
+) {
+    let marker = &env.settings.runner_marker;
+    let (leftover, keep): (Vec<_>, Vec<_>) = std::mem::take(runners).into_iter().partition(|r| {
+        r.id != mine
+            && leftovers::is_own_runner(r, marker)
+            && r.status != "active"
+            && !env.leftovers.runner_is_live(&r.name)
+    });
+    *runners = keep;
+    for r in leftover {
+        tracing::info!(
+            "runner {} ({}) is this host's and no job holds it: deleting it",
+            r.name,
+            r.id
+        );
+        match env.forge.delete_runner(r.id).await {
+            Ok(_) => env.claims.forget(r.id),
+            Err(e) => {
+                tracing::warn!("cannot delete runner {} ({}): {e}", r.name, r.id);
+                env.leftovers.add(Chore::DeleteRunner {
+                    id: r.id,
+                    name: r.name,
+                });
+            }
+        }
+    }
 }
 
 /// Decides whether this host runs the job (see `claim.rs`): ours when our claim `mine` is the
@@ -368,6 +442,8 @@ pub(crate) struct JobRun<F: Forge, N: Network, V: Vms> {
     discarding: Option<tokio::task::JoinHandle<()>>,
     /// Dispatch on the host's wall clock (ms), for the bind latency against the guest's stamp.
     dispatched_unix_ms: i64,
+    /// The runner name this job holds live in `env.leftovers` (let go after the release).
+    live_runner: Option<String>,
 }
 
 impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
@@ -393,19 +469,39 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             warm,
             discarding: None,
             dispatched_unix_ms: crate::vm::agent::unix_ms_now(),
+            live_runner: None,
         }
     }
 
-    /// Forgejo no longer lists the job and its runner never took it: says so, and returns the
-    /// grace after which the VM is stopped unless it powered off by itself.
-    fn job_gone(&self, grace: Duration) -> std::pin::Pin<Box<tokio::time::Sleep>> {
-        tracing::info!(
-            vm = %self.name,
-            "job {}: Forgejo no longer lists it (another runner ran it, or it was cancelled) and its runner never took it; stopping VM {} unless it powers off within {}s",
-            self.job.id,
-            self.name,
-            grace.as_secs()
-        );
+    /// Forgejo no longer lists the job (`picked_up`: after it was seen running): the job is over,
+    /// whoever ran it. Its token and runner are released at once — a guest that does not power
+    /// off must not keep them — and the returned grace is the VM's to power off by itself before
+    /// it is stopped.
+    async fn job_over(&mut self, picked_up: bool) -> std::pin::Pin<Box<tokio::time::Sleep>> {
+        let grace = self.env.settings.gone_grace;
+        if picked_up {
+            tracing::info!(
+                vm = %self.name,
+                "job {}: Forgejo shows it finished; revoking its token, stopping VM {} unless it powers off within {}s",
+                self.job.id,
+                self.name,
+                grace.as_secs()
+            );
+        } else {
+            tracing::info!(
+                vm = %self.name,
+                "job {}: Forgejo no longer lists it (another runner ran it, or it was cancelled) and its runner never took it; stopping VM {} unless it powers off within {}s",
+                self.job.id,
+                self.name,
+                grace.as_secs()
+            );
+        }
+        let early = Held {
+            token: self.held.token.take(),
+            runner: self.held.runner.take(),
+            net: None,
+        };
+        release(&self.env.forge, &self.env.leftovers, &self.name, early).await;
         Box::pin(tokio::time::sleep(grace))
     }
 
@@ -459,11 +555,19 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             v.repo.clone_from(&repo.name);
         });
         tokio::time::sleep(claim_delay).await;
-        let runner = self.register_runner(&repo).await?;
+        let mut runner = self.register_runner(&repo).await?;
         crate::failpoint::crash_point("after-runner");
         // The CI user and its token are made while the claim settles (`claim::SETTLE`): they are
         // off the critical path of a warm bind. A lost claim's token is revoked like any other.
-        let login = registry_login(&env.forge, &env.metrics, &self.job, &repo, &mut self.held);
+        let login = registry_login(
+            &env.forge,
+            &env.metrics,
+            &env.leftovers,
+            env.settings.host_id(),
+            &self.job,
+            &repo,
+            &mut self.held,
+        );
         let confirm = self.warm.is_none();
         let claimed = claim_job(&env, &self.job, &self.name, runner.id, confirm, login).await?;
         let registry = match claimed {
@@ -488,7 +592,11 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         if let Some(warm) = self.warm.take() {
             match self.bind(warm, &repo, &runner, registry.as_ref()).await? {
                 Some(vm) => return Ok(Some(vm)),
-                None => self.rename_for_cold_boot(&repo),
+                None => {
+                    // The warm VM's registration is gone: the cold VM gets a runner of its own.
+                    self.rename_for_cold_boot(&repo);
+                    runner = self.register_runner(&repo).await?;
+                }
             }
         }
         env.metrics.job_started(StartPath::Cold);
@@ -599,7 +707,25 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                     self.job.id,
                     self.name
                 );
-                // The payload may have reached the guest: the VM is stopped, never given back.
+                // The payload may have reached the guest, and its runner may still start: its
+                // registration goes first, so that it cannot fetch the job's task; then the VM is
+                // stopped, never given back.
+                if let Some(id) = self.held.runner.take() {
+                    match env.forge.delete_runner(id).await {
+                        Ok(_) => {
+                            tracing::debug!(vm = %self.name, "deleted runner {id} of the silent warm VM")
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %self.name, "cannot delete runner {id} of the silent warm VM: {e}");
+                            env.leftovers.add(Chore::DeleteRunner {
+                                id,
+                                name: self.name.to_string(),
+                            });
+                        }
+                    }
+                }
+                env.leftovers
+                    .let_go(self.live_runner.take().as_deref(), None);
                 warm.vm.stop_token().cancel();
                 self.discarding = Some(tokio::spawn(pool::discard(
                     &env,
@@ -612,7 +738,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
     }
 
     /// After a failed bind the job boots cold under a fresh VM name (the discarded warm VM still
-    /// holds its own); its runner keeps the warm VM's name.
+    /// holds its own), with a runner registered under that name.
     fn rename_for_cold_boot(&mut self, repo: &Repository) {
         let old = std::mem::replace(&mut self.name, VmName::generate());
         self.env.board.vm_removed(old.as_str());
@@ -633,12 +759,23 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             "{} job {} {}/{}",
             self.env.settings.runner_marker, self.job.id, repo.owner, repo.name
         );
-        let runner = self
+        // Held live before the request: its answer may be lost while Forgejo registers it.
+        self.env.leftovers.hold_runner(self.name.as_str());
+        self.live_runner = Some(self.name.to_string());
+        let runner = match self
             .env
             .forge
             .register_runner(&self.name, &description)
             .await
-            .map_err(StepError::Runner)?;
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if e.is_transient() {
+                    self.env.leftovers.add(Chore::FindRunners);
+                }
+                return Err(StepError::Runner(e));
+            }
+        };
         self.held.runner = Some(runner.id);
         Ok(runner)
     }
@@ -715,14 +852,20 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         // Forgejo no longer lists the job: a grace for the VM to power off by itself, then stop.
         let mut gone_grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let mut gone_stop = false;
-        match *picked_up_rx.borrow_and_update() {
+        // Forgejo no longer lists the job: it is over.
+        let mut over = false;
+        let listed = *picked_up_rx.borrow_and_update();
+        match listed {
             // Known from the start (a job taken over while its runner works).
-            Listed::Running => {
+            Listed::Running | Listed::Finished => {
                 picked_up = true;
                 self.enter(JobState::Running);
             }
-            Listed::Gone => gone_grace = Some(self.job_gone(env.settings.gone_grace)),
-            Listed::Waiting => {}
+            Listed::Gone | Listed::Waiting => {}
+        }
+        if matches!(listed, Listed::Gone | Listed::Finished) {
+            over = true;
+            gone_grace = Some(self.job_over(picked_up).await);
         }
         let exit = loop {
             tokio::select! {
@@ -737,27 +880,31 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                         env.metrics.observe_prepare(now.duration_since(self.dispatched));
                     }
                 }
-                changed = picked_up_rx.changed(), if !picked_up => {
+                changed = picked_up_rx.changed(), if !over => {
                     let listed = changed.map(|()| *picked_up_rx.borrow());
-                    match listed {
-                        Ok(Listed::Running) => {
-                            picked_up = true;
-                            self.enter(JobState::Running);
-                            if let Some(ready) = qmp_ready.filter(|_| !self.adopted) {
-                                env.metrics.observe_boot(ready.elapsed());
-                            }
-                            tracing::info!(vm = %name, "job {job_id} picked up by its runner");
+                    if matches!(listed, Ok(Listed::Running | Listed::Finished)) && !picked_up {
+                        picked_up = true;
+                        self.enter(JobState::Running);
+                        if let Some(ready) = qmp_ready.filter(|_| !self.adopted) {
+                            env.metrics.observe_boot(ready.elapsed());
                         }
-                        Ok(Listed::Gone) if gone_grace.is_none() => {
-                            gone_grace = Some(self.job_gone(env.settings.gone_grace));
+                        tracing::info!(vm = %name, "job {job_id} picked up by its runner");
+                    }
+                    match listed {
+                        Ok(Listed::Gone | Listed::Finished) => {
+                            over = true;
+                            gone_grace = Some(self.job_over(picked_up).await);
                         }
                         Ok(_) => {}
                         // The scheduler is gone (daemon exiting): nothing more to learn.
-                        Err(_) => picked_up = true,
+                        Err(_) => {
+                            picked_up = true;
+                            over = true;
+                        }
                     }
                 }
-                () = async { gone_grace.as_mut().expect("guarded").await }, if gone_grace.is_some() && !picked_up && !gone_stop => {
-                    tracing::info!(vm = %name, "job {job_id}: stopping VM {name}: its job is gone and it did not power off");
+                () = async { gone_grace.as_mut().expect("guarded").await }, if gone_grace.is_some() && !gone_stop => {
+                    tracing::info!(vm = %name, "job {job_id}: stopping VM {name}: its job is over and it did not power off");
                     gone_stop = true;
                     vm_stop.cancel();
                 }
@@ -811,7 +958,11 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
                     other => tracing::debug!(vm = %name, "VM outcome: {other:?}"),
                 }
                 if gone_stop && matches!(exit.outcome, Outcome::HostStopped { .. }) {
-                    JobOutcome::Gone
+                    if picked_up {
+                        JobOutcome::Overstayed
+                    } else {
+                        JobOutcome::Gone
+                    }
                 } else {
                     outcome_of(&exit.outcome, picked_up, boot_timeout)
                 }
@@ -859,7 +1010,16 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         let (name, job_id, outcome) = (self.name.clone(), self.job.id, s.outcome);
         self.enter(JobState::Cleaning);
         let ended = Instant::now();
-        let failed = release(&env.forge, &name, std::mem::take(&mut self.held)).await;
+        let token_name = self.held.token.as_ref().map(|t| t.name.clone());
+        let failed = release(
+            &env.forge,
+            &env.leftovers,
+            &name,
+            std::mem::take(&mut self.held),
+        )
+        .await;
+        env.leftovers
+            .let_go(self.live_runner.take().as_deref(), token_name.as_deref());
         if let Some(d) = self.discarding.take() {
             // The warm VM that did not acknowledge: gone before the job counts as done.
             if let Err(e) = d.await {
@@ -874,7 +1034,10 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
         self.enter(
             if matches!(
                 outcome,
-                JobOutcome::Completed | JobOutcome::ClaimedElsewhere | JobOutcome::Gone
+                JobOutcome::Completed
+                    | JobOutcome::ClaimedElsewhere
+                    | JobOutcome::Gone
+                    | JobOutcome::Overstayed
             ) {
                 JobState::Done
             } else {
@@ -889,7 +1052,7 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
             "job {job_id}: {} ({}), cleanup {}",
             self.state,
             outcome.as_str(),
-            if failed == 0 { "complete".to_owned() } else { format!("left {failed} step(s) for the sweep") }
+            if failed == 0 { "complete".to_owned() } else { format!("left {failed} step(s) to the background cleanup") }
         );
         // Not the job's fault: the accelerator that `auto` picked failed. KVM is marked broken
         // now, so the next VM of this job runs under TCG.
@@ -912,6 +1075,9 @@ impl<F: Forge, N: Network, V: Vms> JobRun<F, N, V> {
 impl<F: Forge, N: Network, V: Vms> Drop for JobRun<F, N, V> {
     fn drop(&mut self) {
         if self.held.is_empty() {
+            if let Some(r) = self.live_runner.take() {
+                self.env.leftovers.let_go(Some(&r), None);
+            }
             return;
         }
         // Only reached when the job's task was cancelled or panicked before `finish`.
@@ -928,9 +1094,15 @@ impl<F: Forge, N: Network, V: Vms> Drop for JobRun<F, N, V> {
             runner,
             net: None,
         };
+        let live_runner = self.live_runner.take();
+        let token_name = held.token.as_ref().map(|t| t.name.clone());
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move { release(&env.forge, &name, held).await });
+                rt.spawn(async move {
+                    release(&env.forge, &env.leftovers, &name, held).await;
+                    env.leftovers
+                        .let_go(live_runner.as_deref(), token_name.as_deref());
+                });
             }
             Err(_) => {
                 tracing::warn!(vm = %name, "no runtime left to revoke the token and delete the runner; the startup sweep will")
@@ -1011,6 +1183,12 @@ pub(crate) async fn run_adopted<F: Forge, N: Network, V: Vms>(
     let mut job = JobRun::new(env.clone(), a.job, Instant::now(), None);
     job.name = a.name;
     job.held = a.held;
+    // Its runner (named after the VM) and token are a live job's, not leftovers.
+    env.leftovers.hold_runner(job.name.as_str());
+    job.live_runner = Some(job.name.to_string());
+    if let Some(t) = &job.held.token {
+        env.leftovers.hold_token(&t.name);
+    }
     job.launched = true;
     job.adopted = true;
     job.enter(JobState::Preparing);
@@ -1051,7 +1229,9 @@ fn outcome_of(exit: &Outcome, picked_up: bool, boot_timeout: bool) -> JobOutcome
 
 fn removal_reason(o: JobOutcome) -> RemovalReason {
     match o {
-        JobOutcome::Completed | JobOutcome::Crashed | JobOutcome::Gone => RemovalReason::JobDone,
+        JobOutcome::Completed | JobOutcome::Crashed | JobOutcome::Gone | JobOutcome::Overstayed => {
+            RemovalReason::JobDone
+        }
         JobOutcome::Deadline => RemovalReason::Deadline,
         JobOutcome::BootFailure
         | JobOutcome::PrepareFailed

@@ -49,6 +49,8 @@ struct FakeForge {
     tokens: Mutex<BTreeSet<i64>>,
     /// Runner id → description (this host's registrations and other hosts' claims).
     runners: Mutex<std::collections::BTreeMap<i64, (String, &'static str)>>,
+    /// Runner id → the name it was registered under (else `fr-<id>`).
+    names: Mutex<std::collections::HashMap<i64, String>>,
     /// Handles Forgejo no longer lists as waiting.
     gone: Mutex<HashSet<String>>,
     /// Every call, in order.
@@ -120,7 +122,7 @@ impl Forge for FakeForge {
     async fn mint_token(
         &self,
         user: &CiUserRef,
-        job_id: i64,
+        name: &str,
         _scopes: &'static [&'static str],
     ) -> Result<(TokenRef, Secret), CredentialError> {
         if self.call("mint_token", Step::Token) {
@@ -131,7 +133,7 @@ impl Forge for FakeForge {
         let token = TokenRef {
             user: user.clone(),
             id,
-            name: format!("orch-{job_id}-test"),
+            name: name.to_owned(),
         };
         Ok((token, Secret::new(format!("registry-secret-{id}"))))
     }
@@ -156,6 +158,7 @@ impl Forge for FakeForge {
             .lock()
             .unwrap()
             .insert(id, (_description.to_owned(), "offline"));
+        self.names.lock().unwrap().insert(id, name.to_string());
         Ok(RegisteredRunner {
             id,
             uuid: format!("uuid-{name}"),
@@ -190,7 +193,13 @@ impl Forge for FakeForge {
             .map(|(id, (description, status))| forgejo::Runner {
                 id: *id,
                 uuid: String::new(),
-                name: format!("fr-{id:08x}"),
+                name: self
+                    .names
+                    .lock()
+                    .unwrap()
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("fr-{id:08x}")),
                 description: description.clone(),
                 owner_id: 0,
                 repo_id: 0,
@@ -416,6 +425,7 @@ fn env_claims(
         metrics,
         claims: ClaimBook::new(claim_timeout),
         handover: CancellationToken::new(),
+        leftovers: Default::default(),
         settings: JobSettings {
             label: "external-host".into(),
             runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
@@ -1017,6 +1027,7 @@ fn emulator_hosts(
                 metrics,
                 claims: ClaimBook::new(Duration::from_secs(600)),
                 handover: CancellationToken::new(),
+                leftovers: Default::default(),
                 settings: JobSettings {
                     label: "external-host".into(),
                     runner_url: "http://10.88.0.1:3000/".parse().unwrap(),
@@ -1141,7 +1152,7 @@ async fn claim_cost() {
         let lost = !matches!(claimed.unwrap(), Claimed::Ours(()));
         let took = t.elapsed();
         let held = std::mem::take(&mut run.held);
-        release(&env.forge, &run.name, held).await;
+        release(&env.forge, &env.leftovers, &run.name, held).await;
         (took, !lost)
     }
     let stats = |mut v: Vec<Duration>| {
@@ -1477,6 +1488,19 @@ async fn a_warm_vm_that_does_not_acknowledge_is_stopped_and_the_job_boots_cold()
     assert_ne!(cold.name, warm_name);
     assert_eq!(cold.job_id, 22);
     assert!(cold.user_data.contains(userdata::RUNNER_TOKEN_PATH));
+    // A runner of its own: the silent VM's registration is deleted, so a late runner there
+    // cannot fetch the job's task.
+    assert!(
+        cold.user_data.contains(&format!("uuid-{}", cold.name)),
+        "{}",
+        cold.user_data
+    );
+    assert!(!cold.user_data.contains(&format!("uuid-{warm_name}")));
+    assert_eq!(
+        env.forge.live().1,
+        1,
+        "the warm VM's runner is still registered"
+    );
     assert!(agent.await.unwrap().last().is_some_and(|l| l == "END"));
     picked_up.send_replace(Listed::Running);
     cold.end(Outcome::GuestPoweredOff);
@@ -1542,7 +1566,7 @@ async fn a_job_whose_payload_cannot_be_made_leaves_its_warm_vm_untouched() {
 // --- a job Forgejo no longer lists -----------------------------------------------------------
 
 #[test]
-fn listed_running_is_for_good_and_only_a_job_never_seen_running_is_gone() {
+fn listed_running_then_unlisted_is_finished_and_only_a_job_never_seen_running_is_gone() {
     use Listed::*;
     let (mut waiting, mut running) = (job(1), job(2));
     waiting.status = JobStatus::Waiting;
@@ -1556,8 +1580,11 @@ fn listed_running_is_for_good_and_only_a_job_never_seen_running_is_gone() {
         (Waiting, Waiting, Waiting),
         (Waiting, Running, Running),
         (Waiting, Gone, Gone),
-        // A job this host's runner finished leaves the list too: still picked up.
-        (Running, Gone, Running),
+        // A running job that leaves the list is finished, for good.
+        (Running, Gone, Finished),
+        (Finished, Running, Finished),
+        (Finished, Gone, Finished),
+        (Finished, Waiting, Finished),
         (Running, Waiting, Running),
         (Gone, Waiting, Gone),
         (Gone, Running, Running),
@@ -1595,4 +1622,63 @@ async fn a_vm_whose_job_is_gone_and_that_powers_off_by_itself_completed() {
     assert_eq!(report.outcome, JobOutcome::Completed);
     assert!(!vm.stop.is_cancelled(), "a VM that powered off was stopped");
     assert_released(&env);
+}
+
+#[tokio::test]
+async fn a_vm_that_stays_up_after_its_job_finished_loses_its_token_at_once_and_is_stopped() {
+    let env = env();
+    let (task, listed, _stop) = start(&env, job(33));
+    let vm = env.vms.next().await;
+    listed.send_replace(Listed::Running);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(env.forge.live(), (1, 1), "a running job keeps its token");
+    // Its runner reported: Forgejo no longer lists the job. The guest ignores power-off.
+    listed.send_replace(Listed::Finished);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        env.forge.live(),
+        (0, 0),
+        "token and runner released before the grace ends"
+    );
+    assert!(!vm.stop.is_cancelled(), "stopped before its grace");
+    let report = task.await.unwrap();
+    assert!(vm.stop.is_cancelled(), "the VM outlived its job");
+    assert_eq!(report.outcome, JobOutcome::Overstayed);
+    assert!(report.picked_up);
+    assert_released(&env);
+}
+
+#[tokio::test]
+async fn a_claim_of_this_host_that_no_job_holds_is_deleted_and_does_not_stop_the_job() {
+    // An earlier attempt's registration whose answer was lost: Forgejo has the runner, no job of
+    // this host holds it. It is this host's leftover, not another host's claim to wait for.
+    let env = env();
+    let leftover = env.forge.foreign_claim("test", 17, "offline");
+    let (task, listed, _stop) = start(&env, job(17));
+    let mut vm = env.vms.next().await;
+    assert!(
+        !env.forge.runners.lock().unwrap().contains_key(&leftover),
+        "the leftover claim is still there"
+    );
+    listed.send_replace(Listed::Running);
+    vm.end(Outcome::GuestPoweredOff);
+    let report = task.await.unwrap();
+    assert_eq!(report.outcome, JobOutcome::Completed);
+    assert_released(&env);
+}
+
+#[tokio::test]
+async fn failed_releases_are_left_to_the_background_cleanup() {
+    let env = env();
+    env.forge
+        .fail
+        .lock()
+        .unwrap()
+        .extend([Step::Revoke, Step::DeleteRunner]);
+    let (task, listed, _stop) = start(&env, job(18));
+    let mut vm = env.vms.next().await;
+    listed.send_replace(Listed::Running);
+    vm.end(Outcome::GuestPoweredOff);
+    task.await.unwrap();
+    assert_eq!(env.leftovers.pending(), 2, "a revocation and a deletion");
 }

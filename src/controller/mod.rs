@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod duration;
 mod job;
 mod joblist;
+mod leftovers;
 mod pacing;
 mod pool;
 mod ports;
@@ -38,9 +39,10 @@ pub enum Error {
         path: PathBuf,
         error: std::io::Error,
     },
-    /// A password key file others may read: anyone who reads it can log in as every CI user.
-    #[error("the key file {path} is readable by others: chmod 0600 it (or 0640 for a group of its own)", path = .path.display())]
-    KeyFileReadable { path: PathBuf },
+    /// A password key file someone but root may read or change: whoever reads it can log in as
+    /// every CI user, whoever writes it can make every host set passwords they know.
+    #[error("the key file {path} {why}: it must be owned by root and readable and writable by root alone (chown root:root, chmod 0600)", path = .path.display())]
+    KeyFileUnsafe { path: PathBuf, why: String },
     #[error("the key file {path} holds no key (one key per line)", path = .path.display())]
     KeyFileEmpty { path: PathBuf },
     #[error("state file {path} is corrupt ({message}); fix or move it away", path = .path.display())]
@@ -80,7 +82,7 @@ impl Error {
             Error::TokenScopesUnreadable { .. }
             | Error::TokenListRefused { .. }
             | Error::TokenScopesMissing { .. } => ErrorClass::Forgejo,
-            Error::KeyFileReadable { .. } | Error::KeyFileEmpty { .. } => ErrorClass::Config,
+            Error::KeyFileUnsafe { .. } | Error::KeyFileEmpty { .. } => ErrorClass::Config,
             Error::Io { .. } | Error::StateCorrupt { .. } => ErrorClass::Runtime,
         }
     }

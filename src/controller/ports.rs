@@ -38,11 +38,11 @@ pub(crate) trait Forge: Send + Sync + 'static {
         &self,
         repo: &Repository,
     ) -> impl Future<Output = Result<CiUserRef, CredentialError>> + Send;
-    /// A fresh `orch-<job>-…` token of `user` with `scopes`.
+    /// A fresh token of `user` named `name` (`orch-<job>-<host_id>-…`) with `scopes`.
     fn mint_token(
         &self,
         user: &CiUserRef,
-        job_id: i64,
+        name: &str,
         scopes: &'static [&'static str],
     ) -> impl Future<Output = Result<(TokenRef, Secret), CredentialError>> + Send;
     /// Revokes a token; `false` when it was already gone.
@@ -84,10 +84,10 @@ impl Forge for Credentials {
     async fn mint_token(
         &self,
         user: &CiUserRef,
-        job_id: i64,
+        name: &str,
         scopes: &'static [&'static str],
     ) -> Result<(TokenRef, Secret), CredentialError> {
-        Credentials::mint_token(self, user, job_id, scopes).await
+        Credentials::mint_token(self, user, name, scopes).await
     }
 
     async fn revoke_token(&self, token: &TokenRef) -> Result<bool, CredentialError> {

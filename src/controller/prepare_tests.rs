@@ -126,7 +126,13 @@ impl Res {
     /// Returns how many release steps failed.
     async fn release(&mut self) -> usize {
         let vm = crate::types::VmName::generate();
-        release(&*self.ctx, &vm, std::mem::take(&mut self.held)).await
+        release(
+            &*self.ctx,
+            &Default::default(),
+            &vm,
+            std::mem::take(&mut self.held),
+        )
+        .await
     }
 }
 
@@ -135,7 +141,16 @@ impl Res {
 async fn login(ctx: &Arc<Ctx>, job: &Job) -> (Result<Option<(String, Secret)>, StepError>, Res) {
     let mut held = Held::default();
     let r = repo(ctx, job.repo_id).await;
-    let out = registry_login(&**ctx, &ctx.metrics, job, &r, &mut held).await;
+    let out = registry_login(
+        &**ctx,
+        &ctx.metrics,
+        &Default::default(),
+        &ctx.host_id,
+        job,
+        &r,
+        &mut held,
+    )
+    .await;
     (
         out,
         Res {
@@ -285,34 +300,100 @@ async fn a_recreated_repository_does_not_inherit_the_renamed_ones_ci_user() {
     res.release().await;
 }
 
-#[tokio::test]
-async fn a_squatter_with_the_name_and_the_derived_email_is_never_adopted() {
-    let w = world().await;
-    // A stranger signs up first with the CI user's name and exactly the address fkr-qemu derives.
-    w.emu.register_user(
-        "acme-web-ci",
-        "acme-web-ci@fkr-qemu.invalid",
-        "squatter-password",
-    );
-    let added = w.emu.add_job("acme/web", &["external-host"], "build");
-    let (out, _res) = login(&w.ctx, &job_of(&added, false)).await;
-    let e = out.unwrap_err().to_string();
-    assert!(
-        e.contains("CI user acme-web-ci for acme/web")
-            && e.contains("never takes over")
-            && e.contains("DELETE /api/v1/admin/users/acme-web-ci"),
-        "{e}"
-    );
-    assert!(!e.contains("squatter-password"), "{e}");
-    // Untouched: same password, no token, nothing stored.
-    let (pw, tokens) = w.emu.with_state(|s| {
-        let u = s.user_by_login("acme-web-ci").unwrap();
+/// The squatter's account is untouched: same password, no token.
+fn assert_untouched(emu: &Emulator, login: &str) {
+    let (pw, tokens) = emu.with_state(|s| {
+        let u = s.user_by_login(login).unwrap();
         (
             u.password.clone(),
             s.tokens.iter().filter(|t| t.user_id == u.id).count(),
         )
     });
     assert_eq!((pw.as_str(), tokens), ("squatter-password", 0));
+}
+
+/// A squatter blocks no repository while the other, injective name (`<stem>-<repo id>_ci`) is
+/// free: the job gets a CI user and a token under that name, the squatter's account stays as it is.
+async fn squatted_then_fallback(squat: impl FnOnce(&Emulator)) {
+    let w = world().await;
+    squat(&w.emu);
+    let added = w.emu.add_job("acme/web", &["external-host"], "build");
+    let fallback = super::ciuser::id_username("acme", "web", added.repo_id);
+    let (out, mut res) = login(&w.ctx, &job_of(&added, false)).await;
+    let (user, token) = out.unwrap().expect("a login");
+    assert_eq!(user, fallback);
+    assert!(!token.expose().is_empty());
+    assert_eq!(w.emu.token_names(&fallback).len(), 1);
+    let stored = w
+        .ctx
+        .users
+        .lock()
+        .await
+        .get(added.repo_id)
+        .cloned()
+        .unwrap();
+    assert_eq!(stored.username, fallback);
+    let marked = w
+        .emu
+        .with_state(|s| s.user_by_login(&fallback).unwrap().login_name.clone());
+    assert_eq!(marked, marker(added.repo_id));
+    assert_eq!(refusals(&w.ctx), "fkr_qemu_ci_user_refusals_total 0");
+    assert_eq!(res.release().await, 0);
+}
+
+#[tokio::test]
+async fn a_squatter_on_the_ci_users_name_is_never_adopted_and_the_other_name_is_used() {
+    squatted_then_fallback(|emu| {
+        // A stranger signs up first with the CI user's name and exactly the address fkr-qemu
+        // derives.
+        emu.register_user(
+            "acme-web-ci",
+            "acme-web-ci@fkr-qemu.invalid",
+            "squatter-password",
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_squatter_on_the_ci_users_email_is_never_adopted_and_the_other_name_is_used() {
+    squatted_then_fallback(|emu| {
+        // Another name, but the address fkr-qemu derives for the first name.
+        emu.register_user(
+            "mallory",
+            "acme-web-ci@fkr-qemu.invalid",
+            "squatter-password",
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn squatters_on_both_names_are_refused_and_never_adopted() {
+    let w = world().await;
+    let repo_id = w.emu.add_repo("acme", "web");
+    let fallback = super::ciuser::id_username("acme", "web", repo_id);
+    w.emu.register_user(
+        "acme-web-ci",
+        "acme-web-ci@fkr-qemu.invalid",
+        "squatter-password",
+    );
+    w.emu
+        .register_user(&fallback, "mallory2@example.org", "squatter-password");
+    let added = w.emu.add_job("acme/web", &["external-host"], "build");
+    assert_eq!(added.repo_id, repo_id);
+    let (out, _res) = login(&w.ctx, &job_of(&added, false)).await;
+    let e = out.unwrap_err().to_string();
+    assert!(
+        e.contains("CI user acme-web-ci for acme/web")
+            && e.contains(&format!("the other name {fallback} cannot be used either"))
+            && e.contains("never takes over")
+            && e.contains("DELETE /api/v1/admin/users/acme-web-ci"),
+        "{e}"
+    );
+    assert!(!e.contains("squatter-password"), "{e}");
+    assert_untouched(&w.emu, "acme-web-ci");
+    assert_untouched(&w.emu, &fallback);
     assert!(w.ctx.users.lock().await.get(added.repo_id).is_none());
     assert_eq!(refusals(&w.ctx), "fkr_qemu_ci_user_refusals_total 1");
 }
@@ -613,4 +694,88 @@ async fn pull_request_target_and_the_allow_list_get_write_and_none_gets_nothing(
         metrics.contains("fkr_qemu_job_tokens_total{access=\"none\"} 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn after_a_key_rotation_the_next_job_moves_the_ci_user_and_the_old_keys_password_stops_working(
+) {
+    let w = world().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (Secret::new("old key"), Secret::new("new key"));
+    let added = w.emu.add_job("acme/web", &["external-host"], "build");
+    let before = host_ctx(
+        &w.emu,
+        dir.path(),
+        "",
+        "host-a",
+        PasswordKeys::new(vec![old.clone()]),
+    );
+    let (out, mut res) = login(&before, &job_of(&added, false)).await;
+    out.unwrap().unwrap();
+    res.release().await;
+    let identity = format!("repo:{}:acme-web-ci", added.repo_id);
+    let old_pw = forgejo::derived_password(old.expose().as_bytes(), &identity);
+    let new_pw = forgejo::derived_password(new.expose().as_bytes(), &identity);
+    assert!(before
+        .client
+        .verify_password("acme-web-ci", &old_pw)
+        .await
+        .unwrap());
+    drop(before);
+    // The rotation is done: the new key first, then the old one dropped. Same state file.
+    let after = host_ctx(
+        &w.emu,
+        dir.path(),
+        "",
+        "host-a",
+        PasswordKeys::new(vec![new]),
+    );
+    assert_eq!(after.users_on_older_keys().await, 1);
+    let (out, mut res) = login(&after, &job_of(&added, false)).await;
+    out.unwrap().unwrap();
+    res.release().await;
+    assert!(
+        !after
+            .client
+            .verify_password("acme-web-ci", &old_pw)
+            .await
+            .unwrap(),
+        "the retired key's password still works"
+    );
+    assert!(after
+        .client
+        .verify_password("acme-web-ci", &new_pw)
+        .await
+        .unwrap());
+    assert_eq!(after.users_on_older_keys().await, 0);
+    assert_eq!(admin_edits(&w.emu, "acme-web-ci"), 1, "one move, once");
+    // The next job uses it as it is.
+    let (out, mut res) = login(&after, &job_of(&added, false)).await;
+    out.unwrap().unwrap();
+    res.release().await;
+    assert_eq!(admin_edits(&w.emu, "acme-web-ci"), 1);
+}
+
+#[test]
+fn a_key_file_not_owned_by_root_or_open_to_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key");
+    std::fs::write(&path, "k\n").unwrap();
+    for mode in [0o640, 0o620, 0o604, 0o602, 0o660] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let e = PasswordKeys::read(&path)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains(&format!("mode {mode:04o}")), "{e}");
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(PasswordKeys::read(&path).is_ok());
+    std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+    let e = PasswordKeys::read(&path)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("owned by uid 65534, not root"), "{e}");
 }

@@ -32,6 +32,8 @@
 //! | `fkr_qemu_pool_bind_seconds` | histogram | a warm bind: dispatch → the runner started (the guest's STARTED stamp, on the host's clock) |
 //! | `fkr_qemu_pool_warm_age_seconds` | histogram | a warm VM's age (since READY) when a job took it |
 //! | `fkr_qemu_pool_discards_total` | counter | `reason` ([`DiscardReason`]) |
+//! | `fkr_qemu_forgejo_cleanup_pending` | gauge | revocations, runner deletions and looks for lost creations the background cleanup still has to do |
+//! | `fkr_qemu_forgejo_cleanup_retries_total` | counter | failed attempts of the background cleanup (each retried after a backoff) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -70,10 +72,13 @@ pub enum JobOutcome {
     /// The job left Forgejo's list (another runner ran it, or it was cancelled) before this VM's
     /// runner took it: the VM was stopped.
     Gone,
+    /// Forgejo showed the job finished (its runner reported) and the VM did not power off within
+    /// the grace: its token was revoked at once and the VM stopped.
+    Overstayed,
 }
 
 impl JobOutcome {
-    pub const ALL: [JobOutcome; 9] = [
+    pub const ALL: [JobOutcome; 10] = [
         JobOutcome::Completed,
         JobOutcome::Crashed,
         JobOutcome::Deadline,
@@ -83,6 +88,7 @@ impl JobOutcome {
         JobOutcome::AccelFailed,
         JobOutcome::ClaimedElsewhere,
         JobOutcome::Gone,
+        JobOutcome::Overstayed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +102,7 @@ impl JobOutcome {
             JobOutcome::AccelFailed => "accel_failed",
             JobOutcome::ClaimedElsewhere => "claimed_elsewhere",
             JobOutcome::Gone => "gone",
+            JobOutcome::Overstayed => "overstayed",
         }
     }
 }
@@ -428,6 +435,8 @@ struct Inner {
     restart_vms: Family<RestartLabels, Counter>,
     vm_info: Family<VmInfoLabels, Gauge>,
     pool: PoolMetrics,
+    cleanup_pending: Gauge,
+    cleanup_retries: Counter,
 }
 
 /// The daemon's metrics. Clone it freely: clones share the same counters.
@@ -576,6 +585,18 @@ impl Metrics {
             vm_info.clone(),
         );
         let pool = PoolMetrics::register(&mut registry);
+        let cleanup_pending = Gauge::default();
+        registry.register(
+            "forgejo_cleanup_pending",
+            "Revocations, runner deletions and looks for lost creations the background cleanup still has to do",
+            cleanup_pending.clone(),
+        );
+        let cleanup_retries = Counter::default();
+        registry.register(
+            "forgejo_cleanup_retries",
+            "Failed attempts of the background cleanup (each retried after a backoff)",
+            cleanup_retries.clone(),
+        );
 
         // Create every labelled series up front so scrapes show zeros instead of missing series
         // (rate() and alerts behave better on series that exist from the start).
@@ -619,6 +640,8 @@ impl Metrics {
                 restart_vms,
                 vm_info,
                 pool,
+                cleanup_pending,
+                cleanup_retries,
             }),
         }
     }
@@ -668,6 +691,18 @@ impl Metrics {
             .discards
             .get_or_create(&DiscardLabels { reason })
             .inc();
+    }
+
+    /// The background cleanup has `n` chores left.
+    pub fn set_cleanup_pending(&self, n: usize) {
+        self.inner
+            .cleanup_pending
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// An attempt of the background cleanup failed (it is retried).
+    pub fn cleanup_retried(&self) {
+        self.inner.cleanup_retries.inc();
     }
 
     /// A job failed because its CI user's name is held by an account that is not provably ours.

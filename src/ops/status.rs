@@ -185,6 +185,10 @@ pub struct DaemonStatus {
     /// versions before that, to which SIGUSR2 is fatal.
     #[serde(default)]
     pub handover: bool,
+    /// Revocations, runner deletions and looks for lost creations on Forgejo that the background
+    /// cleanup still has to do (it retries them while the daemon runs).
+    #[serde(default)]
+    pub forgejo_cleanup_pending: usize,
 }
 
 /// One runner of a host of the fleet (from its description `fkr-qemu@<host> job <id> …`).
@@ -214,6 +218,7 @@ impl DaemonStatus {
             fleet: Vec::new(),
             fleet_at: None,
             handover: true,
+            forgejo_cleanup_pending: 0,
         }
     }
 }
@@ -313,6 +318,11 @@ impl StatusBoard {
             s.fleet = fleet;
             s.fleet_at = Some(OffsetDateTime::now_utc());
         });
+    }
+
+    /// The background cleanup has `n` chores left.
+    pub fn set_cleanup_pending(&self, n: usize) {
+        self.update(|s| s.forgejo_cleanup_pending = n);
     }
 
     /// Records a Forgejo error (the last one wins).
@@ -422,7 +432,7 @@ mod tests {
                 "ready": false, "draining": false, "queued": 0, "running": 1,
                 "last_forgejo_error": null, "pid": 1, "version": "0.1.0",
                 "started_at": "1970-01-01T00:00:00Z",
-                "fleet": [], "fleet_at": null, "handover": true,
+                "fleet": [], "fleet_at": null, "handover": true, "forgejo_cleanup_pending": 0,
                 "vms": [{
                     "name": "fr-0000000a", "job_id": 7, "owner": "alice", "repo": "proj",
                     "state": "preparing", "address": null, "started_at": "1970-01-01T00:00:00Z",

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 ///   test guest's runner stand-in) and powers off — no kernel, so tests can start many VMs;
 ///   `"runner-<N>s"`: the same, the job taking N seconds; a warm VM takes its job over the job
 ///   agent's port, `"runner-noack"` never acknowledges it, and `"runner-noagent"` is an image
-///   without the agent (a warm VM never says READY);
+///   without the agent (a warm VM never says READY); `"runner-linger"` reports its job after 3 s and
+///   then stays up, deaf to the power button; `"runner-late"`: a warm VM acknowledges its payload
+///   1.3 s after reading it and runs the job anyway (deaf to the power button), a cold VM boots in
+///   2 s, jobs take 10 s;
 /// - `"<behaviour>-disguised"`: the same, but it overwrites its own command line once it runs (an
 ///   escaped QEMU hiding: nothing in `/proc/<pid>/cmdline` names QEMU or its VM any more);
 /// - `"qmp-flood"`: after QMP's greeting it streams a gigabyte without a newline;

@@ -180,8 +180,8 @@ async fn add_fault(
             StatusCode::CREATED.into_response()
         }
         Err(e) => bad_request(format!(
-            "{e}; body: {{\"method\", \"route\", \"kind\": \"status\"|\"delay\"|\"malformed_json\"|\"unauthorized\", \
-             \"status\"?, \"delay_ms\"?, \"times\"?}}"
+            "{e}; body: {{\"method\", \"route\", \"kind\": \"status\"|\"delay\"|\"malformed_json\"|\"unauthorized\"|\"hang\", \
+             \"status\"?, \"delay_ms\"?, \"hang_ms\"?, \"times\"?}}"
         )),
     }
 }

@@ -591,12 +591,48 @@ fn fault_response(route: &str, kind: &FaultKind) -> Response {
                     .into_response()
             }
         }
-        FaultKind::Delay { .. } => unreachable!("delays are applied around the handler"),
+        FaultKind::Delay { .. } | FaultKind::Hang { .. } => {
+            unreachable!("delays and hangs are applied around the handler")
+        }
     }
 }
 
-/// Applies faults and records every API request with its answer.
+/// Applies faults and records every API request with its answer. While the server hangs
+/// ([`FaultKind::Hang`]) a request waits for the hang's end in a task of its own, so it is handled
+/// even when its client gives up and closes the connection meanwhile.
 async fn log_and_faults(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let hung = {
+        let mut st = s.lock().expect("emulator state lock");
+        let now = std::time::Instant::now();
+        if let Some(i) = st.faults.iter().position(|f| {
+            matches!(f.kind, FaultKind::Hang { .. })
+                && f.method.eq_ignore_ascii_case(req.method().as_str())
+                && req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .is_some_and(|m| route_template(m.as_str()) == f.route)
+        }) {
+            if let Some(FaultKind::Hang { hang_ms }) = st.take_fault_at(i) {
+                let until = now + Duration::from_millis(hang_ms);
+                st.hung_until = Some(st.hung_until.map_or(until, |u| u.max(until)));
+            }
+        }
+        st.hung_until.filter(|u| *u > now)
+    };
+    match hung {
+        None => handle_logged(s, req, next).await,
+        Some(until) => tokio::spawn(async move {
+            tokio::time::sleep_until(until.into()).await;
+            handle_logged(s, req, next).await
+        })
+        .await
+        .unwrap_or_else(|e| {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("emulator: {e}")).into_response()
+        }),
+    }
+}
+
+async fn handle_logged(s: Shared, req: Request, next: Next) -> Response {
     let at_ms = state::unix_now().as_millis() as u64;
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();

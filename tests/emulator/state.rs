@@ -283,6 +283,11 @@ pub enum FaultKind {
     MalformedJson,
     /// Answer 401 as for a bad token.
     Unauthorized,
+    /// The whole server hangs from this request on for `hang_ms`: it accepts connections and
+    /// reads requests but answers nothing (a stalled Forgejo). Every request that arrives
+    /// meanwhile, this one included, is handled when the hang ends — even when its client gave
+    /// up meanwhile, as Go's server finishes a handler whose client went away.
+    Hang { hang_ms: u64 },
 }
 
 /// One request as the emulator saw it (control routes are not logged).
@@ -363,6 +368,8 @@ pub struct State {
     next_run_id: i64,
     pub tasks: Vec<Task>,
     pub faults: Vec<Fault>,
+    /// Set by a [`FaultKind::Hang`]: until then no request is handled.
+    pub hung_until: Option<std::time::Instant>,
     pub requests: Vec<LoggedRequest>,
     /// Instance registration token for the RPC `Register` call.
     pub registration_token: String,
@@ -465,6 +472,7 @@ impl State {
             runs: Vec::new(),
             next_run_id: 1,
             tasks: Vec::new(),
+            hung_until: None,
             faults: Vec::new(),
             requests: Vec::new(),
             registration_token: random_hex(20),
@@ -1057,10 +1065,16 @@ impl State {
 
     /// Takes the fault matching this request, if any (counting down `times`).
     pub fn take_fault(&mut self, method: &str, route: &str) -> Option<FaultKind> {
-        let i = self
-            .faults
-            .iter()
-            .position(|f| f.method.eq_ignore_ascii_case(method) && f.route == route)?;
+        let i = self.faults.iter().position(|f| {
+            f.method.eq_ignore_ascii_case(method)
+                && f.route == route
+                && !matches!(f.kind, FaultKind::Hang { .. })
+        })?;
+        self.take_fault_at(i)
+    }
+
+    /// Uses fault `i` once (removing it when it has no uses left).
+    pub fn take_fault_at(&mut self, i: usize) -> Option<FaultKind> {
         let kind = self.faults[i].kind.clone();
         if let Some(times) = self.faults[i].times.as_mut() {
             *times = times.saturating_sub(1);

@@ -9,7 +9,9 @@
 //! A warm VM (argv has the job agent's `-chardev socket,id=agent0,fd=N`) takes its job over the
 //! agent's line protocol instead (`src/vm/agent.rs`): READY, the payload's runner token file and
 //! command, STARTED. Called from `runner-noack`, it reads the payload and never says STARTED; from
-//! `runner-noagent`, it is an image without the agent: a warm VM idles, never saying READY.
+//! `runner-noagent`, it is an image without the agent: a warm VM idles, never saying READY. From
+//! `runner-linger` ([`LINGER`]) it is a hostile guest: it reports its job (after 3 s of work), then
+//! neither powers off nor answers the power button (only `quit` or a kill ends it).
 
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
@@ -24,6 +26,25 @@ use serde_json::{json, Value};
 const HOLD: Duration = Duration::from_millis(300);
 /// How often a fetch that got no task (or failed) is repeated before the guest gives up.
 const FETCH_TRIES: u32 = 5;
+
+/// `runner-late`: a warm VM acknowledges its payload [`LATE_ACK`] after reading it (just past the
+/// host's 1 s `bind_timeout` in the test) and then runs the job with the payload's runner, deaf
+/// to the power button (only `quit` ends it); a cold VM takes [`LATE_COLD_BOOT`] to boot. Jobs
+/// take 10 s.
+pub static LATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+const LATE_ACK: Duration = Duration::from_millis(1300);
+const LATE_COLD_BOOT: Duration = Duration::from_secs(2);
+
+fn late() -> bool {
+    LATE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The guest keeps running after its job and ignores the power button (`runner-linger`).
+pub static LINGER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn lingers() -> bool {
+    LINGER.load(std::sync::atomic::Ordering::SeqCst)
+}
 
 /// What the seed's user-data tells the runner.
 struct RunnerArgs {
@@ -258,7 +279,11 @@ fn serve_qmp(
                     // The power button, or being told to quit: the guest goes down at once.
                     "system_powerdown" => {
                         super::send(&mut out, json!({"return": {}, "id": id}));
-                        power_off(&clients, true);
+                        if lingers() || late() {
+                            say("power button pressed; ignoring it");
+                        } else {
+                            power_off(&clients, true);
+                        }
                     }
                     "quit" => {
                         super::send(&mut out, json!({"return": {}, "id": id}));
@@ -353,7 +378,14 @@ fn take_job_over_agent(listener: std::os::unix::net::UnixListener, ack: bool) ->
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
-    writeln!(stream, "STARTED {}", unix_ms()).expect("STARTED");
+    if late() {
+        std::thread::sleep(LATE_ACK);
+        say("agent: acknowledging late");
+        // The host may have given up and closed the port: the runner starts anyway.
+        let _ = writeln!(stream, "STARTED {}", unix_ms());
+    } else {
+        writeln!(stream, "STARTED {}", unix_ms()).expect("STARTED");
+    }
     let cmd = command.expect("RUN in the payload");
     let cmd = cmd
         .lines()
@@ -401,7 +433,12 @@ pub fn run(
             }
         }
         Some(port) => take_job_over_agent(port, agent == Agent::Acks),
-        None => runner_args(&user_data(seed_bytes(args))),
+        None => {
+            if late() {
+                std::thread::sleep(LATE_COLD_BOOT);
+            }
+            runner_args(&user_data(seed_bytes(args)))
+        }
     };
     say(&format!(
         "booted; the runner takes job handle {}",
@@ -416,6 +453,12 @@ pub fn run(
         Err(e) => say(&format!("error: {e}")),
     }
     std::thread::sleep(HOLD);
+    if lingers() {
+        say("job reported; staying up");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     // Power off only once the driver watches (its SHUTDOWN event must not go to nobody).
     let (flag, cv) = &*ready;
     let guard = flag.lock().unwrap();

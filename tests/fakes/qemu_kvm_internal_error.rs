@@ -307,7 +307,15 @@ fn main() {
         serial_init(&chardevs);
     }
     // `runner`, or `runner-<N>s` for jobs that take N seconds; `runner-noack`: a warm VM that
-    // never acknowledges its payload; `runner-noagent`: an image without the job agent.
+    // never acknowledges its payload; `runner-noagent`: an image without the job agent;
+    // `runner-linger`: a guest that stays up after its job, deaf to the power button.
+    // `runner-late`: a warm VM that acknowledges its payload just too late and runs it anyway.
+    if behaviour.and_then(|b| b.to_str()) == Some("runner-linger") {
+        guest_runner::LINGER.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    if behaviour.and_then(|b| b.to_str()) == Some("runner-late") {
+        guest_runner::LATE.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     if let Some((work, agent)) = behaviour
         .and_then(|b| b.to_str())
         .and_then(|b| b.strip_prefix("runner"))
@@ -315,6 +323,8 @@ fn main() {
             "" => Some((0, guest_runner::Agent::Acks)),
             "-noack" => Some((0, guest_runner::Agent::NoAck)),
             "-noagent" => Some((0, guest_runner::Agent::Absent)),
+            "-linger" => Some((3, guest_runner::Agent::Acks)),
+            "-late" => Some((10, guest_runner::Agent::Acks)),
             secs => Some((
                 secs.strip_prefix('-')?.strip_suffix('s')?.parse().ok()?,
                 guest_runner::Agent::Acks,
