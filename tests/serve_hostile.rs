@@ -18,6 +18,7 @@ mod common {
     pub mod netns_exec;
     pub mod prometheus;
     pub mod serve;
+    pub mod uplink;
     pub mod topology;
 }
 
