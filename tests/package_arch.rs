@@ -104,14 +104,14 @@ fn arch_package_builds_with_makepkg_and_holds_unit_config_docs_and_metadata() {
     let pkgdest = work.path().join("pkg");
     std::fs::create_dir(&pkgdest).unwrap();
     // BUILDDIR and PKGDEST keep makepkg's src/, pkg/ and the package out of the tree.
-    run(makepkg()
-        .args(["--nodeps", "--noconfirm", "--nocolor"])
+    let mut cmd = makepkg();
+    cmd.args(["--nodeps", "--noconfirm", "--nocolor"])
         .current_dir(repo().join("packaging/arch"))
         .env("BUILDDIR", work.path().join("build"))
         .env("PKGDEST", &pkgdest)
         .env("SRCDEST", work.path().join("sources"))
-        .env("CARGO_TARGET_DIR", common::release::target_dir())
-        .env("CARGO_NET_OFFLINE", "true"));
+        .env("CARGO_NET_OFFLINE", "true");
+    run(common::release::build_env(&mut cmd));
     assert_eq!(
         std::fs::metadata(&binary).unwrap().modified().unwrap(),
         built,
