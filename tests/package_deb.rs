@@ -300,8 +300,9 @@ fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
             "bash",
             "-c",
             ". /usr/share/bash-completion/completions/fkr-qemu
+             f=$(complete -p fkr-qemu | sed -n 's/.* -F \\([^ ]*\\) .*/\\1/p')
              COMP_WORDS=(fkr-qemu ''); COMP_CWORD=1; COMP_LINE='fkr-qemu '; COMP_POINT=9
-             _fkr-qemu fkr-qemu '' fkr-qemu
+             \"$f\" fkr-qemu '' fkr-qemu
              printf '%s\\n' \"${COMPREPLY[@]}\"",
         ],
     ));
@@ -444,24 +445,27 @@ fn lintian_overrides() -> Vec<String> {
 
 #[test]
 fn deb_passes_lintian_with_no_error_and_no_warning_but_the_explained_overrides() {
+    let overrides = lintian_overrides();
+    assert!(!overrides.is_empty());
     let binary = common::release::binary();
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let deb = build_deb(&binary, work.path());
+    // Exit status 2 on any error or warning that no override hides, a mismatched override included.
     let out = Command::new("lintian")
         .args([
             "--fail-on",
             "error,warning",
             "--display-info",
-            "--show-overrides",
-            "--no-tag-display-limit",
+            "--tag-display-limit",
+            "0",
         ])
         .arg(&deb)
         .output()
         .expect("lintian (apt-get install lintian)");
     let report = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // E: error, W: warning; an override that no longer matches what it was written for is reported
-    // (as information) too: it would hide the next real finding of its tag.
+    // E: error, W: warning; an override that hides nothing any more is reported as information
+    // (unused-override): it would hide the next real finding of its tag, unexplained.
     let findings: Vec<&str> = report
         .lines()
         .filter(|l| {
@@ -477,11 +481,4 @@ fn deb_passes_lintian_with_no_error_and_no_warning_but_the_explained_overrides()
         out.status,
         findings.join("\n")
     );
-    // Every override is in use: each hides a real finding, which its comment explains.
-    for line in lintian_overrides() {
-        assert!(
-            report.lines().any(|l| l == format!("O: {line}")),
-            "the override `{line}` hid nothing:\n{report}"
-        );
-    }
 }
