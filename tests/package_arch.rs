@@ -215,9 +215,18 @@ fn arch_package_builds_with_makepkg_and_holds_unit_config_docs_and_metadata() {
         ("usr/lib/systemd/system/fkr-qemu.service", 0o644),
         ("etc/fkr-qemu", 0o700),
         ("etc/fkr-qemu/config.toml", 0o640),
-        ("usr/share/fkr-qemu/image-builder/build-runner-base.sh", 0o755),
-        ("usr/share/fkr-qemu/image-builder/runner-base/customize.sh", 0o755),
-        ("usr/share/fkr-qemu/image-builder/runner-base/cloud-init.cfg", 0o644),
+        (
+            "usr/share/fkr-qemu/image-builder/build-runner-base.sh",
+            0o755,
+        ),
+        (
+            "usr/share/fkr-qemu/image-builder/runner-base/customize.sh",
+            0o755,
+        ),
+        (
+            "usr/share/fkr-qemu/image-builder/runner-base/cloud-init.cfg",
+            0o644,
+        ),
         ("usr/share/man/man1/fkr-qemu.1.gz", 0o644),
         ("usr/share/licenses/fkr-qemu/LICENSE", 0o644),
     ] {
@@ -281,7 +290,7 @@ fn arch_package_builds_with_makepkg_and_holds_unit_config_docs_and_metadata() {
     // The packaged binary is the version packaged, and stripped (makepkg's `strip` option).
     let packaged = tree.join("usr/bin/fkr-qemu");
     assert_eq!(
-        stdout(&run(&mut Command::new(&packaged).arg("--version"))),
+        stdout(&run(Command::new(&packaged).arg("--version"))),
         format!("fkr-qemu {version}")
     );
     assert!(
@@ -319,7 +328,9 @@ fn arch_package_builds_with_makepkg_and_holds_unit_config_docs_and_metadata() {
     assert_eq!(depends, want_depends);
     assert_eq!(info["makedepend"], vec!["cargo".to_owned()]);
     assert!(
-        info["optdepend"].iter().any(|d| d.starts_with("mmdebstrap: ")),
+        info["optdepend"]
+            .iter()
+            .any(|d| d.starts_with("mmdebstrap: ")),
         "{:?}",
         info["optdepend"]
     );

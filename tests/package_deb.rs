@@ -331,8 +331,12 @@ fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
         "systemctl enable made no link"
     );
     // deb-systemd-helper's record of the unit's links (postinst), which the purge must remove.
-    let dsh_state = root.join("var/lib/systemd/deb-systemd-helper-enabled/fkr-qemu.service.dsh-also");
-    assert!(dsh_state.is_file(), "postinst recorded no deb-systemd-helper state");
+    let dsh_state =
+        root.join("var/lib/systemd/deb-systemd-helper-enabled/fkr-qemu.service.dsh-also");
+    assert!(
+        dsh_state.is_file(),
+        "postinst recorded no deb-systemd-helper state"
+    );
 
     // An upgrade (dpkg runs prerm upgrade, postinst configure <old version>) keeps it enabled.
     run(&mut in_root(
