@@ -4,11 +4,11 @@
 #
 # Usage: packaging/build-deb.sh [--binary PATH] [--out DIR] [--compression TYPE]
 #   --binary PATH  package this fkr-qemu binary (default: `cargo build --release --locked`, then
-#                  target/release/fkr-qemu). The package test passes the binary cargo built for the
-#                  tests, to spare CI a second, optimised build of the whole crate.
+#                  target/release/fkr-qemu). The package tests pass the release binary they built
+#                  once for all of them (tests/common/release.rs).
 #   --out DIR      where the .deb goes (default: target/deb). Its path is printed on stdout.
-#   --compression TYPE  dpkg-deb's -Z: xz (default, smallest), gzip (the package test: xz takes
-#                  ~20 s on an unoptimised binary), zstd, none.
+#   --compression TYPE  dpkg-deb's -Z: xz (default, smallest), gzip (the package tests: faster),
+#                  zstd, none.
 #
 # What goes where (README.md, "Adding a host"):
 #   /usr/bin/fkr-qemu                               the binary, stripped
