@@ -4,11 +4,11 @@
 #
 # Usage: packaging/build-deb.sh [--binary PATH] [--out DIR] [--compression TYPE]
 #   --binary PATH  package this fkr-qemu binary (default: `cargo build --release --locked`, then
-#                  target/release/fkr-qemu). The package test passes the binary cargo built for the
-#                  tests, to spare CI a second, optimised build of the whole crate.
+#                  target/release/fkr-qemu). The package tests pass the release binary they built
+#                  once for all of them (tests/common/release.rs).
 #   --out DIR      where the .deb goes (default: target/deb). Its path is printed on stdout.
-#   --compression TYPE  dpkg-deb's -Z: xz (default, smallest), gzip (the package test: xz takes
-#                  ~20 s on an unoptimised binary), zstd, none.
+#   --compression TYPE  dpkg-deb's -Z: xz (default, smallest), gzip (the package tests: faster),
+#                  zstd, none.
 #
 # What goes where (README.md, "Adding a host"):
 #   /usr/bin/fkr-qemu                               the binary, stripped
@@ -16,6 +16,12 @@
 #   /etc/fkr-qemu/config.toml                       packaging/config.toml, a conffile (dir 0700, file 0640)
 #   /usr/share/fkr-qemu/image-builder/              build-runner-base.sh, runner-base/, README.md
 #   /usr/share/doc/fkr-qemu/                        copyright, changelog.gz, README.md.gz, ARCHITECTURE.md.gz
+#   /usr/share/man/man1/fkr-qemu*.1.gz              manual pages         } written by the binary itself
+#   /usr/share/bash-completion/completions/fkr-qemu                      } (`fkr-qemu generate`) from
+#   /usr/share/zsh/vendor-completions/_fkr-qemu     shell completions    } its command-line definition
+#   /usr/share/fish/vendor_completions.d/fkr-qemu.fish
+#   /usr/share/lintian/overrides/fkr-qemu           packaging/lintian-overrides (why each is deliberate)
+# The package passes lintian with no error and no warning but those overridden (tests/package_deb.rs).
 # Metadata: packaging/control (the version comes from Cargo.toml, the architecture from dpkg, the
 # shared-library dependencies from dpkg-shlibdeps); maintainer scripts packaging/{postinst,prerm,postrm}.
 set -euo pipefail
@@ -93,6 +99,25 @@ for f in "$repo"/image-builder/runner-base/*; do
   if [ -x "$f" ]; then mode=0755; else mode=0644; fi
   install -m "$mode" "$f" "$ib/runner-base/"
 done
+
+# Manual pages and completions come from the binary being packaged, so they match its options.
+man=$root/usr/share/man/man1
+install -d -m 0755 "$man"
+"$binary" generate man "$man"
+[ -f "$man/fkr-qemu.1" ] || die "$binary generate man wrote no fkr-qemu.1"
+for page in "$man"/*.1; do
+  gzip -9n "$page"
+  chmod 0644 "$page.gz"
+done
+complete() { # shell, path
+  install -d -m 0755 "$(dirname "$root/$2")"
+  "$binary" generate completions "$1" >"$root/$2"
+  chmod 0644 "$root/$2"
+}
+complete bash usr/share/bash-completion/completions/fkr-qemu
+complete zsh usr/share/zsh/vendor-completions/_fkr-qemu
+complete fish usr/share/fish/vendor_completions.d/fkr-qemu.fish
+install -D -m 0644 "$here/lintian-overrides" "$root/usr/share/lintian/overrides/fkr-qemu"
 
 # Reproducible: file times clamped to the last commit's (dpkg-deb reads SOURCE_DATE_EPOCH).
 if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then

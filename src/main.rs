@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use fkr_qemu::cli;
 
 #[derive(Debug, Parser)]
@@ -66,7 +66,22 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `generate` (manual pages, completions for the packages) is parsed next to the documented
+    // command line, not as part of it: the pages and completions it writes leave it out.
+    let matches = Cli::command()
+        .subcommand(cli::generate::command())
+        .get_matches();
+    if let Some(("generate", m)) = matches.subcommand() {
+        let what = cli::generate::Generate::from_arg_matches(m).unwrap_or_else(|e| e.exit());
+        return match cli::generate::run(what, Cli::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fkr-qemu: {e}");
+                ExitCode::from(cli::exit::RUNTIME)
+            }
+        };
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -1,11 +1,13 @@
 //! The Debian package (packaging/build-deb.sh): installed with its real dependencies into a clean
 //! Debian root (mmdebstrap, the host's release), `fkr-qemu --version` runs, `systemd-analyze verify`
-//! accepts the installed unit, the example config parses, and `dpkg --purge` leaves nothing behind —
-//! not the config directory with the admin token in it, not the link `systemctl enable` made.
+//! accepts the installed unit, the example config parses, the manual pages and completions are
+//! where man and the shells look, an upgrade keeps the unit enabled, `dpkg --remove` disables it,
+//! and `dpkg --purge` leaves nothing behind — not the config directory with the admin token in it,
+//! not the link `systemctl enable` made, not deb-systemd-helper's record of it. And lintian passes
+//! the package with no error and no warning but those `packaging/lintian-overrides` explains.
 //!
-//! The package holds the binary cargo built for this test run (the dev profile): what is under test
-//! is the package (layout, metadata, maintainer scripts), and an optimised build would add minutes
-//! of CI time. Run as root (mmdebstrap --mode=root, chroot).
+//! The package holds the release binary (`common::release`, one build shared with
+//! `package_arch.rs`). The install test runs as root (mmdebstrap --mode=root, chroot).
 //!
 //! Downloads, from the mirror mmdebstrap uses by default (deb.debian.org, with -updates and
 //! -security for a stable release): once, a root of Essential + apt + systemd (~190 MB unpacked,
@@ -22,6 +24,10 @@ use std::process::{Command, Output};
 use std::time::Instant;
 
 use nix::fcntl::{Flock, FlockArg};
+
+mod common {
+    pub mod release;
+}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -142,6 +148,17 @@ fn mode(path: &Path) -> u32 {
         & 0o7777
 }
 
+/// Runs packaging/build-deb.sh on `binary`; the path of the `.deb` it wrote into `out`.
+fn build_deb(binary: &Path, out: &Path) -> PathBuf {
+    let built = run(Command::new(repo().join("packaging/build-deb.sh"))
+        .arg("--binary")
+        .arg(binary)
+        .arg("--out")
+        .arg(out)
+        .args(["--compression", "gzip"]));
+    PathBuf::from(stdout(&built))
+}
+
 #[test]
 fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
     assert!(
@@ -151,6 +168,9 @@ fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
     let started = Instant::now();
     let step = |what: &str| eprintln!("[{:>5.1} s] {what}", started.elapsed().as_secs_f64());
     let version = env!("CARGO_PKG_VERSION");
+    // Before the lock below: other worktrees' runs need not wait for this build.
+    step("building the release binary");
+    let binary = common::release::binary();
 
     // Runs of this test (other worktrees' CI on the same machine too) share the cache: one at a time.
     let cache = cache_dir();
@@ -165,13 +185,7 @@ fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
 
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     step("building the package");
-    let out = run(Command::new(repo().join("packaging/build-deb.sh"))
-        .arg("--binary")
-        .arg(env!("CARGO_BIN_EXE_fkr-qemu"))
-        .arg("--out")
-        .arg(work.path())
-        .args(["--compression", "gzip"]));
-    let deb = PathBuf::from(stdout(&out));
+    let deb = build_deb(&binary, work.path());
     let field = |name: &str| stdout(&run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(name)));
     assert_eq!(field("Package"), "fkr-qemu");
     assert_eq!(field("Version"), version.replacen('-', "~", 1));
@@ -267,7 +281,44 @@ fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
         ],
     ));
 
-    step("purging the package after an admin's set-up");
+    // Manual pages where man looks (one per subcommand too), completions where each shell does.
+    for page in ["fkr-qemu", "fkr-qemu-serve", "fkr-qemu-handover"] {
+        let path = root.join(format!("usr/share/man/man1/{page}.1.gz"));
+        assert!(path.is_file(), "no manual page {}", path.display());
+    }
+    for script in [
+        "usr/share/zsh/vendor-completions/_fkr-qemu",
+        "usr/share/fish/vendor_completions.d/fkr-qemu.fish",
+    ] {
+        assert!(root.join(script).is_file(), "no /{script}");
+    }
+    // bash completes the subcommands from the installed script (as bash-completion would load it
+    // for `fkr-qemu <TAB>`), and not the packaging-only `generate`.
+    let out = run(&mut in_root(
+        &root,
+        &[
+            "bash",
+            "-c",
+            ". /usr/share/bash-completion/completions/fkr-qemu
+             f=$(complete -p fkr-qemu | sed -n 's/.* -F \\([^ ]*\\) .*/\\1/p')
+             COMP_WORDS=(fkr-qemu ''); COMP_CWORD=1; COMP_LINE='fkr-qemu '; COMP_POINT=9
+             \"$f\" fkr-qemu '' fkr-qemu
+             printf '%s\\n' \"${COMPREPLY[@]}\"",
+        ],
+    ));
+    let words = stdout(&out);
+    for sub in ["serve", "boot-test", "status", "handover"] {
+        assert!(
+            words.lines().any(|w| w == sub),
+            "bash does not complete {sub}:\n{words}"
+        );
+    }
+    assert!(
+        !words.lines().any(|w| w == "generate"),
+        "bash completes the hidden generate:\n{words}"
+    );
+
+    step("upgrading, removing and purging the package after an admin's set-up");
     // What README.md's "Adding a host" has the admin do, so that the purge has it to clean up.
     std::fs::write(root.join("etc/fkr-qemu/admin-token"), "not-a-real-token\n").unwrap();
     run(&mut in_root(
@@ -279,9 +330,40 @@ fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
         wants.symlink_metadata().is_ok(),
         "systemctl enable made no link"
     );
+    // deb-systemd-helper's record of the unit's links (postinst), which the purge must remove.
+    let dsh_state =
+        root.join("var/lib/systemd/deb-systemd-helper-enabled/fkr-qemu.service.dsh-also");
+    assert!(
+        dsh_state.is_file(),
+        "postinst recorded no deb-systemd-helper state"
+    );
+
+    // An upgrade (dpkg runs prerm upgrade, postinst configure <old version>) keeps it enabled.
+    run(&mut in_root(
+        &root,
+        &["dpkg", "--force-unsafe-io", "-i", "/tmp/fkr-qemu.deb"],
+    ));
+    assert!(
+        wants.symlink_metadata().is_ok(),
+        "the upgrade disabled the unit"
+    );
 
     let files = stdout(&run(&mut in_root(&root, &["dpkg", "-L", "fkr-qemu"])));
     assert!(files.lines().any(|l| l == "/usr/bin/fkr-qemu"), "{files}");
+    // Removing disables the unit (no dangling link) and keeps the configuration.
+    let out = run(&mut in_root(&root, &["dpkg", "--remove", "fkr-qemu"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("warning"),
+        "dpkg --remove warned:\n{stderr}"
+    );
+    assert!(
+        wants.symlink_metadata().is_err(),
+        "dpkg --remove left the unit enabled"
+    );
+    assert!(root.join("etc/fkr-qemu/config.toml").is_file());
+    assert!(root.join("etc/fkr-qemu/admin-token").is_file());
+
     let out = run(&mut in_root(&root, &["dpkg", "--purge", "fkr-qemu"]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -314,6 +396,10 @@ fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
         wants.symlink_metadata().is_err(),
         "the purge left the link systemctl enable made"
     );
+    assert!(
+        dsh_state.symlink_metadata().is_err(),
+        "the purge left deb-systemd-helper's state"
+    );
     let status = in_root(
         &root,
         &["dpkg-query", "-W", "-f=${db:Status-Abbrev}", "fkr-qemu"],
@@ -337,4 +423,66 @@ fn packaging_scripts_pass_shellcheck() {
         .map(|s| dir.join(s))
         .collect();
     run(Command::new("shellcheck").args(&scripts));
+}
+
+/// The overrides in `packaging/lintian-overrides` (`fkr-qemu: tag [context]` lines), each checked to
+/// follow a comment that gives its reason.
+fn lintian_overrides() -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("packaging/lintian-overrides")).unwrap();
+    let mut overrides = Vec::new();
+    let mut explained = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') {
+            explained = true;
+        } else if line.is_empty() {
+            explained = false;
+        } else {
+            assert!(
+                explained,
+                "lintian override without a comment saying why: {line}"
+            );
+            overrides.push(line.to_owned());
+        }
+    }
+    overrides
+}
+
+#[test]
+fn deb_passes_lintian_with_no_error_and_no_warning_but_the_explained_overrides() {
+    let overrides = lintian_overrides();
+    assert!(!overrides.is_empty());
+    let binary = common::release::binary();
+    let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let deb = build_deb(&binary, work.path());
+    // Exit status 2 on any error or warning that no override hides, a mismatched override included.
+    let out = Command::new("lintian")
+        .args([
+            "--fail-on",
+            "error,warning",
+            "--display-info",
+            "--tag-display-limit",
+            "0",
+        ])
+        .arg(&deb)
+        .output()
+        .expect("lintian (apt-get install lintian)");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // E: error, W: warning; an override that hides nothing any more is reported as information
+    // (unused-override): it would hide the next real finding of its tag, unexplained.
+    let findings: Vec<&str> = report
+        .lines()
+        .filter(|l| {
+            l.starts_with("E: ")
+                || l.starts_with("W: ")
+                || l.contains("unused-override")
+                || l.contains("mismatched-override")
+        })
+        .collect();
+    assert!(
+        findings.is_empty() && out.status.success(),
+        "lintian ({}) finds:\n{}\n\nfull report:\n{report}{stderr}",
+        out.status,
+        findings.join("\n")
+    );
 }

@@ -4,6 +4,7 @@
 pub mod boot_test;
 pub mod ci_users;
 pub mod console;
+pub mod generate;
 pub mod handover;
 pub mod list;
 pub mod serve;
