@@ -9,21 +9,24 @@ use std::process::Output;
 
 use common::emulator::Emulator;
 
-async fn check(config: &Path, token: &str) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_fkr-qemu"))
-        .args([
-            "serve",
-            "--check-config",
-            "--config",
-            config.to_str().unwrap(),
-        ])
-        .env("FORGEJO_ADMIN_TOKEN", token)
+/// The admin token from the environment, and nothing else of the caller's Forgejo settings.
+fn token_only(cmd: &mut tokio::process::Command, token: &str) {
+    cmd.env("FORGEJO_ADMIN_TOKEN", token)
         .env_remove("FORGEJO_URL")
         .env_remove("FORGEJO_ADMIN_TOKEN_FILE")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .output()
-        .await
-        .unwrap()
+        .env_remove("CREDENTIALS_DIRECTORY");
+}
+
+async fn check(config: &Path, token: &str) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fkr-qemu"));
+    cmd.args([
+        "serve",
+        "--check-config",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    token_only(&mut cmd, token);
+    cmd.output().await.unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -193,16 +196,9 @@ async fn serve_refuses_a_host_where_no_vm_can_be_confined() {
         if check {
             cmd.arg("--check-config");
         }
-        cmd.args(["--config", cfg.to_str().unwrap()])
-            .env(
-                "FORGEJO_ADMIN_TOKEN",
-                "0123456789abcdef0123456789abcdef01234567",
-            )
-            .env_remove("FORGEJO_URL")
-            .env_remove("FORGEJO_ADMIN_TOKEN_FILE")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .kill_on_drop(true)
-            .output()
+        cmd.args(["--config", cfg.to_str().unwrap()]);
+        token_only(&mut cmd, "0123456789abcdef0123456789abcdef01234567");
+        cmd.kill_on_drop(true).output()
     };
     for check in [false, true] {
         let out = tokio::time::timeout(std::time::Duration::from_secs(30), run(check))

@@ -18,8 +18,8 @@ mod common {
     pub mod netns_exec;
     pub mod prometheus;
     pub mod serve;
-    pub mod uplink;
     pub mod topology;
+    pub mod uplink;
 }
 
 use std::time::{Duration, Instant};

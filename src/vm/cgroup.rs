@@ -586,8 +586,8 @@ mod tests {
         assert_eq!(found.memory_dir(), svc.join("vms/fr-0123abcd"));
     }
 
-    #[test]
-    fn v1_a_second_prepare_finds_the_same_parents() {
+    /// A v1 tree as files: each controller's hierarchy, the daemon in `/box` of each.
+    fn v1_tree() -> (tempfile::TempDir, std::path::PathBuf) {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
         for c in V1_CONTROLLERS {
@@ -596,6 +596,13 @@ mod tests {
         }
         let proc_self = r.join("self-cgroup");
         std::fs::write(&proc_self, "4:memory:/box\n8:pids:/box\n1:cpu:/box\n").unwrap();
+        (root, proc_self)
+    }
+
+    #[test]
+    fn v1_a_second_prepare_finds_the_same_parents() {
+        let (root, proc_self) = v1_tree();
+        let r = root.path();
         let first = Layout::prepare_at(r, proc_self.to_str().unwrap()).unwrap();
         let again = Layout::prepare_at(r, proc_self.to_str().unwrap()).unwrap();
         assert_eq!(first, again);
@@ -604,14 +611,8 @@ mod tests {
 
     #[test]
     fn v1_hierarchies_each_get_the_vm() {
-        let root = tempfile::tempdir().unwrap();
+        let (root, proc_self) = v1_tree();
         let r = root.path();
-        for c in V1_CONTROLLERS {
-            std::fs::create_dir_all(r.join(c).join("box")).unwrap();
-            std::fs::write(r.join(c).join("cgroup.procs"), "").unwrap();
-        }
-        let proc_self = r.join("self-cgroup");
-        std::fs::write(&proc_self, "4:memory:/box\n8:pids:/box\n1:cpu:/box\n").unwrap();
         let layout = Layout::prepare_at(r, proc_self.to_str().unwrap()).unwrap();
         let cg = VmCgroup::create(
             &layout,
