@@ -14,6 +14,10 @@
 //! /var/cache/fkr-qemu/package-test), so a re-run downloads only the index. Delete that directory
 //! to start from a fresh root.
 
+mod common {
+    pub mod deb;
+}
+
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt as _;
@@ -165,13 +169,7 @@ fn deb_installs_into_a_clean_root_runs_and_purges_without_leftovers() {
 
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     step("building the package");
-    let out = run(Command::new(repo().join("packaging/build-deb.sh"))
-        .arg("--binary")
-        .arg(env!("CARGO_BIN_EXE_fkr-qemu"))
-        .arg("--out")
-        .arg(work.path())
-        .args(["--compression", "gzip"]));
-    let deb = PathBuf::from(stdout(&out));
+    let deb = common::deb::deb();
     let field = |name: &str| stdout(&run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(name)));
     assert_eq!(field("Package"), "fkr-qemu");
     assert_eq!(field("Version"), version.replacen('-', "~", 1));
