@@ -81,7 +81,7 @@ mmdebstrap --mode=root --variant=minbase --quiet \
   --customize-hook='echo systemd-host >"$1/etc/hostname"' \
   --customize-hook='printf "/dev/vda / ext4 rw,noatime 0 1\n" >"$1/etc/fstab"' \
   --customize-hook='rm -rf "$1/var/cache/apt/archives"/*.deb "$1/var/lib/apt/lists"/*_Packages' \
-  "$suite" "$partial"
+  "$suite" "$partial" >&2
 mv "$partial" "$tarball"
 echo "$inputs" >"$stamp"
 say "built $tarball ($(du -h "$tarball" | cut -f1))"

@@ -27,6 +27,7 @@ mod common {
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -123,7 +124,7 @@ fn only_file(dir: &Path, prefix: &str) -> PathBuf {
 
 /// The daemon's config inside the host: Forgejo at the user network's host address, the fake QEMU,
 /// a disk budget that fits the host's disk, no admin_token_file (the token comes from systemd's
-/// credential only).
+/// credential only), no warm pool.
 fn config(emu_port: u16) -> String {
     format!(
         r#"label = "{LABEL}"
@@ -144,6 +145,10 @@ memory_mib = 256
 disk_max_mib = 1024
 powerdown_grace_secs = 5
 quit_grace_secs = 5
+
+# No warm VMs: each step's VM is the one its job boots (a warm VM would be listed between jobs).
+[pool]
+size = 0
 "#
     )
 }
@@ -272,8 +277,8 @@ impl Drop for HostVm {
 
 fn boot(work: &Path, disk: &Path, kernel: &Path, initrd: &Path) -> HostVm {
     let arg = |p: &Path| p.to_str().unwrap().to_owned();
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-nodefaults", "-display", "none", "-no-reboot"])
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "3072"])
         .arg("-kernel")
         .arg(arg(kernel))
@@ -299,9 +304,17 @@ fn boot(work: &Path, disk: &Path, kernel: &Path, initrd: &Path) -> HostVm {
         .arg(format!("file:{}", arg(&work.join("report.log"))))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(work.join("qemu.stderr")).unwrap())
-        .spawn()
-        .expect("start qemu-system-x86_64");
+        .stderr(std::fs::File::create(work.join("qemu.stderr")).unwrap());
+    // SAFETY: between fork and exec only prctl, which is async-signal-safe, runs in the child.
+    // It ends the host VM when this test process dies without unwinding (nextest's timeout kill),
+    // which `HostVm`'s Drop cannot.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd.spawn().expect("start qemu-system-x86_64");
     HostVm(child)
 }
 
