@@ -127,7 +127,12 @@ report "crash.NRESTARTS=$(prop "$unit" NRestarts)"
 report "crash.QEMU_ALIVE=$(qemu_alive "$qpid")"
 report "crash.SCOPE_AFTER_RESTART=$(prop "machine-$name.scope" ActiveState)"
 report "crash.QEMU_CGROUP_AFTER_RESTART=$(cgroup_of "$qpid")"
-if wait_until 90 is_listed "$name" "$qpid"; then report "crash.ADOPTED=1"; else report "crash.ADOPTED=0"; fi
+# (A QEMU that died with its daemon cannot be adopted: no point waiting for it.)
+if [ "$(qemu_alive "$qpid")" = 1 ] && wait_until 90 is_listed "$name" "$qpid"; then
+  report "crash.ADOPTED=1"
+else
+  report "crash.ADOPTED=0"
+fi
 job_done crash
 
 # --- systemctl restart mid-job: the same ---------------------------------------------------------
@@ -139,7 +144,11 @@ report "restart.NEW_PID=$([ "$(main_pid)" != "$old" ] && active && echo 1 || ech
 report "restart.QEMU_ALIVE=$(qemu_alive "$qpid")"
 report "restart.SCOPE_AFTER_RESTART=$(prop "machine-$name.scope" ActiveState)"
 report "restart.QEMU_CGROUP_AFTER_RESTART=$(cgroup_of "$qpid")"
-if wait_until 90 is_listed "$name" "$qpid"; then report "restart.ADOPTED=1"; else report "restart.ADOPTED=0"; fi
+if [ "$(qemu_alive "$qpid")" = 1 ] && wait_until 90 is_listed "$name" "$qpid"; then
+  report "restart.ADOPTED=1"
+else
+  report "restart.ADOPTED=0"
+fi
 job_done restart
 
 # --- systemctl reload twice mid-job (handover): nothing moves, nothing nests deeper ---------------
