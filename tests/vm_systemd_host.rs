@@ -24,6 +24,7 @@ mod common {
     pub mod emulator;
 }
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -320,22 +321,37 @@ fn boot(work: &Path, disk: &Path, kernel: &Path, initrd: &Path) -> HostVm {
     HostVm(child)
 }
 
-/// What the scenario reported, in order, and the jobs the test added for it.
+/// What the scenario reported and the jobs the test added for it; the checks made on them, each
+/// failure recorded, so one run shows every step that failed (not only the first).
 struct Report {
     values: BTreeMap<String, String>,
     jobs: BTreeMap<String, i64>,
     console: PathBuf,
+    failures: RefCell<Vec<String>>,
 }
 
 impl Report {
+    /// The value of `key`; "" (and a failure) when the scenario did not report it.
     fn get(&self, key: &str) -> &str {
-        self.values.get(key).map(String::as_str).unwrap_or_else(|| {
-            panic!(
-                "the scenario did not report {key}; it reported {:#?}\n--- console (tail) ---\n{}",
-                self.values,
-                self.console_tail()
-            )
-        })
+        match self.values.get(key) {
+            Some(v) => v,
+            None => {
+                self.check(false, format!("{key}: not reported"));
+                ""
+            }
+        }
+    }
+
+    fn check(&self, ok: bool, failure: String) {
+        if !ok {
+            self.failures.borrow_mut().push(failure);
+        }
+    }
+
+    /// `key` must be `want`.
+    fn expect(&self, key: &str, want: &str, why: &str) {
+        let got = self.get(key);
+        self.check(got == want, format!("{key}={got:?}, want {want:?}: {why}"));
     }
 
     fn console_tail(&self) -> String {
@@ -345,13 +361,17 @@ impl Report {
         lines[lines.len().saturating_sub(80)..].join("\n")
     }
 
-    /// Asserts `key` is `want`, showing everything reported otherwise.
-    fn expect(&self, key: &str, want: &str, why: &str) {
-        assert_eq!(
-            self.get(key),
-            want,
-            "{key}: {why}; everything reported: {:#?}",
-            self.values
+    /// Fails the test with every failed check, what was reported and the host's console.
+    fn finish(&self) {
+        let failures = self.failures.borrow();
+        assert!(
+            failures.is_empty(),
+            "{} checks failed:\n  {}\nreported: {:#?}\njobs: {:?}\n--- host console (tail) ---\n{}",
+            failures.len(),
+            failures.join("\n  "),
+            self.values,
+            self.jobs,
+            self.console_tail()
         );
     }
 }
@@ -364,6 +384,7 @@ fn follow(vm: &mut HostVm, work: &Path, emu: &Emulator, step: &dyn Fn(&str)) -> 
         values: BTreeMap::new(),
         jobs: BTreeMap::new(),
         console: work.join("console.log"),
+        failures: RefCell::new(Vec::new()),
     };
     let mut seen = 0;
     loop {
@@ -422,43 +443,36 @@ fn wait_exit(vm: &mut HostVm, timeout: Duration) -> bool {
 }
 
 /// The job of `tag` succeeded, run by exactly one runner in one task, and that runner is deleted.
-fn assert_ran_once(emu: &Emulator, r: &Report, tag: &str) {
-    let id = *r
-        .jobs
-        .get(tag)
-        .unwrap_or_else(|| panic!("no job was asked for step {tag}"));
+fn check_ran_once(emu: &Emulator, r: &Report, tag: &str) {
+    let Some(&id) = r.jobs.get(tag) else {
+        return r.check(false, format!("step {tag}: no job was asked for"));
+    };
     let job = emu.job(id).unwrap();
-    assert_eq!(
-        job.status,
-        JobStatus::Success,
-        "step {tag}: job {id} did not succeed: {job:#?}\nreported {:#?}",
-        r.values
-    );
-    let task = job.task_id;
-    assert_ne!(task, 0, "step {tag}: a succeeded job has a task: {job:#?}");
     let runners: Vec<_> = emu
         .runners_ever()
         .into_iter()
-        .filter(|run| run.tasks.contains(&task))
+        .filter(|run| job.task_id != 0 && run.tasks.contains(&job.task_id))
         .collect();
-    assert_eq!(
-        runners.len(),
-        1,
-        "step {tag}: runners of job {id}: {runners:#?}"
+    let once = job.status == JobStatus::Success
+        && job.attempt == 1
+        && runners.len() == 1
+        && runners[0].tasks.len() == 1
+        && runners[0].deleted_because.is_some();
+    r.check(
+        once,
+        format!(
+            "step {tag}: job {id} must succeed once, in one task of one runner that is deleted \
+             afterwards: status {:?}, attempt {}, task {}, runners {runners:?}",
+            job.status, job.attempt, job.task_id
+        ),
     );
-    assert_eq!(runners[0].tasks.len(), 1, "step {tag}: {runners:#?}");
-    assert!(
-        runners[0].deleted_because.is_some(),
-        "step {tag}: the runner of job {id} was not deleted: {runners:#?}"
-    );
-    assert_eq!(job.attempt, 1, "step {tag}: job {id} ran again: {job:#?}");
 }
 
 /// The QEMU of step `tag` ran in `machine-<vm>.scope` under machine.slice with limits, registered
 /// with machined as a VM, not under fkr-qemu.service.
-fn assert_in_own_scope(r: &Report, tag: &str) {
+fn check_in_own_scope(r: &Report, tag: &str) {
     let vm = r.get(&format!("{tag}.VM")).to_owned();
-    assert!(vm.starts_with("fr-"), "{tag}.VM={vm}");
+    r.check(vm.starts_with("fr-"), format!("{tag}.VM={vm:?}: a VM name"));
     let scope = format!("machine-{vm}.scope");
     let k = |s: &str| format!("{tag}.{s}");
     r.expect(
@@ -483,16 +497,16 @@ fn assert_in_own_scope(r: &Report, tag: &str) {
     );
     for limit in ["SCOPE_MEMORYMAX", "SCOPE_TASKSMAX"] {
         let v = r.get(&k(limit));
-        assert!(
+        r.check(
             v.parse::<u64>().is_ok_and(|n| n > 0),
-            "{tag}.{limit}={v}: the scope must carry a limit"
+            format!("{tag}.{limit}={v:?}: the scope must carry a limit"),
         );
     }
     r.expect(&k("SCOPE_MEMORYSWAPMAX"), "0", "a VM may not swap");
     let quota = r.get(&k("SCOPE_CPUQUOTA"));
-    assert!(
+    r.check(
         quota != "infinity" && !quota.is_empty(),
-        "{tag}.SCOPE_CPUQUOTA={quota}"
+        format!("{tag}.SCOPE_CPUQUOTA={quota:?}: the scope must carry a CPU quota"),
     );
     r.expect(
         &k("MACHINE_CLASS"),
@@ -572,25 +586,26 @@ fn vm_systemd_host_scopes_survive_crash_restart_reload_and_stop_drains() {
 
     // A job runs to completion once; the stop drains its job (it completes, not cancelled).
     r.expect("run.FINISHED", "1", "the undisturbed job's VM goes away");
-    assert_ran_once(&emu, &r, "run");
+    check_ran_once(&emu, &r, "run");
     r.expect("stop.RC", "0", "systemctl stop drains and exits 0");
     r.expect("stop.ACTIVE", "inactive", "the unit is stopped");
-    assert_ran_once(&emu, &r, "stop");
+    check_ran_once(&emu, &r, "stop");
     for left in ["TAPS_LEFT", "NFT_TABLES_LEFT", "VM_DIRS_LEFT", "QEMU_AFTER"] {
         r.expect(&format!("stop.{left}"), "0", "nothing is left after a stop");
     }
     r.expect("reload.RC1", "0", "systemctl reload");
     r.expect("reload.RC2", "0", "a second systemctl reload");
     r.expect("reload.SAME_PID", "1", "a handover re-executes in place");
+    let daemon_before = r.get("reload.DAEMON_CGROUP_BEFORE").to_owned();
     r.expect(
         "reload.DAEMON_CGROUP_AFTER",
-        r.get("reload.DAEMON_CGROUP_BEFORE"),
+        &daemon_before,
         "two handovers must not nest the daemon deeper",
     );
 
     // Every VM in a transient scope of its own, from start to the end of the job.
-    assert_in_own_scope(&r, "run");
-    assert_in_own_scope(&r, "crash");
+    check_in_own_scope(&r, "run");
+    check_in_own_scope(&r, "crash");
     for tag in STEPS {
         r.expect(
             &format!("{tag}.QEMU_AFTER"),
@@ -682,17 +697,18 @@ fn vm_systemd_host_scopes_survive_crash_restart_reload_and_stop_drains() {
 
     // Each job ran once, and nothing of any is left on Forgejo: tokens revoked, runners deleted.
     for tag in STEPS {
-        assert_ran_once(&emu, &r, tag);
+        check_ran_once(&emu, &r, tag);
     }
-    assert!(
-        emu.token_names(CI_LOGIN).is_empty(),
-        "tokens left: {:?}",
-        emu.token_names(CI_LOGIN)
+    let tokens = emu.token_names(CI_LOGIN);
+    r.check(
+        tokens.is_empty(),
+        format!("tokens left on Forgejo: {tokens:?}"),
     );
-    assert!(
-        emu.runner_names().is_empty(),
-        "runners left: {:?}",
-        emu.runner_names()
+    let runners = emu.runner_names();
+    r.check(
+        runners.is_empty(),
+        format!("runners left on Forgejo: {runners:?}"),
     );
+    r.finish();
     step("done");
 }
