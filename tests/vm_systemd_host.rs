@@ -596,6 +596,15 @@ fn vm_systemd_host_scopes_survive_crash_restart_reload_and_stop_drains() {
     r.expect("reload.RC1", "0", "systemctl reload");
     r.expect("reload.RC2", "0", "a second systemctl reload");
     r.expect("reload.SAME_PID", "1", "a handover re-executes in place");
+    // A daemon started again (after a crash, by a restart) is where the first one was.
+    let daemon_at_start = r.get("START.DAEMON_CGROUP").to_owned();
+    for key in ["crash.DAEMON_CGROUP", "restart.DAEMON_CGROUP"] {
+        r.expect(
+            key,
+            &daemon_at_start,
+            "a restarted daemon must not nest deeper than the first",
+        );
+    }
     let daemon_before = r.get("reload.DAEMON_CGROUP_BEFORE").to_owned();
     r.expect(
         "reload.DAEMON_CGROUP_AFTER",
@@ -699,7 +708,20 @@ fn vm_systemd_host_scopes_survive_crash_restart_reload_and_stop_drains() {
     for tag in STEPS {
         check_ran_once(&emu, &r, tag);
     }
-    let tokens = emu.token_names(CI_LOGIN);
+    // Tokens were minted for the jobs (so "none left" below means something) ...
+    let minted = emu.token_scopes_requested(CI_LOGIN).len();
+    r.check(
+        minted >= STEPS.len(),
+        format!("{minted} tokens minted for {CI_LOGIN}, want one per job at least"),
+    );
+    // ... and every one is revoked: only the admin's own is left.
+    let tokens: Vec<String> = emu.objects()["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter(|t| t["user"] != "forgejo-admin")
+        .map(|t| format!("{}: {}", t["user"], t["name"]))
+        .collect();
     r.check(
         tokens.is_empty(),
         format!("tokens left on Forgejo: {tokens:?}"),

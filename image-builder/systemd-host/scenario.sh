@@ -124,6 +124,7 @@ old=$(main_pid)
 kill -9 "$old"
 if wait_until 120 restarted_from "$old"; then report "crash.RESTARTED=1"; else report "crash.RESTARTED=0"; fi
 report "crash.NRESTARTS=$(prop "$unit" NRestarts)"
+report "crash.DAEMON_CGROUP=$(cgroup_of "$(main_pid)")"
 report "crash.QEMU_ALIVE=$(qemu_alive "$qpid")"
 report "crash.SCOPE_AFTER_RESTART=$(prop "machine-$name.scope" ActiveState)"
 report "crash.QEMU_CGROUP_AFTER_RESTART=$(cgroup_of "$qpid")"
@@ -141,6 +142,7 @@ old=$(main_pid)
 timeout 600 systemctl restart "$unit"
 report "restart.RC=$?"
 report "restart.NEW_PID=$([ "$(main_pid)" != "$old" ] && active && echo 1 || echo 0)"
+report "restart.DAEMON_CGROUP=$(cgroup_of "$(main_pid)")"
 report "restart.QEMU_ALIVE=$(qemu_alive "$qpid")"
 report "restart.SCOPE_AFTER_RESTART=$(prop "machine-$name.scope" ActiveState)"
 report "restart.QEMU_CGROUP_AFTER_RESTART=$(cgroup_of "$qpid")"
