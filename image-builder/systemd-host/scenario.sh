@@ -91,6 +91,8 @@ job_done() {
   wait_until 30 qemu_gone "$qpid"
   report "$tag.QEMU_AFTER=$(qemu_alive "$qpid")"
   report "$tag.SCOPE_AFTER=$(prop "machine-$name.scope" ActiveState)"
+  # Where the daemon is now, after starting and cleaning up a VM (nothing may nest it deeper).
+  report "$tag.DAEMON_CGROUP_END=$(cgroup_of "$(main_pid)")"
 }
 
 say "started"
