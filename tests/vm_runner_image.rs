@@ -28,10 +28,15 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every shell script of the image builder, including the hooks under runner-base/.
+/// Every shell script of the image builder, including the hooks under runner-base/ and the systemd
+/// host's scenario.
 fn image_builder_scripts() -> Vec<PathBuf> {
     let dir = repo().join("image-builder");
-    let mut scripts = vec![dir.join("build-runner-base.sh")];
+    let mut scripts = vec![
+        dir.join("build-runner-base.sh"),
+        dir.join("systemd-host.sh"),
+        dir.join("systemd-host/scenario.sh"),
+    ];
     for name in ["customize.sh", "initramfs-hook", "fkr-agent"] {
         scripts.push(dir.join("runner-base").join(name));
     }
