@@ -214,6 +214,31 @@ fn build_host(
         )),
         0o755,
     );
+    // The fake "guest" is QEMU's own process, which the sandbox puts in a network namespace with
+    // only loopback; its way to Forgejo is a unix socket beside its argv0
+    // (`tests/common/uplink.rs`). In the host, systemd's socket proxy is that socket.
+    write(
+        &root.join("etc/systemd/system/fkr-sdhost-uplink.socket"),
+        &format!(
+            "[Socket]\nListenStream=/usr/local/lib/fkr-sdhost/{FAKE}/uplink.sock\nSocketMode=0666\n\
+             [Install]\nWantedBy=sockets.target\n"
+        ),
+        0o644,
+    );
+    write(
+        &root.join("etc/systemd/system/fkr-sdhost-uplink.service"),
+        &format!(
+            "[Service]\nExecStart=/lib/systemd/systemd-socket-proxyd {HOST}:{emu_port}\n"
+        ),
+        0o644,
+    );
+    let sockets = root.join("etc/systemd/system/sockets.target.wants");
+    std::fs::create_dir_all(&sockets).unwrap();
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/fkr-sdhost-uplink.socket",
+        sockets.join("fkr-sdhost-uplink.socket"),
+    )
+    .unwrap();
     std::fs::create_dir_all(root.join("var/lib/fkr-qemu/images")).unwrap();
     // The fake boots nothing from it, but the daemon makes each VM's overlay on top of it.
     run(&mut in_root(
