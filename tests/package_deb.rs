@@ -20,14 +20,17 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Instant;
 
 use nix::fcntl::{Flock, FlockArg};
 
 mod common {
+    pub mod cmd;
     pub mod release;
 }
+
+use common::cmd::{run, stdout};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -37,34 +40,6 @@ fn cache_dir() -> PathBuf {
     std::env::var_os("FKR_PACKAGE_TEST_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/fkr-qemu/package-test"))
-}
-
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Runs `cmd`, panicking with its output unless it exits 0.
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", describe(cmd)));
-    assert!(
-        out.status.success(),
-        "{} failed ({}):\n{}{}",
-        describe(cmd),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A command run inside `root`: in a mount and PID namespace of its own with a fresh /proc, so no

@@ -20,6 +20,7 @@
 //! /var/cache/fkr-qemu/systemd-host); later runs need no network beyond loopback.
 
 mod common {
+    pub mod cmd;
     pub mod deb;
     pub mod emulator;
 }
@@ -30,9 +31,10 @@ use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cmd::run;
 use common::emulator::{Emulator, JobStatus};
 
 const LABEL: &str = "external-host";
@@ -54,30 +56,6 @@ const STEPS: [&str; 5] = ["run", "crash", "restart", "reload", "stop"];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Runs `cmd`, panicking with its output unless it exits 0.
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", describe(cmd)));
-    assert!(
-        out.status.success(),
-        "{} failed ({}):\n{}{}",
-        describe(cmd),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// A command in `root`, in mount and PID namespaces of its own (as tests/package_deb.rs does): no
@@ -227,9 +205,7 @@ fn build_host(
     );
     write(
         &root.join("etc/systemd/system/fkr-sdhost-uplink.service"),
-        &format!(
-            "[Service]\nExecStart=/lib/systemd/systemd-socket-proxyd {HOST}:{emu_port}\n"
-        ),
+        &format!("[Service]\nExecStart=/lib/systemd/systemd-socket-proxyd {HOST}:{emu_port}\n"),
         0o644,
     );
     let sockets = root.join("etc/systemd/system/sockets.target.wants");

@@ -90,7 +90,7 @@ trait Machines {
         leader: u32,
         root_directory: &str,
         ifindices: &[i32],
-    ) -> zbus::Result<()>;
+    ) -> zbus::Result<OwnedObjectPath>;
 }
 
 /// Whether systemd is this host's init (`sd_booted()`: it creates `/run/systemd/system`).
@@ -302,6 +302,7 @@ impl Systemd {
                     &ifindices,
                 )
                 .await
+                .map(drop)
         }
         .await;
         if let Err(e) = result {
