@@ -388,12 +388,17 @@ fn serve_vm_fork_pull_request_gets_pull_only_credentials_and_squatters_fail_the_
         .unwrap_or_else(|| panic!("no reason given for job {pr}'s access; log:\n{log}"));
     assert!(line.ends_with("registry access read"), "{line}");
 
-    // Someone registered the next repository's CI user name, with the derived address.
+    // Someone registered the next repository's CI user name, with the derived address, and the
+    // other, injective name the daemon falls back to (`<stem>-<repo id>_ci`): only both block it.
+    let repo_id = w.emu.add_repo("bob", "api");
     w.emu.register_user(
         "bob-api-ci",
         "bob-api-ci@fkr-qemu.invalid",
         "squatter-pw-123",
     );
+    let fallback = format!("bob-api-{repo_id}_ci");
+    w.emu
+        .register_user(&fallback, "mallory@example.org", "squatter-pw-456");
     let squatted = add_job(&w, "bob/api");
     // Each attempt is refused; the daemon gives up on the job after its attempts.
     wait_finished(
@@ -416,7 +421,12 @@ fn serve_vm_fork_pull_request_gets_pull_only_credentials_and_squatters_fail_the_
         })
         .unwrap_or_else(|| panic!("no error for job {squatted}; log:\n{log}"));
     assert!(line.contains("never takes over"), "{line}");
+    assert!(
+        line.contains(&format!("the other name {fallback} cannot be used either")),
+        "{line}"
+    );
     assert!(w.emu.token_scopes_requested("bob-api-ci").is_empty());
+    assert!(w.emu.token_scopes_requested(&fallback).is_empty());
     serve.signal(Signal::SIGTERM);
     assert!(serve.wait_exit(Duration::from_secs(60)).success());
     w.assert_clean("alice-web-ci");
