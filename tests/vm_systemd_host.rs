@@ -696,9 +696,14 @@ fn vm_systemd_host_scopes_survive_crash_restart_reload_and_stop_drains() {
         "the VM runs in its scope",
     );
     r.expect(
-        "reload.SCOPE_AFTER",
+        "reload.SCOPE_AFTER_RELOAD",
         "active",
         "the scope stays through handovers",
+    );
+    r.expect(
+        "reload.SCOPE_AFTER",
+        "inactive",
+        "the scope goes with its VM",
     );
 
     // Stop: no scope, no machine left.
