@@ -39,10 +39,10 @@ trait Manager {
         aux: &[(&str, &[(&str, Value<'_>)])],
     ) -> zbus::Result<OwnedObjectPath>;
 
-    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-
     #[zbus(name = "GetUnitByPID")]
     fn get_unit_by_pid(&self, pid: u32) -> zbus::Result<OwnedObjectPath>;
+
+    fn subscribe(&self) -> zbus::Result<()>;
 
     #[zbus(signal)]
     fn job_removed(
@@ -52,8 +52,6 @@ trait Manager {
         unit: String,
         result: String,
     ) -> zbus::Result<()>;
-
-    fn subscribe(&self) -> zbus::Result<()>;
 }
 
 #[zbus::proxy(
@@ -192,25 +190,13 @@ impl Systemd {
             .get_unit_by_pid(std::process::id())
             .await
             .map_err(|e| dbus_error("asking systemd for this process's unit", e))?;
-        let machined = zbus::fdo::DBusProxy::new(&bus)
+        // systemd sends JobRemoved (how a scope's start is seen to finish) only while some client
+        // has subscribed; on a host without machined or logind that may be no one but us.
+        manager
+            .subscribe()
             .await
-            .ok()
-            .map(|dbus| async move {
-                let name = zbus::names::BusName::try_from("org.freedesktop.machine1").ok()?;
-                // Activatable or running: machined starts on demand.
-                let running = dbus.name_has_owner(name.clone()).await.ok()?;
-                let activatable = dbus
-                    .list_activatable_names()
-                    .await
-                    .ok()?
-                    .iter()
-                    .any(|n| n.as_str() == "org.freedesktop.machine1");
-                Some(running || activatable)
-            });
-        let machined = match machined {
-            Some(f) => f.await.unwrap_or(false),
-            None => false,
-        };
+            .map_err(|e| dbus_error("subscribing to systemd's signals", e))?;
+        let machined = machined_available(&bus).await;
         if !machined {
             tracing::info!(
                 "systemd-machined is not installed: VMs run in their own scopes but \
@@ -310,15 +296,6 @@ impl Systemd {
         }
     }
 
-    /// Stops VM `name`'s scope (every process in it), where it still runs.
-    pub async fn stop_scope(&self, name: &VmName) {
-        let unit = unit_name(name.as_str());
-        if let Ok(manager) = ManagerProxy::new(&self.bus).await {
-            // NoSuchUnit: the scope ended with its last process already.
-            let _ = manager.stop_unit(&unit, "replace").await;
-        }
-    }
-
     /// The type of the job systemd is running on this process's own unit (`"restart"` while
     /// `systemctl restart` stops it), if any.
     pub async fn own_job_type(&self) -> Option<String> {
@@ -342,6 +319,23 @@ impl Systemd {
             .ok()?;
         job.job_type().await.ok()
     }
+}
+
+/// Whether systemd-machined runs or can be started on demand (D-Bus activation).
+async fn machined_available(bus: &zbus::Connection) -> bool {
+    const MACHINED: &str = "org.freedesktop.machine1";
+    let Ok(dbus) = zbus::fdo::DBusProxy::new(bus).await else {
+        return false;
+    };
+    let Ok(name) = zbus::names::BusName::try_from(MACHINED) else {
+        return false;
+    };
+    if dbus.name_has_owner(name).await.unwrap_or(false) {
+        return true;
+    }
+    dbus.list_activatable_names()
+        .await
+        .is_ok_and(|names| names.iter().any(|n| n.as_str() == MACHINED))
 }
 
 /// The unified-hierarchy cgroup directory of process `pid` (`0::<path>` of `/proc/<pid>/cgroup`).
