@@ -60,10 +60,12 @@ fn assert_nothing_left(f: &Fleet, h: &Host, login: &str, timeout: Duration) {
             .into_iter()
             .filter(|r| r.deleted_because.is_none())
             .count();
+        // The tap goes last (a finished job's token and runner go first, at once): wait for it too.
         (h.tokens(&f.emu, login).is_empty()
             && live_runners == 0
             && h.qemus().is_empty()
-            && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty())
+            && common::daemon::vm_dirs_in(&h.runtime_dir()).is_empty()
+            && h.taps().is_empty())
         .then_some(())
     });
     h.assert_clean();

@@ -238,6 +238,12 @@ impl Host {
             .collect()
     }
 
+    /// This host's VM taps (`fr-…`) that exist now.
+    #[allow(dead_code)] // not every test binary with a fleet waits for taps
+    pub fn taps(&self) -> Vec<String> {
+        vm_links(&self.ns)
+    }
+
     /// Asserts that this host left no VM directory, tap or QEMU.
     pub fn assert_clean(&self) {
         let dirs = daemon::vm_dirs_in(&self.runtime_dir());
